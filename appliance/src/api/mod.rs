@@ -1,0 +1,419 @@
+//! The api thread: one tokio current-thread runtime serving every gRPC service with tonic.
+//!
+//! It validates requests and bridges them to the shards (through their rings) and the control
+//! thread; it also runs the *local delivery desk*: frames addressed to this node arrive on the
+//! api ring ([`ApiEvent`]) and go to the matching `Subscribe` streams, and delivery reports go
+//! back to the sender. No protocol logic lives here beyond that fan-out and the bounded
+//! [`tracker::MessageTracker`].
+//!
+//! **Boundary:** gRPC lives only on this thread.
+
+mod control;
+mod data;
+pub mod tracker;
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread,
+};
+
+use bytes::Bytes;
+use meshd_proto::{
+    link::{AppAck, Data, DeliveryReport},
+    mesh::{
+        MessageStatus, Received, mesh_control_server::MeshControlServer,
+        mesh_data_server::MeshDataServer,
+    },
+};
+use meshd_shards::{
+    command::{ApiEvent, Outgoing, ShardInput},
+    frame::{FrameType, TrafficClass},
+    ownership::owner_shard,
+    ring::{Consumer, Producer},
+};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use self::tracker::{MessageTracker, StatusUpdate};
+use crate::{control::ControlRequest, storage::now_ms};
+
+/// One `Subscribe` stream.
+struct Subscriber {
+    partition: u32,
+    qos_class: u32,
+    src_node: u64,
+    tx: mpsc::Sender<Result<Received, Status>>,
+}
+
+impl Subscriber {
+    fn wants(&self, src: u64, partition: u32, qos_class: u32) -> bool {
+        (self.partition == 0 || self.partition == partition)
+            && (self.qos_class == 0 || self.qos_class == qos_class)
+            && (self.src_node == 0 || self.src_node == src)
+    }
+}
+
+/// State shared by the services (all on the api thread; the mutexes are never contended).
+pub(crate) struct ApiState {
+    pub(crate) node_id: u64,
+    pub(crate) shards: Arc<[Producer<ShardInput>]>,
+    pub(crate) control: Producer<ControlRequest>,
+    pub(crate) max_payload_bytes: usize,
+    pub(crate) subscriber_queue: usize,
+    pub(crate) default_timeout_seconds: u32,
+    tracker: Mutex<MessageTracker>,
+    subscribers: Mutex<Vec<Subscriber>>,
+    next_msg_id: AtomicU64,
+}
+
+impl ApiState {
+    fn shard_of(&self, peer: u64) -> &Producer<ShardInput> {
+        &self.shards[owner_shard(peer, self.shards.len())]
+    }
+
+    pub(crate) fn new_msg_id(&self) -> u64 {
+        self.next_msg_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn tracker(&self) -> std::sync::MutexGuard<'_, MessageTracker> {
+        self.tracker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands a frame to the shard that owns the link to `dst`, waiting while its ring is full.
+    pub(crate) async fn send_frame(
+        &self,
+        dst: u64,
+        frame_type: FrameType,
+        traffic_class: TrafficClass,
+        msg_id: u64,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        let outgoing = Outgoing {
+            dst,
+            frame_type,
+            traffic_class,
+            msg_id,
+            payload,
+        };
+        self.shard_of(dst)
+            .push(ShardInput::Send(outgoing))
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))
+    }
+
+    /// Offers a message to the matching local subscribers; returns the resulting status.
+    pub(crate) fn deliver_locally(&self, src: u64, data: &Data) -> (MessageStatus, String) {
+        let received = Received {
+            src_node: src,
+            dst_node: self.node_id,
+            msg_id: data.msg_id,
+            corr_id: data.corr_id,
+            headers: data
+                .headers
+                .iter()
+                .map(|h| meshd_proto::mesh::Header {
+                    key: h.key.clone(),
+                    value: h.value.clone(),
+                })
+                .collect(),
+            payload: data.payload.clone(),
+            require_ack: data.require_ack,
+        };
+        let mut subscribers = self
+            .subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        subscribers.retain(|s| !s.tx.is_closed());
+        let mut delivered = 0usize;
+        let mut full = 0usize;
+        for subscriber in subscribers.iter() {
+            if !subscriber.wants(src, data.partition, data.qos_class) {
+                continue;
+            }
+            match subscriber.tx.try_send(Ok(received.clone())) {
+                Ok(()) => delivered += 1,
+                Err(_) => full += 1,
+            }
+        }
+        match (delivered, full) {
+            (0, 0) => (
+                MessageStatus::PendingClient,
+                "no subscriber for this message".into(),
+            ),
+            (0, _) => (
+                MessageStatus::PendingClient,
+                "every matching subscriber's queue is full".into(),
+            ),
+            _ if data.require_ack => (MessageStatus::WaitingForClientAck, String::new()),
+            _ => (MessageStatus::Delivered, String::new()),
+        }
+    }
+
+    pub(crate) fn add_subscriber(
+        &self,
+        partition: u32,
+        qos_class: u32,
+        src_node: u64,
+    ) -> mpsc::Receiver<Result<Received, Status>> {
+        let (tx, rx) = mpsc::channel(self.subscriber_queue);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Subscriber {
+                partition,
+                qos_class,
+                src_node,
+                tx,
+            });
+        rx
+    }
+
+    async fn handle_event(&self, event: ApiEvent) {
+        match event {
+            ApiEvent::Frame {
+                src,
+                frame_type: FrameType::Data,
+                payload,
+                traffic_class,
+            } => {
+                let Ok(data) = Data::decode(payload) else {
+                    tracing::debug!(src, "dropped an undecodable data frame");
+                    return;
+                };
+                let (status, detail) = self.deliver_locally(src, &data);
+                let report = DeliveryReport {
+                    msg_id: data.msg_id,
+                    status: status as i32,
+                    detail,
+                };
+                let _ = self
+                    .send_frame(
+                        src,
+                        FrameType::DeliveryReport,
+                        traffic_class,
+                        data.msg_id,
+                        report.encode_to_vec().into(),
+                    )
+                    .await;
+            }
+            ApiEvent::Frame {
+                src,
+                frame_type: FrameType::DeliveryReport,
+                payload,
+                ..
+            } => {
+                let Ok(report) = DeliveryReport::decode(payload) else {
+                    return;
+                };
+                let status =
+                    MessageStatus::try_from(report.status).unwrap_or(MessageStatus::Unspecified);
+                self.tracker().update(
+                    report.msg_id,
+                    Some(src),
+                    StatusUpdate {
+                        status,
+                        detail: report.detail,
+                        timestamp_ms: now_ms(),
+                    },
+                );
+            }
+            ApiEvent::Frame {
+                src,
+                frame_type: FrameType::AppAck,
+                payload,
+                ..
+            } => {
+                let Ok(ack) = AppAck::decode(payload) else {
+                    return;
+                };
+                let status = if ack.success {
+                    MessageStatus::AckSuccess
+                } else {
+                    MessageStatus::AckFailure
+                };
+                self.tracker().update(
+                    ack.msg_id,
+                    Some(src),
+                    StatusUpdate {
+                        status,
+                        detail: ack.message,
+                        timestamp_ms: now_ms(),
+                    },
+                );
+            }
+            ApiEvent::Frame {
+                src, frame_type, ..
+            } => {
+                tracing::debug!(
+                    src,
+                    ?frame_type,
+                    "api ignored a frame type it does not handle"
+                );
+            }
+            ApiEvent::SendFailed { msg_id, dst, known } => {
+                let (status, detail) = if known {
+                    (
+                        MessageStatus::PendingNode,
+                        format!("node {dst} is known but not linked"),
+                    )
+                } else {
+                    (
+                        MessageStatus::Undeliverable,
+                        format!("node {dst} has never been part of this mesh"),
+                    )
+                };
+                self.tracker().update(
+                    msg_id,
+                    None,
+                    StatusUpdate {
+                        status,
+                        detail,
+                        timestamp_ms: now_ms(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// What the api thread is started with.
+pub struct ApiSetup {
+    /// This node's id.
+    pub node_id: u64,
+    /// Bound gRPC listener (bound before the thread starts, so errors surface at start-up).
+    pub listener: std::net::TcpListener,
+    /// Every shard's ring.
+    pub shards: Arc<[Producer<ShardInput>]>,
+    /// Requests to the control thread.
+    pub control: Producer<ControlRequest>,
+    /// Frames for this node, from the shards.
+    pub events: Consumer<ApiEvent>,
+    /// Largest frame payload.
+    pub max_payload_bytes: usize,
+    /// Per-subscriber queue.
+    pub subscriber_queue: usize,
+    /// Remembered message statuses.
+    pub tracked_messages: usize,
+    /// Default wait limit of waiting sends.
+    pub default_timeout_seconds: u32,
+}
+
+/// The running api thread.
+pub struct ApiThread {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+    /// The gRPC address actually bound.
+    pub local_addr: SocketAddr,
+}
+
+impl ApiThread {
+    /// Starts serving.
+    pub fn start(setup: ApiSetup) -> std::io::Result<Self> {
+        let local_addr = setup.listener.local_addr()?;
+        setup.listener.set_nonblocking(true)?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let thread = thread::Builder::new().name("api".into()).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "api runtime failed to start");
+                    return;
+                }
+            };
+            runtime.block_on(serve(setup, stop_rx));
+        })?;
+        Ok(Self {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            local_addr,
+        })
+    }
+
+    /// Stops serving and waits for the thread.
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
+    let state = Arc::new(ApiState {
+        node_id: setup.node_id,
+        shards: setup.shards,
+        control: setup.control,
+        max_payload_bytes: setup.max_payload_bytes,
+        subscriber_queue: setup.subscriber_queue,
+        default_timeout_seconds: setup.default_timeout_seconds,
+        tracker: Mutex::new(MessageTracker::new(setup.tracked_messages)),
+        subscribers: Mutex::new(Vec::new()),
+        // Start from the clock so ids stay unique across restarts of this node.
+        next_msg_id: AtomicU64::new(now_ms() << 20),
+    });
+    let events = setup.events;
+    let pump_state = Arc::clone(&state);
+    let pump = tokio::spawn(async move {
+        while let Some(event) = events.pop().await {
+            pump_state.handle_event(event).await;
+        }
+    });
+
+    let listener = match tokio::net::TcpListener::from_std(setup.listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "gRPC listener unusable");
+            return;
+        }
+    };
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<MeshDataServer<data::DataService>>()
+        .await;
+    health_reporter
+        .set_serving::<MeshControlServer<control::ControlService>>()
+        .await;
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(meshd_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(reflection) => reflection,
+        Err(e) => {
+            tracing::error!(error = %e, "gRPC reflection unusable");
+            return;
+        }
+    };
+    // Room for the largest payload plus headers and protobuf overhead.
+    let max_message = state.max_payload_bytes + (64 << 10);
+    let data = MeshDataServer::new(data::DataService::new(Arc::clone(&state)))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let control = MeshControlServer::new(control::ControlService::new(Arc::clone(&state)));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(data)
+        .add_service(control)
+        .serve_with_incoming_shutdown(incoming, async {
+            let _ = stop.await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+    pump.abort();
+}

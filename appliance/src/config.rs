@@ -1,0 +1,495 @@
+//! Node configuration: TOML file, then `MESHD_…` environment overrides, then validation.
+//!
+//! Every key can be overridden from the environment: `MESHD_` + the key path in upper case,
+//! sections joined by a double underscore (`network.listen` → `MESHD_NETWORK__LISTEN`).
+//! `MESH_ROUTING_ID`, the platform's variable, sets `node_id` too and wins over both.
+//! [`Config::load`] returns either a config every other module can trust, or an error that names
+//! the key and says how to fix it.
+
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// A validated node configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's id (u64, assigned by the platform). 0 or absent: use the id stored in the
+    /// data directory, or generate one on first start.
+    #[serde(default)]
+    pub node_id: u64,
+    /// Where the node keeps its control database (identity, peers).
+    pub data_dir: PathBuf,
+    /// Nodes only link with nodes of the same mesh id.
+    #[serde(default = "default_mesh_id")]
+    pub mesh_id: String,
+    /// Peer links.
+    #[serde(default)]
+    pub network: NetworkConfig,
+    /// The gRPC api.
+    #[serde(default)]
+    pub grpc: GrpcConfig,
+    /// Threads and rings.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[network]`: peer links.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Address to accept links on (`IP:port`). Leave out for a node behind NAT that only dials.
+    pub listen: Option<String>,
+    /// Addresses this node dials at start and keeps dialing (`IP:port`).
+    pub peers: Vec<String>,
+    /// Interval between heartbeats; RTT is measured on them.
+    pub heartbeat_ms: u64,
+    /// Heartbeat intervals without traffic before a link is declared down (3 × 100 ms by default).
+    pub heartbeat_misses: u32,
+    /// First reconnect delay; doubles per failure up to `reconnect_max_ms`, with jitter.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay.
+    pub reconnect_max_ms: u64,
+    /// Limit on connect + TLS + WebSocket + link handshake.
+    pub handshake_timeout_ms: u64,
+    /// Largest frame payload (a message with its headers). Bigger sends are refused.
+    pub max_payload_bytes: usize,
+    /// Bytes queued per link before senders wait (backpressure). Size it to one RTT of
+    /// bandwidth: 1 MiB covers 10 Gbit/s at 0.8 ms.
+    pub link_queue_bytes: usize,
+    /// Connections in set-up per shard; more are closed at once (a connection flood guard).
+    pub max_pending_handshakes: usize,
+}
+
+/// `[grpc]`: the api `core` calls.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Plaintext gRPC address (`IP:port`).
+    pub listen: String,
+    /// Messages buffered per `Subscribe` stream before deliveries to it fail.
+    pub subscriber_queue: usize,
+    /// Sent messages whose status is remembered for `QueryMessageStatus` and acks.
+    pub tracked_messages: usize,
+    /// Wait limit of `Send` in a waiting mode when the request gives none.
+    pub default_timeout_seconds: u32,
+}
+
+/// `[runtime]`: threads and rings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Shard threads: `"auto"` (one per core, leaving one for control and api when there are
+    /// more than two cores) or a count.
+    pub shards: ShardCount,
+    /// Pin shard `i` to CPU `i` (a dedicated host; see `tuning/`).
+    pub pin_cores: bool,
+    /// Capacity of every inter-thread ring, in items.
+    pub ring_capacity: usize,
+    /// io_uring buffer memory per shard.
+    pub io_memory_bytes: usize,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `meshd=debug,info`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+/// Shard count setting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ShardCount {
+    /// A fixed number.
+    Count(usize),
+    /// `"auto"`, or a number given as a string (environment variables).
+    Named(String),
+}
+
+fn default_mesh_id() -> String {
+    "default".into()
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            peers: Vec::new(),
+            heartbeat_ms: 100,
+            heartbeat_misses: 3,
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 5_000,
+            handshake_timeout_ms: 5_000,
+            max_payload_bytes: 4 << 20,
+            link_queue_bytes: 1 << 20,
+            max_pending_handshakes: 256,
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50056".into(),
+            subscriber_queue: 4096,
+            tracked_messages: 100_000,
+            default_timeout_seconds: 30,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            shards: ShardCount::Named("auto".into()),
+            pin_cores: false,
+            ring_capacity: 4096,
+            io_memory_bytes: 2 << 20,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a value had the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error("config key `{key}`: {problem}; fix: {fix}")]
+    Invalid {
+        /// Dotted key path, as in the TOML file.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+/// The resolved settings other modules use (addresses parsed, counts decided).
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// Parsed `network.listen`.
+    pub listen: Option<SocketAddr>,
+    /// Parsed `network.peers`.
+    pub peers: Vec<SocketAddr>,
+    /// Parsed `grpc.listen`.
+    pub grpc_listen: SocketAddr,
+    /// Shard threads.
+    pub n_shards: usize,
+}
+
+impl Config {
+    /// Reads `path` (if given), applies environment overrides and validates.
+    pub fn load(path: Option<&Path>) -> Result<(Self, Resolved), ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Parse(format!(
+                    "config file {} does not exist; fix: pass an existing file to --config",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment.merge(Env::prefixed("MESHD_").split("__"));
+        if let Ok(id) = std::env::var("MESH_ROUTING_ID") {
+            let id: u64 = id.trim().parse().map_err(|_| {
+                invalid(
+                    "node_id",
+                    format!("MESH_ROUTING_ID={id:?} is not a u64"),
+                    "set MESH_ROUTING_ID to a decimal node id",
+                )
+            })?;
+            figment = figment.merge(Serialized::default("node_id", id));
+        }
+        let config: Self = figment.extract().map_err(|e| {
+            let mut text = e.to_string();
+            if text.contains("missing field `data_dir`") {
+                text.push_str("; fix: set data_dir in the config file or MESHD_DATA_DIR");
+            }
+            ConfigError::Parse(text)
+        })?;
+        let resolved = config.validate()?;
+        Ok((config, resolved))
+    }
+
+    /// Checks every value; returns the parsed forms.
+    pub fn validate(&self) -> Result<Resolved, ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "is empty", "give a directory path"));
+        }
+        if self.mesh_id.is_empty() || self.mesh_id.len() > 128 {
+            return Err(invalid(
+                "mesh_id",
+                "must be 1 to 128 characters",
+                "use the mesh's id",
+            ));
+        }
+        let net = &self.network;
+        let listen = match &net.listen {
+            Some(text) if !text.is_empty() => Some(parse_addr("network.listen", text)?),
+            _ => None,
+        };
+        let mut peers = Vec::with_capacity(net.peers.len());
+        for text in &net.peers {
+            let addr = parse_addr("network.peers", text)?;
+            if Some(addr) == listen {
+                return Err(invalid(
+                    "network.peers",
+                    format!("{text} is this node's own listen address"),
+                    "list other nodes' addresses only",
+                ));
+            }
+            peers.push(addr);
+        }
+        if !(10..=60_000).contains(&net.heartbeat_ms) {
+            return Err(invalid(
+                "network.heartbeat_ms",
+                format!("{} is outside 10..=60000", net.heartbeat_ms),
+                "use 100 (the default) unless links are slow",
+            ));
+        }
+        if !(2..=100).contains(&net.heartbeat_misses) {
+            return Err(invalid(
+                "network.heartbeat_misses",
+                format!("{} is outside 2..=100", net.heartbeat_misses),
+                "use 3 (the default)",
+            ));
+        }
+        if net.reconnect_min_ms == 0 || net.reconnect_min_ms > net.reconnect_max_ms {
+            return Err(invalid(
+                "network.reconnect_min_ms",
+                "must be positive and not above network.reconnect_max_ms",
+                "use 50 and 5000 (the defaults)",
+            ));
+        }
+        if net.handshake_timeout_ms < 100 {
+            return Err(invalid(
+                "network.handshake_timeout_ms",
+                format!("{} ms is too short for TLS", net.handshake_timeout_ms),
+                "use 5000 (the default)",
+            ));
+        }
+        if !(1024..=(64 << 20)).contains(&net.max_payload_bytes) {
+            return Err(invalid(
+                "network.max_payload_bytes",
+                format!("{} is outside 1 KiB..=64 MiB", net.max_payload_bytes),
+                "use 4194304 (the default)",
+            ));
+        }
+        if !(4096..=(256 << 20)).contains(&net.link_queue_bytes) {
+            return Err(invalid(
+                "network.link_queue_bytes",
+                format!("{} is outside 4 KiB..=256 MiB", net.link_queue_bytes),
+                "use 1048576 (the default)",
+            ));
+        }
+        if net.max_pending_handshakes == 0 {
+            return Err(invalid(
+                "network.max_pending_handshakes",
+                "must be positive",
+                "use 256",
+            ));
+        }
+        let grpc_listen = parse_addr("grpc.listen", &self.grpc.listen)?;
+        if self.grpc.subscriber_queue == 0 {
+            return Err(invalid(
+                "grpc.subscriber_queue",
+                "must be positive",
+                "use 4096",
+            ));
+        }
+        if self.grpc.tracked_messages < 16 {
+            return Err(invalid(
+                "grpc.tracked_messages",
+                "must be at least 16",
+                "use 100000",
+            ));
+        }
+        if self.grpc.default_timeout_seconds == 0 {
+            return Err(invalid(
+                "grpc.default_timeout_seconds",
+                "must be positive",
+                "use 30",
+            ));
+        }
+        let n_shards = self.runtime.shard_count()?;
+        if !(16..=(1 << 20)).contains(&self.runtime.ring_capacity) {
+            return Err(invalid(
+                "runtime.ring_capacity",
+                format!("{} is outside 16..=1048576", self.runtime.ring_capacity),
+                "use 4096 (the default)",
+            ));
+        }
+        if self.runtime.io_memory_bytes < (256 << 10) {
+            return Err(invalid(
+                "runtime.io_memory_bytes",
+                "must be at least 256 KiB",
+                "use 2097152 (the default)",
+            ));
+        }
+        Ok(Resolved {
+            listen,
+            peers,
+            grpc_listen,
+            n_shards,
+        })
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.network.heartbeat_ms)
+    }
+}
+
+impl RuntimeConfig {
+    fn shard_count(&self) -> Result<usize, ConfigError> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let count = match &self.shards {
+            ShardCount::Count(n) => *n,
+            ShardCount::Named(text) if text == "auto" => {
+                // Leave a core for the control and api threads once there are cores to spare.
+                if cores > 2 { cores - 1 } else { cores }
+            }
+            ShardCount::Named(text) => text.trim().parse().map_err(|_| {
+                invalid(
+                    "runtime.shards",
+                    format!("{text:?} is neither \"auto\" nor a number"),
+                    "write shards = \"auto\" or a count such as 2",
+                )
+            })?,
+        };
+        if !(1..=256).contains(&count) {
+            return Err(invalid(
+                "runtime.shards",
+                format!("{count} is outside 1..=256"),
+                "write shards = \"auto\"",
+            ));
+        }
+        Ok(count)
+    }
+}
+
+fn parse_addr(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| {
+            invalid(
+                key,
+                format!("{text:?} is not an address"),
+                "write IP:port, for example 127.0.0.1:7400",
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Config {
+        let toml = r#"
+            data_dir = "/tmp/x"
+            [network]
+            listen = "127.0.0.1:7400"
+            peers = ["127.0.0.1:7401"]
+        "#;
+        Figment::new().merge(Toml::string(toml)).extract().unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_what_core_expects() {
+        let config = base();
+        let resolved = config.validate().unwrap();
+        assert_eq!(resolved.grpc_listen, "127.0.0.1:50056".parse().unwrap());
+        assert_eq!(config.network.heartbeat_ms, 100);
+        assert_eq!(config.network.heartbeat_misses, 3);
+        assert!(resolved.n_shards >= 1);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key_and_a_fix() {
+        let mut config = base();
+        config.network.heartbeat_ms = 1;
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("network.heartbeat_ms"), "{error}");
+        assert!(error.contains("fix:"), "{error}");
+
+        let mut config = base();
+        config.network.peers = vec!["nonsense".into()];
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("network.peers")
+        );
+
+        let mut config = base();
+        config.runtime.shards = ShardCount::Named("many".into());
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("runtime.shards")
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_not_silence() {
+        let toml = "data_dir = \"/tmp/x\"\n[network]\nlisten_addr = \"127.0.0.1:1\"\n";
+        let error = Figment::new()
+            .merge(Toml::string(toml))
+            .extract::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("listen_addr"), "{error}");
+    }
+
+    #[test]
+    fn shards_accept_auto_a_number_or_a_numeric_string() {
+        let mut runtime = RuntimeConfig::default();
+        assert!(runtime.shard_count().unwrap() >= 1);
+        runtime.shards = ShardCount::Count(2);
+        assert_eq!(runtime.shard_count().unwrap(), 2);
+        runtime.shards = ShardCount::Named("3".into());
+        assert_eq!(runtime.shard_count().unwrap(), 3);
+        runtime.shards = ShardCount::Count(0);
+        assert!(runtime.shard_count().is_err());
+    }
+}

@@ -1,0 +1,325 @@
+//! The control core: one thread (a tokio current-thread runtime) that owns the node's view of
+//! its peers and the control database.
+//!
+//! Today it runs the reconnect policy ([`dial_plan`]), answers `AddSession` / `DropSession`,
+//! and records peers (trust-on-first-use keys, addresses) in redb. Gossip, the link-state
+//! database, path computation and Raft join it in later issues.
+//!
+//! One closed [`ControlInput`] enum in, one `match`, then a fixed drain: dials due
+//! ([`dial_plan::DialPlan::poll_dials`]) go to shards, then the loop sleeps until the next
+//! deadline or input.
+
+pub mod dial_plan;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use meshd_shards::{
+    command::{ControlEvent, DialError, ShardInput},
+    ownership::owner_shard,
+    ring::{Consumer, Producer},
+};
+use rand::{SeedableRng, rngs::StdRng};
+use tokio::sync::oneshot;
+
+use self::dial_plan::{DialPlan, DialVerdict, Origin};
+use crate::storage::{ControlDb, PeerRecord, now_ms};
+
+/// Goodbye reason that tells the peer not to re-dial.
+pub const DROP_REASON: &str = "session dropped";
+
+/// Requests from the api thread.
+#[derive(Debug)]
+pub enum ControlRequest {
+    /// Link to `addr`; answer once the link is up or the dial failed.
+    AddSession {
+        /// Where.
+        addr: SocketAddr,
+        /// The peer's id and address, or why not.
+        reply: oneshot::Sender<Result<(u64, SocketAddr), DialError>>,
+    },
+    /// Stop dialing `addr` (an `AddSession` that timed out).
+    ForgetTarget {
+        /// Which.
+        addr: SocketAddr,
+    },
+    /// Close the link to `peer` and stop re-dialing it; answers whether a link existed.
+    DropSession {
+        /// Which.
+        peer: u64,
+        /// Whether there was a link.
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// Everything that wakes the control loop.
+#[derive(Debug)]
+enum ControlInput {
+    Shard(ControlEvent),
+    Request(ControlRequest),
+    Timer,
+    Stop,
+}
+
+/// What the control thread is started with.
+pub struct ControlSetup {
+    /// The control database (moved into the thread).
+    pub db: ControlDb,
+    /// Every shard's inbound ring.
+    pub shards: Arc<[Producer<ShardInput>]>,
+    /// Link events from the shards.
+    pub events: Consumer<ControlEvent>,
+    /// Requests from the api thread.
+    pub requests: Consumer<ControlRequest>,
+    /// Addresses from `network.peers`.
+    pub config_peers: Vec<SocketAddr>,
+    /// First reconnect delay.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+/// The running control thread.
+pub struct ControlThread {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl ControlThread {
+    /// Starts the thread.
+    pub fn start(setup: ControlSetup) -> std::io::Result<Self> {
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let thread = thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        tracing::error!(error = %e, "control runtime failed to start");
+                        return;
+                    }
+                };
+                runtime.block_on(run(setup, stop_rx));
+            })?;
+        Ok(Self {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the loop and waits for the thread (closing the control database).
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Control {
+    db: ControlDb,
+    shards: Arc<[Producer<ShardInput>]>,
+    plan: DialPlan,
+    rng: StdRng,
+    waiting_adds: HashMap<SocketAddr, Vec<oneshot::Sender<Result<(u64, SocketAddr), DialError>>>>,
+    linked: HashMap<u64, SocketAddr>,
+}
+
+async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
+    let now = Instant::now();
+    let mut plan = DialPlan::new(setup.reconnect_min, setup.reconnect_max);
+    for addr in &setup.config_peers {
+        plan.add(*addr, Origin::Config, now);
+    }
+    match setup.db.dial_targets() {
+        Ok(targets) => {
+            for addr in targets {
+                plan.add(addr, Origin::Added, now);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not read saved dial targets"),
+    }
+    let mut control = Control {
+        db: setup.db,
+        shards: setup.shards,
+        plan,
+        rng: StdRng::from_entropy(),
+        waiting_adds: HashMap::new(),
+        linked: HashMap::new(),
+    };
+    let events = setup.events;
+    let requests = setup.requests;
+    loop {
+        control.start_due_dials().await;
+        let deadline = control.plan.next_deadline();
+        let input = tokio::select! {
+            event = events.pop() => event.map_or(ControlInput::Stop, ControlInput::Shard),
+            request = requests.pop() => request.map_or(ControlInput::Stop, ControlInput::Request),
+            () = sleep_until(deadline) => ControlInput::Timer,
+            _ = &mut stop => ControlInput::Stop,
+        };
+        match input {
+            ControlInput::Shard(event) => control.handle_event(event),
+            ControlInput::Request(request) => control.handle_request(request).await,
+            ControlInput::Timer => {}
+            ControlInput::Stop => break,
+        }
+    }
+    tracing::debug!("control loop stopped");
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Control {
+    async fn start_due_dials(&mut self) {
+        for (addr, dial_id) in self.plan.poll_dials(Instant::now()) {
+            // The shard that dials is chosen by address; the socket moves to the peer's owner
+            // shard once the preamble names the peer.
+            let shard = owner_shard(addr_hash(addr), self.shards.len());
+            if self.shards[shard]
+                .push(ShardInput::Dial { addr, dial_id })
+                .await
+                .is_err()
+            {
+                tracing::warn!(%addr, "shard stopped; dial dropped");
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: ControlEvent) {
+        let now = Instant::now();
+        match event {
+            ControlEvent::LinkUp {
+                peer, remote_addr, ..
+            } => {
+                self.linked.insert(peer.node_id, remote_addr);
+                self.plan.handle_link_up(peer.node_id);
+                let record = PeerRecord {
+                    public_key: peer.public_key,
+                    listen_addr: peer.listen_addr.clone(),
+                    last_seen_ms: now_ms(),
+                };
+                if let Err(e) = self.db.upsert_peer(peer.node_id, &record) {
+                    tracing::error!(peer = peer.node_id, error = %e, "could not record peer");
+                }
+            }
+            ControlEvent::LinkDown {
+                peer,
+                reason,
+                goodbye,
+            } => {
+                self.linked.remove(&peer);
+                if goodbye.as_deref() == Some(DROP_REASON) {
+                    tracing::info!(peer, "peer dropped the session; not re-dialing it");
+                    self.forget_peer(peer);
+                } else {
+                    tracing::debug!(peer, %reason, "scheduling re-dial");
+                    self.plan.handle_link_down(peer, now, &mut self.rng);
+                }
+            }
+            ControlEvent::DialDone {
+                dial_id,
+                addr,
+                result,
+            } => {
+                let verdict = self.plan.handle_dial_done(
+                    dial_id,
+                    addr,
+                    result.as_ref().map(|p| *p).map_err(|_| ()),
+                    now,
+                    &mut self.rng,
+                );
+                match (&verdict, &result) {
+                    (DialVerdict::Linked { newly_added: true }, _) => {
+                        if let Err(e) = self.db.add_dial_target(addr) {
+                            tracing::error!(%addr, error = %e, "could not save dial target");
+                        }
+                    }
+                    (DialVerdict::Retry(delay), Err(error)) => {
+                        tracing::debug!(%addr, %error, ?delay, "dial failed; retrying");
+                    }
+                    _ => {}
+                }
+                if let Some(waiters) = self.waiting_adds.remove(&addr) {
+                    for waiter in waiters {
+                        let _ = waiter.send(result.clone().map(|peer| (peer, addr)));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_request(&mut self, request: ControlRequest) {
+        match request {
+            ControlRequest::AddSession { addr, reply } => {
+                if let Some(peer) = self
+                    .plan
+                    .linked_peer(addr)
+                    .filter(|p| self.linked.contains_key(p))
+                {
+                    let _ = reply.send(Ok((peer, addr)));
+                    return;
+                }
+                self.plan.add(addr, Origin::Tentative, Instant::now());
+                self.waiting_adds.entry(addr).or_default().push(reply);
+            }
+            ControlRequest::ForgetTarget { addr } => {
+                self.waiting_adds.remove(&addr);
+                if self.plan.linked_peer(addr).is_none() && self.plan.remove(addr) {
+                    let _ = self.db.remove_dial_target(addr);
+                }
+            }
+            ControlRequest::DropSession { peer, reply } => {
+                self.forget_peer(peer);
+                let shard = owner_shard(peer, self.shards.len());
+                let (tx, rx) = futures::channel::oneshot::channel();
+                let input = ShardInput::DropPeer {
+                    peer,
+                    reason: DROP_REASON.into(),
+                    reply: tx,
+                };
+                if self.shards[shard].push(input).await.is_err() {
+                    let _ = reply.send(false);
+                    return;
+                }
+                // Answer off the loop so a slow shard does not stall control.
+                tokio::spawn(async move {
+                    let _ = reply.send(rx.await.unwrap_or(false));
+                });
+            }
+        }
+    }
+
+    fn forget_peer(&mut self, peer: u64) {
+        for (addr, persisted) in self.plan.remove_peer(peer) {
+            if persisted && let Err(e) = self.db.remove_dial_target(addr) {
+                tracing::error!(%addr, error = %e, "could not forget dial target");
+            }
+        }
+    }
+}
+
+fn addr_hash(addr: SocketAddr) -> u64 {
+    let mut bytes = Vec::with_capacity(18);
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => bytes.extend_from_slice(&ip.octets()),
+        std::net::IpAddr::V6(ip) => bytes.extend_from_slice(&ip.octets()),
+    }
+    bytes.extend_from_slice(&addr.port().to_le_bytes());
+    crc32c::crc32c(&bytes) as u64
+}

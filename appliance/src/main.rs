@@ -1,0 +1,95 @@
+//! The `meshd` command.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use meshd::{config::Config, storage::ControlDb};
+
+#[derive(Parser)]
+#[command(
+    name = "meshd",
+    version,
+    about = "meshd: the reDB mesh network appliance"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node until SIGINT or SIGTERM.
+    Run {
+        /// TOML config file; every key can be overridden by MESHD_<SECTION>__<KEY>.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Create a node's data directory: control database, node id, Ed25519 and TLS keys.
+    Init {
+        /// The data directory to create.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The node id the platform assigned (default: MESH_ROUTING_ID, else random).
+        #[arg(long, env = "MESH_ROUTING_ID")]
+        node_id: Option<u64>,
+    },
+    /// Validate a config file and print the resolved settings.
+    CheckConfig {
+        /// TOML config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_thread_names(true)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => match Config::load(config.as_deref()) {
+            Ok((config, resolved)) => {
+                init_logging(&config.log.level);
+                meshd::node::run(config, resolved)
+            }
+            Err(e) => Err(e.into()),
+        },
+        Command::Init { data_dir, node_id } => {
+            init_logging("info");
+            ControlDb::open(&data_dir)
+                .and_then(|db| db.load_or_create_identity(node_id.unwrap_or(0)))
+                .map(|(identity, created)| {
+                    let verb = if created { "created" } else { "already holds" };
+                    println!("{} {verb} node {}", data_dir.display(), identity.node_id);
+                })
+                .map_err(Into::into)
+        }
+        Command::CheckConfig { config } => Config::load(config.as_deref())
+            .map(|(config, resolved)| {
+                println!(
+                    "config is valid: node_id={} shards={} listen={:?} peers={:?} grpc={}",
+                    config.node_id,
+                    resolved.n_shards,
+                    resolved.listen,
+                    resolved.peers,
+                    resolved.grpc_listen
+                );
+            })
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("meshd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

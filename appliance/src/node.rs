@@ -1,0 +1,170 @@
+//! Start-up and shut-down of one node: the order threads start and stop in.
+//!
+//! Start: config → memlock → control database and identity → TLS → rings → shards (bind the
+//! link listener) → control thread → api thread (bind gRPC) → "meshd ready" on stdout.
+//! Stop (SIGINT/SIGTERM): api stops taking requests → shards say goodbye to every peer and
+//! stop → control thread stops, closing the control database.
+
+use std::{io::Write, sync::Arc};
+
+use anyhow::Context;
+use meshd_shards::{
+    handshake::LocalHello,
+    ring::ring,
+    shard::{ShardConfig, Shards},
+    tls::{self, TlsIdentity},
+};
+use rand::RngCore;
+
+use crate::{
+    api::{ApiSetup, ApiThread},
+    config::{Config, Resolved},
+    control::{ControlSetup, ControlThread},
+    storage::ControlDb,
+};
+
+/// Runs a node until SIGINT or SIGTERM.
+pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
+    raise_memlock_limit();
+    let db = ControlDb::open(&config.data_dir)?;
+    let (identity, created) = db.load_or_create_identity(config.node_id)?;
+    if created {
+        tracing::info!(node_id = identity.node_id, "created a new node identity");
+    }
+    let known_peers: Vec<(u64, [u8; 32])> = db
+        .peers()?
+        .into_iter()
+        .map(|(id, record)| (id, record.public_key))
+        .collect();
+    let (tls_server, tls_client) = tls::configs(&TlsIdentity {
+        cert_der: identity.tls_cert_der.clone(),
+        key_der: identity.tls_key_der.clone(),
+    })
+    .context("building TLS configuration")?;
+
+    let capacity = config.runtime.ring_capacity;
+    let (control_events_tx, control_events_rx) = ring(capacity);
+    let (api_events_tx, api_events_rx) = ring(capacity);
+    let (control_requests_tx, control_requests_rx) = ring(capacity);
+
+    let shard_config = ShardConfig {
+        local: LocalHello {
+            mesh_id: config.mesh_id.clone(),
+            node_id: identity.node_id,
+            boot_id: rand::thread_rng().next_u64(),
+            listen_addr: resolved.listen.map(|a| a.to_string()).unwrap_or_default(),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+        },
+        signing_key: identity.signing_key.clone(),
+        tls_server,
+        tls_client,
+        listen: resolved.listen,
+        n_shards: resolved.n_shards,
+        pin_cores: config.runtime.pin_cores,
+        heartbeat_interval: config.heartbeat(),
+        heartbeat_misses: config.network.heartbeat_misses,
+        max_payload_bytes: config.network.max_payload_bytes,
+        link_queue_bytes: config.network.link_queue_bytes,
+        handshake_timeout: std::time::Duration::from_millis(config.network.handshake_timeout_ms),
+        max_pending_handshakes: config.network.max_pending_handshakes,
+        ring_capacity: capacity,
+        io_memory_bytes: config.runtime.io_memory_bytes,
+        known_peers,
+    };
+    let shards = Shards::start(shard_config, control_events_tx, api_events_tx)?;
+    let shard_inputs: Arc<[_]> = shards.inputs().to_vec().into();
+
+    let grpc_listener = std::net::TcpListener::bind(resolved.grpc_listen).with_context(|| {
+        format!(
+            "cannot listen for gRPC on {}; fix: free the port or change grpc.listen",
+            resolved.grpc_listen
+        )
+    })?;
+    let control = ControlThread::start(ControlSetup {
+        db,
+        shards: Arc::clone(&shard_inputs),
+        events: control_events_rx,
+        requests: control_requests_rx,
+        config_peers: resolved.peers.clone(),
+        reconnect_min: std::time::Duration::from_millis(config.network.reconnect_min_ms),
+        reconnect_max: std::time::Duration::from_millis(config.network.reconnect_max_ms),
+    })?;
+    let api = ApiThread::start(ApiSetup {
+        node_id: identity.node_id,
+        listener: grpc_listener,
+        shards: shard_inputs,
+        control: control_requests_tx,
+        events: api_events_rx,
+        max_payload_bytes: config.network.max_payload_bytes,
+        subscriber_queue: config.grpc.subscriber_queue,
+        tracked_messages: config.grpc.tracked_messages,
+        default_timeout_seconds: config.grpc.default_timeout_seconds,
+    })?;
+
+    let listen = shards
+        .listen_addr()
+        .map_or_else(|| "none".to_owned(), |a| a.to_string());
+    // One machine-readable line: scripts and the test harness wait for it.
+    println!(
+        "meshd ready node_id={} grpc={} listen={} shards={} mesh_id={}",
+        identity.node_id, api.local_addr, listen, resolved.n_shards, config.mesh_id
+    );
+    let _ = std::io::stdout().flush();
+    tracing::info!(node_id = identity.node_id, grpc = %api.local_addr, %listen, "meshd running");
+
+    wait_for_signal()?;
+    tracing::info!("shutting down: telling peers goodbye");
+    api.stop();
+    shards.shutdown();
+    control.stop();
+    tracing::info!("meshd stopped");
+    Ok(())
+}
+
+fn wait_for_signal() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("signal runtime")?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result,
+            _ = term.recv() => Ok(()),
+        }
+    })?;
+    Ok(())
+}
+
+/// io_uring registers buffer memory, which counts against RLIMIT_MEMLOCK. Raise the soft
+/// limit to the hard limit (root may raise both); warn when it stays low.
+fn raise_memlock_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) != 0 {
+            return;
+        }
+        let wanted = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        if libc::setrlimit(libc::RLIMIT_MEMLOCK, &wanted) == 0 {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        let _ = libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised);
+        if limit.rlim_max != libc::RLIM_INFINITY && limit.rlim_max < (64 << 20) {
+            tracing::warn!(
+                memlock_bytes = limit.rlim_max,
+                "RLIMIT_MEMLOCK is low for io_uring; recommended at least 64 MiB (see tuning/)"
+            );
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! What crosses the rings into and out of a shard.
+//!
+//! ```text
+//!   api thread ──ShardInput──►┐
+//!   control    ──ShardInput──►├─► shard i ──ControlEvent──► control thread
+//!   shard j    ──ShardInput──►┘           ──ApiEvent─────► api thread
+//! ```
+//! Each shard has exactly one inbound ring (MPSC); the control thread and the api thread each
+//! have one inbound ring that every shard produces into.
+
+use std::{net::SocketAddr, os::fd::OwnedFd};
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+
+use crate::{
+    frame::{FrameType, TrafficClass},
+    handshake::{PeerInfo, Role},
+    stats::SessionSnapshot,
+};
+
+/// A request to a shard.
+#[derive(Debug)]
+pub enum ShardInput {
+    /// Open a link to `addr`; the result comes back as [`ControlEvent::DialDone`].
+    Dial {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// Chosen by the requester to match the answer.
+        dial_id: u64,
+    },
+    /// A TCP connection whose preamble named a peer owned by this shard; continue it here.
+    Adopt(AdoptedSocket),
+    /// Send a frame to a directly linked peer.
+    Send(Outgoing),
+    /// Close the link to `peer` with a goodbye; answers whether there was one.
+    DropPeer {
+        /// The peer.
+        peer: u64,
+        /// Told to the peer in the goodbye.
+        reason: String,
+        /// Whether the link existed.
+        reply: oneshot::Sender<bool>,
+    },
+    /// Report the figures of every live link of this shard.
+    Sessions {
+        /// Where to answer.
+        reply: oneshot::Sender<Vec<SessionSnapshot>>,
+    },
+    /// Remember a peer's public key (trust on first use, from the control database).
+    PinKey {
+        /// The peer.
+        peer: u64,
+        /// Its Ed25519 public key.
+        public_key: [u8; 32],
+    },
+    /// Say goodbye to every peer and stop the shard.
+    Shutdown,
+}
+
+/// A socket in the middle of link set-up, handed from the shard that accepted or dialed it to
+/// the shard that owns the peer. Only the preamble has been exchanged, so no bytes are buffered
+/// anywhere but in the kernel.
+#[derive(Debug)]
+pub struct AdoptedSocket {
+    /// The connected TCP socket (a `dup` of the original descriptor).
+    pub fd: OwnedFd,
+    /// Which side opened the connection.
+    pub role: Role,
+    /// The peer id from the preamble, checked against the authenticated id later.
+    pub peer_hint: u64,
+    /// The peer's socket address.
+    pub remote_addr: SocketAddr,
+    /// Set when this socket answers a [`ShardInput::Dial`].
+    pub dial_id: Option<u64>,
+}
+
+/// One frame for a direct peer.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The peer the frame goes to (and the frame's destination).
+    pub dst: u64,
+    /// Frame type: `Data`, `DeliveryReport` or `AppAck`.
+    pub frame_type: FrameType,
+    /// Traffic class of the frame.
+    pub traffic_class: TrafficClass,
+    /// For `Data`, the message id, so a failure can be reported against it.
+    pub msg_id: u64,
+    /// Encoded frame payload.
+    pub payload: Bytes,
+}
+
+/// Link life-cycle news for the control thread.
+#[derive(Debug)]
+pub enum ControlEvent {
+    /// A link passed its handshake and carries traffic.
+    LinkUp {
+        /// The authenticated peer.
+        peer: PeerInfo,
+        /// The peer's socket address.
+        remote_addr: SocketAddr,
+        /// Which side dialed.
+        role: Role,
+        /// The shard that owns it.
+        shard: usize,
+    },
+    /// A link ended.
+    LinkDown {
+        /// The peer.
+        peer: u64,
+        /// Why, for logs and operators.
+        reason: String,
+        /// Set when the peer said goodbye; its reason.
+        goodbye: Option<String>,
+    },
+    /// The outcome of a [`ShardInput::Dial`].
+    DialDone {
+        /// The requester's id.
+        dial_id: u64,
+        /// The address dialed.
+        addr: SocketAddr,
+        /// The peer that answered, or why the dial failed.
+        result: Result<u64, DialError>,
+    },
+}
+
+/// Why a dial failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DialError {
+    /// TCP connect failed or timed out.
+    #[error("could not connect: {0}")]
+    Connect(String),
+    /// TLS or WebSocket set-up failed.
+    #[error("link set-up failed: {0}")]
+    Setup(String),
+    /// The handshake refused the peer, or the peer refused this node.
+    #[error("handshake refused: {0}")]
+    Refused(String),
+    /// Set-up took longer than the handshake timeout.
+    #[error("link set-up timed out")]
+    Timeout,
+}
+
+/// Traffic for the api thread.
+#[derive(Debug)]
+pub enum ApiEvent {
+    /// A frame addressed to this node arrived from `src`.
+    Frame {
+        /// The node that sent it.
+        src: u64,
+        /// `Data`, `DeliveryReport` or `AppAck`.
+        frame_type: FrameType,
+        /// Its traffic class.
+        traffic_class: TrafficClass,
+        /// The payload, sharing the received WebSocket message's buffer.
+        payload: Bytes,
+    },
+    /// A `Data` frame could not be sent: no link to its destination.
+    SendFailed {
+        /// The message.
+        msg_id: u64,
+        /// The destination.
+        dst: u64,
+        /// Whether this node has ever had a link to `dst`.
+        known: bool,
+    },
+}

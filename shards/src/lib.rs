@@ -1,0 +1,20 @@
+//! meshd's data plane.
+//!
+//! Peer links and (later) streams are hashed onto shared-nothing shards, one glommio io_uring
+//! executor per shard thread. Other threads talk to a shard only through its bounded ring.
+//!
+//! Pure protocol cores (no I/O, no runtime): [`frame`], [`handshake`], [`ownership`],
+//! [`backoff`]. I/O shells: [`shard`] and the private `link` module. Thread plumbing: [`ring`].
+
+pub mod backoff;
+pub mod command;
+pub mod frame;
+pub mod handshake;
+mod link;
+pub mod ownership;
+pub mod ring;
+pub mod shard;
+pub mod stats;
+pub mod tls;
+
+pub use meshd_proto as proto;

@@ -1,0 +1,279 @@
+//! Bounded lock-free rings between threads, with wake-ups.
+//!
+//! Every queue that crosses a thread boundary in meshd is one of these: a fixed-capacity
+//! `crossbeam_queue::ArrayQueue` (lock-free, allocation-free after creation) plus
+//! - an [`AtomicWaker`] for the single consumer, so an idle consumer sleeps in its reactor
+//!   (glommio's or tokio's) instead of spinning, and
+//! - an [`Event`] for producers waiting for room, so a full ring applies backpressure instead
+//!   of growing.
+//!
+//! Runtime-agnostic on purpose: the same ring connects a glommio shard to the tokio api thread.
+//!
+//! **Invariant:** the capacity never changes; a push on a full ring either hands the item back
+//! ([`Producer::try_push`]) or waits for room ([`Producer::push`]). Nothing is dropped silently.
+//! **Invariant:** exactly one [`Consumer`] exists per ring (it is not `Clone`).
+
+use std::{
+    fmt,
+    future::poll_fn,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    task::Poll,
+};
+
+use atomic_waker::AtomicWaker;
+use crossbeam_queue::ArrayQueue;
+use event_listener::{Event, listener};
+
+struct Shared<T> {
+    queue: ArrayQueue<T>,
+    consumer_waker: AtomicWaker,
+    room: Event,
+    n_producers: AtomicUsize,
+    consumer_alive: AtomicBool,
+}
+
+/// The sending end; clone it to give several threads a way in (the queue is MPSC-safe).
+pub struct Producer<T> {
+    shared: Arc<Shared<T>>,
+}
+
+/// The single receiving end.
+pub struct Consumer<T> {
+    shared: Arc<Shared<T>>,
+}
+
+/// Why a push did not happen; the item is handed back either way.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError<T> {
+    /// The ring is at capacity; retry later or drop and count.
+    Full(T),
+    /// The consumer is gone (its thread stopped); the item can never be delivered.
+    Closed(T),
+}
+
+impl<T> PushError<T> {
+    /// Returns the item that was not pushed.
+    pub fn into_inner(self) -> T {
+        match self {
+            Self::Full(t) | Self::Closed(t) => t,
+        }
+    }
+}
+
+impl<T> fmt::Display for PushError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full(_) => f.write_str("ring is full"),
+            Self::Closed(_) => f.write_str("ring consumer has stopped"),
+        }
+    }
+}
+
+/// Creates a ring holding at most `capacity` items.
+///
+/// # Panics
+/// If `capacity` is 0: a zero-capacity ring could never carry anything, so it is a bug in the
+/// caller's configuration validation.
+pub fn ring<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
+    assert!(capacity > 0, "ring capacity must be positive");
+    let shared = Arc::new(Shared {
+        queue: ArrayQueue::new(capacity),
+        consumer_waker: AtomicWaker::new(),
+        room: Event::new(),
+        n_producers: AtomicUsize::new(1),
+        consumer_alive: AtomicBool::new(true),
+    });
+    (
+        Producer {
+            shared: Arc::clone(&shared),
+        },
+        Consumer { shared },
+    )
+}
+
+impl<T> Producer<T> {
+    /// Pushes without waiting; hands the item back when the ring is full or closed.
+    pub fn try_push(&self, item: T) -> Result<(), PushError<T>> {
+        if !self.shared.consumer_alive.load(Ordering::Acquire) {
+            return Err(PushError::Closed(item));
+        }
+        match self.shared.queue.push(item) {
+            Ok(()) => {
+                self.shared.consumer_waker.wake();
+                Ok(())
+            }
+            Err(item) => Err(PushError::Full(item)),
+        }
+    }
+
+    /// Pushes, waiting for room while the ring is full (backpressure).
+    ///
+    /// Returns the item back only if the consumer has stopped.
+    pub async fn push(&self, mut item: T) -> Result<(), T> {
+        loop {
+            match self.try_push(item) {
+                Ok(()) => return Ok(()),
+                Err(PushError::Closed(back)) => return Err(back),
+                Err(PushError::Full(back)) => item = back,
+            }
+            listener!(self.shared.room => room);
+            // Re-check after registering, or a pop between the failed push and the
+            // registration would be missed and this producer would sleep forever.
+            match self.try_push(item) {
+                Ok(()) => return Ok(()),
+                Err(PushError::Closed(back)) => return Err(back),
+                Err(PushError::Full(back)) => item = back,
+            }
+            room.await;
+        }
+    }
+
+    /// Number of items waiting in the ring.
+    pub fn len(&self) -> usize {
+        self.shared.queue.len()
+    }
+
+    /// Whether the ring is empty.
+    pub fn is_empty(&self) -> bool {
+        self.shared.queue.is_empty()
+    }
+
+    /// Whether the consumer has stopped.
+    pub fn is_closed(&self) -> bool {
+        !self.shared.consumer_alive.load(Ordering::Acquire)
+    }
+}
+
+impl<T> Clone for Producer<T> {
+    fn clone(&self) -> Self {
+        self.shared.n_producers.fetch_add(1, Ordering::AcqRel);
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<T> Drop for Producer<T> {
+    fn drop(&mut self) {
+        if self.shared.n_producers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Last producer: the consumer must learn that no more items will come.
+            self.shared.consumer_waker.wake();
+        }
+    }
+}
+
+impl<T> Consumer<T> {
+    /// Pops without waiting.
+    pub fn try_pop(&self) -> Option<T> {
+        let item = self.shared.queue.pop();
+        if item.is_some() {
+            self.shared.room.notify(1);
+        }
+        item
+    }
+
+    /// Waits for the next item; `None` once every producer is gone and the ring is drained.
+    pub async fn pop(&self) -> Option<T> {
+        poll_fn(|cx| {
+            if let Some(item) = self.try_pop() {
+                return Poll::Ready(Some(item));
+            }
+            self.shared.consumer_waker.register(cx.waker());
+            // Re-check after registering: a push that happened in between woke nobody.
+            if let Some(item) = self.try_pop() {
+                return Poll::Ready(Some(item));
+            }
+            if self.shared.n_producers.load(Ordering::Acquire) == 0 {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Number of items waiting.
+    pub fn len(&self) -> usize {
+        self.shared.queue.len()
+    }
+
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.shared.queue.is_empty()
+    }
+
+    /// The fixed capacity of the ring.
+    pub fn capacity(&self) -> usize {
+        self.shared.queue.capacity()
+    }
+}
+
+impl<T> Drop for Consumer<T> {
+    fn drop(&mut self) {
+        self.shared.consumer_alive.store(false, Ordering::Release);
+        // Producers blocked on a full ring must learn the consumer is gone.
+        self.shared.room.notify(usize::MAX);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+
+    #[test]
+    fn a_full_ring_hands_the_item_back() {
+        let (tx, rx) = ring::<u32>(2);
+        tx.try_push(1).unwrap();
+        tx.try_push(2).unwrap();
+        assert_eq!(tx.try_push(3), Err(PushError::Full(3)));
+        assert_eq!(rx.try_pop(), Some(1));
+        tx.try_push(3).unwrap();
+        assert_eq!(rx.capacity(), 2);
+    }
+
+    #[test]
+    fn a_push_after_the_consumer_stopped_is_refused() {
+        let (tx, rx) = ring::<u32>(2);
+        drop(rx);
+        assert_eq!(tx.try_push(1), Err(PushError::Closed(1)));
+        assert_eq!(futures_lite::future::block_on(tx.push(2)), Err(2));
+    }
+
+    #[test]
+    fn pop_ends_when_every_producer_is_gone_and_the_ring_is_drained() {
+        let (tx, rx) = ring::<u32>(4);
+        let tx2 = tx.clone();
+        tx.try_push(7).unwrap();
+        drop(tx);
+        drop(tx2);
+        assert_eq!(futures_lite::future::block_on(rx.pop()), Some(7));
+        assert_eq!(futures_lite::future::block_on(rx.pop()), None);
+    }
+
+    #[test]
+    fn items_cross_threads_in_order_under_backpressure() {
+        let (tx, rx) = ring::<u64>(8);
+        let n = 100_000u64;
+        let producer = thread::spawn(move || {
+            futures_lite::future::block_on(async {
+                for i in 0..n {
+                    tx.push(i).await.unwrap();
+                }
+            });
+        });
+        let got = futures_lite::future::block_on(async {
+            let mut expected = 0;
+            while let Some(v) = rx.pop().await {
+                assert_eq!(v, expected);
+                expected += 1;
+            }
+            expected
+        });
+        producer.join().unwrap();
+        assert_eq!(got, n);
+    }
+}

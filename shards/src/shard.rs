@@ -1,0 +1,757 @@
+//! The shard runtime: one glommio executor per shard thread, owning the links of its peers.
+//!
+//! A shard runs three kinds of tasks, all on its own thread:
+//! - the **input loop**, draining the shard's one inbound ring ([`ShardInput`]) in order;
+//! - the **acceptor**, when the node listens: every shard binds the listen address with
+//!   `SO_REUSEPORT`, so the kernel spreads incoming connections over the shards;
+//! - one **link task** per peer connection (set-up, then `link::run`).
+//!
+//! **Architecture Invariant:** a shard's state is touched only by its own thread (`Rc`,
+//! `RefCell`, `Cell`); other threads reach it only through its ring.
+//! **Architecture Invariant:** at most one live link per peer; when two connections to the same
+//! peer race, both ends keep the one dialed by the lower node id (or the newer one if the peer
+//! restarted, seen by its boot id).
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::{BTreeMap, HashMap, HashSet},
+    net::SocketAddr,
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd},
+    rc::Rc,
+    sync::{Arc, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use ed25519_dalek::SigningKey;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::{
+    LocalExecutorBuilder, Placement,
+    net::{TcpListener, TcpStream},
+};
+use rustls::{ClientConfig, ServerConfig};
+
+use crate::{
+    command::{AdoptedSocket, ApiEvent, ControlEvent, DialError, Outgoing, ShardInput},
+    frame::Header,
+    handshake::{LocalHello, PeerInfo, Role},
+    link::{self, Outbox},
+    ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble, owner_shard},
+    ring::{Consumer, Producer, ring},
+    stats::LinkStats,
+};
+
+/// Everything a shard needs to know; shared read-only by every shard.
+#[derive(Clone)]
+pub struct ShardConfig {
+    /// This node's Hello fields.
+    pub local: LocalHello,
+    /// This node's identity key.
+    pub signing_key: SigningKey,
+    /// TLS config for accepted links.
+    pub tls_server: Arc<ServerConfig>,
+    /// TLS config for dialed links.
+    pub tls_client: Arc<ClientConfig>,
+    /// Where to accept links; `None` for a node behind NAT that only dials out.
+    pub listen: Option<SocketAddr>,
+    /// Number of shards.
+    pub n_shards: usize,
+    /// Pin shard `i` to CPU `i`.
+    pub pin_cores: bool,
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Heartbeat intervals without any traffic before a link is declared down.
+    pub heartbeat_misses: u32,
+    /// Largest frame payload accepted or sent.
+    pub max_payload_bytes: usize,
+    /// Bytes queued per link before data senders wait.
+    pub link_queue_bytes: usize,
+    /// Limit on TCP connect plus TLS, WebSocket and link handshakes.
+    pub handshake_timeout: Duration,
+    /// Connections in set-up per shard; more are closed at once.
+    pub max_pending_handshakes: usize,
+    /// Capacity of each shard's inbound ring, in inputs.
+    pub ring_capacity: usize,
+    /// io_uring buffer memory per shard, in bytes.
+    pub io_memory_bytes: usize,
+    /// Peers this node has linked with before, and their keys (trust on first use).
+    pub known_peers: Vec<(u64, [u8; 32])>,
+}
+
+impl ShardConfig {
+    /// Largest WebSocket message: a full batch plus one maximal frame.
+    pub fn max_message_bytes(&self) -> usize {
+        self.link_queue_bytes + self.max_payload_bytes + crate::frame::HEADER_LEN
+    }
+}
+
+/// Why the shards could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A shard could not bind the listen address.
+    #[error("shard {shard} could not listen on {addr}: {source}")]
+    Listen {
+        /// The shard.
+        shard: usize,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The executor thread could not be created.
+    #[error("shard {shard} could not start its executor: {reason}")]
+    Executor {
+        /// The shard.
+        shard: usize,
+        /// glommio's error.
+        reason: String,
+    },
+}
+
+/// Running shards: their inbound rings and threads.
+pub struct Shards {
+    inputs: Vec<Producer<ShardInput>>,
+    threads: Vec<thread::JoinHandle<()>>,
+    listen_addr: Option<SocketAddr>,
+}
+
+impl Shards {
+    /// Starts `config.n_shards` shard threads; returns once every shard listens (if it should).
+    pub fn start(
+        config: ShardConfig,
+        control_tx: Producer<ControlEvent>,
+        api_tx: Producer<ApiEvent>,
+    ) -> Result<Self, StartError> {
+        let n = config.n_shards.max(1);
+        let (inputs, consumers): (Vec<_>, Vec<_>) =
+            (0..n).map(|_| ring(config.ring_capacity)).unzip();
+        let config = Arc::new(config);
+        let (ready_tx, ready_rx) =
+            mpsc::channel::<(usize, Result<Option<SocketAddr>, StartError>)>();
+        let mut threads = Vec::with_capacity(n);
+        for (shard_id, consumer) in consumers.into_iter().enumerate() {
+            let config = Arc::clone(&config);
+            let control_tx = control_tx.clone();
+            let api_tx = api_tx.clone();
+            let peers = inputs.clone();
+            let ready_tx = ready_tx.clone();
+            let placement = if config.pin_cores {
+                Placement::Fixed(shard_id % num_cpus())
+            } else {
+                Placement::Unbound
+            };
+            let builder = LocalExecutorBuilder::new(placement)
+                .name(&format!("shard-{shard_id}"))
+                .io_memory(config.io_memory_bytes);
+            let handle = builder
+                .spawn(move || async move {
+                    shard_main(
+                        shard_id, config, consumer, peers, control_tx, api_tx, ready_tx,
+                    )
+                    .await;
+                })
+                .map_err(|e| StartError::Executor {
+                    shard: shard_id,
+                    reason: e.to_string(),
+                })?;
+            threads.push(thread::spawn(move || {
+                if let Err(e) = handle.join() {
+                    tracing::error!(shard_id, error = %e, "shard executor failed");
+                }
+            }));
+        }
+        drop(ready_tx);
+        let mut listen_addr = None;
+        for _ in 0..n {
+            match ready_rx.recv() {
+                Ok((_, Ok(addr))) => listen_addr = listen_addr.or(addr),
+                Ok((_, Err(e))) => return Err(e),
+                Err(_) => {
+                    return Err(StartError::Executor {
+                        shard: 0,
+                        reason: "a shard thread exited during start-up".into(),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            inputs,
+            threads,
+            listen_addr,
+        })
+    }
+
+    /// The inbound ring of every shard, indexed by shard id.
+    pub fn inputs(&self) -> &[Producer<ShardInput>] {
+        &self.inputs
+    }
+
+    /// The ring of the shard that owns `peer`.
+    pub fn owner_of(&self, peer: u64) -> &Producer<ShardInput> {
+        &self.inputs[owner_shard(peer, self.inputs.len())]
+    }
+
+    /// The address the shards accept links on, if any (resolves port 0).
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr
+    }
+
+    /// Tells every shard to say goodbye to its peers, then waits for the shard threads.
+    pub fn shutdown(self) {
+        for input in &self.inputs {
+            let _ = input.try_push(ShardInput::Shutdown);
+        }
+        drop(self.inputs);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn num_cpus() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// One live link as the shard sees it.
+struct LinkEntry {
+    conn_id: u64,
+    peer: PeerInfo,
+    dialer: u64,
+    outbox: Rc<Outbox>,
+    stats: Rc<LinkStats>,
+}
+
+/// State and rings of one shard; shared by its tasks through `Rc`.
+pub(crate) struct Shard {
+    pub(crate) shard_id: usize,
+    pub(crate) config: Arc<ShardConfig>,
+    pub(crate) api_tx: Producer<ApiEvent>,
+    pub(crate) epoch: Instant,
+    control_tx: Producer<ControlEvent>,
+    peers: Vec<Producer<ShardInput>>,
+    links: RefCell<HashMap<u64, LinkEntry>>,
+    known: RefCell<HashSet<u64>>,
+    pinned: RefCell<HashMap<u64, [u8; 32]>>,
+    next_conn_id: Cell<u64>,
+    pending_handshakes: Cell<usize>,
+    drops: RefCell<BTreeMap<&'static str, u64>>,
+    stopping: Cell<bool>,
+}
+
+impl Shard {
+    pub(crate) fn pinned_key(&self, peer: u64) -> Option<[u8; 32]> {
+        self.pinned.borrow().get(&peer).copied()
+    }
+
+    pub(crate) fn count_drop(&self, kind: &'static str) {
+        *self.drops.borrow_mut().entry(kind).or_insert(0) += 1;
+    }
+
+    fn owner(&self, peer: u64) -> usize {
+        owner_shard(peer, self.config.n_shards.max(1))
+    }
+
+    async fn emit(&self, event: ControlEvent) {
+        if self.control_tx.push(event).await.is_err() {
+            tracing::debug!(shard = self.shard_id, "control thread gone; event dropped");
+        }
+    }
+}
+
+async fn shard_main(
+    shard_id: usize,
+    config: Arc<ShardConfig>,
+    inbound: Consumer<ShardInput>,
+    peers: Vec<Producer<ShardInput>>,
+    control_tx: Producer<ControlEvent>,
+    api_tx: Producer<ApiEvent>,
+    ready_tx: mpsc::Sender<(usize, Result<Option<SocketAddr>, StartError>)>,
+) {
+    let n = config.n_shards.max(1);
+    let known: HashSet<u64> = config
+        .known_peers
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| owner_shard(*id, n) == shard_id)
+        .collect();
+    let pinned: HashMap<u64, [u8; 32]> = config
+        .known_peers
+        .iter()
+        .filter(|(id, _)| owner_shard(*id, n) == shard_id)
+        .copied()
+        .collect();
+    let shard = Rc::new(Shard {
+        shard_id,
+        config: Arc::clone(&config),
+        api_tx,
+        epoch: Instant::now(),
+        control_tx,
+        peers,
+        links: RefCell::new(HashMap::new()),
+        known: RefCell::new(known),
+        pinned: RefCell::new(pinned),
+        next_conn_id: Cell::new(1),
+        pending_handshakes: Cell::new(0),
+        drops: RefCell::new(BTreeMap::new()),
+        stopping: Cell::new(false),
+    });
+
+    let listener = match config.listen {
+        Some(addr) => match TcpListener::bind(addr) {
+            Ok(listener) => {
+                let bound = listener.local_addr().ok();
+                let _ = ready_tx.send((shard_id, Ok(bound)));
+                Some(listener)
+            }
+            Err(e) => {
+                let source = std::io::Error::other(e.to_string());
+                let _ = ready_tx.send((
+                    shard_id,
+                    Err(StartError::Listen {
+                        shard: shard_id,
+                        addr,
+                        source,
+                    }),
+                ));
+                return;
+            }
+        },
+        None => {
+            let _ = ready_tx.send((shard_id, Ok(None)));
+            None
+        }
+    };
+    drop(ready_tx);
+
+    if let Some(listener) = listener {
+        let shard = Rc::clone(&shard);
+        glommio::spawn_local(accept_loop(shard, listener)).detach();
+    }
+
+    while let Some(input) = inbound.pop().await {
+        match input {
+            ShardInput::Dial { addr, dial_id } => {
+                glommio::spawn_local(dial(Rc::clone(&shard), addr, dial_id)).detach();
+            }
+            ShardInput::Adopt(adopted) => {
+                // SAFETY: the descriptor is a connected TCP socket that the sending shard
+                // duplicated for us and no longer uses; ownership moves into the stream.
+                let stream = unsafe { TcpStream::from_raw_fd(adopted.fd.into_raw_fd()) };
+                glommio::spawn_local(establish(
+                    Rc::clone(&shard),
+                    stream,
+                    adopted.role,
+                    adopted.peer_hint,
+                    adopted.remote_addr,
+                    adopted.dial_id,
+                ))
+                .detach();
+            }
+            ShardInput::Send(outgoing) => send(&shard, outgoing).await,
+            ShardInput::DropPeer {
+                peer,
+                reason,
+                reply,
+            } => {
+                let outbox = shard
+                    .links
+                    .borrow()
+                    .get(&peer)
+                    .map(|l| Rc::clone(&l.outbox));
+                if let Some(outbox) = &outbox {
+                    let (header, payload) = link::goodbye(config.local.node_id, peer, &reason);
+                    let _ = outbox.push_now(&header, &payload);
+                    outbox.close(reason);
+                }
+                let _ = reply.send(outbox.is_some());
+            }
+            ShardInput::Sessions { reply } => {
+                let snapshots = shard
+                    .links
+                    .borrow()
+                    .iter()
+                    .map(|(peer, link)| {
+                        link.stats.snapshot(
+                            *peer,
+                            if link.outbox.is_closing() {
+                                "closing"
+                            } else {
+                                "up"
+                            },
+                        )
+                    })
+                    .collect();
+                let _ = reply.send(snapshots);
+            }
+            ShardInput::PinKey { peer, public_key } => {
+                shard.pinned.borrow_mut().insert(peer, public_key);
+                shard.known.borrow_mut().insert(peer);
+            }
+            ShardInput::Shutdown => break,
+        }
+    }
+    shut_down(&shard).await;
+}
+
+async fn shut_down(shard: &Rc<Shard>) {
+    shard.stopping.set(true);
+    let outboxes: Vec<(u64, Rc<Outbox>)> = shard
+        .links
+        .borrow()
+        .iter()
+        .map(|(peer, link)| (*peer, Rc::clone(&link.outbox)))
+        .collect();
+    for (peer, outbox) in &outboxes {
+        let (header, payload) = link::goodbye(shard.config.local.node_id, *peer, "shutdown");
+        let _ = outbox.push_now(&header, &payload);
+        outbox.close("shutdown".into());
+    }
+    // Give writers a moment to flush the goodbyes; a peer that misses one notices by heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !shard.links.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let drops = shard.drops.borrow();
+    if !drops.is_empty() {
+        tracing::info!(
+            shard = shard.shard_id,
+            ?drops,
+            "frames dropped during this run"
+        );
+    }
+}
+
+async fn send(shard: &Rc<Shard>, outgoing: Outgoing) {
+    let outbox = shard
+        .links
+        .borrow()
+        .get(&outgoing.dst)
+        .map(|l| Rc::clone(&l.outbox));
+    let mut header = Header::new(
+        outgoing.frame_type,
+        outgoing.traffic_class,
+        shard.config.local.node_id,
+        outgoing.dst,
+    );
+    header.seq = outgoing.msg_id;
+    let sent = match outbox {
+        Some(outbox) => outbox.push(&header, &outgoing.payload).await.is_ok(),
+        None => false,
+    };
+    if !sent {
+        shard.count_drop("no_link");
+        if outgoing.frame_type == crate::frame::FrameType::Data {
+            let known = shard.known.borrow().contains(&outgoing.dst);
+            let event = ApiEvent::SendFailed {
+                msg_id: outgoing.msg_id,
+                dst: outgoing.dst,
+                known,
+            };
+            let _ = shard.api_tx.push(event).await;
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                if shard.stopping.get() {
+                    return;
+                }
+                tracing::warn!(shard = shard.shard_id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shard.stopping.get() {
+            return;
+        }
+        if shard.pending_handshakes.get() >= shard.config.max_pending_handshakes {
+            shard.count_drop("handshake_backlog_full");
+            continue;
+        }
+        glommio::spawn_local(accepted(Rc::clone(&shard), stream)).detach();
+    }
+}
+
+/// Exchanges preambles: reads first when accepting, writes first when dialing.
+async fn exchange_preamble(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    role: Role,
+) -> Result<u64, DialError> {
+    let ours = encode_preamble(shard.config.local.node_id);
+    let mut theirs = [0u8; PREAMBLE_LEN];
+    let io = async {
+        if role == Role::Dialer {
+            stream.write_all(&ours).await?;
+            stream.read_exact(&mut theirs).await?;
+        } else {
+            stream.read_exact(&mut theirs).await?;
+            stream.write_all(&ours).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    match link::timeout(shard.config.handshake_timeout, io).await {
+        None => return Err(DialError::Timeout),
+        Some(Err(e)) => return Err(DialError::Setup(format!("preamble: {e}"))),
+        Some(Ok(())) => {}
+    }
+    decode_preamble(&theirs)
+        .ok_or_else(|| DialError::Refused("peer did not send a meshd preamble".into()))
+}
+
+async fn accepted(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let remote_addr = link::peer_addr(&stream);
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() + 1);
+    let hint = exchange_preamble(&shard, &mut stream, Role::Acceptor).await;
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() - 1);
+    match hint {
+        Ok(peer_hint) => {
+            route_socket(shard, stream, Role::Acceptor, peer_hint, remote_addr, None).await
+        }
+        Err(error) => {
+            shard.count_drop("bad_preamble");
+            tracing::info!(%remote_addr, %error, "refused an incoming connection");
+        }
+    }
+}
+
+async fn dial(shard: Rc<Shard>, addr: SocketAddr, dial_id: u64) {
+    let timeout = shard.config.handshake_timeout;
+    let connected = link::timeout(timeout, TcpStream::connect(addr)).await;
+    let mut stream = match connected {
+        Some(Ok(stream)) => stream,
+        Some(Err(e)) => {
+            return dial_failed(&shard, dial_id, addr, DialError::Connect(e.to_string())).await;
+        }
+        None => return dial_failed(&shard, dial_id, addr, DialError::Timeout).await,
+    };
+    let _ = stream.set_nodelay(true);
+    match exchange_preamble(&shard, &mut stream, Role::Dialer).await {
+        Ok(peer_hint) => {
+            route_socket(shard, stream, Role::Dialer, peer_hint, addr, Some(dial_id)).await
+        }
+        Err(error) => dial_failed(&shard, dial_id, addr, error).await,
+    }
+}
+
+async fn dial_failed(shard: &Shard, dial_id: u64, addr: SocketAddr, error: DialError) {
+    tracing::debug!(%addr, %error, "dial failed");
+    shard
+        .emit(ControlEvent::DialDone {
+            dial_id,
+            addr,
+            result: Err(error),
+        })
+        .await;
+}
+
+/// Continues set-up here, or hands the socket to the shard that owns the peer.
+async fn route_socket(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    role: Role,
+    peer_hint: u64,
+    remote_addr: SocketAddr,
+    dial_id: Option<u64>,
+) {
+    let owner = shard.owner(peer_hint);
+    if owner == shard.shard_id {
+        return establish(shard, stream, role, peer_hint, remote_addr, dial_id).await;
+    }
+    // SAFETY: the descriptor is valid for as long as `stream` lives; we only borrow it to dup.
+    let duplicated = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned();
+    drop(stream);
+    let fd: OwnedFd = match duplicated {
+        Ok(fd) => fd,
+        Err(e) => {
+            if let Some(dial_id) = dial_id {
+                dial_failed(
+                    &shard,
+                    dial_id,
+                    remote_addr,
+                    DialError::Setup(format!("dup: {e}")),
+                )
+                .await;
+            }
+            return;
+        }
+    };
+    let adopted = AdoptedSocket {
+        fd,
+        role,
+        peer_hint,
+        remote_addr,
+        dial_id,
+    };
+    if shard.peers[owner]
+        .push(ShardInput::Adopt(adopted))
+        .await
+        .is_err()
+    {
+        shard.count_drop("owner_shard_gone");
+    }
+}
+
+async fn establish(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    role: Role,
+    peer_hint: u64,
+    remote_addr: SocketAddr,
+    dial_id: Option<u64>,
+) {
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() + 1);
+    let set_up = link::timeout(
+        shard.config.handshake_timeout,
+        link::set_up(&shard, stream, role, peer_hint),
+    )
+    .await;
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() - 1);
+    let (socket, peer) = match set_up {
+        Some(Ok(established)) => established,
+        Some(Err(error)) => {
+            tracing::info!(%remote_addr, ?role, %error, "link set-up failed");
+            if let Some(dial_id) = dial_id {
+                dial_failed(&shard, dial_id, remote_addr, error).await;
+            }
+            return;
+        }
+        None => {
+            if let Some(dial_id) = dial_id {
+                dial_failed(&shard, dial_id, remote_addr, DialError::Timeout).await;
+            }
+            return;
+        }
+    };
+    if shard.stopping.get() {
+        return;
+    }
+    let local = shard.config.local.node_id;
+    let dialer = if role == Role::Dialer {
+        local
+    } else {
+        peer.node_id
+    };
+    let conn_id = shard.next_conn_id.get();
+    shard.next_conn_id.set(conn_id + 1);
+    let outbox = Rc::new(Outbox::new(
+        shard.config.link_queue_bytes,
+        shard.config.max_payload_bytes,
+    ));
+    let stats = Rc::new(LinkStats::new(remote_addr, role, Instant::now()));
+
+    let kept = register(
+        &shard,
+        peer.clone(),
+        dialer,
+        conn_id,
+        Rc::clone(&outbox),
+        Rc::clone(&stats),
+    );
+    if let Some(dial_id) = dial_id {
+        shard
+            .emit(ControlEvent::DialDone {
+                dial_id,
+                addr: remote_addr,
+                result: Ok(peer.node_id),
+            })
+            .await;
+    }
+    if !kept {
+        tracing::debug!(
+            peer = peer.node_id,
+            "duplicate link closed; the other one stays"
+        );
+        let (header, payload) = link::goodbye(local, peer.node_id, "duplicate link");
+        let _ = outbox.push_now(&header, &payload);
+        outbox.close("duplicate link".into());
+        let _ = link::run(Rc::clone(&shard), socket, peer.node_id, outbox, stats).await;
+        return;
+    }
+    tracing::info!(peer = peer.node_id, %remote_addr, ?role, shard = shard.shard_id, "link up");
+    shard
+        .emit(ControlEvent::LinkUp {
+            peer: peer.clone(),
+            remote_addr,
+            role,
+            shard: shard.shard_id,
+        })
+        .await;
+
+    let end = link::run(Rc::clone(&shard), socket, peer.node_id, outbox, stats).await;
+
+    let still_ours = shard
+        .links
+        .borrow()
+        .get(&peer.node_id)
+        .is_some_and(|l| l.conn_id == conn_id);
+    if still_ours {
+        shard.links.borrow_mut().remove(&peer.node_id);
+        tracing::info!(peer = peer.node_id, reason = %end.describe(), "link down");
+        let goodbye = match &end {
+            link::LinkEnd::Goodbye(reason) => Some(reason.clone()),
+            _ => None,
+        };
+        shard
+            .emit(ControlEvent::LinkDown {
+                peer: peer.node_id,
+                reason: end.describe(),
+                goodbye,
+            })
+            .await;
+    }
+}
+
+/// Records a new link, applying the one-link-per-peer rule; returns whether the new link stays.
+fn register(
+    shard: &Shard,
+    peer: PeerInfo,
+    dialer: u64,
+    conn_id: u64,
+    outbox: Rc<Outbox>,
+    stats: Rc<LinkStats>,
+) -> bool {
+    let local = shard.config.local.node_id;
+    let mut links = shard.links.borrow_mut();
+    if let Some(existing) = links.get(&peer.node_id) {
+        let peer_restarted = existing.peer.boot_id != peer.boot_id;
+        let same_direction = existing.dialer == dialer;
+        let preferred_dialer = local.min(peer.node_id);
+        let replace = peer_restarted || same_direction || dialer == preferred_dialer;
+        if !replace {
+            return false;
+        }
+        let (header, payload) = link::goodbye(local, peer.node_id, "replaced by a newer link");
+        let _ = existing.outbox.push_now(&header, &payload);
+        existing.outbox.close("replaced by a newer link".into());
+    }
+    shard.known.borrow_mut().insert(peer.node_id);
+    shard
+        .pinned
+        .borrow_mut()
+        .insert(peer.node_id, peer.public_key);
+    links.insert(
+        peer.node_id,
+        LinkEntry {
+            conn_id,
+            peer,
+            dialer,
+            outbox,
+            stats,
+        },
+    );
+    true
+}
