@@ -1,1 +1,444 @@
+//! The cluster harness: starts real `meshd` processes on loopback and drives them over gRPC.
+//!
+//! Every node gets a generated TOML config in a temporary directory and port 0 for its
+//! listeners; the harness reads the bound addresses from the node's `meshd ready` line and
+//! pins them in the config, so a restarted node comes back on the same ports.
+//! Used by the integration tests in `tests/tests/` and by `loadgen local`.
 
+pub mod rogue;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use meshd_proto::mesh::{
+    GetSessionsRequest, SessionInfo, mesh_control_client::MeshControlClient,
+    mesh_data_client::MeshDataClient,
+};
+use tonic::transport::Channel;
+
+/// The `meshd` binary the harness runs, built once per process in release mode.
+///
+/// `MESHD_BIN` overrides it (a prebuilt binary).
+pub fn meshd_binary() -> anyhow::Result<PathBuf> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| build_meshd().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_meshd() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("MESHD_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let target_dir = target_dir()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(["build", "--release", "-p", "meshd", "--bin", "meshd"])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .status()
+        .context("running cargo build for meshd")?;
+    if !status.success() {
+        bail!("cargo build of meshd failed");
+    }
+    Ok(target_dir.join("release").join("meshd"))
+}
+
+fn target_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    // target/<profile>/deps/<test-binary> or target/<profile>/<binary>
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors() {
+        if dir.file_name().is_some_and(|n| n == "target") {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// How one node is set up.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// The node id.
+    pub node_id: u64,
+    /// Whether it accepts links (false: "behind NAT", dials only).
+    pub listens: bool,
+    /// Indexes (into the cluster) of nodes it dials at start.
+    pub dials: Vec<usize>,
+    /// Extra TOML lines appended to the config (e.g. `mesh_id = "x"` or a `[network]` key).
+    pub extra: String,
+}
+
+impl NodeSpec {
+    /// A node that listens and dials nobody.
+    pub fn listener(node_id: u64) -> Self {
+        Self {
+            node_id,
+            listens: true,
+            dials: Vec::new(),
+            extra: String::new(),
+        }
+    }
+
+    /// A node without a listener that dials `dials`.
+    pub fn behind_nat(node_id: u64, dials: Vec<usize>) -> Self {
+        Self {
+            node_id,
+            listens: false,
+            dials,
+            extra: String::new(),
+        }
+    }
+
+    /// Adds nodes to dial.
+    pub fn dialing(mut self, dials: Vec<usize>) -> Self {
+        self.dials = dials;
+        self
+    }
+}
+
+/// One running (or stopped) `meshd` process.
+pub struct Node {
+    /// Its spec.
+    pub spec: NodeSpec,
+    /// Config file path.
+    pub config_path: PathBuf,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Where its stderr log goes.
+    pub log_path: PathBuf,
+    /// Bound gRPC address.
+    pub grpc: SocketAddr,
+    /// Bound link address (None behind NAT).
+    pub listen: Option<SocketAddr>,
+    child: Option<Child>,
+    peers: Vec<SocketAddr>,
+}
+
+/// A set of nodes in one temporary directory.
+pub struct Cluster {
+    /// The nodes, in spec order.
+    pub nodes: Vec<Node>,
+    dir: tempfile::TempDir,
+}
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Cluster {
+    /// Starts the nodes in order; a node may only dial nodes listed before it.
+    pub fn start(specs: Vec<NodeSpec>) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("meshd-cluster-")
+            .tempdir()?;
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        for spec in specs {
+            cluster.add(spec)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts one more node.
+    pub fn add(&mut self, spec: NodeSpec) -> anyhow::Result<usize> {
+        let mut peers = Vec::new();
+        for &i in &spec.dials {
+            let target = self
+                .nodes
+                .get(i)
+                .context("a node may only dial nodes started before it")?;
+            peers.push(
+                target
+                    .listen
+                    .context("cannot dial a node without a listener")?,
+            );
+        }
+        let index = self.nodes.len();
+        let data_dir = self.dir.path().join(format!("node{index}"));
+        let mut node = Node {
+            config_path: self.dir.path().join(format!("node{index}.toml")),
+            log_path: self.dir.path().join(format!("node{index}.log")),
+            data_dir,
+            grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: spec.listens.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            child: None,
+            peers,
+            spec,
+        };
+        node.start()?;
+        self.nodes.push(node);
+        Ok(index)
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// Node `i`, mutably (to kill or restart it).
+    pub fn node_mut(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i]
+    }
+
+    /// The directory holding configs, data and logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Node {
+    fn write_config(&self) -> anyhow::Result<()> {
+        let peers: Vec<String> = self.peers.iter().map(|p| format!("\"{p}\"")).collect();
+        let mut text = format!(
+            "node_id = {}\ndata_dir = \"{}\"\n",
+            self.spec.node_id,
+            self.data_dir.display()
+        );
+        // Top-level keys of `extra` must come before the first table.
+        let (top, tables): (Vec<&str>, Vec<&str>) = {
+            let mut top = Vec::new();
+            let mut tables = Vec::new();
+            let mut in_table = false;
+            for line in self.spec.extra.lines() {
+                if line.trim_start().starts_with('[') {
+                    in_table = true;
+                }
+                if in_table {
+                    tables.push(line);
+                } else {
+                    top.push(line);
+                }
+            }
+            (top, tables)
+        };
+        for line in top {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str("[network]\n");
+        if let Some(listen) = self.listen {
+            text.push_str(&format!("listen = \"{listen}\"\n"));
+        }
+        text.push_str(&format!("peers = [{}]\n", peers.join(", ")));
+        text.push_str("reconnect_max_ms = 1000\n");
+        text.push_str(&format!("[grpc]\nlisten = \"{}\"\n", self.grpc));
+        text.push_str("[runtime]\nshards = 2\n");
+        for line in tables {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(&self.config_path, text)?;
+        Ok(())
+    }
+
+    /// Starts the process and waits for its ready line; pins the bound ports in its config.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.child.is_none(),
+            "node {} is already running",
+            self.spec.node_id
+        );
+        self.write_config()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let mut child = Command::new(meshd_binary()?)
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info,meshd_shards=debug")
+            .env_remove("MESH_ROUTING_ID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawning meshd")?;
+        let stdout = child.stdout.take().context("meshd stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if line.starts_with("meshd ready") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(READY_TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "node {} did not become ready; log:\n{}",
+                    self.spec.node_id,
+                    self.log_tail(30)
+                );
+            }
+        };
+        for field in line.split_whitespace() {
+            if let Some(addr) = field.strip_prefix("grpc=") {
+                self.grpc = addr.parse()?;
+            }
+            if let Some(addr) = field.strip_prefix("listen=")
+                && addr != "none"
+            {
+                self.listen = Some(addr.parse()?);
+            }
+        }
+        self.child = Some(child);
+        self.write_config()?;
+        Ok(())
+    }
+
+    /// Replaces the addresses the node dials (applied at its next start).
+    pub fn set_peers(&mut self, peers: Vec<SocketAddr>) {
+        self.peers = peers;
+    }
+
+    /// SIGKILL: the process dies at once, saying nothing to its peers.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal to the running process (SIGSTOP, SIGCONT, SIGTERM…).
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) with a pid we spawned and still own.
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited with success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        // SAFETY: as in `signal`.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last `n` lines of the node's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A `MeshData` client.
+    pub async fn data(&self) -> anyhow::Result<MeshDataClient<Channel>> {
+        Ok(MeshDataClient::new(self.channel().await?))
+    }
+
+    /// A `MeshControl` client.
+    pub async fn control(&self) -> anyhow::Result<MeshControlClient<Channel>> {
+        Ok(MeshControlClient::new(self.channel().await?))
+    }
+
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.grpc))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?)
+    }
+
+    /// The node's live sessions.
+    pub async fn sessions(&self) -> anyhow::Result<Vec<SessionInfo>> {
+        Ok(self
+            .control()
+            .await?
+            .get_sessions(GetSessionsRequest {})
+            .await?
+            .into_inner()
+            .sessions)
+    }
+
+    /// Waits until the node's session peers are exactly `peers` (order ignored).
+    pub async fn wait_for_peers(
+        &self,
+        peers: &[u64],
+        limit: Duration,
+    ) -> anyhow::Result<Vec<SessionInfo>> {
+        let mut want: Vec<u64> = peers.to_vec();
+        want.sort_unstable();
+        let deadline = Instant::now() + limit;
+        let mut client = self.control().await?;
+        loop {
+            let sessions = client
+                .get_sessions(GetSessionsRequest {})
+                .await?
+                .into_inner()
+                .sessions;
+            let mut have: Vec<u64> = sessions.iter().map(|s| s.peer_node_id).collect();
+            have.sort_unstable();
+            if have == want {
+                return Ok(sessions);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} has peers {have:?}, wanted {want:?}; log:\n{}",
+                    self.spec.node_id,
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Serialises tests that must not overlap (CPU-heavy or timing-sensitive ones).
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

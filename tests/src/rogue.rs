@@ -1,0 +1,207 @@
+//! A misbehaving peer for tests: speaks meshd's link set-up by hand (blocking sockets) and can
+//! lie about its mesh, its version or its key.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use ed25519_dalek::SigningKey;
+use meshd_proto::link::{Auth, Hello, Refuse, RefuseReason};
+use meshd_shards::{
+    frame::{self, FrameReader, FrameType, Header, TrafficClass},
+    handshake::{PROTOCOL_VERSION, Role, sign_transcript, transcript_digest},
+    ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble},
+    tls,
+};
+use prost::Message as _;
+use rand::RngCore;
+use tungstenite::Message;
+
+/// What the rogue says about itself.
+#[derive(Clone, Debug)]
+pub struct RogueOptions {
+    /// Claimed node id.
+    pub node_id: u64,
+    /// Claimed mesh.
+    pub mesh_id: String,
+    /// Link protocol version in the Hello.
+    pub protocol_version: u32,
+    /// Version byte of every frame.
+    pub frame_version: u8,
+    /// Sign the transcript with a key other than the one in the Hello.
+    pub bad_signature: bool,
+}
+
+impl RogueOptions {
+    /// An honest peer of mesh `mesh_id`.
+    pub fn honest(node_id: u64, mesh_id: &str) -> Self {
+        Self {
+            node_id,
+            mesh_id: mesh_id.into(),
+            protocol_version: PROTOCOL_VERSION,
+            frame_version: frame::FRAME_VERSION,
+            bad_signature: false,
+        }
+    }
+}
+
+/// How the node answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RogueOutcome {
+    /// The node refused, with its reason.
+    Refused(RefuseReason, String),
+    /// The node accepted the rogue and started heartbeats.
+    Accepted,
+}
+
+type Ws = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
+
+fn frame_bytes(options: &RogueOptions, frame_type: FrameType, payload: &[u8]) -> Vec<u8> {
+    let header = Header::new(frame_type, TrafficClass::Control, options.node_id, 0);
+    let mut out = Vec::new();
+    frame::encode_into(&mut out, &header, payload, 1 << 20).expect("small frame");
+    // The version is checked before the CRC, so patching it is enough to look like another
+    // protocol generation.
+    out[0] = options.frame_version;
+    out
+}
+
+fn read_frame(ws: &mut Ws, deadline: Instant) -> anyhow::Result<Option<(FrameType, Vec<u8>)>> {
+    loop {
+        if Instant::now() > deadline {
+            return Ok(None);
+        }
+        match ws.read() {
+            Ok(Message::Binary(bytes)) => {
+                let frames: Vec<_> = FrameReader::new(&bytes, 1 << 20).collect();
+                if let Some(Ok(frame)) = frames.into_iter().next() {
+                    return Ok(Some((frame.header.frame_type, frame.payload.to_vec())));
+                }
+            }
+            Ok(Message::Close(_)) => return Ok(None),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                return Ok(None);
+            }
+            Err(e) => bail!("reading: {e}"),
+        }
+    }
+}
+
+/// Dials `addr` and runs the link handshake as `options` says.
+pub fn handshake(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<RogueOutcome> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    tcp.set_read_timeout(Some(Duration::from_millis(100)))?;
+    tcp.write_all(&encode_preamble(options.node_id))?;
+    let mut theirs = [0u8; PREAMBLE_LEN];
+    tcp.read_exact(&mut theirs)?;
+    decode_preamble(&theirs).context("node sent no preamble")?;
+
+    let config = tls::client_config()?;
+    let mut conn = rustls::ClientConnection::new(config, tls::server_name())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    let exporter = conn.export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)?;
+    let stream = rustls::StreamOwned::new(conn, tcp);
+    let url = format!("wss://{}/mesh/v1", tls::SERVER_NAME);
+    let (mut ws, _) = loop {
+        match tungstenite::client(url.as_str(), stream) {
+            Ok(ok) => break ok,
+            Err(tungstenite::HandshakeError::Interrupted(mid)) => match mid.handshake() {
+                Ok(ok) => break ok,
+                Err(tungstenite::HandshakeError::Interrupted(_)) => {
+                    bail!("websocket handshake stalled")
+                }
+                Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
+            },
+            Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
+        }
+    };
+
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let key = SigningKey::from_bytes(&secret);
+    let mut nonce = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let hello = Hello {
+        protocol_version: options.protocol_version,
+        mesh_id: options.mesh_id.clone(),
+        node_id: options.node_id,
+        nonce: nonce.to_vec().into(),
+        public_key: key.verifying_key().to_bytes().to_vec().into(),
+        boot_id: 1,
+        listen_addr: String::new(),
+        software_version: "rogue".into(),
+    };
+    let hello_bytes = hello.encode_to_vec();
+    ws.send(Message::Binary(
+        frame_bytes(options, FrameType::Hello, &hello_bytes).into(),
+    ))?;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut peer_hello = None;
+    loop {
+        let Some((frame_type, payload)) = read_frame(&mut ws, deadline)? else {
+            bail!("node closed the connection without a refusal");
+        };
+        match frame_type {
+            FrameType::Refuse => {
+                let refuse = Refuse::decode(payload.as_slice())?;
+                let reason = RefuseReason::try_from(refuse.reason)
+                    .unwrap_or(RefuseReason::RefuseUnspecified);
+                return Ok(RogueOutcome::Refused(reason, refuse.detail));
+            }
+            FrameType::Hello => {
+                peer_hello = Some(payload);
+                let digest = transcript_digest(
+                    &exporter,
+                    &hello_bytes,
+                    peer_hello.as_deref().unwrap_or_default(),
+                );
+                let signer = if options.bad_signature {
+                    SigningKey::from_bytes(&[7u8; 32])
+                } else {
+                    key.clone()
+                };
+                let auth = Auth {
+                    signature: sign_transcript(&signer, Role::Dialer, &digest)
+                        .to_vec()
+                        .into(),
+                };
+                ws.send(Message::Binary(
+                    frame_bytes(options, FrameType::Auth, &auth.encode_to_vec()).into(),
+                ))?;
+            }
+            FrameType::Auth => {}
+            FrameType::Heartbeat if peer_hello.is_some() => return Ok(RogueOutcome::Accepted),
+            _ => {}
+        }
+    }
+}
+
+/// Opens a TCP connection, sends `bytes`, and reports whether the node closed it within 3 s.
+pub fn send_garbage(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<bool> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(3)))?;
+    tcp.write_all(bytes)?;
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match tcp.read(&mut buf) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(true),
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(false)
+}
