@@ -25,6 +25,7 @@ use crate::{
 
 /// Runs a node until SIGINT or SIGTERM.
 pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
+    check_io_uring()?;
     raise_memlock_limit();
     let db = ControlDb::open(&config.data_dir)?;
     let (identity, created) = db.load_or_create_identity(config.node_id)?;
@@ -133,6 +134,24 @@ fn wait_for_signal() -> anyhow::Result<()> {
             _ = term.recv() => Ok(()),
         }
     })?;
+    Ok(())
+}
+
+/// Shards need io_uring; a kernel that disables it gets a clear error instead of a panic deep
+/// inside the executor.
+fn check_io_uring() -> anyhow::Result<()> {
+    let setting = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+    match setting.trim() {
+        "2" => anyhow::bail!(
+            "io_uring is disabled on this host (kernel.io_uring_disabled = 2); \
+             fix: sysctl -w kernel.io_uring_disabled=0 (see tuning/99-meshd.sysctl.conf)"
+        ),
+        "1" => tracing::warn!(
+            "kernel.io_uring_disabled = 1: only members of kernel.io_uring_group may use io_uring; \
+             set it to 0 if shards fail to start (see tuning/)"
+        ),
+        _ => {}
+    }
     Ok(())
 }
 

@@ -76,30 +76,30 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
-    pub const ALL: [FrameType; 9] = [
-        FrameType::Hello,
-        FrameType::Auth,
-        FrameType::Refuse,
-        FrameType::Heartbeat,
-        FrameType::HeartbeatAck,
-        FrameType::Goodbye,
-        FrameType::Data,
-        FrameType::DeliveryReport,
-        FrameType::AppAck,
+    pub const ALL: [Self; 9] = [
+        Self::Hello,
+        Self::Auth,
+        Self::Refuse,
+        Self::Heartbeat,
+        Self::HeartbeatAck,
+        Self::Goodbye,
+        Self::Data,
+        Self::DeliveryReport,
+        Self::AppAck,
     ];
 
     /// Maps a wire byte to a frame type, or `None` if the byte is not assigned.
     pub const fn from_u8(v: u8) -> Option<Self> {
         match v {
-            1 => Some(FrameType::Hello),
-            2 => Some(FrameType::Auth),
-            3 => Some(FrameType::Refuse),
-            4 => Some(FrameType::Heartbeat),
-            5 => Some(FrameType::HeartbeatAck),
-            6 => Some(FrameType::Goodbye),
-            16 => Some(FrameType::Data),
-            17 => Some(FrameType::DeliveryReport),
-            18 => Some(FrameType::AppAck),
+            1 => Some(Self::Hello),
+            2 => Some(Self::Auth),
+            3 => Some(Self::Refuse),
+            4 => Some(Self::Heartbeat),
+            5 => Some(Self::HeartbeatAck),
+            6 => Some(Self::Goodbye),
+            16 => Some(Self::Data),
+            17 => Some(Self::DeliveryReport),
+            18 => Some(Self::AppAck),
             _ => None,
         }
     }
@@ -109,12 +109,12 @@ impl FrameType {
     pub const fn is_control(self) -> bool {
         matches!(
             self,
-            FrameType::Hello
-                | FrameType::Auth
-                | FrameType::Refuse
-                | FrameType::Heartbeat
-                | FrameType::HeartbeatAck
-                | FrameType::Goodbye
+            Self::Hello
+                | Self::Auth
+                | Self::Refuse
+                | Self::Heartbeat
+                | Self::HeartbeatAck
+                | Self::Goodbye
         )
     }
 }
@@ -135,20 +135,15 @@ pub enum TrafficClass {
 
 impl TrafficClass {
     /// Every traffic class, handy for pre-registering per-class metrics.
-    pub const ALL: [TrafficClass; 4] = [
-        TrafficClass::Control,
-        TrafficClass::System,
-        TrafficClass::DbUpdate,
-        TrafficClass::Client,
-    ];
+    pub const ALL: [Self; 4] = [Self::Control, Self::System, Self::DbUpdate, Self::Client];
 
     /// Maps a wire byte to a traffic class, or `None` if the byte is not assigned.
     pub const fn from_u8(v: u8) -> Option<Self> {
         match v {
-            0 => Some(TrafficClass::Control),
-            1 => Some(TrafficClass::System),
-            2 => Some(TrafficClass::DbUpdate),
-            3 => Some(TrafficClass::Client),
+            0 => Some(Self::Control),
+            1 => Some(Self::System),
+            2 => Some(Self::DbUpdate),
+            3 => Some(Self::Client),
             _ => None,
         }
     }
@@ -194,7 +189,7 @@ impl Header {
         src: u64,
         dst: u64,
     ) -> Self {
-        Header {
+        Self {
             frame_type,
             traffic_class,
             flags: 0,
@@ -276,12 +271,12 @@ impl FrameError {
     /// Short, stable label for metrics; never changes once published.
     pub const fn kind(&self) -> &'static str {
         match self {
-            FrameError::Short { .. } => "short",
-            FrameError::Oversized { .. } => "oversized",
-            FrameError::BadVersion { .. } => "bad_version",
-            FrameError::UnknownType { .. } => "unknown_type",
-            FrameError::UnknownClass { .. } => "unknown_class",
-            FrameError::BadCrc { .. } => "bad_crc",
+            Self::Short { .. } => "short",
+            Self::Oversized { .. } => "oversized",
+            Self::BadVersion { .. } => "bad_version",
+            Self::UnknownType { .. } => "unknown_type",
+            Self::UnknownClass { .. } => "unknown_class",
+            Self::BadCrc { .. } => "bad_crc",
         }
     }
 }
@@ -448,7 +443,7 @@ impl RawHeader {
         let chunk_seq = r.u16()?;
         let chunk_count = r.u16()?;
         let _reserved = r.u16()?;
-        Some(RawHeader {
+        Some(Self {
             version,
             frame_type,
             traffic_class,

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Mutex, OnceLock},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
@@ -277,17 +277,14 @@ impl Node {
                 }
             }
         });
-        let line = match rx.recv_timeout(READY_TIMEOUT) {
-            Ok(line) => line,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "node {} did not become ready; log:\n{}",
-                    self.spec.node_id,
-                    self.log_tail(30)
-                );
-            }
+        let Ok(line) = rx.recv_timeout(READY_TIMEOUT) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "node {} did not become ready; log:\n{}",
+                self.spec.node_id,
+                self.log_tail(30)
+            );
         };
         for field in line.split_whitespace() {
             if let Some(addr) = field.strip_prefix("grpc=") {
@@ -436,9 +433,9 @@ impl Drop for Node {
     }
 }
 
-/// Serialises tests that must not overlap (CPU-heavy or timing-sensitive ones).
-pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// Serialises tests that must not overlap: on a 2-core machine, two clusters at once would
+/// starve each other's heartbeats.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }

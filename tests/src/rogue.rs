@@ -113,18 +113,16 @@ pub fn handshake(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<Rog
     let exporter = conn.export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)?;
     let stream = rustls::StreamOwned::new(conn, tcp);
     let url = format!("wss://{}/mesh/v1", tls::SERVER_NAME);
-    let (mut ws, _) = loop {
-        match tungstenite::client(url.as_str(), stream) {
-            Ok(ok) => break ok,
-            Err(tungstenite::HandshakeError::Interrupted(mid)) => match mid.handshake() {
-                Ok(ok) => break ok,
-                Err(tungstenite::HandshakeError::Interrupted(_)) => {
-                    bail!("websocket handshake stalled")
-                }
-                Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
-            },
+    let (mut ws, _) = match tungstenite::client(url.as_str(), stream) {
+        Ok(ok) => ok,
+        Err(tungstenite::HandshakeError::Interrupted(mid)) => match mid.handshake() {
+            Ok(ok) => ok,
+            Err(tungstenite::HandshakeError::Interrupted(_)) => {
+                bail!("websocket handshake stalled")
+            }
             Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
-        }
+        },
+        Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
     };
 
     let mut secret = [0u8; 32];

@@ -54,7 +54,7 @@ fn send(dst: u64, corr_id: u64, mode: SendMode, require_ack: bool, payload: &[u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_flow_both_ways_between_linked_nodes_with_payload_headers_and_corr_id_intact()
 -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let cluster = triangle()?;
     let (n1, n3) = (cluster.node(0), cluster.node(2));
     n1.wait_for_peers(&[2, 3], SETTLE).await?;
@@ -150,7 +150,7 @@ async fn messages_flow_both_ways_between_linked_nodes_with_payload_headers_and_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_statuses_tell_unknown_unreachable_and_unsubscribed_destinations_apart()
 -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let mut cluster = triangle()?;
     cluster.node(0).wait_for_peers(&[2, 3], SETTLE).await?;
     let mut data1 = cluster.node(0).data().await?;
@@ -225,7 +225,7 @@ async fn send_statuses_tell_unknown_unreachable_and_unsubscribed_destinations_ap
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_figures_move_with_traffic_and_heartbeats() -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let cluster = triangle()?;
     let n1 = cluster.node(0);
     let before = n1.wait_for_peers(&[2, 3], SETTLE).await?;
@@ -271,7 +271,7 @@ async fn session_figures_move_with_traffic_and_heartbeats() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_is_seen_down_within_500_ms_and_relinks_when_it_restarts()
 -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let mut cluster = triangle()?;
     cluster.node(0).wait_for_peers(&[2, 3], SETTLE).await?;
     cluster.node(2).wait_for_peers(&[1, 2], SETTLE).await?;
@@ -315,7 +315,7 @@ async fn a_killed_node_is_seen_down_within_500_ms_and_relinks_when_it_restarts()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_peer_is_declared_down_by_missed_heartbeats_and_relinks_when_it_thaws()
 -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let cluster = triangle()?;
     cluster.node(0).wait_for_peers(&[2, 3], SETTLE).await?;
     // SIGSTOP keeps the sockets open: only the heartbeats can tell.
@@ -340,7 +340,7 @@ async fn a_frozen_peer_is_declared_down_by_missed_heartbeats_and_relinks_when_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_with_a_wrong_mesh_a_bad_signature_or_an_old_version_are_refused()
 -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let cluster = Cluster::start(vec![NodeSpec::listener(1)])?;
     let node = cluster.node(0);
     let addr = node.listen.expect("listens");
@@ -425,7 +425,7 @@ fn sent_summary(options: &RogueOptions) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_session_dials_and_returns_the_peer_and_drop_session_ends_it_for_good()
 -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let cluster = Cluster::start(vec![NodeSpec::listener(1), NodeSpec::behind_nat(4, vec![])])?;
     let (n1, n4) = (cluster.node(0), cluster.node(1));
     let mut control = n4.control().await?;
@@ -491,7 +491,7 @@ async fn add_session_dials_and_returns_the_peer_and_drop_session_ends_it_for_goo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_dialing_each_other_keep_exactly_one_link() -> anyhow::Result<()> {
-    let _serial = exclusive();
+    let _serial = exclusive().await;
     let mut cluster = Cluster::start(vec![
         NodeSpec::listener(1),
         NodeSpec::listener(2).dialing(vec![0]),

@@ -7,8 +7,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use futures::channel::oneshot;
 use meshd_proto::mesh::{MessageStatus, SendMode};
-use tokio::sync::oneshot;
 
 /// One status change, as `MessageStatusInfo` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,12 +177,15 @@ mod tests {
         let mut ack = tracker.wait(1, SendMode::WaitForAck).unwrap();
         assert!(tracker.update(1, Some(7), update(MessageStatus::WaitingForClientAck)));
         assert_eq!(
-            delivery.try_recv().unwrap().status,
+            delivery.try_recv().unwrap().unwrap().status,
             MessageStatus::WaitingForClientAck
         );
-        assert!(ack.try_recv().is_err());
+        assert!(matches!(ack.try_recv(), Ok(None)));
         assert!(tracker.update(1, Some(7), update(MessageStatus::AckSuccess)));
-        assert_eq!(ack.try_recv().unwrap().status, MessageStatus::AckSuccess);
+        assert_eq!(
+            ack.try_recv().unwrap().unwrap().status,
+            MessageStatus::AckSuccess
+        );
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! Repository hygiene that CI enforces through `cargo test`: protocol cores stay pure, code is
+//! formatted, and nothing shipped is a stub.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The sans-IO protocol cores: time and randomness come in as arguments, no runtime, socket or
+/// storage crate is imported (ARCHITECTURE.md, "Architecture Invariant").
+const PURE_CORES: &[&str] = &[
+    "shards/src/frame.rs",
+    "shards/src/handshake.rs",
+    "shards/src/ownership.rs",
+    "shards/src/backoff.rs",
+    "appliance/src/control/dial_plan.rs",
+    "appliance/src/api/tracker.rs",
+];
+
+const FORBIDDEN_IN_CORES: &[&str] = &[
+    "glommio",
+    "tokio",
+    "tonic",
+    "redb",
+    "std::net::TcpStream",
+    "Instant::now",
+    "SystemTime::now",
+    "thread_rng",
+    "async fn",
+];
+
+#[test]
+fn protocol_cores_import_no_runtime_socket_or_storage_crate_and_read_no_clock() {
+    let root = workspace();
+    let mut problems = Vec::new();
+    for core in PURE_CORES {
+        let text = fs::read_to_string(root.join(core)).unwrap_or_else(|e| panic!("{core}: {e}"));
+        // Only the code before the unit tests counts; tests may use whatever they like.
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for word in FORBIDDEN_IN_CORES {
+            if code.contains(word) {
+                problems.push(format!("{core} uses `{word}`"));
+            }
+        }
+        if !code.contains("#![forbid(unsafe_code)]") {
+            problems.push(format!("{core} does not forbid unsafe code"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "impure protocol cores:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_code_is_formatted() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["fmt", "--all", "--", "--check"])
+        .output()
+        .expect("cargo fmt runs");
+    assert!(
+        output.status.success(),
+        "run `cargo fmt --all`:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if path.is_dir() && name != "target" && !name.starts_with('.') {
+            rust_files(&path, out);
+        } else if name.ends_with(".rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn shipped_code_has_no_todo_or_unimplemented_macros() {
+    let root = workspace();
+    let mut files = Vec::new();
+    for dir in ["appliance", "shards", "proto", "loadgen"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let stubs: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let text = fs::read_to_string(f).unwrap_or_default();
+            text.contains(concat!("todo", "!(")) || text.contains(concat!("unimplemented", "!("))
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(stubs.is_empty(), "stubs in shipped code: {stubs:?}");
+}
