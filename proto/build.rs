@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/mesh/v1/data.proto",
     "proto/mesh/v1/control.proto",
     "proto/meshd/v1/link.proto",
+    "proto/meshd/v1/mesh.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -37,6 +37,9 @@ pub struct Config {
     /// The gRPC api.
     #[serde(default)]
     pub grpc: GrpcConfig,
+    /// Link-state routing.
+    #[serde(default)]
+    pub routing: RoutingSection,
     /// Threads and rings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -84,6 +87,50 @@ pub struct GrpcConfig {
     pub tracked_messages: usize,
     /// Wait limit of `Send` in a waiting mode when the request gives none.
     pub default_timeout_seconds: u32,
+}
+
+/// `[routing]`: link-state routing and path computation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSection {
+    /// Paths computed per destination (Yen's k); traffic spreads over their distinct first hops.
+    pub k_paths: usize,
+    /// Wait after a topology change before recomputing routes (a burst costs one computation).
+    pub recompute_debounce_ms: u64,
+    /// Each node re-advertises its links this often even without change.
+    pub lsa_refresh_s: u64,
+    /// An advertisement not refreshed for this long is dropped (at least 3 × lsa_refresh_s).
+    pub lsa_max_age_s: u64,
+    /// Unacknowledged advertisements are resent to a neighbour after this long.
+    pub lsa_retransmit_ms: u64,
+    /// Cost = alpha·latency_ms + beta·(1 Gbit/s ÷ bandwidth) + gamma·utilisation + delta·loss +
+    /// epsilon per hop.
+    pub alpha: f64,
+    /// See `alpha`.
+    pub beta: f64,
+    /// See `alpha`.
+    pub gamma: f64,
+    /// See `alpha`.
+    pub delta: f64,
+    /// See `alpha`; must be positive so every hop costs something.
+    pub epsilon: f64,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        Self {
+            k_paths: 3,
+            recompute_debounce_ms: 20,
+            lsa_refresh_s: 30,
+            lsa_max_age_s: 95,
+            lsa_retransmit_ms: 200,
+            alpha: 1.0,
+            beta: 0.5,
+            gamma: 2.0,
+            delta: 50.0,
+            epsilon: 0.1,
+        }
+    }
 }
 
 /// `[runtime]`: threads and rings.
@@ -343,6 +390,55 @@ impl Config {
                 "must be positive",
                 "use 30",
             ));
+        }
+        let routing = &self.routing;
+        if !(1..=16).contains(&routing.k_paths) {
+            return Err(invalid(
+                "routing.k_paths",
+                format!("{} is outside 1..=16", routing.k_paths),
+                "use 3",
+            ));
+        }
+        if routing.recompute_debounce_ms > 10_000 {
+            return Err(invalid(
+                "routing.recompute_debounce_ms",
+                "is above 10 s",
+                "use 20",
+            ));
+        }
+        if routing.lsa_refresh_s == 0
+            || routing.lsa_max_age_s < routing.lsa_refresh_s.saturating_mul(3)
+        {
+            return Err(invalid(
+                "routing.lsa_max_age_s",
+                "must be at least 3 × routing.lsa_refresh_s (and the refresh positive)",
+                "use lsa_refresh_s = 30 and lsa_max_age_s = 95",
+            ));
+        }
+        if !(10..=60_000).contains(&routing.lsa_retransmit_ms) {
+            return Err(invalid(
+                "routing.lsa_retransmit_ms",
+                "is outside 10..=60000",
+                "use 200",
+            ));
+        }
+        for (key, value) in [
+            ("routing.alpha", routing.alpha),
+            ("routing.beta", routing.beta),
+            ("routing.gamma", routing.gamma),
+            ("routing.delta", routing.delta),
+            ("routing.epsilon", routing.epsilon),
+        ] {
+            if !value.is_finite() || !(0.0..=1e6).contains(&value) {
+                return Err(invalid(
+                    key,
+                    format!("{value} is not in 0..=1e6"),
+                    "use the default",
+                ));
+            }
+        }
+        if routing.epsilon <= 0.0 {
+            return Err(invalid("routing.epsilon", "must be positive", "use 0.1"));
         }
         let n_shards = self.runtime.shard_count()?;
         if !(16..=(1 << 20)).contains(&self.runtime.ring_capacity) {

@@ -5,7 +5,7 @@
 //! Stop (SIGINT/SIGTERM): api stops taking requests → shards say goodbye to every peer and
 //! stop → control thread stops, closing the control database.
 
-use std::{io::Write, sync::Arc};
+use std::{io::Write, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use meshd_shards::{
@@ -19,7 +19,7 @@ use rand::RngCore;
 use crate::{
     api::{ApiSetup, ApiThread},
     config::{Config, Resolved},
-    control::{ControlSetup, ControlThread},
+    control::{ControlSetup, ControlThread, RoutingConfig, lsdb::LsdbConfig, paths::CostWeights},
     storage::ControlDb,
 };
 
@@ -66,7 +66,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         heartbeat_misses: config.network.heartbeat_misses,
         max_payload_bytes: config.network.max_payload_bytes,
         link_queue_bytes: config.network.link_queue_bytes,
-        handshake_timeout: std::time::Duration::from_millis(config.network.handshake_timeout_ms),
+        handshake_timeout: Duration::from_millis(config.network.handshake_timeout_ms),
         max_pending_handshakes: config.network.max_pending_handshakes,
         ring_capacity: capacity,
         io_memory_bytes: config.runtime.io_memory_bytes,
@@ -87,8 +87,14 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         events: control_events_rx,
         requests: control_requests_rx,
         config_peers: resolved.peers.clone(),
-        reconnect_min: std::time::Duration::from_millis(config.network.reconnect_min_ms),
-        reconnect_max: std::time::Duration::from_millis(config.network.reconnect_max_ms),
+        reconnect_min: Duration::from_millis(config.network.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(config.network.reconnect_max_ms),
+        local: identity.node_id,
+        local_listen: shards
+            .listen_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        routing: routing_config(&config),
     })?;
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,
@@ -120,6 +126,27 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     control.stop();
     tracing::info!("meshd stopped");
     Ok(())
+}
+
+fn routing_config(config: &Config) -> RoutingConfig {
+    let routing = &config.routing;
+    RoutingConfig {
+        k_paths: routing.k_paths,
+        debounce: Duration::from_millis(routing.recompute_debounce_ms),
+        weights: CostWeights {
+            alpha: routing.alpha,
+            beta: routing.beta,
+            gamma: routing.gamma,
+            delta: routing.delta,
+            epsilon: routing.epsilon,
+        },
+        lsdb: LsdbConfig {
+            refresh_interval: Duration::from_secs(routing.lsa_refresh_s),
+            max_age: Duration::from_secs(routing.lsa_max_age_s),
+            retransmit_interval: Duration::from_millis(routing.lsa_retransmit_ms),
+            ..LsdbConfig::default()
+        },
+    }
 }
 
 fn wait_for_signal() -> anyhow::Result<()> {

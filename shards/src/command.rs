@@ -13,8 +13,11 @@ use std::{net::SocketAddr, os::fd::OwnedFd};
 use bytes::Bytes;
 use futures::channel::oneshot;
 
+use std::sync::Arc;
+
 use crate::{
-    frame::{FrameType, TrafficClass},
+    fib::Fib,
+    frame::{FrameType, Header, TrafficClass},
     handshake::{PeerInfo, Role},
     stats::SessionSnapshot,
 };
@@ -31,8 +34,12 @@ pub enum ShardInput {
     },
     /// A TCP connection whose preamble named a peer owned by this shard; continue it here.
     Adopt(AdoptedSocket),
-    /// Send a frame to a directly linked peer.
+    /// Send a frame towards its destination (direct link or next hop from the FIB).
     Send(Outgoing),
+    /// A frame routed on another shard whose next hop is a peer of this shard.
+    Forward(Forwarded),
+    /// Install a new forwarding table.
+    Fib(Arc<Fib>),
     /// Close the link to `peer` with a goodbye; answers whether there was one.
     DropPeer {
         /// The peer.
@@ -75,10 +82,10 @@ pub struct AdoptedSocket {
     pub dial_id: Option<u64>,
 }
 
-/// One frame for a direct peer.
+/// One frame this node originates.
 #[derive(Debug)]
 pub struct Outgoing {
-    /// The peer the frame goes to (and the frame's destination).
+    /// The frame's destination node.
     pub dst: u64,
     /// Frame type: `Data`, `DeliveryReport` or `AppAck`.
     pub frame_type: FrameType,
@@ -86,8 +93,24 @@ pub struct Outgoing {
     pub traffic_class: TrafficClass,
     /// For `Data`, the message id, so a failure can be reported against it.
     pub msg_id: u64,
+    /// Flow key (stream or correlation id): frames with the same non-zero key take one path,
+    /// in order. 0: spread over every path.
+    pub flow: u128,
     /// Encoded frame payload.
     pub payload: Bytes,
+}
+
+/// A routed frame handed to the shard that owns its next hop.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// The direct peer chosen as next hop.
+    pub next_hop: u64,
+    /// The frame header (ttl already decremented for relayed frames).
+    pub header: Header,
+    /// The payload.
+    pub payload: Bytes,
+    /// How many more times the frame may be re-routed if `next_hop` turns out to be down.
+    pub reroutes_left: u8,
 }
 
 /// Link life-cycle news for the control thread.
@@ -112,6 +135,13 @@ pub enum ControlEvent {
         reason: String,
         /// Set when the peer said goodbye; its reason.
         goodbye: Option<String>,
+    },
+    /// A routing message from a direct neighbour's control core.
+    Routing {
+        /// The neighbour.
+        from: u64,
+        /// Encoded `meshd.v1.RoutingMessage`.
+        payload: Bytes,
     },
     /// The outcome of a [`ShardInput::Dial`].
     DialDone {
@@ -155,13 +185,13 @@ pub enum ApiEvent {
         /// The payload, sharing the received WebSocket message's buffer.
         payload: Bytes,
     },
-    /// A `Data` frame could not be sent: no link to its destination.
+    /// A `Data` frame could not be sent: no route to its destination.
     SendFailed {
         /// The message.
         msg_id: u64,
         /// The destination.
         dst: u64,
-        /// Whether this node has ever had a link to `dst`.
+        /// Whether `dst` has ever been part of the mesh, as far as this node knows.
         known: bool,
     },
 }

@@ -66,6 +66,9 @@ pub enum FrameType {
     HeartbeatAck = 5,
     /// The peer is leaving; payload is `meshd.v1.Goodbye`.
     Goodbye = 6,
+    /// Control-plane message between neighbouring control cores (link-state flooding); payload
+    /// is `meshd.v1.RoutingMessage`. Never forwarded.
+    Routing = 7,
     /// Application or replication data; payload is `meshd.v1.Data`.
     Data = 16,
     /// Delivery outcome for earlier data; payload is `meshd.v1.DeliveryReport`.
@@ -76,13 +79,14 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Hello,
         Self::Auth,
         Self::Refuse,
         Self::Heartbeat,
         Self::HeartbeatAck,
         Self::Goodbye,
+        Self::Routing,
         Self::Data,
         Self::DeliveryReport,
         Self::AppAck,
@@ -97,6 +101,7 @@ impl FrameType {
             4 => Some(Self::Heartbeat),
             5 => Some(Self::HeartbeatAck),
             6 => Some(Self::Goodbye),
+            7 => Some(Self::Routing),
             16 => Some(Self::Data),
             17 => Some(Self::DeliveryReport),
             18 => Some(Self::AppAck),
@@ -104,8 +109,8 @@ impl FrameType {
         }
     }
 
-    /// True for link-management frames (handshake, heartbeats, goodbye),
-    /// which concern the link itself rather than routed traffic.
+    /// True for frames between direct neighbours only (handshake, heartbeats, goodbye,
+    /// routing), which are never forwarded.
     pub const fn is_control(self) -> bool {
         matches!(
             self,
@@ -115,6 +120,7 @@ impl FrameType {
                 | Self::Heartbeat
                 | Self::HeartbeatAck
                 | Self::Goodbye
+                | Self::Routing
         )
     }
 }

@@ -3,11 +3,12 @@
 //! Peer links and (later) streams are hashed onto shared-nothing shards, one glommio io_uring
 //! executor per shard thread. Other threads talk to a shard only through its bounded ring.
 //!
-//! Pure protocol cores (no I/O, no runtime): [`frame`], [`handshake`], [`ownership`],
+//! Pure protocol cores (no I/O, no runtime): [`frame`], [`handshake`], [`ownership`], [`fib`],
 //! [`backoff`]. I/O shells: [`shard`] and the private `link` module. Thread plumbing: [`ring`].
 
 pub mod backoff;
 pub mod command;
+pub mod fib;
 pub mod frame;
 pub mod handshake;
 mod link;

@@ -382,12 +382,38 @@ pub(crate) async fn run(
                         let goodbye = Goodbye::decode(frame.payload).unwrap_or_default();
                         return LinkEnd::Goodbye(goodbye.reason);
                     }
-                    FrameType::Data | FrameType::DeliveryReport | FrameType::AppAck => {
-                        // Direct links only, until routing lands: the sender must be the peer
-                        // and the destination this node.
-                        if header.src != peer || header.dst != local {
+                    FrameType::Routing => {
+                        // Neighbour-only: the sender must be the authenticated peer.
+                        if header.src != peer {
                             stats.on_frame_dropped();
                             shard.count_drop("misaddressed");
+                            continue;
+                        }
+                        shard
+                            .emit_routing(peer, message.slice_ref(frame.payload))
+                            .await;
+                    }
+                    FrameType::Data | FrameType::DeliveryReport | FrameType::AppAck => {
+                        if header.dst != local {
+                            // A relay: pass it on with one hop less to live.
+                            if header.ttl <= 1 || header.src == local {
+                                stats.on_frame_dropped();
+                                shard.count_drop(if header.ttl <= 1 {
+                                    "ttl_expired"
+                                } else {
+                                    "looped"
+                                });
+                                continue;
+                            }
+                            let mut relayed = header;
+                            relayed.ttl -= 1;
+                            if shard
+                                .route(relayed, message.slice_ref(frame.payload), 1)
+                                .await
+                                .is_err()
+                            {
+                                shard.count_drop("no_route");
+                            }
                             continue;
                         }
                         let event = ApiEvent::Frame {
@@ -438,6 +464,7 @@ pub(crate) async fn run(
             }
             let mut beat = Header::new(FrameType::Heartbeat, TrafficClass::Control, local, peer);
             beat.seq = epoch.elapsed().as_micros() as u64;
+            stats.on_heartbeat_sent();
             if outbox.push_now(&beat, &[]).is_err() {
                 // Closing: the writer decides when the link ends.
                 futures::future::pending::<()>().await;

@@ -31,9 +31,12 @@ use glommio::{
 };
 use rustls::{ClientConfig, ServerConfig};
 
+use bytes::Bytes;
+
 use crate::{
-    command::{AdoptedSocket, ApiEvent, ControlEvent, DialError, Outgoing, ShardInput},
-    frame::Header,
+    command::{AdoptedSocket, ApiEvent, ControlEvent, DialError, Forwarded, Outgoing, ShardInput},
+    fib::{Fib, Spread, flow_key},
+    frame::{FrameType, Header},
     handshake::{LocalHello, PeerInfo, Role},
     link::{self, Outbox},
     ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble, owner_shard},
@@ -236,6 +239,17 @@ pub(crate) struct Shard {
     pending_handshakes: Cell<usize>,
     drops: RefCell<BTreeMap<&'static str, u64>>,
     stopping: Cell<bool>,
+    fib: RefCell<Arc<Fib>>,
+    round_robin: Cell<u64>,
+}
+
+/// Why a frame could not be handed on.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RouteError {
+    /// No live next hop towards the destination.
+    NoRoute,
+    /// The chosen link closed under us.
+    LinkClosed,
 }
 
 impl Shard {
@@ -249,6 +263,105 @@ impl Shard {
 
     fn owner(&self, peer: u64) -> usize {
         owner_shard(peer, self.config.n_shards.max(1))
+    }
+
+    /// A peer counts as down here when this shard owns it and has no open link to it; links of
+    /// other shards are presumed up (their owner re-routes if not).
+    fn is_down(&self, peer: u64) -> bool {
+        self.owner(peer) == self.shard_id
+            && self
+                .links
+                .borrow()
+                .get(&peer)
+                .is_none_or(|l| l.outbox.is_closing())
+    }
+
+    pub(crate) async fn emit_routing(&self, from: u64, payload: Bytes) {
+        self.emit(ControlEvent::Routing { from, payload }).await;
+    }
+
+    /// Hands a frame towards `header.dst`: the FIB's next hop (skipping hops known down here),
+    /// else a direct link. A next hop owned by another shard crosses one ring.
+    pub(crate) async fn route(
+        &self,
+        header: Header,
+        payload: Bytes,
+        reroutes_left: u8,
+    ) -> Result<(), RouteError> {
+        let dst = header.dst;
+        if header.frame_type.is_control() {
+            // Neighbour-only frames never take a detour.
+            let outbox = self.links.borrow().get(&dst).map(|l| Rc::clone(&l.outbox));
+            return match outbox {
+                Some(outbox) => outbox
+                    .push_now(&header, &payload)
+                    .map_err(|_| RouteError::LinkClosed),
+                None => Err(RouteError::NoRoute),
+            };
+        }
+        let spread = if header.stream_id != 0 {
+            Spread::Flow(flow_key(header.src, dst, header.stream_id))
+        } else {
+            let n = self.round_robin.get();
+            self.round_robin.set(n.wrapping_add(1));
+            Spread::RoundRobin(n)
+        };
+        let fib = Arc::clone(&self.fib.borrow());
+        let next = fib
+            .next_hop(dst, spread, |peer| self.is_down(peer))
+            .or_else(|| {
+                (!self.is_down(dst) && self.links.borrow().contains_key(&dst)).then_some(dst)
+            })
+            .ok_or(RouteError::NoRoute)?;
+        let owner = self.owner(next);
+        if owner != self.shard_id {
+            let forwarded = Forwarded {
+                next_hop: next,
+                header,
+                payload,
+                reroutes_left,
+            };
+            return self.peers[owner]
+                .push(ShardInput::Forward(forwarded))
+                .await
+                .map_err(|_| RouteError::LinkClosed);
+        }
+        let outbox = self.links.borrow().get(&next).map(|l| Rc::clone(&l.outbox));
+        match outbox {
+            Some(outbox) => outbox
+                .push(&header, &payload)
+                .await
+                .map_err(|_| RouteError::LinkClosed),
+            None => Err(RouteError::NoRoute),
+        }
+    }
+
+    async fn forward(&self, forwarded: Forwarded) {
+        let outbox = self
+            .links
+            .borrow()
+            .get(&forwarded.next_hop)
+            .filter(|l| !l.outbox.is_closing())
+            .map(|l| Rc::clone(&l.outbox));
+        let result = match outbox {
+            Some(outbox) => outbox
+                .push(&forwarded.header, &forwarded.payload)
+                .await
+                .map_err(|_| RouteError::LinkClosed),
+            // The next hop went down after the other shard chose it: re-route once more.
+            None if forwarded.reroutes_left > 0 => {
+                Box::pin(self.route(
+                    forwarded.header,
+                    forwarded.payload,
+                    forwarded.reroutes_left - 1,
+                ))
+                .await
+            }
+            None => Err(RouteError::NoRoute),
+        };
+        if result.is_err() {
+            self.count_drop("no_route");
+        }
     }
 
     async fn emit(&self, event: ControlEvent) {
@@ -294,6 +407,8 @@ async fn shard_main(
         pending_handshakes: Cell::new(0),
         drops: RefCell::new(BTreeMap::new()),
         stopping: Cell::new(false),
+        fib: RefCell::new(Arc::new(Fib::empty())),
+        round_robin: Cell::new(0),
     });
 
     let listener = match config.listen {
@@ -348,6 +463,8 @@ async fn shard_main(
                 .detach();
             }
             ShardInput::Send(outgoing) => send(&shard, outgoing).await,
+            ShardInput::Forward(forwarded) => shard.forward(forwarded).await,
+            ShardInput::Fib(fib) => *shard.fib.borrow_mut() = fib,
             ShardInput::DropPeer {
                 peer,
                 reason,
@@ -422,11 +539,6 @@ async fn shut_down(shard: &Rc<Shard>) {
 }
 
 async fn send(shard: &Rc<Shard>, outgoing: Outgoing) {
-    let outbox = shard
-        .links
-        .borrow()
-        .get(&outgoing.dst)
-        .map(|l| Rc::clone(&l.outbox));
     let mut header = Header::new(
         outgoing.frame_type,
         outgoing.traffic_class,
@@ -434,17 +546,15 @@ async fn send(shard: &Rc<Shard>, outgoing: Outgoing) {
         outgoing.dst,
     );
     header.seq = outgoing.msg_id;
-    let sent = match outbox {
-        Some(outbox) => outbox.push(&header, &outgoing.payload).await.is_ok(),
-        None => false,
-    };
-    if !sent {
-        shard.count_drop("no_link");
-        if outgoing.frame_type == crate::frame::FrameType::Data {
-            let known = shard.known.borrow().contains(&outgoing.dst);
+    header.stream_id = outgoing.flow;
+    if shard.route(header, outgoing.payload, 1).await.is_err() {
+        shard.count_drop("no_route");
+        if outgoing.frame_type == FrameType::Data {
+            let dst = outgoing.dst;
+            let known = shard.known.borrow().contains(&dst) || shard.fib.borrow().is_known(dst);
             let event = ApiEvent::SendFailed {
                 msg_id: outgoing.msg_id,
-                dst: outgoing.dst,
+                dst,
                 known,
             };
             let _ = shard.api_tx.push(event).await;

@@ -26,6 +26,8 @@ pub struct LinkStats {
     frames_dropped: Cell<u64>,
     srtt_us: Cell<u64>,
     last_received: Cell<Instant>,
+    heartbeats_sent: Cell<u64>,
+    heartbeat_acks: Cell<u64>,
 }
 
 impl LinkStats {
@@ -42,6 +44,8 @@ impl LinkStats {
             frames_dropped: Cell::new(0),
             srtt_us: Cell::new(0),
             last_received: Cell::new(now),
+            heartbeats_sent: Cell::new(0),
+            heartbeat_acks: Cell::new(0),
         }
     }
 
@@ -68,8 +72,14 @@ impl LinkStats {
         self.frames_dropped.set(self.frames_dropped.get() + 1);
     }
 
+    /// Counts one heartbeat sent.
+    pub fn on_heartbeat_sent(&self) {
+        self.heartbeats_sent.set(self.heartbeats_sent.get() + 1);
+    }
+
     /// Folds one heartbeat round trip into the smoothed RTT.
     pub fn on_rtt_sample(&self, sample_us: u64) {
+        self.heartbeat_acks.set(self.heartbeat_acks.get() + 1);
         let srtt = self.srtt_us.get();
         let next = if srtt == 0 {
             sample_us.max(1)
@@ -97,6 +107,8 @@ impl LinkStats {
             frames_sent: self.frames_sent.get(),
             frames_received: self.frames_received.get(),
             frames_dropped: self.frames_dropped.get(),
+            heartbeats_sent: self.heartbeats_sent.get(),
+            heartbeat_acks: self.heartbeat_acks.get(),
             uptime_ms: self.established_at.elapsed().as_millis() as u64,
         }
     }
@@ -125,6 +137,10 @@ pub struct SessionSnapshot {
     pub frames_received: u64,
     /// Frames read and dropped for failing a check.
     pub frames_dropped: u64,
+    /// Heartbeats sent.
+    pub heartbeats_sent: u64,
+    /// Heartbeat acks received (each one an RTT sample).
+    pub heartbeat_acks: u64,
     /// Time since the handshake completed.
     pub uptime_ms: u64,
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use meshd_proto::{
     link::RefuseReason,
     mesh::{
-        Ack, AddSessionRequest, DropSessionRequest, GetTopologyRequest, Header, MessageStatus,
+        Ack, AddSessionRequest, DatabaseSyncRequest, DropSessionRequest, Header, MessageStatus,
         SendMode, SendRequest, SubscribeRequest,
     },
 };
@@ -212,11 +212,8 @@ async fn send_statuses_tell_unknown_unreachable_and_unsubscribed_destinations_ap
     let error = data1.ack_message(Ack::default()).await.unwrap_err();
     assert_eq!(error.code(), tonic::Code::InvalidArgument);
     // Not built yet: an honest UNIMPLEMENTED.
-    let error = cluster
-        .node(0)
-        .control()
-        .await?
-        .get_topology(GetTopologyRequest {})
+    let error = data1
+        .request_database_sync(DatabaseSyncRequest::default())
         .await
         .unwrap_err();
     assert_eq!(error.code(), tonic::Code::Unimplemented);

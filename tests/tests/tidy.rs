@@ -21,7 +21,13 @@ const PURE_CORES: &[&str] = &[
     "shards/src/handshake.rs",
     "shards/src/ownership.rs",
     "shards/src/backoff.rs",
+    "shards/src/fib.rs",
     "appliance/src/control/dial_plan.rs",
+    "appliance/src/control/lsdb.rs",
+    "appliance/src/control/paths.rs",
+    "appliance/src/control/metrics.rs",
+    "appliance/src/control/routing.rs",
+    "appliance/src/control/types.rs",
     "appliance/src/api/tracker.rs",
 ];
 

@@ -1,18 +1,28 @@
-//! `MeshControl`: GetSessions, AddSession and DropSession. The other rpcs answer UNIMPLEMENTED
-//! (the generated default) until their issues land.
+//! `MeshControl`: sessions, routing table, topology, message metrics. InjectNeighbor,
+//! SetPolicy and the consensus rpcs answer UNIMPLEMENTED (the generated default) until their
+//! issues land. Also meshd's own `MeshService` (AddLink, DropLink, EstablishFullLinks).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use meshd_proto::mesh::{
-    AddSessionRequest, AddSessionResponse, DropSessionRequest, DropSessionResponse,
-    GetSessionsRequest, GetSessionsResponse, SessionInfo, mesh_control_server::MeshControl,
+use meshd_proto::{
+    link::{
+        AddLinkRequest, AddLinkResponse, DropLinkRequest, DropLinkResponse,
+        EstablishFullLinksRequest, EstablishFullLinksResponse, mesh_service_server::MeshService,
+    },
+    mesh::{
+        AddSessionRequest, AddSessionResponse, DropSessionRequest, DropSessionResponse,
+        GetMessageMetricsRequest, GetMessageMetricsResponse, GetRoutingTableRequest,
+        GetRoutingTableResponse, GetSessionsRequest, GetSessionsResponse, GetTopologyRequest,
+        GetTopologyResponse, MessageStatus, NeighborInfo, RouteEntry, SessionInfo,
+        TopologySnapshot, mesh_control_server::MeshControl,
+    },
 };
 use meshd_shards::{command::ShardInput, handshake::Role};
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use super::ApiState;
-use crate::control::ControlRequest;
+use crate::control::{ControlRequest, RoutingSnapshot};
 
 /// The `MeshControl` service.
 pub(crate) struct ControlService {
@@ -22,6 +32,97 @@ pub(crate) struct ControlService {
 impl ControlService {
     pub(crate) fn new(state: Arc<ApiState>) -> Self {
         Self { state }
+    }
+}
+
+fn route_entries(snapshot: &RoutingSnapshot) -> Vec<RouteEntry> {
+    snapshot
+        .routes
+        .iter()
+        .map(|r| RouteEntry {
+            dst_node: r.destination,
+            next_hops: r.next_hops.iter().map(|(peer, _)| *peer).collect(),
+            // The wire field is an integer: cost in thousandths.
+            cost: (r.cost * 1000.0).round().clamp(0.0, f64::from(u32::MAX)) as u32,
+            epoch: snapshot.epoch as u32,
+        })
+        .collect()
+}
+
+/// Outcome of an add request, shared by AddSession and AddLink.
+enum AddOutcome {
+    Linked(u64, SocketAddr),
+    Failed(String),
+    TimedOut(Duration),
+}
+
+impl ControlService {
+    async fn add(&self, text: &str, timeout_seconds: u32) -> Result<AddOutcome, Status> {
+        let addr: SocketAddr = match text.parse() {
+            Ok(addr) => addr,
+            Err(_) => match tokio::net::lookup_host(text)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+            {
+                Some(addr) => addr,
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "addr {text:?} is not IP:port (or host:port that resolves)"
+                    )));
+                }
+            },
+        };
+        if addr.port() == 0 {
+            return Err(Status::invalid_argument("addr needs a non-zero port"));
+        }
+        let limit = if timeout_seconds == 0 {
+            DEFAULT_ADD_SESSION_TIMEOUT
+        } else {
+            Duration::from_secs(u64::from(timeout_seconds))
+        };
+        let (reply, answer) = oneshot::channel();
+        if self
+            .state
+            .control
+            .push(ControlRequest::AddSession { addr, reply })
+            .await
+            .is_err()
+        {
+            return Err(Status::unavailable("the node is shutting down"));
+        }
+        match tokio::time::timeout(limit, answer).await {
+            Ok(Ok(Ok((peer, remote)))) => Ok(AddOutcome::Linked(peer, remote)),
+            Ok(Ok(Err(error))) => Ok(AddOutcome::Failed(error.to_string())),
+            Ok(Err(_)) => Err(Status::unavailable("the node is shutting down")),
+            Err(_) => {
+                let _ = self
+                    .state
+                    .control
+                    .try_push(ControlRequest::ForgetTarget { addr });
+                Ok(AddOutcome::TimedOut(limit))
+            }
+        }
+    }
+
+    async fn drop_peer(&self, peer: u64) -> Result<bool, Status> {
+        if peer == 0 {
+            return Err(Status::invalid_argument("peer_node_id must be set"));
+        }
+        if peer == self.state.node_id {
+            return Err(Status::invalid_argument("peer_node_id is this node"));
+        }
+        let (reply, answer) = oneshot::channel();
+        if self
+            .state
+            .control
+            .push(ControlRequest::DropSession { peer, reply })
+            .await
+            .is_err()
+        {
+            return Err(Status::unavailable("the node is shutting down"));
+        }
+        Ok(answer.await.unwrap_or(false))
     }
 }
 
@@ -77,61 +178,21 @@ impl MeshControl for ControlService {
     ) -> Result<Response<AddSessionResponse>, Status> {
         let request = request.into_inner();
         let text = request.addr.trim().to_owned();
-        let addr: SocketAddr = match text.parse() {
-            Ok(addr) => addr,
-            Err(_) => match tokio::net::lookup_host(&text)
-                .await
-                .ok()
-                .and_then(|mut a| a.next())
-            {
-                Some(addr) => addr,
-                None => {
-                    return Err(Status::invalid_argument(format!(
-                        "addr {text:?} is not IP:port (or host:port that resolves)"
-                    )));
-                }
-            },
-        };
-        if addr.port() == 0 {
-            return Err(Status::invalid_argument("addr needs a non-zero port"));
-        }
-        let limit = if request.timeout_seconds == 0 {
-            DEFAULT_ADD_SESSION_TIMEOUT
-        } else {
-            Duration::from_secs(u64::from(request.timeout_seconds))
-        };
-        let (reply, answer) = oneshot::channel();
-        if self
-            .state
-            .control
-            .push(ControlRequest::AddSession { addr, reply })
-            .await
-            .is_err()
-        {
-            return Err(Status::unavailable("the node is shutting down"));
-        }
-        match tokio::time::timeout(limit, answer).await {
-            Ok(Ok(Ok((peer, remote)))) => Ok(Response::new(AddSessionResponse {
+        Ok(match self.add(&text, request.timeout_seconds).await? {
+            AddOutcome::Linked(peer, remote) => Response::new(AddSessionResponse {
                 success: true,
                 message: format!("session with node {peer} is up"),
                 error_code: String::new(),
                 peer_node_id: peer,
                 remote_addr: remote.to_string(),
-            })),
-            Ok(Ok(Err(error))) => Ok(add_failure("CONNECTION_FAILED", error.to_string(), &text)),
-            Ok(Err(_)) => Err(Status::unavailable("the node is shutting down")),
-            Err(_) => {
-                let _ = self
-                    .state
-                    .control
-                    .try_push(ControlRequest::ForgetTarget { addr });
-                Ok(add_failure(
-                    "TIMEOUT",
-                    format!("no session with {text} within {} s", limit.as_secs()),
-                    &text,
-                ))
-            }
-        }
+            }),
+            AddOutcome::Failed(error) => add_failure("CONNECTION_FAILED", error, &text),
+            AddOutcome::TimedOut(limit) => add_failure(
+                "TIMEOUT",
+                format!("no session with {text} within {} s", limit.as_secs()),
+                &text,
+            ),
+        })
     }
 
     async fn drop_session(
@@ -139,23 +200,7 @@ impl MeshControl for ControlService {
         request: Request<DropSessionRequest>,
     ) -> Result<Response<DropSessionResponse>, Status> {
         let peer = request.into_inner().peer_node_id;
-        if peer == 0 {
-            return Err(Status::invalid_argument("peer_node_id must be set"));
-        }
-        if peer == self.state.node_id {
-            return Err(Status::invalid_argument("peer_node_id is this node"));
-        }
-        let (reply, answer) = oneshot::channel();
-        if self
-            .state
-            .control
-            .push(ControlRequest::DropSession { peer, reply })
-            .await
-            .is_err()
-        {
-            return Err(Status::unavailable("the node is shutting down"));
-        }
-        let existed = answer.await.unwrap_or(false);
+        let existed = self.drop_peer(peer).await?;
         Ok(Response::new(if existed {
             DropSessionResponse {
                 success: true,
@@ -168,6 +213,131 @@ impl MeshControl for ControlService {
                 message: format!("no session with node {peer}"),
                 error_code: "SESSION_NOT_FOUND".into(),
             }
+        }))
+    }
+
+    async fn get_routing_table(
+        &self,
+        _request: Request<GetRoutingTableRequest>,
+    ) -> Result<Response<GetRoutingTableResponse>, Status> {
+        let snapshot = self.state.routing().await?;
+        Ok(Response::new(GetRoutingTableResponse {
+            routes: route_entries(&snapshot),
+            current_epoch: snapshot.epoch as u32,
+        }))
+    }
+
+    async fn get_topology(
+        &self,
+        _request: Request<GetTopologyRequest>,
+    ) -> Result<Response<GetTopologyResponse>, Status> {
+        let snapshot = self.state.routing().await?;
+        let epoch = snapshot.epoch as u32;
+        Ok(Response::new(GetTopologyResponse {
+            topology: Some(TopologySnapshot {
+                local_node_id: snapshot.local,
+                current_epoch: epoch,
+                neighbors: snapshot
+                    .neighbors
+                    .iter()
+                    .map(|n| NeighborInfo {
+                        node_id: n.node_id,
+                        addr: n.addr.clone(),
+                        connected: n.connected,
+                        epoch,
+                    })
+                    .collect(),
+                routes: route_entries(&snapshot),
+            }),
+        }))
+    }
+
+    async fn get_message_metrics(
+        &self,
+        _request: Request<GetMessageMetricsRequest>,
+    ) -> Result<Response<GetMessageMetricsResponse>, Status> {
+        let tracker = self.state.tracker();
+        let counts = tracker.counts();
+        let count = |s: MessageStatus| counts.get(&(s as i32)).copied().unwrap_or(0);
+        let remembered: u64 = counts.values().sum();
+        let success = count(MessageStatus::Delivered) + count(MessageStatus::AckSuccess);
+        let failure = count(MessageStatus::Undeliverable) + count(MessageStatus::AckFailure);
+        let pending = count(MessageStatus::Queued)
+            + count(MessageStatus::PendingNode)
+            + count(MessageStatus::PendingClient)
+            + count(MessageStatus::WaitingForClientAck);
+        let percent = |n: u64| {
+            if remembered == 0 {
+                0.0
+            } else {
+                n as f64 * 100.0 / remembered as f64
+            }
+        };
+        Ok(Response::new(GetMessageMetricsResponse {
+            total_messages: tracker.total(),
+            undeliverable: count(MessageStatus::Undeliverable),
+            queued: count(MessageStatus::Queued),
+            pending_node: count(MessageStatus::PendingNode),
+            pending_client: count(MessageStatus::PendingClient),
+            delivered: count(MessageStatus::Delivered),
+            waiting_for_ack: count(MessageStatus::WaitingForClientAck),
+            ack_success: count(MessageStatus::AckSuccess),
+            ack_failure: count(MessageStatus::AckFailure),
+            success_rate: percent(success),
+            failure_rate: percent(failure),
+            pending_rate: percent(pending),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl MeshService for ControlService {
+    async fn add_link(
+        &self,
+        request: Request<AddLinkRequest>,
+    ) -> Result<Response<AddLinkResponse>, Status> {
+        let request = request.into_inner();
+        let text = request.addr.trim().to_owned();
+        match self.add(&text, request.timeout_seconds).await? {
+            AddOutcome::Linked(peer, remote) => Ok(Response::new(AddLinkResponse {
+                peer_node_id: peer,
+                remote_addr: remote.to_string(),
+            })),
+            AddOutcome::Failed(error) => Err(Status::unavailable(error)),
+            AddOutcome::TimedOut(limit) => Err(Status::deadline_exceeded(format!(
+                "no link with {text} within {} s",
+                limit.as_secs()
+            ))),
+        }
+    }
+
+    async fn drop_link(
+        &self,
+        request: Request<DropLinkRequest>,
+    ) -> Result<Response<DropLinkResponse>, Status> {
+        let peer = request.into_inner().peer_node_id;
+        if self.drop_peer(peer).await? {
+            Ok(Response::new(DropLinkResponse {}))
+        } else {
+            Err(Status::not_found(format!("no link with node {peer}")))
+        }
+    }
+
+    async fn establish_full_links(
+        &self,
+        _request: Request<EstablishFullLinksRequest>,
+    ) -> Result<Response<EstablishFullLinksResponse>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.state
+            .control
+            .push(ControlRequest::EstablishFullLinks { reply })
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        let dialing = answer
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        Ok(Response::new(EstablishFullLinksResponse {
+            dialing: dialing.iter().map(ToString::to_string).collect(),
         }))
     }
 }

@@ -1,24 +1,38 @@
-//! `MeshData`: Send, Subscribe and AckMessage as `core` calls them. The other rpcs answer
+//! `MeshData`: Send (unicast over any number of hops, broadcast), SendWithStatusStream,
+//! Subscribe, AckMessage and QueryMessageStatus as `core` calls them. The other rpcs answer
 //! UNIMPLEMENTED (the generated default) until their issues land.
+//!
+//! Waiting sends are retransmitted end to end (same message id) every [`RETRANSMIT_INTERVAL`]
+//! until the destination reports, so a message caught in a relay that died is sent again over
+//! the new path; the destination delivers each message id once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
+use bytes::Bytes;
+use futures::StreamExt;
 use meshd_proto::{
     link::{AppAck, Data, DataHeader},
     mesh::{
-        Ack, MessageStatus, SendMode, SendRequest, SendResponse, SubscribeRequest,
+        Ack, MessageStatus, MessageStatusInfo, QueryMessageStatusRequest,
+        QueryMessageStatusResponse, SendMode, SendRequest, SendResponse, SubscribeRequest,
         mesh_data_server::MeshData,
     },
 };
-use meshd_shards::frame::{FrameType, HEADER_LEN, TrafficClass};
+use meshd_shards::frame::{FrameType, TrafficClass};
 use prost::Message;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, codegen::BoxStream};
 
 use super::{
     ApiState,
     tracker::{StatusUpdate, ends_wait},
 };
 use crate::storage::now_ms;
+
+/// How often a waiting send is sent again while its destination has not answered.
+pub(crate) const RETRANSMIT_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The `MeshData` service.
 pub(crate) struct DataService {
@@ -49,19 +63,31 @@ fn response(msg_id: u64, update: &StatusUpdate, require_ack: bool) -> Response<S
     })
 }
 
-#[tonic::async_trait]
-impl MeshData for DataService {
-    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        let request = request.into_inner();
+fn status_info(msg_id: u64, update: &StatusUpdate, require_ack: bool) -> MessageStatusInfo {
+    MessageStatusInfo {
+        msg_id,
+        status: update.status as i32,
+        status_message: update.detail.clone(),
+        timestamp: update.timestamp_ms,
+        require_ack,
+    }
+}
+
+/// A message accepted and on its way.
+struct Submitted {
+    msg_id: u64,
+    mode: SendMode,
+    require_ack: bool,
+    timeout: Duration,
+}
+
+impl DataService {
+    /// Validates, tracks and sends a message; does not wait for its outcome.
+    async fn submit(&self, request: SendRequest) -> Result<Submitted, Status> {
         let state = &self.state;
         let mode = SendMode::try_from(request.mode).map_err(|_| {
             Status::invalid_argument(format!("mode {} is not a SendMode", request.mode))
         })?;
-        if request.dst_node == 0 {
-            return Err(Status::unimplemented(
-                "broadcast (dst_node = 0) arrives with multi-hop routing; send to a node id",
-            ));
-        }
         if request.end_to_end_encrypt {
             return Err(Status::unimplemented(
                 "end_to_end_encrypt arrives with tenant keys; send with it unset",
@@ -98,71 +124,181 @@ impl MeshData for DataService {
                 state.max_payload_bytes
             )));
         }
-        let queued = StatusUpdate {
-            status: MessageStatus::Queued,
-            detail: String::new(),
-            timestamp_ms: now_ms(),
-        };
-        state
-            .tracker()
-            .insert(msg_id, request.dst_node, require_ack, queued.clone());
-        let waiter = if mode == SendMode::FireAndForget {
-            None
-        } else {
-            state.tracker().wait(msg_id, mode)
-        };
-
-        if request.dst_node == state.node_id {
-            let (status, detail) = state.deliver_locally(state.node_id, &data);
-            state.tracker().update(
-                msg_id,
-                None,
-                StatusUpdate {
-                    status,
-                    detail,
-                    timestamp_ms: now_ms(),
-                },
-            );
-        } else {
-            let mut payload = Vec::with_capacity(HEADER_LEN + encoded_len);
-            data.encode(&mut payload)
-                .map_err(|e| Status::internal(format!("encoding: {e}")))?;
-            state
-                .send_frame(
-                    request.dst_node,
-                    FrameType::Data,
-                    traffic_class(request.qos_class),
-                    msg_id,
-                    payload.into(),
-                )
-                .await?;
-        }
-
-        let Some(waiter) = waiter else {
-            let (current, _) = state.tracker().get(msg_id).unwrap_or((queued, require_ack));
-            return Ok(response(msg_id, &current, require_ack));
-        };
         let seconds = if request.timeout_seconds == 0 {
             state.default_timeout_seconds
         } else {
             request.timeout_seconds
         };
-        match tokio::time::timeout(Duration::from_secs(u64::from(seconds)), waiter).await {
-            Ok(Ok(update)) => Ok(response(msg_id, &update, require_ack)),
-            Ok(Err(_)) | Err(_) => {
-                let (mut current, _) = state.tracker().get(msg_id).unwrap_or((queued, require_ack));
-                if !ends_wait(mode, require_ack, current.status) {
-                    current.detail = format!("timed out after {seconds} s waiting for {mode:?}");
-                }
-                Ok(response(msg_id, &current, require_ack))
+        let timeout = Duration::from_secs(u64::from(seconds));
+        let queued = StatusUpdate {
+            status: MessageStatus::Queued,
+            detail: String::new(),
+            timestamp_ms: now_ms(),
+        };
+        let class = traffic_class(request.qos_class);
+        // Messages of one correlation id form a flow that stays on one path, in order.
+        let flow = u128::from(request.corr_id);
+        let payload: Bytes = data.encode_to_vec().into();
+        let local = state.node_id;
+
+        if request.dst_node == 0 {
+            let mut targets = state.reachable_nodes().await?;
+            targets.push(local);
+            targets.sort_unstable();
+            targets.dedup();
+            state
+                .tracker()
+                .insert_broadcast(msg_id, &targets, require_ack, queued);
+            let verdict = state.deliver_locally(local, &data);
+            state.tracker().update(msg_id, Some(local), status(verdict));
+            for target in targets.into_iter().filter(|t| *t != local) {
+                state
+                    .send_frame(
+                        target,
+                        FrameType::Data,
+                        class,
+                        msg_id,
+                        flow,
+                        payload.clone(),
+                    )
+                    .await?;
+            }
+        } else if request.dst_node == local {
+            state.tracker().insert(msg_id, local, require_ack, queued);
+            let verdict = state.deliver_locally(local, &data);
+            state.tracker().update(msg_id, None, status(verdict));
+        } else {
+            let dst = request.dst_node;
+            state.tracker().insert(msg_id, dst, require_ack, queued);
+            state
+                .send_frame(dst, FrameType::Data, class, msg_id, flow, payload.clone())
+                .await?;
+            if mode != SendMode::FireAndForget {
+                let state = Arc::clone(state);
+                tokio::spawn(retransmit(
+                    state, dst, class, msg_id, flow, payload, timeout,
+                ));
             }
         }
+        Ok(Submitted {
+            msg_id,
+            mode,
+            require_ack,
+            timeout,
+        })
+    }
+}
+
+fn status((status, detail): (MessageStatus, String)) -> StatusUpdate {
+    StatusUpdate {
+        status,
+        detail,
+        timestamp_ms: now_ms(),
+    }
+}
+
+/// Sends a waiting message again until its destination answers or its time is up.
+async fn retransmit(
+    state: Arc<ApiState>,
+    dst: u64,
+    class: TrafficClass,
+    msg_id: u64,
+    flow: u128,
+    payload: Bytes,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        tokio::time::sleep(RETRANSMIT_INTERVAL).await;
+        if Instant::now() >= deadline {
+            return;
+        }
+        match state.tracker().get(msg_id) {
+            Some((current, _)) if current.status == MessageStatus::Queued => {}
+            _ => return,
+        }
+        if state
+            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload.clone())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl MeshData for DataService {
+    async fn send(&self, request: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let submitted = self.submit(request.into_inner()).await?;
+        let state = &self.state;
+        let (msg_id, require_ack) = (submitted.msg_id, submitted.require_ack);
+        let current = || {
+            state
+                .tracker()
+                .get(msg_id)
+                .map(|(u, _)| u)
+                .unwrap_or_else(|| status((MessageStatus::Unspecified, "forgotten".into())))
+        };
+        if submitted.mode == SendMode::FireAndForget {
+            return Ok(response(msg_id, &current(), require_ack));
+        }
+        let Some(waiter) = state.tracker().wait(msg_id, submitted.mode) else {
+            return Ok(response(msg_id, &current(), require_ack));
+        };
+        match tokio::time::timeout(submitted.timeout, waiter).await {
+            Ok(Ok(update)) => Ok(response(msg_id, &update, require_ack)),
+            Ok(Err(_)) | Err(_) => {
+                let mut now = current();
+                if !ends_wait(submitted.mode, require_ack, now.status) {
+                    now.detail = format!(
+                        "timed out after {} s waiting for {:?}",
+                        submitted.timeout.as_secs(),
+                        submitted.mode
+                    );
+                }
+                Ok(response(msg_id, &now, require_ack))
+            }
+        }
+    }
+
+    async fn send_with_status_stream(
+        &self,
+        request: Request<SendRequest>,
+    ) -> Result<Response<BoxStream<MessageStatusInfo>>, Status> {
+        let submitted = self.submit(request.into_inner()).await?;
+        let (msg_id, require_ack) = (submitted.msg_id, submitted.require_ack);
+        let watch = self
+            .state
+            .tracker()
+            .watch(msg_id)
+            .ok_or_else(|| Status::internal("message forgotten before it could be watched"))?;
+        // The stream ends with the status that ends an ack wait (if the message needs one) or a
+        // delivery wait, or when the send's timeout passes.
+        let final_mode = if require_ack {
+            SendMode::WaitForAck
+        } else {
+            SendMode::WaitForDelivery
+        };
+        let deadline = tokio::time::Instant::now() + submitted.timeout;
+        let stream = futures::stream::unfold((watch, false), move |(mut watch, done)| async move {
+            if done {
+                return None;
+            }
+            let next = tokio::time::timeout_at(deadline, watch.next())
+                .await
+                .ok()
+                .flatten()?;
+            let done = ends_wait(final_mode, require_ack, next.status);
+            Some((Ok(status_info(msg_id, &next, require_ack)), (watch, done)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn subscribe(
         &self,
         request: Request<SubscribeRequest>,
-    ) -> Result<Response<tonic::codegen::BoxStream<meshd_proto::mesh::Received>>, Status> {
+    ) -> Result<Response<BoxStream<meshd_proto::mesh::Received>>, Status> {
         let request = request.into_inner();
         let rx = self
             .state
@@ -186,12 +322,8 @@ impl MeshData for DataService {
             };
             state.tracker().update(
                 ack.msg_id,
-                None,
-                StatusUpdate {
-                    status,
-                    detail: ack.message,
-                    timestamp_ms: now_ms(),
-                },
+                Some(state.node_id),
+                self::status((status, ack.message)),
             );
             return Ok(Response::new(()));
         }
@@ -207,9 +339,37 @@ impl MeshData for DataService {
                 FrameType::AppAck,
                 TrafficClass::Client,
                 ack.msg_id,
+                0,
                 payload.into(),
             )
             .await?;
         Ok(Response::new(()))
+    }
+
+    async fn query_message_status(
+        &self,
+        request: Request<QueryMessageStatusRequest>,
+    ) -> Result<Response<QueryMessageStatusResponse>, Status> {
+        let ids = request.into_inner().msg_ids;
+        if ids.len() > 10_000 {
+            return Err(Status::invalid_argument("at most 10000 msg_ids per query"));
+        }
+        let tracker = self.state.tracker();
+        let message_statuses = ids
+            .into_iter()
+            .map(|id| match tracker.get(id) {
+                Some((update, require_ack)) => status_info(id, &update, require_ack),
+                None => MessageStatusInfo {
+                    msg_id: id,
+                    status: MessageStatus::Unspecified as i32,
+                    status_message: "unknown message id (never sent here, or forgotten)".into(),
+                    timestamp: 0,
+                    require_ack: false,
+                },
+            })
+            .collect();
+        Ok(Response::new(QueryMessageStatusResponse {
+            message_statuses,
+        }))
     }
 }

@@ -13,6 +13,7 @@ mod data;
 pub mod tracker;
 
 use std::{
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -40,7 +41,13 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use self::tracker::{MessageTracker, StatusUpdate};
-use crate::{control::ControlRequest, storage::now_ms};
+use crate::{
+    control::{ControlRequest, RoutingSnapshot},
+    storage::now_ms,
+};
+
+/// Deliveries remembered for de-duplication of retransmitted copies.
+const RECENT_DELIVERIES: usize = 65_536;
 
 /// One `Subscribe` stream.
 struct Subscriber {
@@ -69,6 +76,40 @@ pub(crate) struct ApiState {
     tracker: Mutex<MessageTracker>,
     subscribers: Mutex<Vec<Subscriber>>,
     next_msg_id: AtomicU64,
+    recent: Mutex<RecentDeliveries>,
+}
+
+/// Messages delivered here lately, so a retransmitted copy (same source and message id) is
+/// answered with the first copy's status instead of being delivered twice.
+pub(crate) struct RecentDeliveries {
+    statuses: HashMap<(u64, u64), (MessageStatus, String)>,
+    order: VecDeque<(u64, u64)>,
+    capacity: usize,
+}
+
+impl RecentDeliveries {
+    fn new(capacity: usize) -> Self {
+        Self {
+            statuses: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: (u64, u64)) -> Option<(MessageStatus, String)> {
+        self.statuses.get(&key).cloned()
+    }
+
+    fn insert(&mut self, key: (u64, u64), status: (MessageStatus, String)) {
+        if self.statuses.insert(key, status).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.statuses.remove(&old);
+            }
+        }
+    }
 }
 
 impl ApiState {
@@ -93,6 +134,7 @@ impl ApiState {
         frame_type: FrameType,
         traffic_class: TrafficClass,
         msg_id: u64,
+        flow: u128,
         payload: Bytes,
     ) -> Result<(), Status> {
         let outgoing = Outgoing {
@@ -100,12 +142,36 @@ impl ApiState {
             frame_type,
             traffic_class,
             msg_id,
+            flow,
             payload,
         };
         self.shard_of(dst)
             .push(ShardInput::Send(outgoing))
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))
+    }
+
+    /// The current routing view of the control thread.
+    pub(crate) async fn routing(&self) -> Result<Arc<RoutingSnapshot>, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.control
+            .push(ControlRequest::Routing { reply })
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))
+    }
+
+    /// Every node this node can reach now (itself excluded).
+    pub(crate) async fn reachable_nodes(&self) -> Result<Vec<u64>, Status> {
+        Ok(self
+            .routing()
+            .await?
+            .routes
+            .iter()
+            .map(|r| r.destination)
+            .collect())
     }
 
     /// Offers a message to the matching local subscribers; returns the resulting status.
@@ -187,7 +253,24 @@ impl ApiState {
                     tracing::debug!(src, "dropped an undecodable data frame");
                     return;
                 };
-                let (status, detail) = self.deliver_locally(src, &data);
+                let key = (src, data.msg_id);
+                let earlier = self
+                    .recent
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(key);
+                let (status, detail) = match earlier {
+                    // A retransmitted copy: answer again, deliver once.
+                    Some(earlier) => earlier,
+                    None => {
+                        let verdict = self.deliver_locally(src, &data);
+                        self.recent
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(key, verdict.clone());
+                        verdict
+                    }
+                };
                 let report = DeliveryReport {
                     msg_id: data.msg_id,
                     status: status as i32,
@@ -199,6 +282,7 @@ impl ApiState {
                         FrameType::DeliveryReport,
                         traffic_class,
                         data.msg_id,
+                        0,
                         report.encode_to_vec().into(),
                     )
                     .await;
@@ -360,6 +444,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         default_timeout_seconds: setup.default_timeout_seconds,
         tracker: Mutex::new(MessageTracker::new(setup.tracked_messages)),
         subscribers: Mutex::new(Vec::new()),
+        recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),
         // Start from the clock so ids stay unique across restarts of this node.
         next_msg_id: AtomicU64::new(now_ms() << 20),
     });
@@ -401,13 +486,25 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let control = MeshControlServer::new(control::ControlService::new(Arc::clone(&state)));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let mesh_service = meshd_proto::link::mesh_service_server::MeshServiceServer::new(
+        control::ControlService::new(Arc::clone(&state)),
+    );
+    // core keeps one long-lived connection; small unary calls must not wait for Nagle.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            if let Ok(stream) = &s {
+                let _ = stream.set_nodelay(true);
+            }
+            s
+        },
+    );
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(data)
         .add_service(control)
+        .add_service(mesh_service)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop.await;
         })

@@ -2,12 +2,14 @@
 //!
 //! Bounded: at most `capacity` messages are remembered; the oldest are forgotten first. A
 //! waiting `Send` registers a waiter that completes when the status reaches what its mode waits
-//! for. No I/O here; the api feeds it reports and asks it questions.
+//! for; `SendWithStatusStream` registers a watcher that sees every change. A broadcast is one
+//! entry with one status per target, folded into one status (the worst) once every target
+//! has answered. No I/O here; the api feeds it reports and asks it questions.
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use futures::channel::oneshot;
+use futures::channel::{mpsc, oneshot};
 use meshd_proto::mesh::{MessageStatus, SendMode};
 
 /// One status change, as `MessageStatusInfo` reports it.
@@ -21,18 +23,18 @@ pub struct StatusUpdate {
     pub timestamp_ms: u64,
 }
 
+/// Capacity of a watcher's queue; a message changes status a handful of times.
+const WATCH_QUEUE: usize = 16;
+
 struct Entry {
+    /// Destination; 0 for a broadcast.
     dst: u64,
     require_ack: bool,
     current: StatusUpdate,
+    /// Broadcast only: each target's latest status (None until it answers).
+    targets: BTreeMap<u64, Option<MessageStatus>>,
     waiters: Vec<(SendMode, oneshot::Sender<StatusUpdate>)>,
-}
-
-/// Counts per status, for `GetMessageMetrics`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct StatusCounts {
-    /// Messages tracked since start (including forgotten ones).
-    pub total: u64,
+    watchers: Vec<mpsc::Sender<StatusUpdate>>,
 }
 
 /// The tracker.
@@ -40,7 +42,7 @@ pub struct MessageTracker {
     entries: HashMap<u64, Entry>,
     order: VecDeque<u64>,
     capacity: usize,
-    counts: StatusCounts,
+    total: u64,
 }
 
 /// Whether `status` ends a wait in `mode`.
@@ -73,6 +75,51 @@ fn rank(status: MessageStatus) -> u8 {
     }
 }
 
+/// The status of a broadcast: the worst of its targets' (lowest rank; a failure beats a
+/// success of the same rank), or QUEUED while some target has not answered.
+fn fold(targets: &BTreeMap<u64, Option<MessageStatus>>) -> (MessageStatus, String) {
+    let mut worst: Option<MessageStatus> = None;
+    for status in targets.values() {
+        let Some(status) = *status else {
+            return (MessageStatus::Queued, String::new());
+        };
+        worst = Some(match worst {
+            None => status,
+            Some(w) if rank(status) < rank(w) => status,
+            Some(w) if rank(status) == rank(w) && is_failure(status) => status,
+            Some(w) => w,
+        });
+    }
+    let answered = targets.len();
+    let ok = targets
+        .values()
+        .filter(|s| {
+            matches!(
+                s,
+                Some(
+                    MessageStatus::Delivered
+                        | MessageStatus::WaitingForClientAck
+                        | MessageStatus::AckSuccess
+                )
+            )
+        })
+        .count();
+    (
+        worst.unwrap_or(MessageStatus::Delivered),
+        format!("{ok} of {answered} nodes delivered"),
+    )
+}
+
+fn is_failure(status: MessageStatus) -> bool {
+    matches!(
+        status,
+        MessageStatus::AckFailure
+            | MessageStatus::PendingClient
+            | MessageStatus::PendingNode
+            | MessageStatus::Undeliverable
+    )
+}
+
 impl MessageTracker {
     /// A tracker remembering at most `capacity` messages.
     pub fn new(capacity: usize) -> Self {
@@ -81,12 +128,35 @@ impl MessageTracker {
             entries: HashMap::new(),
             order: VecDeque::new(),
             capacity,
-            counts: StatusCounts::default(),
+            total: 0,
         }
     }
 
     /// Starts tracking a message sent to `dst`.
     pub fn insert(&mut self, msg_id: u64, dst: u64, require_ack: bool, status: StatusUpdate) {
+        self.insert_entry(msg_id, dst, require_ack, status, BTreeMap::new());
+    }
+
+    /// Starts tracking a broadcast to `targets` (this node included if it is one).
+    pub fn insert_broadcast(
+        &mut self,
+        msg_id: u64,
+        targets: &[u64],
+        require_ack: bool,
+        status: StatusUpdate,
+    ) {
+        let targets = targets.iter().map(|t| (*t, None)).collect();
+        self.insert_entry(msg_id, 0, require_ack, status, targets);
+    }
+
+    fn insert_entry(
+        &mut self,
+        msg_id: u64,
+        dst: u64,
+        require_ack: bool,
+        status: StatusUpdate,
+        targets: BTreeMap<u64, Option<MessageStatus>>,
+    ) {
         while self.order.len() >= self.capacity {
             if let Some(old) = self.order.pop_front() {
                 self.entries.remove(&old);
@@ -99,23 +169,46 @@ impl MessageTracker {
                 dst,
                 require_ack,
                 current: status,
+                targets,
                 waiters: Vec::new(),
+                watchers: Vec::new(),
             },
         );
-        self.counts.total += 1;
+        self.total += 1;
         debug_assert!(self.entries.len() <= self.capacity);
     }
 
-    /// Applies a status reported by `from` (`None` = this node); ignored when `from` is not the
-    /// message's destination, when the message is unknown, or when it would move backwards.
+    /// Applies a status reported by `from` (`None` = this node's own verdict); ignored when
+    /// `from` is not the message's destination (or a broadcast target), when the message is
+    /// unknown, or when it would move backwards.
     pub fn update(&mut self, msg_id: u64, from: Option<u64>, update: StatusUpdate) -> bool {
         let Some(entry) = self.entries.get_mut(&msg_id) else {
             return false;
         };
-        if from.is_some_and(|from| from != entry.dst) {
-            return false;
-        }
-        if rank(update.status) < rank(entry.current.status) {
+        let update = if entry.dst == 0 && !entry.targets.is_empty() {
+            let Some(from) = from else {
+                return false;
+            };
+            let Some(slot) = entry.targets.get_mut(&from) else {
+                return false;
+            };
+            if slot.is_some_and(|s| rank(update.status) < rank(s)) {
+                return false;
+            }
+            *slot = Some(update.status);
+            let (status, detail) = fold(&entry.targets);
+            StatusUpdate {
+                status,
+                detail,
+                timestamp_ms: update.timestamp_ms,
+            }
+        } else {
+            if from.is_some_and(|from| from != entry.dst) {
+                return false;
+            }
+            update
+        };
+        if rank(update.status) < rank(entry.current.status) || update == entry.current {
             return false;
         }
         entry.current = update;
@@ -129,6 +222,9 @@ impl MessageTracker {
                 entry.waiters.push((mode, waiter));
             }
         }
+        entry
+            .watchers
+            .retain_mut(|w| w.try_send(current.clone()).is_ok());
         true
     }
 
@@ -144,6 +240,15 @@ impl MessageTracker {
         Some(rx)
     }
 
+    /// Every later status change of a message, starting with the current one.
+    pub fn watch(&mut self, msg_id: u64) -> Option<mpsc::Receiver<StatusUpdate>> {
+        let entry = self.entries.get_mut(&msg_id)?;
+        let (mut tx, rx) = mpsc::channel(WATCH_QUEUE);
+        let _ = tx.try_send(entry.current.clone());
+        entry.watchers.push(tx);
+        Some(rx)
+    }
+
     /// The current status of a message, with whether it needs an ack.
     pub fn get(&self, msg_id: u64) -> Option<(StatusUpdate, bool)> {
         self.entries
@@ -151,9 +256,18 @@ impl MessageTracker {
             .map(|e| (e.current.clone(), e.require_ack))
     }
 
-    /// Counts.
-    pub fn counts(&self) -> StatusCounts {
-        self.counts
+    /// Messages tracked since start, forgotten ones included.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// How many remembered messages are in each status.
+    pub fn counts(&self) -> BTreeMap<i32, u64> {
+        let mut counts = BTreeMap::new();
+        for entry in self.entries.values() {
+            *counts.entry(entry.current.status as i32).or_insert(0) += 1;
+        }
+        counts
     }
 }
 
@@ -213,6 +327,46 @@ mod tests {
         }
         assert!(tracker.get(1).is_none());
         assert!(tracker.get(3).is_some());
-        assert_eq!(tracker.counts().total, 3);
+        assert_eq!(tracker.total(), 3);
+        assert_eq!(
+            tracker.counts().get(&(MessageStatus::Queued as i32)),
+            Some(&2)
+        );
+    }
+
+    #[test]
+    fn a_broadcast_is_queued_until_every_target_answers_then_takes_the_worst_status() {
+        let mut tracker = MessageTracker::new(8);
+        tracker.insert_broadcast(1, &[1, 2, 3], false, update(MessageStatus::Queued));
+        let mut wait = tracker.wait(1, SendMode::WaitForDelivery).unwrap();
+        assert!(
+            !tracker.update(1, Some(9), update(MessageStatus::Delivered)),
+            "not a target"
+        );
+        tracker.update(1, Some(1), update(MessageStatus::Delivered));
+        tracker.update(1, Some(2), update(MessageStatus::Delivered));
+        assert!(matches!(wait.try_recv(), Ok(None)));
+        tracker.update(1, Some(3), update(MessageStatus::PendingClient));
+        let done = wait.try_recv().unwrap().unwrap();
+        assert_eq!(done.status, MessageStatus::PendingClient);
+        assert_eq!(done.detail, "2 of 3 nodes delivered");
+    }
+
+    #[test]
+    fn a_watcher_sees_every_change_from_the_current_status_on() {
+        let mut tracker = MessageTracker::new(8);
+        tracker.insert(1, 7, true, update(MessageStatus::Queued));
+        let mut watch = tracker.watch(1).unwrap();
+        tracker.update(1, Some(7), update(MessageStatus::WaitingForClientAck));
+        tracker.update(1, Some(7), update(MessageStatus::AckSuccess));
+        let seen: Vec<_> = std::iter::from_fn(|| watch.try_recv().ok().map(|u| u.status)).collect();
+        assert_eq!(
+            seen,
+            vec![
+                MessageStatus::Queued,
+                MessageStatus::WaitingForClientAck,
+                MessageStatus::AckSuccess
+            ]
+        );
     }
 }

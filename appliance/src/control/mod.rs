@@ -10,6 +10,11 @@
 //! deadline or input.
 
 pub mod dial_plan;
+pub mod lsdb;
+pub mod metrics;
+pub mod paths;
+pub mod routing;
+pub mod types;
 
 use std::{
     collections::HashMap,
@@ -27,8 +32,16 @@ use meshd_shards::{
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::sync::oneshot;
 
-use self::dial_plan::{DialPlan, DialVerdict, Origin};
+pub use self::routing::{RoutingConfig, RoutingSnapshot};
+use self::{
+    dial_plan::{DialPlan, DialVerdict, Origin},
+    metrics::{LinkCounters, LinkMeters},
+    routing::Routing,
+};
 use crate::storage::{ControlDb, PeerRecord, now_ms};
+
+/// How often link counters are read and turned into metrics.
+const METRICS_PERIOD: Duration = Duration::from_secs(1);
 
 /// Goodbye reason that tells the peer not to re-dial.
 pub const DROP_REASON: &str = "session dropped";
@@ -55,6 +68,16 @@ pub enum ControlRequest {
         /// Whether there was a link.
         reply: oneshot::Sender<bool>,
     },
+    /// The current routing view.
+    Routing {
+        /// Where to answer.
+        reply: oneshot::Sender<Arc<RoutingSnapshot>>,
+    },
+    /// Dial every node of the mesh that listens and has no direct link yet.
+    EstablishFullLinks {
+        /// The addresses now being dialed.
+        reply: oneshot::Sender<Vec<SocketAddr>>,
+    },
 }
 
 /// Everything that wakes the control loop.
@@ -62,6 +85,7 @@ pub enum ControlRequest {
 enum ControlInput {
     Shard(ControlEvent),
     Request(ControlRequest),
+    Metrics(Vec<meshd_shards::stats::SessionSnapshot>),
     Timer,
     Stop,
 }
@@ -82,6 +106,12 @@ pub struct ControlSetup {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// This node's id.
+    pub local: u64,
+    /// Where this node accepts links ("" behind NAT).
+    pub local_listen: String,
+    /// Routing settings.
+    pub routing: RoutingConfig,
 }
 
 /// The running control thread.
@@ -133,6 +163,9 @@ struct Control {
     rng: StdRng,
     waiting_adds: HashMap<SocketAddr, Vec<oneshot::Sender<Result<(u64, SocketAddr), DialError>>>>,
     linked: HashMap<u64, SocketAddr>,
+    routing: Routing,
+    meters: LinkMeters,
+    last_metrics: Instant,
 }
 
 async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
@@ -149,6 +182,11 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         }
         Err(e) => tracing::error!(error = %e, "could not read saved dial targets"),
     }
+    let mut routing = Routing::new(setup.local, setup.local_listen, setup.routing, now);
+    match setup.db.peers() {
+        Ok(peers) => routing.remember(peers.into_iter().map(|(id, _)| id)),
+        Err(e) => tracing::error!(error = %e, "could not read known peers"),
+    }
     let mut control = Control {
         db: setup.db,
         shards: setup.shards,
@@ -156,22 +194,38 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         rng: StdRng::from_entropy(),
         waiting_adds: HashMap::new(),
         linked: HashMap::new(),
+        routing,
+        meters: LinkMeters::default(),
+        last_metrics: now,
     };
     let events = setup.events;
     let requests = setup.requests;
+    let (metrics_tx, mut metrics_rx) = tokio::sync::mpsc::channel(1);
+    let mut metrics_tick = tokio::time::interval(METRICS_PERIOD);
+    metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         control.start_due_dials().await;
-        let deadline = control.plan.next_deadline();
+        control.drain_routing().await;
+        let deadline = match (control.plan.next_deadline(), control.routing.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let input = tokio::select! {
             event = events.pop() => event.map_or(ControlInput::Stop, ControlInput::Shard),
             request = requests.pop() => request.map_or(ControlInput::Stop, ControlInput::Request),
+            Some(snapshots) = metrics_rx.recv() => ControlInput::Metrics(snapshots),
+            _ = metrics_tick.tick() => {
+                control.request_metrics(metrics_tx.clone());
+                ControlInput::Timer
+            }
             () = sleep_until(deadline) => ControlInput::Timer,
             _ = &mut stop => ControlInput::Stop,
         };
         match input {
             ControlInput::Shard(event) => control.handle_event(event),
             ControlInput::Request(request) => control.handle_request(request).await,
-            ControlInput::Timer => {}
+            ControlInput::Metrics(snapshots) => control.handle_metrics(snapshots),
+            ControlInput::Timer => control.routing.handle_timeout(Instant::now()),
             ControlInput::Stop => break,
         }
     }
@@ -186,6 +240,72 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl Control {
+    /// Sends queued routing frames to neighbours and publishes a new forwarding table when one
+    /// is due.
+    async fn drain_routing(&mut self) {
+        while let Some((to, payload)) = self.routing.poll_transmit() {
+            let outgoing = meshd_shards::command::Outgoing {
+                dst: to,
+                frame_type: meshd_shards::frame::FrameType::Routing,
+                traffic_class: meshd_shards::frame::TrafficClass::Control,
+                msg_id: 0,
+                flow: 0,
+                payload,
+            };
+            let shard = owner_shard(to, self.shards.len());
+            if self.shards[shard]
+                .push(ShardInput::Send(outgoing))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        if let Some(fib) = self.routing.poll_fib(Instant::now()) {
+            tracing::debug!(epoch = fib.epoch(), "publishing forwarding table");
+            for shard in self.shards.iter() {
+                let _ = shard.push(ShardInput::Fib(Arc::clone(&fib))).await;
+            }
+        }
+    }
+
+    /// Asks every shard for its links' counters; the answer comes back as `Metrics`.
+    fn request_metrics(
+        &self,
+        tx: tokio::sync::mpsc::Sender<Vec<meshd_shards::stats::SessionSnapshot>>,
+    ) {
+        let shards = Arc::clone(&self.shards);
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            for shard in shards.iter() {
+                let (reply, answer) = futures::channel::oneshot::channel();
+                if shard.push(ShardInput::Sessions { reply }).await.is_err() {
+                    return;
+                }
+                if let Ok(snapshots) = answer.await {
+                    all.extend(snapshots);
+                }
+            }
+            let _ = tx.send(all).await;
+        });
+    }
+
+    fn handle_metrics(&mut self, snapshots: Vec<meshd_shards::stats::SessionSnapshot>) {
+        let now = Instant::now();
+        let period = now.duration_since(self.last_metrics);
+        self.last_metrics = now;
+        for snapshot in snapshots {
+            let counters = LinkCounters {
+                srtt_us: snapshot.srtt_us,
+                bytes_sent: snapshot.bytes_sent,
+                heartbeats_sent: snapshot.heartbeats_sent,
+                heartbeat_acks: snapshot.heartbeat_acks,
+            };
+            let metrics = self.meters.handle_reading(snapshot.peer, counters, period);
+            self.routing.handle_metrics(now, snapshot.peer, metrics);
+        }
+    }
+
     async fn start_due_dials(&mut self) {
         for (addr, dial_id) in self.plan.poll_dials(Instant::now()) {
             // The shard that dials is chosen by address; the socket moves to the peer's owner
@@ -209,6 +329,8 @@ impl Control {
             } => {
                 self.linked.insert(peer.node_id, remote_addr);
                 self.plan.handle_link_up(peer.node_id);
+                self.routing
+                    .handle_link_up(now, peer.node_id, remote_addr, &peer.listen_addr);
                 let record = PeerRecord {
                     public_key: peer.public_key,
                     listen_addr: peer.listen_addr.clone(),
@@ -224,12 +346,19 @@ impl Control {
                 goodbye,
             } => {
                 self.linked.remove(&peer);
+                self.meters.remove(peer);
+                self.routing.handle_link_down(now, peer);
                 if goodbye.as_deref() == Some(DROP_REASON) {
                     tracing::info!(peer, "peer dropped the session; not re-dialing it");
                     self.forget_peer(peer);
                 } else {
                     tracing::debug!(peer, %reason, "scheduling re-dial");
                     self.plan.handle_link_down(peer, now, &mut self.rng);
+                }
+            }
+            ControlEvent::Routing { from, payload } => {
+                if !self.routing.handle_frame(now, from, &payload) {
+                    tracing::debug!(peer = from, "dropped a malformed routing frame");
                 }
             }
             ControlEvent::DialDone {
@@ -283,6 +412,29 @@ impl Control {
                 if self.plan.linked_peer(addr).is_none() && self.plan.remove(addr) {
                     let _ = self.db.remove_dial_target(addr);
                 }
+            }
+            ControlRequest::Routing { reply } => {
+                let _ = reply.send(self.routing.snapshot());
+            }
+            ControlRequest::EstablishFullLinks { reply } => {
+                let now = Instant::now();
+                let mut dialed = Vec::new();
+                let targets: Vec<(u64, String)> = self
+                    .routing
+                    .listen_addrs()
+                    .iter()
+                    .map(|(id, addr)| (*id, addr.clone()))
+                    .collect();
+                for (node, addr) in targets {
+                    if self.routing.is_linked(node) {
+                        continue;
+                    }
+                    if let Ok(addr) = addr.parse::<SocketAddr>() {
+                        self.plan.add(addr, Origin::Tentative, now);
+                        dialed.push(addr);
+                    }
+                }
+                let _ = reply.send(dialed);
             }
             ControlRequest::DropSession { peer, reply } => {
                 self.forget_peer(peer);
