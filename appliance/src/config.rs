@@ -7,6 +7,7 @@
 //! the key and says how to fix it.
 
 use std::{
+    collections::BTreeMap,
     net::{SocketAddr, ToSocketAddrs},
     path::{Path, PathBuf},
     time::Duration,
@@ -16,6 +17,7 @@ use figment::{
     Figment,
     providers::{Env, Format, Serialized, Toml},
 };
+use meshd_shards::frame::TrafficClass;
 use serde::{Deserialize, Serialize};
 
 /// A validated node configuration.
@@ -114,6 +116,59 @@ pub struct RoutingSection {
     pub delta: f64,
     /// See `alpha`; must be positive so every hop costs something.
     pub epsilon: f64,
+    /// Coefficients of one traffic class (`system`, `db_update`, `client`) that routes by its
+    /// own costs, as `[routing.classes.client]`; a coefficient left out is the one above.
+    pub classes: BTreeMap<String, ClassWeights>,
+}
+
+/// `[routing.classes.<class>]`: a traffic class's own cost coefficients.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassWeights {
+    /// Weight of the one-way latency in milliseconds.
+    pub alpha: Option<f64>,
+    /// Weight of 1 Gbit/s ÷ bandwidth.
+    pub beta: Option<f64>,
+    /// Weight of the utilisation fraction.
+    pub gamma: Option<f64>,
+    /// Weight of the loss fraction.
+    pub delta: Option<f64>,
+    /// Charge per hop (positive).
+    pub epsilon: Option<f64>,
+}
+
+/// Traffic classes that may route by their own coefficients, by their config name.
+pub const ROUTED_CLASSES: [(&str, TrafficClass); 3] = [
+    ("system", TrafficClass::System),
+    ("db_update", TrafficClass::DbUpdate),
+    ("client", TrafficClass::Client),
+];
+
+impl RoutingSection {
+    /// The default coefficients as `(alpha, beta, gamma, delta, epsilon)`.
+    pub fn default_weights(&self) -> [f64; 5] {
+        [self.alpha, self.beta, self.gamma, self.delta, self.epsilon]
+    }
+
+    /// The coefficients of every class configured under `[routing.classes]`, defaults filled in.
+    pub fn class_weights(&self) -> Vec<(TrafficClass, [f64; 5])> {
+        ROUTED_CLASSES
+            .iter()
+            .filter_map(|(name, class)| {
+                let w = self.classes.get(*name)?;
+                Some((
+                    *class,
+                    [
+                        w.alpha.unwrap_or(self.alpha),
+                        w.beta.unwrap_or(self.beta),
+                        w.gamma.unwrap_or(self.gamma),
+                        w.delta.unwrap_or(self.delta),
+                        w.epsilon.unwrap_or(self.epsilon),
+                    ],
+                ))
+            })
+            .collect()
+    }
 }
 
 impl Default for RoutingSection {
@@ -129,6 +184,7 @@ impl Default for RoutingSection {
             gamma: 2.0,
             delta: 50.0,
             epsilon: 0.1,
+            classes: BTreeMap::new(),
         }
     }
 }
@@ -440,6 +496,30 @@ impl Config {
         if routing.epsilon <= 0.0 {
             return Err(invalid("routing.epsilon", "must be positive", "use 0.1"));
         }
+        for name in routing.classes.keys() {
+            if !ROUTED_CLASSES.iter().any(|(known, _)| known == name) {
+                return Err(invalid(
+                    "routing.classes",
+                    format!("{name:?} is not a traffic class"),
+                    "use system, db_update or client",
+                ));
+            }
+        }
+        for (class, weights) in routing.class_weights() {
+            let names = ["alpha", "beta", "gamma", "delta", "epsilon"];
+            for (name, value) in names.iter().zip(weights) {
+                if !value.is_finite()
+                    || !(0.0..=1e6).contains(&value)
+                    || (*name == "epsilon" && value <= 0.0)
+                {
+                    return Err(invalid(
+                        "routing.classes",
+                        format!("{class:?}.{name} = {value} is not in 0..=1e6 (epsilon above 0)"),
+                        "leave it out to use the [routing] value",
+                    ));
+                }
+            }
+        }
         let n_shards = self.runtime.shard_count()?;
         if !(16..=(1 << 20)).contains(&self.runtime.ring_capacity) {
             return Err(invalid(
@@ -564,6 +644,36 @@ mod tests {
                 .to_string()
                 .contains("runtime.shards")
         );
+    }
+
+    #[test]
+    fn a_traffic_class_routes_by_its_own_coefficients_with_defaults_filled_in() {
+        let toml = "data_dir = \"/tmp/x\"\n[routing]\nalpha = 2.0\n[routing.classes.client]\ndelta = 500.0\n";
+        let config: Config = Figment::new().merge(Toml::string(toml)).extract().unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.routing.class_weights(),
+            vec![(TrafficClass::Client, [2.0, 0.5, 2.0, 500.0, 0.1])]
+        );
+
+        let mut bad = base();
+        bad.routing
+            .classes
+            .insert("bulk".into(), ClassWeights::default());
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("routing.classes") && error.contains("bulk"),
+            "{error}"
+        );
+        let mut bad = base();
+        bad.routing.classes.insert(
+            "system".into(),
+            ClassWeights {
+                epsilon: Some(0.0),
+                ..ClassWeights::default()
+            },
+        );
+        assert!(bad.validate().unwrap_err().to_string().contains("epsilon"));
     }
 
     #[test]

@@ -128,18 +128,27 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn weights([alpha, beta, gamma, delta, epsilon]: [f64; 5]) -> CostWeights {
+    CostWeights {
+        alpha,
+        beta,
+        gamma,
+        delta,
+        epsilon,
+    }
+}
+
 fn routing_config(config: &Config) -> RoutingConfig {
     let routing = &config.routing;
     RoutingConfig {
         k_paths: routing.k_paths,
         debounce: Duration::from_millis(routing.recompute_debounce_ms),
-        weights: CostWeights {
-            alpha: routing.alpha,
-            beta: routing.beta,
-            gamma: routing.gamma,
-            delta: routing.delta,
-            epsilon: routing.epsilon,
-        },
+        weights: weights(routing.default_weights()),
+        class_weights: routing
+            .class_weights()
+            .into_iter()
+            .map(|(class, w)| (class, weights(w)))
+            .collect(),
         lsdb: LsdbConfig {
             refresh_interval: Duration::from_secs(routing.lsa_refresh_s),
             max_age: Duration::from_secs(routing.lsa_max_age_s),

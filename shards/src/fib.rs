@@ -17,6 +17,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::frame::TrafficClass;
+
 /// One next hop of a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FibHop {
@@ -42,6 +44,8 @@ pub struct FibEntry {
 pub struct Fib {
     epoch: u64,
     entries: HashMap<u64, FibEntry>,
+    /// Traffic classes routed with their own cost coefficients; the others use `entries`.
+    by_class: Vec<(TrafficClass, HashMap<u64, FibEntry>)>,
     known: HashSet<u64>,
 }
 
@@ -62,10 +66,20 @@ impl Fib {
         let fib = Self {
             epoch,
             entries,
+            by_class: Vec::new(),
             known,
         };
         fib.check_invariants();
         fib
+    }
+
+    /// Adds the routes of a traffic class that has its own cost coefficients.
+    pub fn with_class(mut self, class: TrafficClass, entries: HashMap<u64, FibEntry>) -> Self {
+        self.known.extend(entries.keys().copied());
+        self.by_class.retain(|(c, _)| *c != class);
+        self.by_class.push((class, entries));
+        self.check_invariants();
+        self
     }
 
     /// The empty table a shard starts with.
@@ -78,7 +92,7 @@ impl Fib {
         self.epoch
     }
 
-    /// The entry of `dst`, if it is reachable.
+    /// The entry of `dst` by the default coefficients, if it is reachable.
     pub fn entry(&self, dst: u64) -> Option<&FibEntry> {
         self.entries.get(&dst)
     }
@@ -93,39 +107,62 @@ impl Fib {
         self.known.contains(&node)
     }
 
-    /// The next hop for a frame to `dst`, skipping hops for which `is_down` holds.
-    pub fn next_hop(&self, dst: u64, spread: Spread, is_down: impl Fn(u64) -> bool) -> Option<u64> {
-        let entry = self.entries.get(&dst)?;
-        let total: u64 = entry
-            .hops
+    /// The next hop for a frame of `class` to `dst`, skipping hops for which `is_down` holds.
+    pub fn next_hop_for(
+        &self,
+        class: TrafficClass,
+        dst: u64,
+        spread: Spread,
+        is_down: impl Fn(u64) -> bool,
+    ) -> Option<u64> {
+        let entries = self
+            .by_class
             .iter()
-            .filter(|h| !is_down(h.peer))
-            .map(|h| u64::from(h.weight.max(1)))
-            .sum();
-        if total == 0 {
-            return entry.backups.iter().copied().find(|peer| !is_down(*peer));
-        }
-        let point = match spread {
-            Spread::Flow(key) => mix(key) % total,
-            // Multiplying by an odd constant visits every residue, interleaving hops by weight.
-            Spread::RoundRobin(counter) => counter.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total,
-        };
-        let mut acc = 0u64;
-        for hop in entry.hops.iter().filter(|h| !is_down(h.peer)) {
-            acc += u64::from(hop.weight.max(1));
-            if point < acc {
-                return Some(hop.peer);
-            }
-        }
-        None
+            .find(|(c, _)| *c == class)
+            .map_or(&self.entries, |(_, entries)| entries);
+        pick(entries.get(&dst)?, spread, is_down)
+    }
+
+    /// The next hop for a frame to `dst` by the default coefficients, skipping hops for which
+    /// `is_down` holds.
+    pub fn next_hop(&self, dst: u64, spread: Spread, is_down: impl Fn(u64) -> bool) -> Option<u64> {
+        pick(self.entries.get(&dst)?, spread, is_down)
     }
 
     fn check_invariants(&self) {
-        for (dst, entry) in &self.entries {
-            debug_assert!(!entry.hops.is_empty(), "destination {dst} without hops");
-            debug_assert!(self.known.contains(dst));
+        let tables = std::iter::once(&self.entries).chain(self.by_class.iter().map(|(_, e)| e));
+        for entries in tables {
+            for (dst, entry) in entries {
+                debug_assert!(!entry.hops.is_empty(), "destination {dst} without hops");
+                debug_assert!(self.known.contains(dst));
+            }
         }
     }
+}
+
+fn pick(entry: &FibEntry, spread: Spread, is_down: impl Fn(u64) -> bool) -> Option<u64> {
+    let total: u64 = entry
+        .hops
+        .iter()
+        .filter(|h| !is_down(h.peer))
+        .map(|h| u64::from(h.weight.max(1)))
+        .sum();
+    if total == 0 {
+        return entry.backups.iter().copied().find(|peer| !is_down(*peer));
+    }
+    let point = match spread {
+        Spread::Flow(key) => mix(key) % total,
+        // Multiplying by an odd constant visits every residue, interleaving hops by weight.
+        Spread::RoundRobin(counter) => counter.wrapping_mul(0x9E37_79B9_7F4A_7C15) % total,
+    };
+    let mut acc = 0u64;
+    for hop in entry.hops.iter().filter(|h| !is_down(h.peer)) {
+        acc += u64::from(hop.weight.max(1));
+        if point < acc {
+            return Some(hop.peer);
+        }
+    }
+    None
 }
 
 /// The flow key of a frame: frames with the same key take the same path.
@@ -214,5 +251,34 @@ mod tests {
         let fib = fib();
         assert!(fib.is_known(7) && fib.is_known(9));
         assert!(!fib.is_known(8));
+    }
+
+    #[test]
+    fn a_class_with_its_own_coefficients_uses_its_own_routes() {
+        let mut client = HashMap::new();
+        client.insert(
+            9,
+            FibEntry {
+                hops: vec![FibHop {
+                    peer: 3,
+                    weight: 1000,
+                }],
+                backups: vec![],
+                cost_milli: 5,
+            },
+        );
+        let fib = fib().with_class(TrafficClass::Client, client);
+        for key in 0..50u64 {
+            assert_eq!(
+                fib.next_hop_for(TrafficClass::Client, 9, Spread::Flow(key), |_| false),
+                Some(3)
+            );
+        }
+        let via_2 = (0..100u64)
+            .filter(|&k| {
+                fib.next_hop_for(TrafficClass::DbUpdate, 9, Spread::Flow(k), |_| false) == Some(2)
+            })
+            .count();
+        assert!(via_2 > 50, "other classes keep the default routes");
     }
 }

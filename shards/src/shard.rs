@@ -308,7 +308,7 @@ impl Shard {
         };
         let fib = Arc::clone(&self.fib.borrow());
         let next = fib
-            .next_hop(dst, spread, |peer| self.is_down(peer))
+            .next_hop_for(header.traffic_class, dst, spread, |peer| self.is_down(peer))
             .or_else(|| {
                 (!self.is_down(dst) && self.links.borrow().contains_key(&dst)).then_some(dst)
             })

@@ -21,12 +21,15 @@ use bytes::Bytes;
 use meshd_proto::link::{
     AdjacencyMsg, LinkMetricsMsg, LsaAck, LsaMsg, RoutingMessage, routing_message,
 };
-use meshd_shards::fib::{Fib, FibEntry, FibHop};
+use meshd_shards::{
+    fib::{Fib, FibEntry, FibHop},
+    frame::TrafficClass,
+};
 use prost::Message;
 
 use super::{
     lsdb::{FloodMessage, Lsdb, LsdbConfig},
-    paths::{CostWeights, Topology, routing_table},
+    paths::{CostWeights, Route, Topology, routing_table},
     types::{Adjacency, LinkMetrics, Lsa},
 };
 
@@ -80,6 +83,8 @@ pub struct RoutingConfig {
     pub debounce: Duration,
     /// Cost coefficients.
     pub weights: CostWeights,
+    /// Traffic classes that route by their own coefficients.
+    pub class_weights: Vec<(TrafficClass, CostWeights)>,
     /// Flooding timers and hysteresis.
     pub lsdb: LsdbConfig,
 }
@@ -239,28 +244,13 @@ impl Routing {
             self.config.k_paths,
         );
         self.known.extend(self.lsdb.lsas().map(|l| l.origin));
-        let mut entries = HashMap::new();
+        let entries = fib_entries(&table);
         let mut routes = Vec::with_capacity(table.len());
         for (destination, route) in &table {
             if route.next_hops.is_empty() {
                 continue;
             }
             let cost = route.paths.first().map_or(0.0, |p| p.cost);
-            entries.insert(
-                *destination,
-                FibEntry {
-                    hops: route
-                        .next_hops
-                        .iter()
-                        .map(|h| FibHop {
-                            peer: h.peer,
-                            weight: h.weight,
-                        })
-                        .collect(),
-                    backups: route.backups.iter().map(|h| h.peer).collect(),
-                    cost_milli: (cost * 1000.0) as u64,
-                },
-            );
             routes.push(RouteView {
                 destination: *destination,
                 next_hops: route.next_hops.iter().map(|h| (h.peer, h.weight)).collect(),
@@ -295,7 +285,14 @@ impl Routing {
             nodes: self.lsdb.lsas().map(|l| l.origin).collect(),
             links,
         });
-        Arc::new(Fib::new(self.epoch, entries, self.known.clone()))
+        let mut fib = Fib::new(self.epoch, entries, self.known.clone());
+        for (class, weights) in &self.config.class_weights {
+            if *weights != self.config.weights {
+                let table = routing_table(&topology, weights, self.local, self.config.k_paths);
+                fib = fib.with_class(*class, fib_entries(&table));
+            }
+        }
+        Arc::new(fib)
     }
 
     /// The latest view for the api.
@@ -312,6 +309,29 @@ impl Routing {
     pub fn is_linked(&self, peer: u64) -> bool {
         self.neighbors.get(&peer).is_some_and(|(_, up)| *up)
     }
+}
+
+fn fib_entries(table: &BTreeMap<u64, Route>) -> HashMap<u64, FibEntry> {
+    table
+        .iter()
+        .filter(|(_, route)| !route.next_hops.is_empty())
+        .map(|(destination, route)| {
+            let cost = route.paths.first().map_or(0.0, |p| p.cost);
+            let entry = FibEntry {
+                hops: route
+                    .next_hops
+                    .iter()
+                    .map(|h| FibHop {
+                        peer: h.peer,
+                        weight: h.weight,
+                    })
+                    .collect(),
+                backups: route.backups.iter().map(|h| h.peer).collect(),
+                cost_milli: (cost * 1000.0) as u64,
+            };
+            (*destination, entry)
+        })
+        .collect()
 }
 
 fn lsa_to_msg(lsa: &Lsa, age: Duration, listen_addr: String) -> LsaMsg {
