@@ -42,6 +42,9 @@ pub struct Config {
     /// Link-state routing.
     #[serde(default)]
     pub routing: RoutingSection,
+    /// SWIM membership.
+    #[serde(default)]
+    pub membership: MembershipSection,
     /// Threads and rings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -185,6 +188,35 @@ impl Default for RoutingSection {
             delta: 50.0,
             epsilon: 0.1,
             classes: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[membership]`: SWIM timing and what this node tells the mesh about itself.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MembershipSection {
+    /// Operator-facing name ("" = `node-<id>`).
+    pub name: String,
+    /// One member is probed per period; detection time grows with it.
+    pub probe_period_ms: u64,
+    /// Wait for a direct ack before asking others to probe (below probe_period_ms).
+    pub probe_rtt_ms: u64,
+    /// A suspect that does not refute for this long is declared dead. Raise it on lossy
+    /// networks: false positives fall, detection slows.
+    pub suspect_to_down_ms: u64,
+    /// Membership updates are gossiped to a few members this often.
+    pub gossip_period_ms: u64,
+}
+
+impl Default for MembershipSection {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            probe_period_ms: 500,
+            probe_rtt_ms: 200,
+            suspect_to_down_ms: 3000,
+            gossip_period_ms: 200,
         }
     }
 }
@@ -519,6 +551,42 @@ impl Config {
                     ));
                 }
             }
+        }
+        let membership = &self.membership;
+        if !(50..=60_000).contains(&membership.probe_period_ms) {
+            return Err(invalid(
+                "membership.probe_period_ms",
+                "is outside 50..=60000",
+                "use 500",
+            ));
+        }
+        if membership.probe_rtt_ms == 0 || membership.probe_rtt_ms >= membership.probe_period_ms {
+            return Err(invalid(
+                "membership.probe_rtt_ms",
+                "must be positive and below membership.probe_period_ms",
+                "use 200 with a 500 ms probe period",
+            ));
+        }
+        if membership.suspect_to_down_ms < membership.probe_period_ms {
+            return Err(invalid(
+                "membership.suspect_to_down_ms",
+                "is below membership.probe_period_ms, so every lost packet would kill a member",
+                "use 3000",
+            ));
+        }
+        if !(10..=60_000).contains(&membership.gossip_period_ms) {
+            return Err(invalid(
+                "membership.gossip_period_ms",
+                "is outside 10..=60000",
+                "use 200",
+            ));
+        }
+        if membership.name.len() > 255 {
+            return Err(invalid(
+                "membership.name",
+                "is longer than 255 bytes",
+                "use a shorter name",
+            ));
         }
         let n_shards = self.runtime.shard_count()?;
         if !(16..=(1 << 20)).contains(&self.runtime.ring_capacity) {

@@ -19,7 +19,13 @@ use rand::RngCore;
 use crate::{
     api::{ApiSetup, ApiThread},
     config::{Config, Resolved},
-    control::{ControlSetup, ControlThread, RoutingConfig, lsdb::LsdbConfig, paths::CostWeights},
+    control::{
+        ControlSetup, ControlThread, RoutingConfig,
+        lsdb::LsdbConfig,
+        membership::{MembershipConfig, NodeMeta},
+        mesh::MESH_EVENT_BACKLOG,
+        paths::CostWeights,
+    },
     storage::ControlDb,
 };
 
@@ -81,6 +87,26 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             resolved.grpc_listen
         )
     })?;
+    let generation = db
+        .next_generation()
+        .context("reading the identity generation")?;
+    let (mesh_events, _) = tokio::sync::broadcast::channel(MESH_EVENT_BACKLOG);
+    let mut capabilities = vec!["relay".to_owned()];
+    if resolved.listen.is_some() {
+        capabilities.push("listener".to_owned());
+    }
+    let node_meta = NodeMeta {
+        node: identity.node_id,
+        seq: 0,
+        name: if config.membership.name.is_empty() {
+            format!("node-{}", identity.node_id)
+        } else {
+            config.membership.name.clone()
+        },
+        version: env!("CARGO_PKG_VERSION").into(),
+        capabilities,
+        load_permille: 0,
+    };
     let control = ControlThread::start(ControlSetup {
         db,
         shards: Arc::clone(&shard_inputs),
@@ -95,6 +121,16 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             .map(|a| a.to_string())
             .unwrap_or_default(),
         routing: routing_config(&config),
+        membership: MembershipConfig {
+            probe_period: Duration::from_millis(config.membership.probe_period_ms),
+            probe_rtt: Duration::from_millis(config.membership.probe_rtt_ms),
+            suspect_to_down: Duration::from_millis(config.membership.suspect_to_down_ms),
+            gossip_period: Duration::from_millis(config.membership.gossip_period_ms),
+            ..MembershipConfig::default()
+        },
+        generation,
+        node_meta,
+        mesh_events: mesh_events.clone(),
     })?;
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,
@@ -106,6 +142,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         subscriber_queue: config.grpc.subscriber_queue,
         tracked_messages: config.grpc.tracked_messages,
         default_timeout_seconds: config.grpc.default_timeout_seconds,
+        mesh_events,
+        mesh_id: config.mesh_id.clone(),
     })?;
 
     let listen = shards

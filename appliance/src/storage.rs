@@ -222,6 +222,27 @@ impl ControlDb {
         }))
     }
 
+    /// The identity generation of this start: one more than the last start's, persisted before
+    /// it is returned so a crash cannot hand out the same generation twice.
+    pub fn next_generation(&self) -> Result<u32, StorageError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        let next = {
+            let mut table = txn.open_table(IDENTITY).map_err(db_error)?;
+            let last = table
+                .get("generation")
+                .map_err(db_error)?
+                .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+                .map_or(0, u32::from_le_bytes);
+            let next = last.wrapping_add(1).max(1);
+            table
+                .insert("generation", next.to_le_bytes().as_slice())
+                .map_err(db_error)?;
+            next
+        };
+        txn.commit().map_err(db_error)?;
+        Ok(next)
+    }
+
     /// Records a peer seen on a link (first key pinned; later calls refresh address and time).
     pub fn upsert_peer(&self, node_id: u64, record: &PeerRecord) -> Result<(), StorageError> {
         let txn = self.db.begin_write().map_err(db_error)?;
@@ -332,6 +353,20 @@ mod tests {
             error.contains("node 7") && error.contains("fix:"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_generation_grows_with_every_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ControlDb::open(dir.path())
+            .unwrap()
+            .next_generation()
+            .unwrap();
+        let second = ControlDb::open(dir.path())
+            .unwrap()
+            .next_generation()
+            .unwrap();
+        assert_eq!((first, second), (1, 2));
     }
 
     #[test]

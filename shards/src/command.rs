@@ -143,6 +143,13 @@ pub enum ControlEvent {
         /// Encoded `meshd.v1.RoutingMessage`.
         payload: Bytes,
     },
+    /// A membership datagram addressed to this node.
+    Gossip {
+        /// The member that sent it (the frame's source, possibly several hops away).
+        from: u64,
+        /// foca's encoding.
+        payload: Bytes,
+    },
     /// The outcome of a [`ShardInput::Dial`].
     DialDone {
         /// The requester's id.

@@ -69,6 +69,9 @@ pub enum FrameType {
     /// Control-plane message between neighbouring control cores (link-state flooding); payload
     /// is `meshd.v1.RoutingMessage`. Never forwarded.
     Routing = 7,
+    /// A membership (SWIM) datagram between control cores; payload is foca's encoding. Routed
+    /// like data, so it reaches members with no direct link.
+    Gossip = 8,
     /// Application or replication data; payload is `meshd.v1.Data`.
     Data = 16,
     /// Delivery outcome for earlier data; payload is `meshd.v1.DeliveryReport`.
@@ -79,7 +82,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Hello,
         Self::Auth,
         Self::Refuse,
@@ -87,6 +90,7 @@ impl FrameType {
         Self::HeartbeatAck,
         Self::Goodbye,
         Self::Routing,
+        Self::Gossip,
         Self::Data,
         Self::DeliveryReport,
         Self::AppAck,
@@ -102,6 +106,7 @@ impl FrameType {
             5 => Some(Self::HeartbeatAck),
             6 => Some(Self::Goodbye),
             7 => Some(Self::Routing),
+            8 => Some(Self::Gossip),
             16 => Some(Self::Data),
             17 => Some(Self::DeliveryReport),
             18 => Some(Self::AppAck),

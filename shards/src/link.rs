@@ -393,7 +393,10 @@ pub(crate) async fn run(
                             .emit_routing(peer, message.slice_ref(frame.payload))
                             .await;
                     }
-                    FrameType::Data | FrameType::DeliveryReport | FrameType::AppAck => {
+                    FrameType::Data
+                    | FrameType::DeliveryReport
+                    | FrameType::AppAck
+                    | FrameType::Gossip => {
                         if header.dst != local {
                             // A relay: pass it on with one hop less to live.
                             if header.ttl <= 1 || header.src == local {
@@ -414,6 +417,12 @@ pub(crate) async fn run(
                             {
                                 shard.count_drop("no_route");
                             }
+                            continue;
+                        }
+                        if header.frame_type == FrameType::Gossip {
+                            shard
+                                .emit_gossip(header.src, message.slice_ref(frame.payload))
+                                .await;
                             continue;
                         }
                         let event = ApiEvent::Frame {

@@ -280,6 +280,10 @@ impl Shard {
         self.emit(ControlEvent::Routing { from, payload }).await;
     }
 
+    pub(crate) async fn emit_gossip(&self, from: u64, payload: Bytes) {
+        self.emit(ControlEvent::Gossip { from, payload }).await;
+    }
+
     /// Hands a frame towards `header.dst`: the FIB's next hop (skipping hops known down here),
     /// else a direct link. A next hop owned by another shard crosses one ring.
     pub(crate) async fn route(

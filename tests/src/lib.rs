@@ -374,6 +374,13 @@ impl Node {
         Ok(MeshControlClient::new(self.channel().await?))
     }
 
+    /// A `meshd.v1.MeshService` client.
+    pub async fn mesh(
+        &self,
+    ) -> anyhow::Result<meshd_proto::link::mesh_service_client::MeshServiceClient<Channel>> {
+        Ok(meshd_proto::link::mesh_service_client::MeshServiceClient::new(self.channel().await?))
+    }
+
     async fn channel(&self) -> anyhow::Result<Channel> {
         Ok(Channel::from_shared(format!("http://{}", self.grpc))?
             .connect_timeout(Duration::from_secs(5))

@@ -1,27 +1,31 @@
-//! `MeshControl`: sessions, routing table, topology, message metrics. InjectNeighbor,
-//! SetPolicy and the consensus rpcs answer UNIMPLEMENTED (the generated default) until their
-//! issues land. Also meshd's own `MeshService` (AddLink, DropLink, EstablishFullLinks).
+//! `MeshControl`: sessions, routing table, topology, message metrics, consensus state from
+//! membership. InjectNeighbor and SetPolicy answer UNIMPLEMENTED (the generated default) until
+//! their issues land. Also meshd's own `MeshService` (AddLink, DropLink, EstablishFullLinks,
+//! GetMeshStatus, WatchMeshEvents).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use meshd_proto::{
     link::{
         AddLinkRequest, AddLinkResponse, DropLinkRequest, DropLinkResponse,
-        EstablishFullLinksRequest, EstablishFullLinksResponse, mesh_service_server::MeshService,
+        EstablishFullLinksRequest, EstablishFullLinksResponse, GetMeshStatusRequest, MeshEvent,
+        MeshStatus, WatchMeshEventsRequest, mesh_service_server::MeshService,
     },
     mesh::{
         AddSessionRequest, AddSessionResponse, DropSessionRequest, DropSessionResponse,
-        GetMessageMetricsRequest, GetMessageMetricsResponse, GetRoutingTableRequest,
-        GetRoutingTableResponse, GetSessionsRequest, GetSessionsResponse, GetTopologyRequest,
-        GetTopologyResponse, MessageStatus, NeighborInfo, RouteEntry, SessionInfo,
-        TopologySnapshot, mesh_control_server::MeshControl,
+        GetConsensusStateRequest, GetConsensusStateResponse, GetMessageMetricsRequest,
+        GetMessageMetricsResponse, GetRoutingTableRequest, GetRoutingTableResponse,
+        GetSessionsRequest, GetSessionsResponse, GetTopologyRequest, GetTopologyResponse,
+        MessageStatus, NeighborInfo, RouteEntry, SessionInfo, TopologySnapshot,
+        TriggerConsensusCheckRequest, TriggerConsensusCheckResponse,
+        mesh_control_server::MeshControl,
     },
 };
 use meshd_shards::{command::ShardInput, handshake::Role};
 use tokio::sync::oneshot;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, codegen::BoxStream};
 
-use super::ApiState;
+use super::{ApiState, mesh};
 use crate::control::{ControlRequest, RoutingSnapshot};
 
 /// The `MeshControl` service.
@@ -288,10 +292,68 @@ impl MeshControl for ControlService {
             pending_rate: percent(pending),
         }))
     }
+
+    async fn get_consensus_state(
+        &self,
+        _request: Request<GetConsensusStateRequest>,
+    ) -> Result<Response<GetConsensusStateResponse>, Status> {
+        let snapshot = self.state.mesh().await?;
+        Ok(Response::new(GetConsensusStateResponse {
+            consensus_state: Some(mesh::consensus_state(&snapshot)),
+        }))
+    }
+
+    async fn trigger_consensus_check(
+        &self,
+        _request: Request<TriggerConsensusCheckRequest>,
+    ) -> Result<Response<TriggerConsensusCheckResponse>, Status> {
+        // SWIM keeps the view current on its own; a check reads it fresh from the control core.
+        let snapshot = self.state.mesh().await?;
+        let state = mesh::consensus_state(&snapshot);
+        let message = format!(
+            "{} of {} members reachable; {}",
+            state.online_nodes,
+            state.total_nodes,
+            if state.can_accept_writes {
+                "this side holds a majority and accepts writes"
+            } else {
+                "no majority on this side: writes must wait"
+            }
+        );
+        Ok(Response::new(TriggerConsensusCheckResponse {
+            success: true,
+            message,
+            consensus_state: Some(state),
+        }))
+    }
 }
 
 #[tonic::async_trait]
 impl MeshService for ControlService {
+    async fn get_mesh_status(
+        &self,
+        _request: Request<GetMeshStatusRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
+        let snapshot = self.state.mesh().await?;
+        let routing = self.state.routing().await?;
+        Ok(Response::new(mesh::mesh_status(
+            &self.state.mesh_id,
+            &snapshot,
+            &routing,
+        )))
+    }
+
+    async fn watch_mesh_events(
+        &self,
+        request: Request<WatchMeshEventsRequest>,
+    ) -> Result<Response<BoxStream<MeshEvent>>, Status> {
+        let node_ids = request.into_inner().node_ids;
+        if node_ids.len() > 10_000 {
+            return Err(Status::invalid_argument("at most 10000 node_ids"));
+        }
+        Ok(Response::new(mesh::watch(&self.state, node_ids)))
+    }
+
     async fn add_link(
         &self,
         request: Request<AddLinkRequest>,

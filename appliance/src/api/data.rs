@@ -16,9 +16,9 @@ use futures::StreamExt;
 use meshd_proto::{
     link::{AppAck, Data, DataHeader},
     mesh::{
-        Ack, MessageStatus, MessageStatusInfo, QueryMessageStatusRequest,
-        QueryMessageStatusResponse, SendMode, SendRequest, SendResponse, SubscribeRequest,
-        mesh_data_server::MeshData,
+        Ack, Header, MeshEventType, MeshStateEvent, MessageStatus, MessageStatusInfo,
+        QueryMessageStatusRequest, QueryMessageStatusResponse, SendMode, SendRequest, SendResponse,
+        SubscribeRequest, mesh_data_server::MeshData,
     },
 };
 use meshd_shards::frame::{FrameType, TrafficClass};
@@ -343,6 +343,57 @@ impl MeshData for DataService {
                 payload.into(),
             )
             .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn broadcast_state_event(
+        &self,
+        request: Request<MeshStateEvent>,
+    ) -> Result<Response<()>, Status> {
+        let mut event = request.into_inner();
+        let kind = MeshEventType::try_from(event.event_type).map_err(|_| {
+            Status::invalid_argument(format!(
+                "event_type {} is not a MeshEventType",
+                event.event_type
+            ))
+        })?;
+        if kind == MeshEventType::MeshEventUnspecified {
+            return Err(Status::invalid_argument("event_type must be set"));
+        }
+        if event.originator_node == 0 {
+            event.originator_node = self.state.node_id;
+        }
+        if event.timestamp == 0 {
+            event.timestamp = now_ms();
+        }
+        // Every node's subscribers, this node's included, get it as a broadcast message that
+        // says what it is; the payload is the event itself.
+        let send = SendRequest {
+            dst_node: 0,
+            headers: vec![
+                Header {
+                    key: "message_type".into(),
+                    value: b"mesh_state_event".to_vec().into(),
+                },
+                Header {
+                    key: "event_type".into(),
+                    value: kind.as_str_name().as_bytes().to_vec().into(),
+                },
+                Header {
+                    key: "source_node".into(),
+                    value: event.originator_node.to_string().into_bytes().into(),
+                },
+            ],
+            payload: event.encode_to_vec().into(),
+            end_to_end_encrypt: false,
+            partition: 0,
+            qos_class: 0,
+            corr_id: event.sequence_number,
+            require_ack: false,
+            mode: SendMode::FireAndForget as i32,
+            timeout_seconds: 0,
+        };
+        self.submit(send).await?;
         Ok(Response::new(()))
     }
 

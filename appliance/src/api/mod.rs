@@ -10,6 +10,7 @@
 
 mod control;
 mod data;
+mod mesh;
 pub mod tracker;
 
 use std::{
@@ -42,7 +43,10 @@ use tonic::Status;
 
 use self::tracker::{MessageTracker, StatusUpdate};
 use crate::{
-    control::{ControlRequest, RoutingSnapshot},
+    control::{
+        ControlRequest, RoutingSnapshot,
+        mesh::{MeshEvent, MeshSnapshot},
+    },
     storage::now_ms,
 };
 
@@ -77,6 +81,8 @@ pub(crate) struct ApiState {
     subscribers: Mutex<Vec<Subscriber>>,
     next_msg_id: AtomicU64,
     recent: Mutex<RecentDeliveries>,
+    pub(crate) mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
+    pub(crate) mesh_id: String,
 }
 
 /// Messages delivered here lately, so a retransmitted copy (same source and message id) is
@@ -147,6 +153,18 @@ impl ApiState {
         };
         self.shard_of(dst)
             .push(ShardInput::Send(outgoing))
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))
+    }
+
+    /// The member table and mesh health.
+    pub(crate) async fn mesh(&self) -> Result<MeshSnapshot, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.control
+            .push(ControlRequest::Mesh { reply })
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        answer
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))
     }
@@ -387,6 +405,10 @@ pub struct ApiSetup {
     pub tracked_messages: usize,
     /// Default wait limit of waiting sends.
     pub default_timeout_seconds: u32,
+    /// Mesh events from the control thread (each WatchMeshEvents call subscribes).
+    pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
+    /// The mesh this node belongs to.
+    pub mesh_id: String,
 }
 
 /// The running api thread.
@@ -442,6 +464,8 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         max_payload_bytes: setup.max_payload_bytes,
         subscriber_queue: setup.subscriber_queue,
         default_timeout_seconds: setup.default_timeout_seconds,
+        mesh_events: setup.mesh_events,
+        mesh_id: setup.mesh_id,
         tracker: Mutex::new(MessageTracker::new(setup.tracked_messages)),
         subscribers: Mutex::new(Vec::new()),
         recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),

@@ -1,16 +1,19 @@
 //! The control core: one thread (a tokio current-thread runtime) that owns the node's view of
 //! its peers and the control database.
 //!
-//! Today it runs the reconnect policy ([`dial_plan`]), answers `AddSession` / `DropSession`,
-//! and records peers (trust-on-first-use keys, addresses) in redb. Gossip, the link-state
-//! database, path computation and Raft join it in later issues.
+//! It runs the reconnect policy ([`dial_plan`]), link-state routing ([`routing`]) and SWIM
+//! membership ([`membership`]), answers `AddSession` / `DropSession`, and records peers
+//! (trust-on-first-use keys, addresses) in redb. Raft joins it in a later issue.
 //!
 //! One closed [`ControlInput`] enum in, one `match`, then a fixed drain: dials due
-//! ([`dial_plan::DialPlan::poll_dials`]) go to shards, then the loop sleeps until the next
-//! deadline or input.
+//! ([`dial_plan::DialPlan::poll_dials`]) go to shards, then routing frames and a new forwarding
+//! table, then membership datagrams and events; then the loop sleeps until the next deadline or
+//! input.
 
 pub mod dial_plan;
 pub mod lsdb;
+pub mod membership;
+pub mod mesh;
 pub mod metrics;
 pub mod paths;
 pub mod routing;
@@ -35,6 +38,8 @@ use tokio::sync::oneshot;
 pub use self::routing::{RoutingConfig, RoutingSnapshot};
 use self::{
     dial_plan::{DialPlan, DialVerdict, Origin},
+    membership::{Membership, MembershipConfig, NodeMeta},
+    mesh::{MeshEvent, MeshEventKind, MeshSnapshot},
     metrics::{LinkCounters, LinkMeters},
     routing::Routing,
 };
@@ -72,6 +77,11 @@ pub enum ControlRequest {
     Routing {
         /// Where to answer.
         reply: oneshot::Sender<Arc<RoutingSnapshot>>,
+    },
+    /// The member table and mesh health.
+    Mesh {
+        /// Where to answer.
+        reply: oneshot::Sender<MeshSnapshot>,
     },
     /// Dial every node of the mesh that listens and has no direct link yet.
     EstablishFullLinks {
@@ -112,6 +122,14 @@ pub struct ControlSetup {
     pub local_listen: String,
     /// Routing settings.
     pub routing: RoutingConfig,
+    /// SWIM timing.
+    pub membership: MembershipConfig,
+    /// This start's identity generation (grows with every start).
+    pub generation: u32,
+    /// What this node tells the mesh about itself.
+    pub node_meta: NodeMeta,
+    /// Where mesh events go (WatchMeshEvents).
+    pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
 }
 
 /// The running control thread.
@@ -166,6 +184,8 @@ struct Control {
     routing: Routing,
     meters: LinkMeters,
     last_metrics: Instant,
+    membership: Membership,
+    mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
 }
 
 async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
@@ -183,8 +203,20 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         Err(e) => tracing::error!(error = %e, "could not read saved dial targets"),
     }
     let mut routing = Routing::new(setup.local, setup.local_listen, setup.routing, now);
+    let mut membership = Membership::new(
+        setup.local,
+        setup.generation,
+        &setup.membership,
+        rand::random(),
+        setup.node_meta,
+        now,
+    );
     match setup.db.peers() {
-        Ok(peers) => routing.remember(peers.into_iter().map(|(id, _)| id)),
+        Ok(peers) => {
+            let ids: Vec<u64> = peers.into_iter().map(|(id, _)| id).collect();
+            routing.remember(ids.iter().copied());
+            membership.remember(now, ids);
+        }
         Err(e) => tracing::error!(error = %e, "could not read known peers"),
     }
     let mut control = Control {
@@ -197,6 +229,8 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         routing,
         meters: LinkMeters::default(),
         last_metrics: now,
+        membership,
+        mesh_events: setup.mesh_events,
     };
     let events = setup.events;
     let requests = setup.requests;
@@ -206,10 +240,15 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
     loop {
         control.start_due_dials().await;
         control.drain_routing().await;
-        let deadline = match (control.plan.next_deadline(), control.routing.poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        control.drain_membership().await;
+        let deadline = [
+            control.plan.next_deadline(),
+            control.routing.poll_timeout(),
+            control.membership.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let input = tokio::select! {
             event = events.pop() => event.map_or(ControlInput::Stop, ControlInput::Shard),
             request = requests.pop() => request.map_or(ControlInput::Stop, ControlInput::Request),
@@ -225,7 +264,11 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
             ControlInput::Shard(event) => control.handle_event(event),
             ControlInput::Request(request) => control.handle_request(request).await,
             ControlInput::Metrics(snapshots) => control.handle_metrics(snapshots),
-            ControlInput::Timer => control.routing.handle_timeout(Instant::now()),
+            ControlInput::Timer => {
+                let now = Instant::now();
+                control.routing.handle_timeout(now);
+                control.membership.handle_timeout(now);
+            }
             ControlInput::Stop => break,
         }
     }
@@ -240,6 +283,39 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl Control {
+    /// Sends membership datagrams (routed like data) and publishes membership events.
+    async fn drain_membership(&mut self) {
+        while let Some((to, payload)) = self.membership.poll_transmit() {
+            let outgoing = meshd_shards::command::Outgoing {
+                dst: to,
+                frame_type: meshd_shards::frame::FrameType::Gossip,
+                traffic_class: meshd_shards::frame::TrafficClass::System,
+                msg_id: 0,
+                flow: 0,
+                payload,
+            };
+            let shard = owner_shard(to, self.shards.len());
+            if self.shards[shard]
+                .push(ShardInput::Send(outgoing))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        while let Some(event) = self.membership.poll_event() {
+            let event = MeshEvent::from_membership(event);
+            match event.kind {
+                MeshEventKind::Dead | MeshEventKind::Left => {
+                    tracing::warn!(node = event.node, kind = ?event.kind, "membership")
+                }
+                _ => tracing::info!(node = event.node, kind = ?event.kind, "membership"),
+            }
+            // No watcher is not an error.
+            let _ = self.mesh_events.send(event);
+        }
+    }
+
     /// Sends queued routing frames to neighbours and publishes a new forwarding table when one
     /// is due.
     async fn drain_routing(&mut self) {
@@ -331,6 +407,10 @@ impl Control {
                 self.plan.handle_link_up(peer.node_id);
                 self.routing
                     .handle_link_up(now, peer.node_id, remote_addr, &peer.listen_addr);
+                self.membership.handle_link_up(now, peer.node_id);
+                let _ = self
+                    .mesh_events
+                    .send(MeshEvent::new(MeshEventKind::LinkUp, peer.node_id));
                 let record = PeerRecord {
                     public_key: peer.public_key,
                     listen_addr: peer.listen_addr.clone(),
@@ -348,6 +428,10 @@ impl Control {
                 self.linked.remove(&peer);
                 self.meters.remove(peer);
                 self.routing.handle_link_down(now, peer);
+                self.membership.handle_link_down(peer);
+                let _ = self
+                    .mesh_events
+                    .send(MeshEvent::new(MeshEventKind::LinkDown, peer));
                 if goodbye.as_deref() == Some(DROP_REASON) {
                     tracing::info!(peer, "peer dropped the session; not re-dialing it");
                     self.forget_peer(peer);
@@ -355,6 +439,9 @@ impl Control {
                     tracing::debug!(peer, %reason, "scheduling re-dial");
                     self.plan.handle_link_down(peer, now, &mut self.rng);
                 }
+            }
+            ControlEvent::Gossip { from, payload } => {
+                self.membership.handle_data(now, from, &payload);
             }
             ControlEvent::Routing { from, payload } => {
                 if !self.routing.handle_frame(now, from, &payload) {
@@ -412,6 +499,10 @@ impl Control {
                 if self.plan.linked_peer(addr).is_none() && self.plan.remove(addr) {
                     let _ = self.db.remove_dial_target(addr);
                 }
+            }
+            ControlRequest::Mesh { reply } => {
+                let linked = |node| self.linked.contains_key(&node);
+                let _ = reply.send(MeshSnapshot::of(&self.membership, linked, Instant::now()));
             }
             ControlRequest::Routing { reply } => {
                 let _ = reply.send(self.routing.snapshot());

@@ -1,0 +1,151 @@
+//! Membership as the rpcs show it: `GetMeshStatus`, `WatchMeshEvents` (meshd.v1) and core's
+//! `GetConsensusState` / `TriggerConsensusCheck`, all answered from the control core's SWIM view.
+
+use meshd_proto::{
+    link::{
+        LinkInfo, MemberInfo, MemberState as WireMemberState, MeshEvent as WireMeshEvent,
+        MeshEventKind as WireKind, MeshHealth, MeshStatus,
+    },
+    mesh::ConsensusState,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::codegen::BoxStream;
+
+use super::ApiState;
+use crate::control::{
+    RoutingSnapshot,
+    membership::{Health, MemberState},
+    mesh::{MeshEvent, MeshEventKind, MeshSnapshot},
+};
+
+/// How split-brain is decided today: the side that sees a strict majority of the known members
+/// may accept writes.
+pub(crate) const SPLIT_STRATEGY: &str = "majority";
+
+pub(crate) fn mesh_status(
+    mesh_id: &str,
+    mesh: &MeshSnapshot,
+    routing: &RoutingSnapshot,
+) -> MeshStatus {
+    let health = match mesh.health {
+        Health::Healthy => MeshHealth::Healthy,
+        Health::Degraded => MeshHealth::Degraded,
+        Health::Critical => MeshHealth::Critical,
+    };
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    MeshStatus {
+        mesh_id: mesh_id.to_owned(),
+        local_node_id: mesh.local,
+        health: health as i32,
+        total_members: count(mesh.census.total),
+        online_members: count(mesh.census.online),
+        suspect_members: count(mesh.census.suspect),
+        dead_members: count(mesh.census.dead),
+        members: mesh
+            .members
+            .iter()
+            .map(|m| {
+                let meta = m.meta.clone().unwrap_or_default();
+                MemberInfo {
+                    node_id: m.node,
+                    state: match m.state {
+                        MemberState::Alive => WireMemberState::Alive,
+                        MemberState::Suspect => WireMemberState::Suspect,
+                        MemberState::Dead => WireMemberState::Dead,
+                    } as i32,
+                    incarnation: u32::from(m.incarnation),
+                    generation: m.generation,
+                    last_seen_ms: m.last_seen_ms,
+                    state_since_ms: m.since_ms,
+                    name: meta.name,
+                    version: meta.version,
+                    capabilities: meta.capabilities,
+                    load_permille: meta.load_permille,
+                    linked: m.linked,
+                }
+            })
+            .collect(),
+        links: routing
+            .links
+            .iter()
+            .map(|(from, to, metrics)| LinkInfo {
+                from_node: *from,
+                to_node: *to,
+                rtt_us: metrics.rtt_us,
+                loss_ppm: metrics.loss_ppm,
+                utilisation_ppm: metrics.utilisation_ppm,
+                bandwidth_bps: metrics.bandwidth_bps,
+            })
+            .collect(),
+        routing_epoch: routing.epoch,
+    }
+}
+
+/// Core's consensus view, from membership: this side may accept writes when it sees a strict
+/// majority of the members it knows. There is no permanent seed node; `seed_node_id` is the
+/// lowest reachable member id, which every node on the same side agrees on.
+pub(crate) fn consensus_state(mesh: &MeshSnapshot) -> ConsensusState {
+    let total = mesh.census.total as u64;
+    let online = mesh.census.online as u64;
+    let majority = online * 2 > total;
+    let seed = mesh
+        .members
+        .iter()
+        .filter(|m| m.state != MemberState::Dead)
+        .map(|m| m.node)
+        .min()
+        .unwrap_or(mesh.local);
+    ConsensusState {
+        total_nodes: total,
+        online_nodes: online,
+        split_detected: online < total,
+        is_majority_partition: majority,
+        split_strategy: SPLIT_STRATEGY.to_owned(),
+        seed_node_id: seed,
+        can_accept_writes: majority,
+    }
+}
+
+fn wire_event(event: &MeshEvent) -> WireMeshEvent {
+    let kind = match event.kind {
+        MeshEventKind::Joined => WireKind::Joined,
+        MeshEventKind::Suspect => WireKind::Suspect,
+        MeshEventKind::Dead => WireKind::Dead,
+        MeshEventKind::Recovered => WireKind::Recovered,
+        MeshEventKind::Left => WireKind::Left,
+        MeshEventKind::LinkUp => WireKind::LinkUp,
+        MeshEventKind::LinkDown => WireKind::LinkDown,
+    };
+    WireMeshEvent {
+        kind: kind as i32,
+        node_id: event.node,
+        timestamp_ms: event.at_ms,
+        missed: 0,
+    }
+}
+
+/// A stream of mesh events for one watcher, filtered by node ids (empty: all).
+pub(crate) fn watch(state: &ApiState, node_ids: Vec<u64>) -> BoxStream<WireMeshEvent> {
+    let rx = state.mesh_events.subscribe();
+    let stream = futures::stream::unfold((rx, node_ids), |(mut rx, node_ids)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(event) if node_ids.is_empty() || node_ids.contains(&event.node) => {
+                    return Some((Ok(wire_event(&event)), (rx, node_ids)));
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    let lagged = WireMeshEvent {
+                        kind: WireKind::Lagged as i32,
+                        node_id: 0,
+                        timestamp_ms: crate::storage::now_ms(),
+                        missed,
+                    };
+                    return Some((Ok(lagged), (rx, node_ids)));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Box::pin(stream)
+}
