@@ -30,7 +30,8 @@ pub struct Config {
     pub node_id: u64,
     /// Where the node keeps its control database (identity, peers).
     pub data_dir: PathBuf,
-    /// Nodes only link with nodes of the same mesh id.
+    /// Nodes only link with nodes of the same mesh id. "" = no mesh until `SeedMesh` or
+    /// `JoinMesh`; a seeded or joined mesh (kept in the data directory) wins over this key.
     #[serde(default = "default_mesh_id")]
     pub mesh_id: String,
     /// Peer links.
@@ -384,11 +385,11 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "is empty", "give a directory path"));
         }
-        if self.mesh_id.is_empty() || self.mesh_id.len() > 128 {
+        if self.mesh_id.len() > 128 {
             return Err(invalid(
                 "mesh_id",
-                "must be 1 to 128 characters",
-                "use the mesh's id",
+                "must be at most 128 characters",
+                "use the mesh's id, or \"\" to seed or join one later",
             ));
         }
         let net = &self.network;

@@ -1,12 +1,14 @@
 //! meshd, the mesh network appliance: everything but the data plane.
 //!
 //! - [`config`]: TOML + environment configuration, validated.
-//! - [`storage`]: the redb control database (identity, peers).
-//! - [`control`]: the control thread (reconnect policy, sessions).
+//! - [`storage`]: the redb control database (identity, peers, mesh, evictions).
+//! - [`control`]: the control thread (reconnect policy, routing, membership, lifecycle).
 //! - [`api`]: the tokio thread serving gRPC.
 //! - [`node`]: start-up and shut-down order.
+//! - [`cli`]: `meshd mesh …`, the operator's lifecycle commands.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod node;

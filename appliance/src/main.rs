@@ -33,6 +33,14 @@ enum Command {
         #[arg(long, env = "MESH_ROUTING_ID")]
         node_id: Option<u64>,
     },
+    /// Seed, join, stop, start, leave or evict through a running node (its gRPC port).
+    Mesh {
+        /// The node's gRPC address.
+        #[arg(long, default_value = "127.0.0.1:50056")]
+        grpc: String,
+        #[command(subcommand)]
+        action: meshd::cli::MeshAction,
+    },
     /// Validate a config file and print the resolved settings.
     CheckConfig {
         /// TOML config file.
@@ -72,6 +80,7 @@ fn main() -> ExitCode {
                 })
                 .map_err(Into::into)
         }
+        Command::Mesh { grpc, action } => meshd::cli::run(&grpc, action),
         Command::CheckConfig { config } => Config::load(config.as_deref())
             .map(|(config, resolved)| {
                 println!(

@@ -21,6 +21,7 @@ use crate::{
     config::{Config, Resolved},
     control::{
         ControlSetup, ControlThread, RoutingConfig,
+        lifecycle::start_mesh_id,
         lsdb::LsdbConfig,
         membership::{MembershipConfig, NodeMeta},
         mesh::MESH_EVENT_BACKLOG,
@@ -49,6 +50,10 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     })
     .context("building TLS configuration")?;
 
+    // A seeded or joined mesh, stored in the control database, wins over `mesh_id` in the config.
+    let mesh_record = db.mesh().context("reading the stored mesh")?;
+    let mesh_id = start_mesh_id(mesh_record.as_ref(), &config.mesh_id);
+
     let capacity = config.runtime.ring_capacity;
     let (control_events_tx, control_events_rx) = ring(capacity);
     let (api_events_tx, api_events_rx) = ring(capacity);
@@ -56,7 +61,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
 
     let shard_config = ShardConfig {
         local: LocalHello {
-            mesh_id: config.mesh_id.clone(),
+            mesh_id: mesh_id.clone(),
             node_id: identity.node_id,
             boot_id: rand::thread_rng().next_u64(),
             listen_addr: resolved.listen.map(|a| a.to_string()).unwrap_or_default(),
@@ -131,6 +136,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         generation,
         node_meta,
         mesh_events: mesh_events.clone(),
+        mesh_record,
+        configured_mesh_id: config.mesh_id.clone(),
     })?;
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,
@@ -143,7 +150,6 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         tracked_messages: config.grpc.tracked_messages,
         default_timeout_seconds: config.grpc.default_timeout_seconds,
         mesh_events,
-        mesh_id: config.mesh_id.clone(),
     })?;
 
     let listen = shards
@@ -152,7 +158,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     // One machine-readable line: scripts and the test harness wait for it.
     println!(
         "meshd ready node_id={} grpc={} listen={} shards={} mesh_id={}",
-        identity.node_id, api.local_addr, listen, resolved.n_shards, config.mesh_id
+        identity.node_id, api.local_addr, listen, resolved.n_shards, mesh_id
     );
     let _ = std::io::stdout().flush();
     tracing::info!(node_id = identity.node_id, grpc = %api.local_addr, %listen, "meshd running");

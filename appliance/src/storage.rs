@@ -15,12 +15,18 @@ use std::{
 };
 
 use ed25519_dalek::SigningKey;
+use meshd_proto::link::MeshRecord;
+use prost::Message;
 use rand::{RngCore, rngs::OsRng};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const IDENTITY: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("identity");
 const PEERS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("peers");
 const DIAL_TARGETS: TableDefinition<'_, &str, u64> = TableDefinition::new("dial_targets");
+/// One row, key "mesh": the prost-encoded `meshd.v1.MeshRecord` of the mesh this node belongs to.
+const MESH: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("mesh");
+/// Nodes evicted from the mesh → when (ms since the Unix epoch).
+const EVICTED: TableDefinition<'_, u64, u64> = TableDefinition::new("evicted");
 
 /// File name of the control database inside the data directory.
 pub const CONTROL_DB_FILE: &str = "control.redb";
@@ -123,6 +129,8 @@ impl ControlDb {
         txn.open_table(IDENTITY).map_err(db_error)?;
         txn.open_table(PEERS).map_err(db_error)?;
         txn.open_table(DIAL_TARGETS).map_err(db_error)?;
+        txn.open_table(MESH).map_err(db_error)?;
+        txn.open_table(EVICTED).map_err(db_error)?;
         txn.commit().map_err(db_error)?;
         Ok(Self { db })
     }
@@ -306,6 +314,83 @@ impl ControlDb {
     }
 }
 
+impl ControlDb {
+    /// The mesh this node belongs to, if it was seeded or joined.
+    pub fn mesh(&self) -> Result<Option<MeshRecord>, StorageError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(MESH).map_err(db_error)?;
+        let Some(value) = table.get("mesh").map_err(db_error)? else {
+            return Ok(None);
+        };
+        MeshRecord::decode(value.value())
+            .map(Some)
+            .map_err(|e| StorageError::Db(format!("mesh record: {e}")))
+    }
+
+    /// Replaces the mesh record, and when `clear_evicted` forgets every eviction (a new mesh
+    /// starts with none), in one transaction.
+    pub fn save_mesh(&self, record: &MeshRecord, clear_evicted: bool) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(MESH).map_err(db_error)?;
+            table
+                .insert("mesh", record.encode_to_vec().as_slice())
+                .map_err(db_error)?;
+            if clear_evicted {
+                let mut evicted = txn.open_table(EVICTED).map_err(db_error)?;
+                evicted.retain(|_, _| false).map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// Forgets the mesh (after LeaveMesh), its evictions and the dial targets, in one
+    /// transaction.
+    pub fn clear_mesh(&self) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            txn.open_table(MESH)
+                .map_err(db_error)?
+                .remove("mesh")
+                .map_err(db_error)?;
+            txn.open_table(EVICTED)
+                .map_err(db_error)?
+                .retain(|_, _| false)
+                .map_err(db_error)?;
+            txn.open_table(DIAL_TARGETS)
+                .map_err(db_error)?
+                .retain(|_, _| false)
+                .map_err(db_error)?;
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// Records an eviction (`evicted`) or a readmission (`!evicted`).
+    pub fn set_evicted(&self, node: u64, evicted: bool) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = txn.open_table(EVICTED).map_err(db_error)?;
+            if evicted {
+                table.insert(node, now_ms()).map_err(db_error)?;
+            } else {
+                table.remove(node).map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// Every evicted node.
+    pub fn evicted(&self) -> Result<Vec<u64>, StorageError> {
+        let txn = self.db.begin_read().map_err(db_error)?;
+        let table = txn.open_table(EVICTED).map_err(db_error)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_error)? {
+            out.push(entry.map_err(db_error)?.0.value());
+        }
+        Ok(out)
+    }
+}
+
 fn random_node_id() -> u64 {
     loop {
         let id = OsRng.next_u64();
@@ -353,6 +438,31 @@ mod tests {
             error.contains("node 7") && error.contains("fix:"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_mesh_record_and_evictions_round_trip_and_leaving_forgets_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ControlDb::open(dir.path()).unwrap();
+        assert!(db.mesh().unwrap().is_none());
+        let record = MeshRecord {
+            config: Some(meshd_proto::link::MeshConfig {
+                mesh_id: "01J".into(),
+                name: "prod".into(),
+                ..Default::default()
+            }),
+            state: 1,
+        };
+        db.save_mesh(&record, true).unwrap();
+        db.set_evicted(7, true).unwrap();
+        db.add_dial_target("127.0.0.1:9".parse().unwrap()).unwrap();
+        drop(db);
+        let db = ControlDb::open(dir.path()).unwrap();
+        assert_eq!(db.mesh().unwrap(), Some(record));
+        assert_eq!(db.evicted().unwrap(), vec![7]);
+        db.clear_mesh().unwrap();
+        assert!(db.mesh().unwrap().is_none() && db.evicted().unwrap().is_empty());
+        assert!(db.dial_targets().unwrap().is_empty());
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub enum ShardInput {
     Forward(Forwarded),
     /// Install a new forwarding table.
     Fib(Arc<Fib>),
+    /// Switch to another mesh ("" = none): every link closes with a goodbye carrying `reason`.
+    SetMesh {
+        /// The new mesh id.
+        mesh_id: String,
+        /// Goodbye reason sent to every peer.
+        reason: String,
+    },
     /// Close the link to `peer` with a goodbye; answers whether there was one.
     DropPeer {
         /// The peer.
@@ -141,6 +148,15 @@ pub enum ControlEvent {
         /// The neighbour.
         from: u64,
         /// Encoded `meshd.v1.RoutingMessage`.
+        payload: Bytes,
+    },
+    /// A join exchange frame (`Join` or `JoinAnswer`) from the peer of a guest link.
+    Join {
+        /// The peer.
+        from: u64,
+        /// Which of the two.
+        frame_type: FrameType,
+        /// Encoded `meshd.v1.JoinRequest` or `meshd.v1.JoinAnswer`.
         payload: Bytes,
     },
     /// A membership datagram addressed to this node.

@@ -72,6 +72,11 @@ pub enum FrameType {
     /// A membership (SWIM) datagram between control cores; payload is foca's encoding. Routed
     /// like data, so it reaches members with no direct link.
     Gossip = 8,
+    /// A node without a mesh asks to join; payload is `meshd.v1.JoinRequest`. Neighbour-only,
+    /// accepted only on a guest link.
+    Join = 9,
+    /// The answer to a `Join`; payload is `meshd.v1.JoinAnswer`. Neighbour-only.
+    JoinAnswer = 10,
     /// Application or replication data; payload is `meshd.v1.Data`.
     Data = 16,
     /// Delivery outcome for earlier data; payload is `meshd.v1.DeliveryReport`.
@@ -82,7 +87,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::Hello,
         Self::Auth,
         Self::Refuse,
@@ -91,6 +96,8 @@ impl FrameType {
         Self::Goodbye,
         Self::Routing,
         Self::Gossip,
+        Self::Join,
+        Self::JoinAnswer,
         Self::Data,
         Self::DeliveryReport,
         Self::AppAck,
@@ -107,6 +114,8 @@ impl FrameType {
             6 => Some(Self::Goodbye),
             7 => Some(Self::Routing),
             8 => Some(Self::Gossip),
+            9 => Some(Self::Join),
+            10 => Some(Self::JoinAnswer),
             16 => Some(Self::Data),
             17 => Some(Self::DeliveryReport),
             18 => Some(Self::AppAck),
@@ -126,6 +135,8 @@ impl FrameType {
                 | Self::HeartbeatAck
                 | Self::Goodbye
                 | Self::Routing
+                | Self::Join
+                | Self::JoinAnswer
         )
     }
 }

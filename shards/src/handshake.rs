@@ -95,6 +95,8 @@ pub struct PeerInfo {
     pub listen_addr: String,
     /// The peer's software version.
     pub software_version: String,
+    /// One side belongs to no mesh yet: the link carries only the join exchange.
+    pub guest: bool,
 }
 
 /// How a handshake ended.
@@ -246,7 +248,27 @@ impl Handshake {
             );
             return self.refuse(RefuseReason::RefuseVersion, detail);
         }
-        if hello.mesh_id != self.mesh_id {
+        // A guest link joins a node without a mesh ("") to a member, only when the node
+        // without a mesh dialed: it is how JoinMesh reaches the mesh, and nothing but the join
+        // exchange crosses it.
+        let guest = match (self.mesh_id.is_empty(), hello.mesh_id.is_empty(), self.role) {
+            (true, true, _) => {
+                let detail = "neither side belongs to a mesh".to_owned();
+                return self.refuse(RefuseReason::RefuseMeshId, detail);
+            }
+            (true, false, Role::Dialer) | (false, true, Role::Acceptor) => true,
+            (true, false, Role::Acceptor) => {
+                let detail =
+                    "this node belongs to no mesh yet: it joins by dialing (JoinMesh)".to_owned();
+                return self.refuse(RefuseReason::RefuseMeshId, detail);
+            }
+            (false, true, Role::Dialer) => {
+                let detail = "the peer belongs to no mesh yet: it must dial to join".to_owned();
+                return self.refuse(RefuseReason::RefuseMeshId, detail);
+            }
+            (false, false, _) => false,
+        };
+        if !guest && hello.mesh_id != self.mesh_id {
             let detail = format!(
                 "peer belongs to mesh {:?}, this node to mesh {:?}",
                 hello.mesh_id, self.mesh_id
@@ -304,6 +326,7 @@ impl Handshake {
                 boot_id: hello.boot_id,
                 listen_addr: hello.listen_addr,
                 software_version: hello.software_version,
+                guest,
             },
         };
     }
@@ -481,6 +504,64 @@ mod tests {
             }
             other => panic!("expected both established, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_member_accepts_a_guest_that_dials_it_but_never_dials_a_guest() {
+        // The acceptor (2) has no mesh: a member dialing it is refused.
+        let (mut a, mut b) = pair([7; 32], [7; 32], "");
+        exchange(&mut a, &mut b);
+        assert!(matches!(
+            a.outcome(),
+            Some(Outcome::Refused {
+                reason: RefuseReason::RefuseMeshId,
+                ..
+            })
+        ));
+        // A node without a mesh dials a member: a guest link on both sides.
+        let mut joiner = Handshake::new(
+            Role::Dialer,
+            &local(1, ""),
+            key(1),
+            [7; 32],
+            [11; 32],
+            Expectation::default(),
+        );
+        let mut member = Handshake::new(
+            Role::Acceptor,
+            &local(2, "m"),
+            key(2),
+            [7; 32],
+            [22; 32],
+            Expectation::default(),
+        );
+        exchange(&mut joiner, &mut member);
+        match (joiner.outcome(), member.outcome()) {
+            (Some(Outcome::Established(pj)), Some(Outcome::Established(pm))) => {
+                assert!(pj.guest && pm.guest);
+                assert_eq!((pj.node_id, pm.node_id), (2, 1));
+            }
+            other => panic!("expected a guest link, got {other:?}"),
+        }
+        // Two nodes without a mesh never link.
+        let mut x = Handshake::new(
+            Role::Dialer,
+            &local(1, ""),
+            key(1),
+            [7; 32],
+            [11; 32],
+            Expectation::default(),
+        );
+        let mut y = Handshake::new(
+            Role::Acceptor,
+            &local(2, ""),
+            key(2),
+            [7; 32],
+            [22; 32],
+            Expectation::default(),
+        );
+        exchange(&mut x, &mut y);
+        assert!(matches!(x.outcome(), Some(Outcome::Refused { .. })));
     }
 
     #[test]

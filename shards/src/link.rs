@@ -32,7 +32,7 @@ use prost::Message as _;
 use rand::RngCore;
 
 use crate::{
-    command::{ApiEvent, DialError},
+    command::{ApiEvent, ControlEvent, DialError},
     frame::{self, FrameReader, FrameType, Header, TrafficClass},
     handshake::{Expectation, Handshake, Outcome, PeerInfo, Role},
     shard::Shard,
@@ -272,9 +272,10 @@ async fn handshake(
         node_id_hint: Some(peer_hint),
         pinned_key: shard.pinned_key(peer_hint),
     };
+    let local_hello = shard.local_hello();
     let mut machine = Handshake::new(
         role,
-        &shard.config.local,
+        &local_hello,
         shard.config.signing_key.clone(),
         exporter,
         nonce,
@@ -329,6 +330,7 @@ pub(crate) async fn run(
     shard: Rc<Shard>,
     socket: LinkSocket,
     peer: u64,
+    guest: bool,
     outbox: Rc<Outbox>,
     stats: Rc<LinkStats>,
 ) -> LinkEnd {
@@ -381,6 +383,25 @@ pub(crate) async fn run(
                     FrameType::Goodbye => {
                         let goodbye = Goodbye::decode(frame.payload).unwrap_or_default();
                         return LinkEnd::Goodbye(goodbye.reason);
+                    }
+                    FrameType::Join | FrameType::JoinAnswer => {
+                        if header.src != peer || !guest {
+                            stats.on_frame_dropped();
+                            shard.count_drop("join_off_guest_link");
+                            continue;
+                        }
+                        shard
+                            .emit(ControlEvent::Join {
+                                from: peer,
+                                frame_type: header.frame_type,
+                                payload: message.slice_ref(frame.payload),
+                            })
+                            .await;
+                    }
+                    _ if guest => {
+                        // A guest link carries the join exchange and nothing else.
+                        stats.on_frame_dropped();
+                        shard.count_drop("guest_link");
                     }
                     FrameType::Routing => {
                         // Neighbour-only: the sender must be the authenticated peer.

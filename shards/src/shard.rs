@@ -241,6 +241,8 @@ pub(crate) struct Shard {
     stopping: Cell<bool>,
     fib: RefCell<Arc<Fib>>,
     round_robin: Cell<u64>,
+    /// The mesh this node belongs to now ("" = none yet); starts as `config.local.mesh_id`.
+    mesh_id: RefCell<String>,
 }
 
 /// Why a frame could not be handed on.
@@ -263,6 +265,13 @@ impl Shard {
 
     fn owner(&self, peer: u64) -> usize {
         owner_shard(peer, self.config.n_shards.max(1))
+    }
+
+    /// This node's Hello fields with the current mesh id.
+    pub(crate) fn local_hello(&self) -> LocalHello {
+        let mut hello = self.config.local.clone();
+        hello.mesh_id = self.mesh_id.borrow().clone();
+        hello
     }
 
     /// A peer counts as down here when this shard owns it and has no open link to it; links of
@@ -368,7 +377,7 @@ impl Shard {
         }
     }
 
-    async fn emit(&self, event: ControlEvent) {
+    pub(crate) async fn emit(&self, event: ControlEvent) {
         if self.control_tx.push(event).await.is_err() {
             tracing::debug!(shard = self.shard_id, "control thread gone; event dropped");
         }
@@ -413,6 +422,7 @@ async fn shard_main(
         stopping: Cell::new(false),
         fib: RefCell::new(Arc::new(Fib::empty())),
         round_robin: Cell::new(0),
+        mesh_id: RefCell::new(config.local.mesh_id.clone()),
     });
 
     let listener = match config.listen {
@@ -469,6 +479,21 @@ async fn shard_main(
             ShardInput::Send(outgoing) => send(&shard, outgoing).await,
             ShardInput::Forward(forwarded) => shard.forward(forwarded).await,
             ShardInput::Fib(fib) => *shard.fib.borrow_mut() = fib,
+            ShardInput::SetMesh { mesh_id, reason } => {
+                // Links of the old mesh (or guest links) end; new handshakes use the new id.
+                *shard.mesh_id.borrow_mut() = mesh_id;
+                let links: Vec<(u64, Rc<Outbox>)> = shard
+                    .links
+                    .borrow()
+                    .iter()
+                    .map(|(peer, l)| (*peer, Rc::clone(&l.outbox)))
+                    .collect();
+                for (peer, outbox) in links {
+                    let (header, payload) = link::goodbye(config.local.node_id, peer, &reason);
+                    let _ = outbox.push_now(&header, &payload);
+                    outbox.close(reason.clone());
+                }
+            }
             ShardInput::DropPeer {
                 peer,
                 reason,
@@ -792,7 +817,15 @@ async fn establish(
         let (header, payload) = link::goodbye(local, peer.node_id, "duplicate link");
         let _ = outbox.push_now(&header, &payload);
         outbox.close("duplicate link".into());
-        let _ = link::run(Rc::clone(&shard), socket, peer.node_id, outbox, stats).await;
+        let _ = link::run(
+            Rc::clone(&shard),
+            socket,
+            peer.node_id,
+            peer.guest,
+            outbox,
+            stats,
+        )
+        .await;
         return;
     }
     tracing::info!(peer = peer.node_id, %remote_addr, ?role, shard = shard.shard_id, "link up");
@@ -805,7 +838,15 @@ async fn establish(
         })
         .await;
 
-    let end = link::run(Rc::clone(&shard), socket, peer.node_id, outbox, stats).await;
+    let end = link::run(
+        Rc::clone(&shard),
+        socket,
+        peer.node_id,
+        peer.guest,
+        outbox,
+        stats,
+    )
+    .await;
 
     let still_ours = shard
         .links

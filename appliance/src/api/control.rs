@@ -8,8 +8,10 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use meshd_proto::{
     link::{
         AddLinkRequest, AddLinkResponse, DropLinkRequest, DropLinkResponse,
-        EstablishFullLinksRequest, EstablishFullLinksResponse, GetMeshStatusRequest, MeshEvent,
-        MeshStatus, WatchMeshEventsRequest, mesh_service_server::MeshService,
+        EstablishFullLinksRequest, EstablishFullLinksResponse, EvictNodeRequest,
+        GetMeshStatusRequest, JoinMeshRequest, LeaveMeshRequest, LeaveMeshResponse, MeshEvent,
+        MeshStatus, SeedMeshRequest, StartMeshRequest, StopMeshRequest, WatchMeshEventsRequest,
+        mesh_service_server::MeshService,
     },
     mesh::{
         AddSessionRequest, AddSessionResponse, DropSessionRequest, DropSessionResponse,
@@ -26,7 +28,10 @@ use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
 use super::{ApiState, mesh};
-use crate::control::{ControlRequest, RoutingSnapshot};
+use crate::control::{
+    ControlRequest, RoutingSnapshot,
+    lifecycle::{LifecycleError, LifecycleRequest, Reply},
+};
 
 /// The `MeshControl` service.
 pub(crate) struct ControlService {
@@ -328,19 +333,146 @@ impl MeshControl for ControlService {
     }
 }
 
+impl ControlService {
+    /// Hands a lifecycle request to the control core and waits for its answer.
+    async fn lifecycle(
+        &self,
+        make: impl FnOnce(Reply) -> LifecycleRequest,
+        wait: Duration,
+    ) -> Result<(), Status> {
+        let (reply, answer) = oneshot::channel();
+        self.state
+            .control
+            .push(ControlRequest::Lifecycle(make(reply)))
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        let outcome = tokio::time::timeout(wait, answer)
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("no answer within {wait:?}")))?
+            .map_err(|_| Status::unavailable("the node is shutting down"))?;
+        outcome.map_err(|error| {
+            let text = error.to_string();
+            match error {
+                LifecycleError::AlreadyMember(_)
+                | LifecycleError::NotMember
+                | LifecycleError::Refused(_)
+                | LifecycleError::Critical(_)
+                | LifecycleError::Busy => Status::failed_precondition(text),
+                LifecycleError::Invalid(_) => Status::invalid_argument(text),
+                LifecycleError::Unreachable(_) => Status::unavailable(text),
+                LifecycleError::BadKey(_) => Status::permission_denied(text),
+                LifecycleError::Timeout(_) => Status::deadline_exceeded(text),
+                LifecycleError::UnknownNode(_) => Status::not_found(text),
+                LifecycleError::Storage(_) => Status::internal(text),
+            }
+        })
+    }
+
+    async fn status(&self) -> Result<Response<MeshStatus>, Status> {
+        let snapshot = self.state.mesh().await?;
+        let routing = self.state.routing().await?;
+        Ok(Response::new(mesh::mesh_status(&snapshot, &routing)))
+    }
+}
+
+/// Lifecycle requests that do no network round trip answer at once; this bounds the wait.
+const LIFECYCLE_WAIT: Duration = Duration::from_secs(10);
+
 #[tonic::async_trait]
 impl MeshService for ControlService {
+    async fn seed_mesh(
+        &self,
+        request: Request<SeedMeshRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
+        let r = request.into_inner();
+        self.lifecycle(
+            |reply| LifecycleRequest::Seed {
+                name: r.name,
+                description: r.description,
+                policy: r.join_policy,
+                key: r.join_key,
+                reply,
+            },
+            LIFECYCLE_WAIT,
+        )
+        .await?;
+        self.status().await
+    }
+
+    async fn join_mesh(
+        &self,
+        request: Request<JoinMeshRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
+        let r = request.into_inner();
+        let addr = r.addr.trim().parse::<SocketAddr>().map_err(|e| {
+            Status::invalid_argument(format!("addr {:?} is not IP:port: {e}", r.addr))
+        })?;
+        let timeout = Duration::from_secs(u64::from(if r.timeout_seconds == 0 {
+            30
+        } else {
+            r.timeout_seconds
+        }));
+        self.lifecycle(
+            |reply| LifecycleRequest::Join {
+                addr,
+                key: r.join_key,
+                timeout,
+                reply,
+            },
+            timeout + Duration::from_secs(5),
+        )
+        .await?;
+        self.status().await
+    }
+
+    async fn start_mesh(
+        &self,
+        _request: Request<StartMeshRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
+        self.lifecycle(|reply| LifecycleRequest::Start { reply }, LIFECYCLE_WAIT)
+            .await?;
+        self.status().await
+    }
+
+    async fn stop_mesh(
+        &self,
+        _request: Request<StopMeshRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
+        self.lifecycle(|reply| LifecycleRequest::Stop { reply }, LIFECYCLE_WAIT)
+            .await?;
+        self.status().await
+    }
+
+    async fn leave_mesh(
+        &self,
+        _request: Request<LeaveMeshRequest>,
+    ) -> Result<Response<LeaveMeshResponse>, Status> {
+        self.lifecycle(|reply| LifecycleRequest::Leave { reply }, LIFECYCLE_WAIT)
+            .await?;
+        Ok(Response::new(LeaveMeshResponse {
+            success: true,
+            message: "left the mesh; members were told".into(),
+        }))
+    }
+
+    async fn evict_node(
+        &self,
+        request: Request<EvictNodeRequest>,
+    ) -> Result<Response<MeshStatus>, Status> {
+        let node = request.into_inner().node_id;
+        self.lifecycle(
+            |reply| LifecycleRequest::Evict { node, reply },
+            LIFECYCLE_WAIT,
+        )
+        .await?;
+        self.status().await
+    }
+
     async fn get_mesh_status(
         &self,
         _request: Request<GetMeshStatusRequest>,
     ) -> Result<Response<MeshStatus>, Status> {
-        let snapshot = self.state.mesh().await?;
-        let routing = self.state.routing().await?;
-        Ok(Response::new(mesh::mesh_status(
-            &self.state.mesh_id,
-            &snapshot,
-            &routing,
-        )))
+        self.status().await
     }
 
     async fn watch_mesh_events(

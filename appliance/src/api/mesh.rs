@@ -22,19 +22,21 @@ use crate::control::{
 /// may accept writes.
 pub(crate) const SPLIT_STRATEGY: &str = "majority";
 
-pub(crate) fn mesh_status(
-    mesh_id: &str,
-    mesh: &MeshSnapshot,
-    routing: &RoutingSnapshot,
-) -> MeshStatus {
+pub(crate) fn mesh_status(mesh: &MeshSnapshot, routing: &RoutingSnapshot) -> MeshStatus {
     let health = match mesh.health {
         Health::Healthy => MeshHealth::Healthy,
         Health::Degraded => MeshHealth::Degraded,
         Health::Critical => MeshHealth::Critical,
     };
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let config = mesh.mesh.clone().unwrap_or_default();
     MeshStatus {
-        mesh_id: mesh_id.to_owned(),
+        mesh_id: mesh.mesh_id.clone(),
+        mesh_name: config.name,
+        mesh_description: config.description,
+        join_policy: config.join_policy as i32,
+        mesh_state: mesh.mesh_state.to_owned(),
+        evicted: mesh.evicted.clone(),
         local_node_id: mesh.local,
         health: health as i32,
         total_members: count(mesh.census.total),
@@ -113,6 +115,7 @@ fn wire_event(event: &MeshEvent) -> WireMeshEvent {
         MeshEventKind::Dead => WireKind::Dead,
         MeshEventKind::Recovered => WireKind::Recovered,
         MeshEventKind::Left => WireKind::Left,
+        MeshEventKind::Evicted => WireKind::Evicted,
         MeshEventKind::LinkUp => WireKind::LinkUp,
         MeshEventKind::LinkDown => WireKind::LinkDown,
     };

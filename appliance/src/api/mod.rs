@@ -82,7 +82,6 @@ pub(crate) struct ApiState {
     next_msg_id: AtomicU64,
     recent: Mutex<RecentDeliveries>,
     pub(crate) mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
-    pub(crate) mesh_id: String,
 }
 
 /// Messages delivered here lately, so a retransmitted copy (same source and message id) is
@@ -407,8 +406,6 @@ pub struct ApiSetup {
     pub default_timeout_seconds: u32,
     /// Mesh events from the control thread (each WatchMeshEvents call subscribes).
     pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
-    /// The mesh this node belongs to.
-    pub mesh_id: String,
 }
 
 /// The running api thread.
@@ -465,7 +462,6 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         subscriber_queue: setup.subscriber_queue,
         default_timeout_seconds: setup.default_timeout_seconds,
         mesh_events: setup.mesh_events,
-        mesh_id: setup.mesh_id,
         tracker: Mutex::new(MessageTracker::new(setup.tracked_messages)),
         subscribers: Mutex::new(Vec::new()),
         recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),

@@ -123,8 +123,12 @@ pub enum MembershipEvent {
     Dead(u64),
     /// A suspect or dead member is alive again.
     Recovered(u64),
-    /// A member left for good or was removed.
+    /// A member left for good.
     Left(u64),
+    /// A member was evicted.
+    Evicted(u64),
+    /// An evicted node was admitted again.
+    Admitted(u64),
 }
 
 /// Mesh health from the share of unreachable members.
@@ -201,23 +205,63 @@ impl MembershipConfig {
     }
 }
 
-type MetaTable = Rc<RefCell<BTreeMap<u64, NodeMeta>>>;
+type MetaTable = Rc<RefCell<Disseminated>>;
 
-/// Keeps the newest metadata of every node and tells foca what is worth spreading.
+/// A decision about a node's place in the mesh, spread to every member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoticeKind {
+    /// Removed by an operator: its datagrams and links are refused.
+    Evicted,
+    /// Joined again after an eviction.
+    Admitted,
+    /// Left for good.
+    Left,
+}
+
+/// A notice about `node`; of two notices about one node the higher `seq` wins (callers use
+/// the decision's wall-clock time in ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// The node concerned.
+    pub node: u64,
+    /// Order among notices about the node.
+    pub seq: u64,
+    /// What was decided.
+    pub kind: NoticeKind,
+}
+
+/// What rides on foca's custom broadcasts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Gossiped {
+    Meta(NodeMeta),
+    Notice(Notice),
+}
+
+/// The newest of everything disseminated, shared by the handler and [`Membership`].
+#[derive(Default)]
+struct Disseminated {
+    meta: BTreeMap<u64, NodeMeta>,
+    notices: BTreeMap<u64, Notice>,
+    /// Notices not yet applied to the member table.
+    fresh: Vec<Notice>,
+}
+
+/// Keeps the newest metadata and notices of every node and tells foca what is worth spreading.
 struct MetaHandler {
     table: MetaTable,
 }
 
-/// Key of a metadata broadcast: newer seq of the same node replaces older.
+/// Key of a broadcast: a newer seq about the same node (and kind of news) replaces older.
 #[derive(Clone, Copy, Debug)]
 struct MetaKey {
     node: u64,
     seq: u64,
+    notice: bool,
 }
 
 impl Invalidates for MetaKey {
     fn invalidates(&self, other: &Self) -> bool {
-        self.node == other.node && self.seq >= other.seq
+        self.node == other.node && self.notice == other.notice && self.seq >= other.seq
     }
 }
 
@@ -235,20 +279,42 @@ impl BroadcastHandler<MemberId> for MetaHandler {
         data: &[u8],
         _sender: Option<&MemberId>,
     ) -> Result<Option<MetaKey>, BadMeta> {
-        let meta: NodeMeta = postcard::from_bytes(data).map_err(|e| BadMeta(e.to_string()))?;
+        let item: Gossiped = postcard::from_bytes(data).map_err(|e| BadMeta(e.to_string()))?;
         let mut table = self.table.borrow_mut();
-        let newer = table
-            .get(&meta.node)
-            .is_none_or(|known| known.seq < meta.seq);
-        if !newer {
-            return Ok(None);
+        match item {
+            Gossiped::Meta(meta) => {
+                if table
+                    .meta
+                    .get(&meta.node)
+                    .is_some_and(|known| known.seq >= meta.seq)
+                {
+                    return Ok(None);
+                }
+                let key = MetaKey {
+                    node: meta.node,
+                    seq: meta.seq,
+                    notice: false,
+                };
+                table.meta.insert(meta.node, meta);
+                Ok(Some(key))
+            }
+            Gossiped::Notice(notice) => {
+                if table
+                    .notices
+                    .get(&notice.node)
+                    .is_some_and(|known| known.seq >= notice.seq)
+                {
+                    return Ok(None);
+                }
+                table.notices.insert(notice.node, notice);
+                table.fresh.push(notice);
+                Ok(Some(MetaKey {
+                    node: notice.node,
+                    seq: notice.seq,
+                    notice: true,
+                }))
+            }
         }
-        let key = MetaKey {
-            node: meta.node,
-            seq: meta.seq,
-        };
-        table.insert(meta.node, meta);
-        Ok(Some(key))
     }
 }
 
@@ -319,6 +385,10 @@ pub struct Membership {
     neighbours: BTreeSet<u64>,
     reannounce: Duration,
     next_announce: Option<Instant>,
+    /// Evicted nodes: their datagrams are dropped.
+    evicted: BTreeSet<u64>,
+    /// Evicted or left: kept out of the member table.
+    removed: BTreeSet<u64>,
 }
 
 impl Membership {
@@ -377,6 +447,8 @@ impl Membership {
             neighbours: BTreeSet::new(),
             reannounce: config.probe_period,
             next_announce: None,
+            evicted: BTreeSet::new(),
+            removed: BTreeSet::new(),
         };
         membership.publish_meta();
         membership
@@ -428,6 +500,9 @@ impl Membership {
 
     /// A gossip datagram from `from` (the frame's source node).
     pub fn handle_data(&mut self, now: Instant, from: u64, data: &[u8]) {
+        if self.evicted.contains(&from) {
+            return;
+        }
         if let Some(view) = self.table.get_mut(&from) {
             view.last_seen = Some(now);
         }
@@ -484,10 +559,79 @@ impl Membership {
         self.after(now, effects, result);
     }
 
-    /// Forgets a node that left or was removed.
-    pub fn forget(&mut self, node: u64) {
-        if node != self.local.node && self.table.remove(&node).is_some() {
-            self.events.push_back(MembershipEvent::Left(node));
+    /// Decides about `node` and spreads the decision (evict, readmit, or this node leaving).
+    pub fn publish_notice(&mut self, now: Instant, notice: Notice) {
+        let stale = self
+            .meta
+            .borrow()
+            .notices
+            .get(&notice.node)
+            .is_some_and(|known| known.seq >= notice.seq);
+        if stale {
+            return;
+        }
+        // foca hands the item to the handler, which records it as fresh news; the table
+        // applies it in the drain below, like a notice from another member.
+        match postcard::to_allocvec(&Gossiped::Notice(notice)) {
+            Ok(encoded) if self.foca.add_broadcast(&encoded).is_ok() => {}
+            _ => self.errors += 1,
+        }
+        // Spread it now rather than at the next periodic gossip.
+        let mut effects = Effects::default();
+        let result = self.foca.gossip(&mut effects);
+        self.after(now, effects, result);
+    }
+
+    /// Nodes evicted earlier (from the control database): refused from the start.
+    pub fn set_evicted(&mut self, nodes: impl IntoIterator<Item = u64>) {
+        for node in nodes {
+            if node != self.local.node {
+                self.evicted.insert(node);
+                self.removed.insert(node);
+                self.table.remove(&node);
+            }
+        }
+    }
+
+    /// Whether `node` is evicted.
+    pub fn is_evicted(&self, node: u64) -> bool {
+        self.evicted.contains(&node)
+    }
+
+    /// Every evicted node.
+    pub fn evicted(&self) -> impl Iterator<Item = u64> + '_ {
+        self.evicted.iter().copied()
+    }
+
+    /// A node admitted by this member (it joined again): its news counts again.
+    pub fn readmit(&mut self, node: u64) {
+        self.removed.remove(&node);
+        self.evicted.remove(&node);
+    }
+
+    fn apply_notice(&mut self, notice: Notice) {
+        let node = notice.node;
+        if node == self.local.node || node == 0 {
+            return;
+        }
+        match notice.kind {
+            NoticeKind::Evicted => {
+                self.evicted.insert(node);
+                self.removed.insert(node);
+                self.table.remove(&node);
+                self.events.push_back(MembershipEvent::Evicted(node));
+            }
+            NoticeKind::Admitted => {
+                self.evicted.remove(&node);
+                self.removed.remove(&node);
+                self.events.push_back(MembershipEvent::Admitted(node));
+            }
+            NoticeKind::Left => {
+                self.removed.insert(node);
+                if self.table.remove(&node).is_some() {
+                    self.events.push_back(MembershipEvent::Left(node));
+                }
+            }
         }
     }
 
@@ -560,7 +704,7 @@ impl Membership {
 
     fn publish_meta(&mut self) {
         self.own_meta.seq += 1;
-        let Ok(encoded) = postcard::to_allocvec(&self.own_meta) else {
+        let Ok(encoded) = postcard::to_allocvec(&Gossiped::Meta(self.own_meta.clone())) else {
             return;
         };
         if let Some(own) = self.table.get_mut(&self.local.node) {
@@ -600,7 +744,7 @@ impl Membership {
     fn sync_table(&mut self, now: Instant) {
         for member in self.foca.iter_membership_state() {
             let id = *member.id();
-            if id.node == self.local.node || id.node == 0 {
+            if id.node == self.local.node || id.node == 0 || self.removed.contains(&id.node) {
                 continue;
             }
             let state = match member.state() {
@@ -655,10 +799,14 @@ impl Membership {
                 }
             }
         }
+        let fresh = std::mem::take(&mut self.meta.borrow_mut().fresh);
+        for notice in fresh {
+            self.apply_notice(notice);
+        }
         let meta = self.meta.borrow();
         for (node, view) in &mut self.table {
             if *node != self.local.node
-                && let Some(m) = meta.get(node)
+                && let Some(m) = meta.meta.get(node)
                 && view.meta.as_ref().is_none_or(|old| old.seq < m.seq)
             {
                 view.meta = Some(m.clone());

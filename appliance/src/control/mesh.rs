@@ -31,8 +31,10 @@ pub enum MeshEventKind {
     Dead,
     /// A suspect or dead member is alive again.
     Recovered,
-    /// A member left or was removed.
+    /// A member left.
     Left,
+    /// A member was evicted.
+    Evicted,
     /// A direct link came up.
     LinkUp,
     /// A direct link went down.
@@ -48,6 +50,8 @@ impl MeshEvent {
             MembershipEvent::Dead(n) => (MeshEventKind::Dead, n),
             MembershipEvent::Recovered(n) => (MeshEventKind::Recovered, n),
             MembershipEvent::Left(n) => (MeshEventKind::Left, n),
+            MembershipEvent::Evicted(n) => (MeshEventKind::Evicted, n),
+            MembershipEvent::Admitted(n) => (MeshEventKind::Joined, n),
         };
         Self::new(kind, node)
     }
@@ -96,6 +100,14 @@ pub struct MeshSnapshot {
     pub health: Health,
     /// Every member, this node included.
     pub members: Vec<MemberSnapshot>,
+    /// The mesh id the node uses now ("" = none).
+    pub mesh_id: String,
+    /// The seeded or joined mesh's configuration.
+    pub mesh: Option<meshd_proto::link::MeshConfig>,
+    /// "active", "stopped", "configured" (mesh id from the config file) or "none".
+    pub mesh_state: &'static str,
+    /// Evicted nodes.
+    pub evicted: Vec<u64>,
 }
 
 impl MeshSnapshot {
@@ -123,6 +135,10 @@ impl MeshSnapshot {
                     linked: linked(m.node),
                 })
                 .collect(),
+            mesh_id: String::new(),
+            mesh: None,
+            mesh_state: "none",
+            evicted: membership.evicted().collect(),
         }
     }
 }

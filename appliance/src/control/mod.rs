@@ -11,6 +11,7 @@
 //! input.
 
 pub mod dial_plan;
+pub mod lifecycle;
 pub mod lsdb;
 pub mod membership;
 pub mod mesh;
@@ -38,6 +39,7 @@ use tokio::sync::oneshot;
 pub use self::routing::{RoutingConfig, RoutingSnapshot};
 use self::{
     dial_plan::{DialPlan, DialVerdict, Origin},
+    lifecycle::{EVICTED_REASON, LEFT_REASON, Lifecycle, LifecycleRequest, STOPPED_REASON},
     membership::{Membership, MembershipConfig, NodeMeta},
     mesh::{MeshEvent, MeshEventKind, MeshSnapshot},
     metrics::{LinkCounters, LinkMeters},
@@ -78,6 +80,8 @@ pub enum ControlRequest {
         /// Where to answer.
         reply: oneshot::Sender<Arc<RoutingSnapshot>>,
     },
+    /// SeedMesh, JoinMesh, StartMesh, StopMesh, LeaveMesh, EvictNode.
+    Lifecycle(LifecycleRequest),
     /// The member table and mesh health.
     Mesh {
         /// Where to answer.
@@ -130,6 +134,10 @@ pub struct ControlSetup {
     pub node_meta: NodeMeta,
     /// Where mesh events go (WatchMeshEvents).
     pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
+    /// The stored mesh (seeded or joined), read at start.
+    pub mesh_record: Option<meshd_proto::link::MeshRecord>,
+    /// `mesh_id` from the config, used when there is no stored mesh.
+    pub configured_mesh_id: String,
 }
 
 /// The running control thread.
@@ -186,6 +194,7 @@ struct Control {
     last_metrics: Instant,
     membership: Membership,
     mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
+    lifecycle: Lifecycle,
 }
 
 async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
@@ -231,7 +240,12 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         last_metrics: now,
         membership,
         mesh_events: setup.mesh_events,
+        lifecycle: Lifecycle::new(setup.mesh_record, &setup.configured_mesh_id),
     };
+    match control.db.evicted() {
+        Ok(evicted) => control.membership.set_evicted(evicted),
+        Err(e) => tracing::error!(error = %e, "could not read evicted nodes"),
+    }
     let events = setup.events;
     let requests = setup.requests;
     let (metrics_tx, mut metrics_rx) = tokio::sync::mpsc::channel(1);
@@ -241,7 +255,9 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         control.start_due_dials().await;
         control.drain_routing().await;
         control.drain_membership().await;
+        control.drain_lifecycle().await;
         let deadline = [
+            control.lifecycle.deadline(),
             control.plan.next_deadline(),
             control.routing.poll_timeout(),
             control.membership.poll_timeout(),
@@ -268,6 +284,7 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
                 let now = Instant::now();
                 control.routing.handle_timeout(now);
                 control.membership.handle_timeout(now);
+                control.handle_join_timeout(now);
             }
             ControlInput::Stop => break,
         }
@@ -303,8 +320,22 @@ impl Control {
                 return;
             }
         }
-        while let Some(event) = self.membership.poll_event() {
-            let event = MeshEvent::from_membership(event);
+        while let Some(membership_event) = self.membership.poll_event() {
+            match membership_event {
+                membership::MembershipEvent::Evicted(node) => {
+                    if let Err(e) = self.db.set_evicted(node, true) {
+                        tracing::error!(node, error = %e, "could not record an eviction");
+                    }
+                    self.cut_off(node);
+                }
+                membership::MembershipEvent::Admitted(node) => {
+                    if let Err(e) = self.db.set_evicted(node, false) {
+                        tracing::error!(node, error = %e, "could not record a readmission");
+                    }
+                }
+                _ => {}
+            }
+            let event = MeshEvent::from_membership(membership_event);
             match event.kind {
                 MeshEventKind::Dead | MeshEventKind::Left => {
                     tracing::warn!(node = event.node, kind = ?event.kind, "membership")
@@ -383,6 +414,9 @@ impl Control {
     }
 
     async fn start_due_dials(&mut self) {
+        if self.lifecycle.is_stopped() {
+            return;
+        }
         for (addr, dial_id) in self.plan.poll_dials(Instant::now()) {
             // The shard that dials is chosen by address; the socket moves to the peer's owner
             // shard once the preamble names the peer.
@@ -403,6 +437,22 @@ impl Control {
             ControlEvent::LinkUp {
                 peer, remote_addr, ..
             } => {
+                if peer.guest {
+                    // Only the join exchange crosses a guest link; it is not part of the mesh.
+                    return;
+                }
+                if self.membership.is_evicted(peer.node_id) {
+                    tracing::info!(peer = peer.node_id, "refusing a link from an evicted node");
+                    self.cut_off(peer.node_id);
+                    return;
+                }
+                if self.lifecycle.is_stopped() {
+                    self.lifecycle.commands.push(lifecycle::ShardCommand::Drop {
+                        peer: peer.node_id,
+                        reason: STOPPED_REASON.into(),
+                    });
+                    return;
+                }
                 self.linked.insert(peer.node_id, remote_addr);
                 self.plan.handle_link_up(peer.node_id);
                 self.routing
@@ -432,7 +482,11 @@ impl Control {
                 let _ = self
                     .mesh_events
                     .send(MeshEvent::new(MeshEventKind::LinkDown, peer));
-                if goodbye.as_deref() == Some(DROP_REASON) {
+                let final_goodbye = [DROP_REASON, LEFT_REASON, EVICTED_REASON, STOPPED_REASON];
+                if goodbye
+                    .as_deref()
+                    .is_some_and(|g| final_goodbye.contains(&g))
+                {
                     tracing::info!(peer, "peer dropped the session; not re-dialing it");
                     self.forget_peer(peer);
                 } else {
@@ -440,6 +494,11 @@ impl Control {
                     self.plan.handle_link_down(peer, now, &mut self.rng);
                 }
             }
+            ControlEvent::Join {
+                from,
+                frame_type,
+                payload,
+            } => self.handle_join_frame(now, from, frame_type, &payload),
             ControlEvent::Gossip { from, payload } => {
                 self.membership.handle_data(now, from, &payload);
             }
@@ -453,6 +512,9 @@ impl Control {
                 addr,
                 result,
             } => {
+                if self.handle_join_dial(dial_id, &result) {
+                    return;
+                }
                 let verdict = self.plan.handle_dial_done(
                     dial_id,
                     addr,
@@ -502,8 +564,18 @@ impl Control {
             }
             ControlRequest::Mesh { reply } => {
                 let linked = |node| self.linked.contains_key(&node);
-                let _ = reply.send(MeshSnapshot::of(&self.membership, linked, Instant::now()));
+                let mut snapshot = MeshSnapshot::of(&self.membership, linked, Instant::now());
+                snapshot.mesh_id = self.lifecycle.mesh_id.clone();
+                snapshot.mesh = self.lifecycle.config().cloned();
+                snapshot.mesh_state = match (&self.lifecycle.record, self.lifecycle.is_stopped()) {
+                    (None, _) if self.lifecycle.mesh_id.is_empty() => "none",
+                    (None, _) => "configured",
+                    (Some(_), true) => "stopped",
+                    (Some(_), false) => "active",
+                };
+                let _ = reply.send(snapshot);
             }
+            ControlRequest::Lifecycle(request) => self.handle_lifecycle(request),
             ControlRequest::Routing { reply } => {
                 let _ = reply.send(self.routing.snapshot());
             }

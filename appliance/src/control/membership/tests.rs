@@ -345,3 +345,44 @@ fn three_of_five_crashing_at_once_are_all_declared_dead_by_the_two_left() {
             .all(|m| m.census().health() == Health::Critical)
     );
 }
+
+#[test]
+fn an_eviction_reaches_every_member_and_the_evicted_node_is_kept_out() {
+    let mut sim = Sim::new(6, 0.05, MembershipConfig::default());
+    sim.bootstrap(12);
+    let now = sim.now;
+    sim.nodes.get_mut(&3).unwrap().publish_notice(
+        now,
+        Notice {
+            node: 9,
+            seq: 1,
+            kind: NoticeKind::Evicted,
+        },
+    );
+    sim.settle(3);
+    let start = sim.now;
+    while !sim
+        .nodes
+        .iter()
+        .filter(|(id, _)| **id != 9)
+        .all(|(_, m)| m.is_evicted(9) && m.member(9).is_none())
+    {
+        sim.run_for(Duration::from_millis(100));
+        assert!(
+            sim.now - start < Duration::from_secs(20),
+            "eviction did not spread"
+        );
+    }
+    println!(
+        "eviction known to all 11 members after {:?}",
+        sim.now - start
+    );
+    // The evicted node keeps gossiping; nobody lets it back in.
+    sim.run_for(Duration::from_secs(10));
+    assert!(
+        sim.nodes
+            .iter()
+            .filter(|(id, _)| **id != 9)
+            .all(|(_, m)| m.member(9).is_none())
+    );
+}

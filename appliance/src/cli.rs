@@ -1,0 +1,168 @@
+//! `meshd mesh …`: the operator's side of the mesh lifecycle, a gRPC client of a running node's
+//! `meshd.v1.MeshService`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Subcommand, ValueEnum};
+use meshd_proto::link::{
+    EvictNodeRequest, GetMeshStatusRequest, JoinMeshRequest, JoinPolicy, LeaveMeshRequest,
+    MemberState, MeshHealth, MeshStatus, SeedMeshRequest, StartMeshRequest, StopMeshRequest,
+    mesh_service_client::MeshServiceClient,
+};
+
+/// Who may join a seeded mesh.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Policy {
+    /// Anyone who reaches a member.
+    Open,
+    /// Only with the join key.
+    KeyRequired,
+    /// No one.
+    Closed,
+}
+
+/// What to do to the node's mesh.
+#[derive(Debug, Subcommand)]
+pub enum MeshAction {
+    /// Print the mesh as the node sees it.
+    Status,
+    /// Create a new mesh with this node as its first member.
+    Seed {
+        /// Mesh name.
+        #[arg(long)]
+        name: String,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Join policy.
+        #[arg(long, value_enum, default_value = "key-required")]
+        policy: Policy,
+        /// Join key (KEY_REQUIRED; at least 8 bytes). Stored only as an argon2 hash.
+        #[arg(long, env = "MESHD_JOIN_KEY", default_value = "")]
+        key: String,
+    },
+    /// Join the mesh of the node whose link listener is at ADDR.
+    Join {
+        /// IP:port of a member's link listener.
+        addr: String,
+        /// The mesh's join key.
+        #[arg(long, env = "MESHD_JOIN_KEY", default_value = "")]
+        key: String,
+    },
+    /// Close every link with a goodbye and stop dialing (membership stays persisted).
+    Stop,
+    /// Link to the known members again after `stop`.
+    Start,
+    /// Leave the mesh for good.
+    Leave,
+    /// Remove a node from the mesh; members refuse it until it joins again.
+    Evict {
+        /// Its node id.
+        node_id: u64,
+    },
+}
+
+/// Runs one action against the node serving gRPC at `grpc`.
+pub fn run(grpc: &str, action: MeshAction) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach meshd's gRPC at {grpc}; fix: --grpc ADDR"))?;
+        let mut client = MeshServiceClient::new(channel);
+        let status = match action {
+            MeshAction::Status => client.get_mesh_status(GetMeshStatusRequest {}).await?,
+            MeshAction::Seed {
+                name,
+                description,
+                policy,
+                key,
+            } => {
+                let join_policy = match policy {
+                    Policy::Open => JoinPolicy::Open,
+                    Policy::KeyRequired => JoinPolicy::KeyRequired,
+                    Policy::Closed => JoinPolicy::Closed,
+                };
+                let request = SeedMeshRequest {
+                    name,
+                    description,
+                    join_policy: join_policy as i32,
+                    join_key: key,
+                };
+                client.seed_mesh(request).await?
+            }
+            MeshAction::Join { addr, key } => {
+                let request = JoinMeshRequest {
+                    addr,
+                    join_key: key,
+                    timeout_seconds: 30,
+                };
+                client.join_mesh(request).await?
+            }
+            MeshAction::Stop => client.stop_mesh(StopMeshRequest {}).await?,
+            MeshAction::Start => client.start_mesh(StartMeshRequest {}).await?,
+            MeshAction::Leave => {
+                let answer = client.leave_mesh(LeaveMeshRequest {}).await?.into_inner();
+                println!("{}", answer.message);
+                return Ok(());
+            }
+            MeshAction::Evict { node_id } => {
+                let request = EvictNodeRequest {
+                    node_id,
+                    reason: String::new(),
+                };
+                client.evict_node(request).await?
+            }
+        };
+        print_status(&status.into_inner());
+        Ok(())
+    })
+}
+
+fn print_status(status: &MeshStatus) {
+    let health = match status.health() {
+        MeshHealth::Healthy => "HEALTHY",
+        MeshHealth::Degraded => "DEGRADED",
+        MeshHealth::Critical => "CRITICAL",
+        MeshHealth::Unspecified => "?",
+    };
+    println!(
+        "mesh {} {:?} ({}), node {}: {health}, {}/{} members online",
+        if status.mesh_id.is_empty() {
+            "-"
+        } else {
+            &status.mesh_id
+        },
+        status.mesh_name,
+        status.mesh_state,
+        status.local_node_id,
+        status.online_members,
+        status.total_members
+    );
+    for m in &status.members {
+        let state = match m.state() {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Dead => "dead",
+            MemberState::Unspecified => "?",
+        };
+        println!(
+            "  node {:>6}  {state:<7}  gen {:<4} inc {:<4} {}  {:<12} {}",
+            m.node_id,
+            m.generation,
+            m.incarnation,
+            if m.linked { "linked" } else { "      " },
+            m.name,
+            m.capabilities.join(",")
+        );
+    }
+    if !status.evicted.is_empty() {
+        println!("  evicted: {:?}", status.evicted);
+    }
+}

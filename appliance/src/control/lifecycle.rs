@@ -1,0 +1,758 @@
+//! The mesh lifecycle on the control core: seed, join (over a guest link, with the join key
+//! checked against an argon2 hash), stop, start, leave and evict.
+//!
+//! ```text
+//!  JoinMesh(addr, key) on J:          J: SetMesh("")  ─ dial addr ─►  M (member, accepts a guest)
+//!                                     J ── Join{key} ─────────────►  M: policy, argon2 verify
+//!                                     J ◄─ JoinAnswer{mesh, members}  M (then closes the guest link)
+//!  accepted: J persists the mesh, SetMesh(id), dials addr as a member (kept as a dial target)
+//!  refused / unreachable / timeout: J restores its previous mesh id; nothing is persisted
+//! ```
+//!
+//! Evictions and departures are membership notices (`membership::Notice`), spread by gossip:
+//! every member persists an eviction, drops the evicted node's link and refuses its gossip and
+//! links until it joins again.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use argon2::{
+    Argon2,
+    password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString},
+};
+use bytes::Bytes;
+use meshd_proto::link::{
+    JoinAnswer, JoinPolicy, JoinRefusal, JoinRequest, MemberAddr, MeshConfig, MeshRecord,
+};
+use meshd_shards::{
+    command::{DialError, ShardInput},
+    frame::FrameType,
+};
+use prost::Message;
+use tokio::sync::oneshot;
+
+use super::{
+    Control,
+    membership::{Health, MemberState, Notice, NoticeKind},
+};
+use crate::storage::now_ms;
+
+/// Goodbye reasons that tell a peer not to re-dial.
+pub const LEFT_REASON: &str = "left the mesh";
+/// See [`LEFT_REASON`].
+pub const EVICTED_REASON: &str = "evicted";
+/// See [`LEFT_REASON`].
+pub const STOPPED_REASON: &str = "mesh stopped";
+
+/// Record states (`MeshRecord::state`).
+const ACTIVE: u32 = 1;
+const STOPPED: u32 = 2;
+
+/// Dial ids of join dials live far above the dial plan's.
+const JOIN_DIAL_BASE: u64 = 1 << 62;
+
+/// Why a lifecycle request failed. Nothing was persisted unless the variant says so.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The node already belongs to a mesh.
+    #[error("this node already belongs to mesh {0}; LeaveMesh first")]
+    AlreadyMember(String),
+    /// The node belongs to no mesh (seeded or joined).
+    #[error("this node belongs to no seeded or joined mesh")]
+    NotMember,
+    /// A bad argument.
+    #[error("{0}")]
+    Invalid(String),
+    /// The address could not be reached or the handshake failed.
+    #[error("cannot reach {0}")]
+    Unreachable(String),
+    /// The mesh refused the join key.
+    #[error("join refused: {0}")]
+    BadKey(String),
+    /// The mesh admits no one, or is CRITICAL.
+    #[error("join refused: {0}")]
+    Refused(String),
+    /// Membership and configuration changes wait while half or more of the mesh is down.
+    #[error("the mesh is CRITICAL ({0}); only EvictNode is accepted until it recovers")]
+    Critical(String),
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// Another join is in progress.
+    #[error("another JoinMesh is in progress")]
+    Busy,
+    /// The node to evict is unknown.
+    #[error("node {0} is not a member")]
+    UnknownNode(u64),
+    /// The control database failed.
+    #[error("control database: {0}")]
+    Storage(String),
+}
+
+/// Where an answer goes.
+pub type Reply = oneshot::Sender<Result<(), LifecycleError>>;
+
+/// A lifecycle request from the api.
+#[derive(Debug)]
+pub enum LifecycleRequest {
+    /// SeedMesh.
+    Seed {
+        /// Mesh name.
+        name: String,
+        /// Mesh description.
+        description: String,
+        /// `meshd.v1.JoinPolicy`.
+        policy: i32,
+        /// Join key (KEY_REQUIRED).
+        key: String,
+        /// Answer.
+        reply: Reply,
+    },
+    /// JoinMesh.
+    Join {
+        /// A member's link address.
+        addr: SocketAddr,
+        /// Join key.
+        key: String,
+        /// Give up after.
+        timeout: Duration,
+        /// Answer.
+        reply: Reply,
+    },
+    /// StartMesh.
+    Start {
+        /// Answer.
+        reply: Reply,
+    },
+    /// StopMesh.
+    Stop {
+        /// Answer.
+        reply: Reply,
+    },
+    /// LeaveMesh.
+    Leave {
+        /// Answer.
+        reply: Reply,
+    },
+    /// EvictNode.
+    Evict {
+        /// The node.
+        node: u64,
+        /// Answer.
+        reply: Reply,
+    },
+}
+
+/// A join in progress.
+pub(super) struct PendingJoin {
+    addr: SocketAddr,
+    dial_id: u64,
+    key: String,
+    peer: Option<u64>,
+    deadline: Instant,
+    previous_mesh: String,
+    reply: Reply,
+}
+
+/// What the lifecycle asks of the shards, drained in order by the control loop.
+pub(super) enum ShardCommand {
+    SetMesh {
+        mesh_id: String,
+        reason: String,
+    },
+    Drop {
+        peer: u64,
+        reason: String,
+    },
+    Send {
+        dst: u64,
+        frame_type: FrameType,
+        payload: Bytes,
+    },
+    Dial {
+        addr: SocketAddr,
+        dial_id: u64,
+    },
+}
+
+/// The lifecycle state the control core keeps.
+#[derive(Default)]
+pub(super) struct Lifecycle {
+    /// The mesh record (seeded or joined), if any.
+    pub(super) record: Option<MeshRecord>,
+    /// The mesh id the shards use now ("" = none).
+    pub(super) mesh_id: String,
+    pub(super) pending_join: Option<PendingJoin>,
+    next_join_dial: u64,
+    pub(super) commands: Vec<ShardCommand>,
+}
+
+impl Lifecycle {
+    /// The state at start: the stored record wins over the configured mesh id.
+    pub(super) fn new(record: Option<MeshRecord>, configured_mesh_id: &str) -> Self {
+        let mesh_id = start_mesh_id(record.as_ref(), configured_mesh_id);
+        Self {
+            record,
+            mesh_id,
+            ..Self::default()
+        }
+    }
+
+    /// Whether StopMesh is in force.
+    pub(super) fn is_stopped(&self) -> bool {
+        self.record.as_ref().is_some_and(|r| r.state == STOPPED)
+    }
+
+    /// When the pending join gives up.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.pending_join.as_ref().map(|j| j.deadline)
+    }
+
+    pub(super) fn config(&self) -> Option<&MeshConfig> {
+        self.record.as_ref().and_then(|r| r.config.as_ref())
+    }
+}
+
+/// The mesh id a node starts with: its stored mesh's, else the configured one.
+pub fn start_mesh_id(record: Option<&MeshRecord>, configured: &str) -> String {
+    record
+        .and_then(|r| r.config.as_ref())
+        .map_or_else(|| configured.to_owned(), |c| c.mesh_id.clone())
+}
+
+fn hash_key(key: &str) -> Result<String, LifecycleError> {
+    let salt = SaltString::generate(&mut rand::rngs::OsRng);
+    Argon2::default()
+        .hash_password(key.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| LifecycleError::Invalid(format!("cannot hash the join key: {e}")))
+}
+
+fn key_matches(hash: &str, key: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(key.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+impl Control {
+    fn critical_reason(&self) -> Option<String> {
+        let census = self.membership.census();
+        (census.health() == Health::Critical)
+            .then(|| format!("{} of {} members dead", census.dead, census.total))
+    }
+
+    /// One lifecycle request.
+    pub(super) fn handle_lifecycle(&mut self, request: LifecycleRequest) {
+        let now = Instant::now();
+        match request {
+            LifecycleRequest::Evict { node, reply } => {
+                let _ = reply.send(self.evict(now, node));
+            }
+            other => {
+                if let Some(reason) = self.critical_reason() {
+                    let reply = match other {
+                        LifecycleRequest::Seed { reply, .. }
+                        | LifecycleRequest::Join { reply, .. }
+                        | LifecycleRequest::Start { reply }
+                        | LifecycleRequest::Stop { reply }
+                        | LifecycleRequest::Leave { reply }
+                        | LifecycleRequest::Evict { reply, .. } => reply,
+                    };
+                    let _ = reply.send(Err(LifecycleError::Critical(reason)));
+                    return;
+                }
+                match other {
+                    LifecycleRequest::Seed {
+                        name,
+                        description,
+                        policy,
+                        key,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.seed(name, description, policy, &key));
+                    }
+                    LifecycleRequest::Join {
+                        addr,
+                        key,
+                        timeout,
+                        reply,
+                    } => self.start_join(now, addr, key, timeout, reply),
+                    LifecycleRequest::Start { reply } => {
+                        let _ = reply.send(self.start_mesh(now));
+                    }
+                    LifecycleRequest::Stop { reply } => {
+                        let _ = reply.send(self.stop_mesh());
+                    }
+                    LifecycleRequest::Leave { reply } => {
+                        let _ = reply.send(self.leave(now));
+                    }
+                    LifecycleRequest::Evict { .. } => {}
+                }
+            }
+        }
+    }
+
+    fn seed(
+        &mut self,
+        name: String,
+        description: String,
+        policy: i32,
+        key: &str,
+    ) -> Result<(), LifecycleError> {
+        if let Some(config) = self.lifecycle.config() {
+            return Err(LifecycleError::AlreadyMember(config.mesh_id.clone()));
+        }
+        let policy = match JoinPolicy::try_from(policy) {
+            Ok(JoinPolicy::Unspecified) | Err(_) => {
+                return Err(LifecycleError::Invalid(format!(
+                    "join_policy {policy} is not OPEN, KEY_REQUIRED or CLOSED"
+                )));
+            }
+            Ok(policy) => policy,
+        };
+        if name.is_empty() || name.len() > 255 || description.len() > 4096 {
+            return Err(LifecycleError::Invalid(
+                "name must be 1..=255 bytes and description at most 4096".into(),
+            ));
+        }
+        let join_key_hash = match policy {
+            JoinPolicy::KeyRequired if key.len() < 8 => {
+                return Err(LifecycleError::Invalid(
+                    "KEY_REQUIRED needs a join key of at least 8 bytes".into(),
+                ));
+            }
+            JoinPolicy::KeyRequired => hash_key(key)?,
+            _ => String::new(),
+        };
+        let record = MeshRecord {
+            config: Some(MeshConfig {
+                mesh_id: ulid::Ulid::new().to_string(),
+                name,
+                description,
+                join_policy: policy as u32,
+                join_key_hash,
+                created_ms: now_ms(),
+            }),
+            state: ACTIVE,
+        };
+        self.db
+            .save_mesh(&record, true)
+            .map_err(|e| LifecycleError::Storage(e.to_string()))?;
+        let mesh_id = record
+            .config
+            .as_ref()
+            .map(|c| c.mesh_id.clone())
+            .unwrap_or_default();
+        tracing::info!(%mesh_id, "seeded a new mesh");
+        self.switch_mesh(mesh_id, "mesh changed");
+        self.lifecycle.record = Some(record);
+        Ok(())
+    }
+
+    fn start_join(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        key: String,
+        timeout: Duration,
+        reply: Reply,
+    ) {
+        if let Some(config) = self.lifecycle.config() {
+            let _ = reply.send(Err(LifecycleError::AlreadyMember(config.mesh_id.clone())));
+            return;
+        }
+        if self.lifecycle.pending_join.is_some() {
+            let _ = reply.send(Err(LifecycleError::Busy));
+            return;
+        }
+        self.lifecycle.next_join_dial += 1;
+        let dial_id = JOIN_DIAL_BASE + self.lifecycle.next_join_dial;
+        let previous_mesh = self.lifecycle.mesh_id.clone();
+        // A node joins as a guest: without a mesh id, which only the join exchange accepts.
+        self.switch_mesh(String::new(), "joining another mesh");
+        self.lifecycle
+            .commands
+            .push(ShardCommand::Dial { addr, dial_id });
+        self.lifecycle.pending_join = Some(PendingJoin {
+            addr,
+            dial_id,
+            key,
+            peer: None,
+            deadline: now + timeout,
+            previous_mesh,
+            reply,
+        });
+    }
+
+    /// The outcome of a dial: `true` when it was a join dial (handled here).
+    pub(super) fn handle_join_dial(
+        &mut self,
+        dial_id: u64,
+        result: &Result<u64, DialError>,
+    ) -> bool {
+        let Some(pending) = self.lifecycle.pending_join.as_mut() else {
+            return dial_id >= JOIN_DIAL_BASE;
+        };
+        if pending.dial_id != dial_id {
+            return dial_id >= JOIN_DIAL_BASE;
+        }
+        match result {
+            Ok(peer) => {
+                pending.peer = Some(*peer);
+                let request = JoinRequest {
+                    join_key: pending.key.clone(),
+                    name: String::new(),
+                };
+                let peer = *peer;
+                self.lifecycle.commands.push(ShardCommand::Send {
+                    dst: peer,
+                    frame_type: FrameType::Join,
+                    payload: request.encode_to_vec().into(),
+                });
+            }
+            Err(error) => {
+                let text = format!("{}: {error}", pending.addr);
+                self.fail_join(LifecycleError::Unreachable(text));
+            }
+        }
+        true
+    }
+
+    /// Gives up a join whose deadline passed.
+    pub(super) fn handle_join_timeout(&mut self, now: Instant) {
+        if let Some(pending) = &self.lifecycle.pending_join
+            && pending.deadline <= now
+        {
+            let waited = pending.deadline.saturating_duration_since(now);
+            self.fail_join(LifecycleError::Timeout(waited));
+        }
+    }
+
+    fn fail_join(&mut self, error: LifecycleError) {
+        let Some(pending) = self.lifecycle.pending_join.take() else {
+            return;
+        };
+        tracing::warn!(addr = %pending.addr, %error, "join failed; back to the previous mesh");
+        self.switch_mesh(pending.previous_mesh, "join failed");
+        let _ = pending.reply.send(Err(error));
+    }
+
+    /// A `Join` or `JoinAnswer` frame from the peer of a guest link.
+    pub(super) fn handle_join_frame(
+        &mut self,
+        now: Instant,
+        from: u64,
+        frame_type: FrameType,
+        payload: &[u8],
+    ) {
+        match frame_type {
+            FrameType::Join => self.answer_join(now, from, payload),
+            FrameType::JoinAnswer => self.take_join_answer(from, payload),
+            _ => {}
+        }
+    }
+
+    fn answer_join(&mut self, now: Instant, from: u64, payload: &[u8]) {
+        let refuse = |refusal: JoinRefusal, reason: &str| JoinAnswer {
+            accepted: false,
+            reason: reason.to_owned(),
+            refusal: refusal as u32,
+            mesh: None,
+            members: Vec::new(),
+        };
+        let answer = match (
+            JoinRequest::decode(payload),
+            self.lifecycle.config().cloned(),
+        ) {
+            (Err(_), _) => refuse(JoinRefusal::Unspecified, "malformed join request"),
+            (_, None) => refuse(
+                JoinRefusal::NoMesh,
+                "this node's mesh was configured, not seeded: it admits no joins",
+            ),
+            (Ok(request), Some(config)) => {
+                let policy =
+                    JoinPolicy::try_from(config.join_policy as i32).unwrap_or(JoinPolicy::Closed);
+                if let Some(reason) = self.critical_reason() {
+                    refuse(
+                        JoinRefusal::Critical,
+                        &format!("the mesh is CRITICAL ({reason})"),
+                    )
+                } else if self.lifecycle.is_stopped() {
+                    refuse(JoinRefusal::Closed, "this member is stopped")
+                } else if policy == JoinPolicy::Closed {
+                    refuse(JoinRefusal::Closed, "the mesh is CLOSED")
+                } else if policy == JoinPolicy::KeyRequired
+                    && !key_matches(&config.join_key_hash, &request.join_key)
+                {
+                    refuse(JoinRefusal::BadKey, "wrong or missing join key")
+                } else {
+                    let members = self
+                        .membership
+                        .members()
+                        .filter(|m| m.state != MemberState::Dead)
+                        .map(|m| MemberAddr {
+                            node_id: m.node,
+                            listen_addr: self
+                                .routing
+                                .listen_addrs()
+                                .get(&m.node)
+                                .cloned()
+                                .unwrap_or_default(),
+                        })
+                        .collect();
+                    if self.membership.is_evicted(from) {
+                        // Joining again lifts an eviction.
+                        if let Err(e) = self.db.set_evicted(from, false) {
+                            tracing::error!(node = from, error = %e, "could not record a readmission");
+                        }
+                        let notice = Notice {
+                            node: from,
+                            seq: now_ms(),
+                            kind: NoticeKind::Admitted,
+                        };
+                        self.membership.publish_notice(now, notice);
+                    } else {
+                        self.membership.readmit(from);
+                    }
+                    JoinAnswer {
+                        accepted: true,
+                        reason: String::new(),
+                        refusal: 0,
+                        mesh: Some(config),
+                        members,
+                    }
+                }
+            }
+        };
+        tracing::info!(node = from, accepted = answer.accepted, reason = %answer.reason, "join request answered");
+        self.lifecycle.commands.push(ShardCommand::Send {
+            dst: from,
+            frame_type: FrameType::JoinAnswer,
+            payload: answer.encode_to_vec().into(),
+        });
+        self.lifecycle.commands.push(ShardCommand::Drop {
+            peer: from,
+            reason: "join answered".into(),
+        });
+    }
+
+    fn take_join_answer(&mut self, from: u64, payload: &[u8]) {
+        let Some(pending) = &self.lifecycle.pending_join else {
+            return;
+        };
+        if pending.peer != Some(from) {
+            return;
+        }
+        let answer = match JoinAnswer::decode(payload) {
+            Ok(answer) => answer,
+            Err(e) => {
+                return self.fail_join(LifecycleError::Refused(format!("malformed answer: {e}")));
+            }
+        };
+        let config = match (answer.accepted, answer.mesh) {
+            (true, Some(config)) if !config.mesh_id.is_empty() => config,
+            (true, _) => {
+                return self.fail_join(LifecycleError::Refused("answer without a mesh".into()));
+            }
+            (false, _) => {
+                let error = if answer.refusal == JoinRefusal::BadKey as u32 {
+                    LifecycleError::BadKey(answer.reason)
+                } else {
+                    LifecycleError::Refused(answer.reason)
+                };
+                return self.fail_join(error);
+            }
+        };
+        let record = MeshRecord {
+            config: Some(config.clone()),
+            state: ACTIVE,
+        };
+        let Some(pending) = self.lifecycle.pending_join.take() else {
+            return;
+        };
+        let saved = self
+            .db
+            .save_mesh(&record, true)
+            .and_then(|()| self.db.add_dial_target(pending.addr));
+        if let Err(e) = saved {
+            let _ = self.db.clear_mesh();
+            self.switch_mesh(pending.previous_mesh, "join failed");
+            let _ = pending
+                .reply
+                .send(Err(LifecycleError::Storage(e.to_string())));
+            return;
+        }
+        tracing::info!(mesh_id = %config.mesh_id, via = %pending.addr, "joined the mesh");
+        self.lifecycle.record = Some(record);
+        self.switch_mesh(config.mesh_id, "joined another mesh");
+        self.plan.add(
+            pending.addr,
+            super::dial_plan::Origin::Added,
+            Instant::now(),
+        );
+        let _ = pending.reply.send(Ok(()));
+    }
+
+    fn start_mesh(&mut self, now: Instant) -> Result<(), LifecycleError> {
+        let Some(record) = self.lifecycle.record.as_mut() else {
+            return Err(LifecycleError::NotMember);
+        };
+        record.state = ACTIVE;
+        let record = record.clone();
+        self.db
+            .save_mesh(&record, false)
+            .map_err(|e| LifecycleError::Storage(e.to_string()))?;
+        // Reconnect: every known member that listens is dialed once more.
+        if let Ok(peers) = self.db.peers() {
+            for (node, peer) in peers {
+                if self.membership.is_evicted(node) {
+                    continue;
+                }
+                if let Ok(addr) = peer.listen_addr.parse::<SocketAddr>() {
+                    self.plan
+                        .add(addr, super::dial_plan::Origin::Tentative, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stop_mesh(&mut self) -> Result<(), LifecycleError> {
+        let Some(record) = self.lifecycle.record.as_mut() else {
+            return Err(LifecycleError::NotMember);
+        };
+        record.state = STOPPED;
+        let record = record.clone();
+        self.db
+            .save_mesh(&record, false)
+            .map_err(|e| LifecycleError::Storage(e.to_string()))?;
+        let mesh_id = self.lifecycle.mesh_id.clone();
+        self.switch_mesh(mesh_id, STOPPED_REASON);
+        Ok(())
+    }
+
+    fn leave(&mut self, now: Instant) -> Result<(), LifecycleError> {
+        if self.lifecycle.record.is_none() {
+            return Err(LifecycleError::NotMember);
+        }
+        self.db
+            .clear_mesh()
+            .map_err(|e| LifecycleError::Storage(e.to_string()))?;
+        let local = self.membership.local().node;
+        // Tell the members before the links close: the notice goes out in this drain, ahead
+        // of the goodbyes.
+        self.membership.publish_notice(
+            now,
+            Notice {
+                node: local,
+                seq: now_ms(),
+                kind: NoticeKind::Left,
+            },
+        );
+        self.membership.leave(now);
+        self.lifecycle.record = None;
+        self.switch_mesh(String::new(), LEFT_REASON);
+        Ok(())
+    }
+
+    fn evict(&mut self, now: Instant, node: u64) -> Result<(), LifecycleError> {
+        if self.lifecycle.record.is_none() {
+            return Err(LifecycleError::NotMember);
+        }
+        if node == 0 || node == self.membership.local().node {
+            return Err(LifecycleError::Invalid(format!(
+                "node {node} cannot be evicted by itself; use LeaveMesh"
+            )));
+        }
+        if self.membership.member(node).is_none() && !self.membership.is_evicted(node) {
+            return Err(LifecycleError::UnknownNode(node));
+        }
+        self.db
+            .set_evicted(node, true)
+            .map_err(|e| LifecycleError::Storage(e.to_string()))?;
+        self.membership.publish_notice(
+            now,
+            Notice {
+                node,
+                seq: now_ms(),
+                kind: NoticeKind::Evicted,
+            },
+        );
+        self.cut_off(node);
+        Ok(())
+    }
+
+    /// An evicted node: its link closes with a goodbye that tells it why, and it is not dialed.
+    pub(super) fn cut_off(&mut self, node: u64) {
+        self.forget_peer(node);
+        self.lifecycle.commands.push(ShardCommand::Drop {
+            peer: node,
+            reason: EVICTED_REASON.into(),
+        });
+    }
+
+    fn switch_mesh(&mut self, mesh_id: String, reason: &str) {
+        self.lifecycle.mesh_id = mesh_id.clone();
+        self.lifecycle.commands.push(ShardCommand::SetMesh {
+            mesh_id,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Sends what the lifecycle queued to the shards, in order.
+    pub(super) async fn drain_lifecycle(&mut self) {
+        let commands = std::mem::take(&mut self.lifecycle.commands);
+        for command in commands {
+            let (shard, input) = match command {
+                ShardCommand::SetMesh { mesh_id, reason } => {
+                    for shard in self.shards.iter() {
+                        let input = ShardInput::SetMesh {
+                            mesh_id: mesh_id.clone(),
+                            reason: reason.clone(),
+                        };
+                        let _ = shard.push(input).await;
+                    }
+                    continue;
+                }
+                ShardCommand::Drop { peer, reason } => {
+                    let (reply, _) = futures::channel::oneshot::channel();
+                    let input = ShardInput::DropPeer {
+                        peer,
+                        reason,
+                        reply,
+                    };
+                    (super::owner_shard(peer, self.shards.len()), input)
+                }
+                ShardCommand::Send {
+                    dst,
+                    frame_type,
+                    payload,
+                } => {
+                    let outgoing = meshd_shards::command::Outgoing {
+                        dst,
+                        frame_type,
+                        traffic_class: meshd_shards::frame::TrafficClass::Control,
+                        msg_id: 0,
+                        flow: 0,
+                        payload,
+                    };
+                    (
+                        super::owner_shard(dst, self.shards.len()),
+                        ShardInput::Send(outgoing),
+                    )
+                }
+                ShardCommand::Dial { addr, dial_id } => {
+                    let shard = super::owner_shard(super::addr_hash(addr), self.shards.len());
+                    (shard, ShardInput::Dial { addr, dial_id })
+                }
+            };
+            if self.shards[shard].push(input).await.is_err() {
+                tracing::warn!("shard stopped; lifecycle command dropped");
+            }
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The mesh lifecycle between real `meshd` processes that start without a mesh: seed, joins
+//! through different members (one behind NAT) with a join key, a refused wrong key, crash and
+//! restart, eviction, and the CRITICAL gate.
+
+use std::time::{Duration, Instant};
+
+use meshd_proto::link::{
+    EvictNodeRequest, GetMeshStatusRequest, JoinMeshRequest, JoinPolicy, MemberState, MeshHealth,
+    MeshStatus, SeedMeshRequest, StopMeshRequest,
+};
+use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
+
+const SETTLE: Duration = Duration::from_secs(20);
+const KEY: &str = "correct horse battery";
+
+fn meshless(spec: NodeSpec) -> NodeSpec {
+    NodeSpec {
+        extra: "mesh_id = \"\"".into(),
+        ..spec
+    }
+}
+
+async fn status(node: &Node) -> anyhow::Result<MeshStatus> {
+    Ok(node
+        .mesh()
+        .await?
+        .get_mesh_status(GetMeshStatusRequest {})
+        .await?
+        .into_inner())
+}
+
+async fn join(node: &Node, via: &Node, key: &str) -> Result<MeshStatus, tonic::Status> {
+    let addr = via.listen.expect("entry point listens").to_string();
+    let mut client = node
+        .mesh()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    client
+        .join_mesh(JoinMeshRequest {
+            addr,
+            join_key: key.into(),
+            timeout_seconds: 10,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn state_of(status: &MeshStatus, node: u64) -> Option<MemberState> {
+    status
+        .members
+        .iter()
+        .find(|m| m.node_id == node)
+        .map(|m| m.state())
+}
+
+async fn wait_all(
+    cluster: &Cluster,
+    nodes: &[usize],
+    what: &str,
+    check: impl Fn(&MeshStatus) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let mut failing = None;
+        for &i in nodes {
+            let s = status(cluster.node(i)).await?;
+            if !check(&s) {
+                failing = Some((i, s));
+                break;
+            }
+        }
+        let Some((i, s)) = failing else {
+            return Ok(start.elapsed());
+        };
+        if start.elapsed() > SETTLE {
+            anyhow::bail!(
+                "node {} never saw {what}: {s:#?}\n{}",
+                i + 1,
+                cluster.node(i).log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let mut cluster = Cluster::start(vec![
+        meshless(NodeSpec::listener(1)),
+        meshless(NodeSpec::listener(2)),
+        meshless(NodeSpec::listener(3)),
+        meshless(NodeSpec::behind_nat(4, vec![])),
+        meshless(NodeSpec::listener(5)),
+    ])?;
+    assert_eq!(status(cluster.node(0)).await?.mesh_state, "none");
+
+    let seeded = cluster
+        .node(0)
+        .mesh()
+        .await?
+        .seed_mesh(SeedMeshRequest {
+            name: "prod".into(),
+            description: "test mesh".into(),
+            join_policy: JoinPolicy::KeyRequired as i32,
+            join_key: KEY.into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(seeded.mesh_id.len(), 26, "a ULID: {seeded:?}");
+    assert_eq!(
+        (seeded.mesh_name.as_str(), seeded.mesh_state.as_str()),
+        ("prod", "active")
+    );
+    let again = cluster
+        .node(0)
+        .mesh()
+        .await?
+        .seed_mesh(SeedMeshRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+
+    // Joins through three different entry points; 4 is behind NAT.
+    let started = Instant::now();
+    join(cluster.node(1), cluster.node(0), KEY).await?;
+    join(cluster.node(2), cluster.node(1), KEY).await?;
+    let joined = join(cluster.node(3), cluster.node(2), KEY).await?;
+    assert_eq!(joined.mesh_id, seeded.mesh_id);
+    assert_eq!(joined.mesh_name, "prod");
+    // A wrong key is refused and nothing is kept.
+    let refused = join(cluster.node(4), cluster.node(0), "wrong key")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert_eq!(
+        status(cluster.node(4)).await?.mesh_id,
+        "",
+        "nothing half-persisted"
+    );
+    let unknown = cluster
+        .node(4)
+        .mesh()
+        .await?
+        .join_mesh(JoinMeshRequest {
+            addr: "127.0.0.1:1".into(),
+            join_key: KEY.into(),
+            timeout_seconds: 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::Unavailable, "{unknown:?}");
+    println!("joins and refusals done after {:?}", started.elapsed());
+    join(cluster.node(4), cluster.node(1), KEY).await?;
+    let everyone = [0, 1, 2, 3, 4];
+    wait_all(&cluster, &everyone, "five alive members", |s| {
+        s.mesh_id == seeded.mesh_id && s.online_members == 5 && s.health() == MeshHealth::Healthy
+    })
+    .await?;
+    println!(
+        "seed + 4 joins: every node sees 5 alive members {:?} after the first join",
+        started.elapsed()
+    );
+
+    // kill -9 of node 5: dead everywhere, DEGRADED; a restart resumes the stored membership.
+    cluster.node_mut(4).kill();
+    wait_all(&cluster, &[0, 1, 2, 3], "node 5 dead", |s| {
+        state_of(s, 5) == Some(MemberState::Dead) && s.health() == MeshHealth::Degraded
+    })
+    .await?;
+    cluster.node_mut(4).start()?;
+    let restarted = Instant::now();
+    wait_all(&cluster, &everyone, "node 5 back", |s| {
+        state_of(s, 5) == Some(MemberState::Alive) && s.online_members == 5
+    })
+    .await?;
+    println!(
+        "restart of node 5: back in the mesh on every node after {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        status(cluster.node(4)).await?.mesh_id,
+        seeded.mesh_id,
+        "mesh resumed from the data directory"
+    );
+
+    // Evict 5: every member drops it and refuses it from then on.
+    let after = cluster
+        .node(2)
+        .mesh()
+        .await?
+        .evict_node(EvictNodeRequest {
+            node_id: 5,
+            reason: "test".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(after.evicted.contains(&5));
+    wait_all(&cluster, &[0, 1, 2, 3], "node 5 evicted", |s| {
+        s.evicted.contains(&5) && state_of(s, 5).is_none() && s.members.len() == 4
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("eviction seen by all after {:?}", started.elapsed());
+    let five = cluster.node(4).sessions().await?;
+    assert!(
+        five.is_empty(),
+        "an evicted node cannot reconnect: {five:?}"
+    );
+
+    // Two of the four remaining down, and 4 (behind NAT, linked through 3) cut off: CRITICAL.
+    cluster.node_mut(1).kill();
+    cluster.node_mut(2).kill();
+    let took = wait_all(&cluster, &[0], "critical", |s| {
+        s.health() == MeshHealth::Critical
+    })
+    .await?;
+    println!("two of four killed: CRITICAL on node 1 after {took:?}");
+    let gated = cluster
+        .node(0)
+        .mesh()
+        .await?
+        .stop_mesh(StopMeshRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(gated.code(), tonic::Code::FailedPrecondition);
+    assert!(gated.message().contains("CRITICAL"), "{gated:?}");
+    let evicted = cluster
+        .node(0)
+        .mesh()
+        .await?
+        .evict_node(EvictNodeRequest {
+            node_id: 3,
+            reason: String::new(),
+        })
+        .await?;
+    assert!(
+        evicted.into_inner().evicted.contains(&3),
+        "EvictNode is still accepted"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_start_and_leave_and_the_operator_cli() -> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let cluster = Cluster::start(vec![
+        meshless(NodeSpec::listener(1)),
+        meshless(NodeSpec::listener(2)),
+        meshless(NodeSpec::behind_nat(3, vec![])),
+    ])?;
+    let t0 = Instant::now();
+    // Seed and join with the operator CLI, as the README shows.
+    let cli = |node: &Node, args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(meshd_tests::meshd_binary()?)
+            .args(["mesh", "--grpc", &node.grpc.to_string()])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "meshd mesh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    let seeded = cli(
+        cluster.node(0),
+        &["seed", "--name", "lab", "--policy", "open"],
+    )?;
+    assert!(seeded.contains("\"lab\" (active)"), "{seeded}");
+    let entry = cluster.node(0).listen.expect("listens").to_string();
+    cli(cluster.node(1), &["join", &entry])?;
+    cli(cluster.node(2), &["join", &entry])?;
+    wait_all(&cluster, &[0, 1, 2], "three alive", |s| {
+        s.online_members == 3
+    })
+    .await?;
+    println!("seeded and joined after {:?}", t0.elapsed());
+    let shown = cli(cluster.node(2), &["status"])?;
+    assert!(shown.contains("HEALTHY, 3/3 members online"), "{shown}");
+
+    // StopMesh: links close, the others see it dead; its membership stays on disk.
+    let stopped = cluster
+        .node(1)
+        .mesh()
+        .await?
+        .stop_mesh(StopMeshRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(stopped.mesh_state, "stopped");
+    wait_all(&cluster, &[0, 2], "node 2 dead", |s| {
+        state_of(s, 2) == Some(MemberState::Dead)
+    })
+    .await?;
+    assert!(
+        cluster.node(1).sessions().await?.is_empty(),
+        "a stopped node keeps no links"
+    );
+    // StartMesh: it dials the members it knows and is back.
+    let started = Instant::now();
+    cli(cluster.node(1), &["start"])?;
+    wait_all(&cluster, &[0, 1, 2], "node 2 back", |s| {
+        s.online_members == 3
+    })
+    .await?;
+    println!(
+        "StartMesh: back on every node after {:?}",
+        started.elapsed()
+    );
+
+    // LeaveMesh: the members forget it; it belongs to no mesh.
+    let left = cli(cluster.node(2), &["leave"])?;
+    assert!(left.contains("left the mesh"), "{left}");
+    wait_all(&cluster, &[0, 1], "node 3 gone", |s| {
+        state_of(s, 3).is_none() && s.total_members == 2
+    })
+    .await?;
+    println!("left node forgotten after {:?}", t0.elapsed());
+    let after = status(cluster.node(2)).await?;
+    assert_eq!(
+        (after.mesh_id.as_str(), after.mesh_state.as_str()),
+        ("", "none")
+    );
+    Ok(())
+}
