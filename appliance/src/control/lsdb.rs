@@ -300,6 +300,20 @@ impl Lsdb {
         self.check_invariants();
     }
 
+    /// Drops `origin`'s LSA at once (it left the mesh or was evicted), without
+    /// waiting for it to age out. A copy still in flight elsewhere may come back; it carries no
+    /// links anyone else still advertises, so it attracts no traffic, and it ages out.
+    pub fn purge(&mut self, origin: u64) {
+        if origin == self.local || self.db.remove(&origin).is_none() {
+            return;
+        }
+        for neighbor in self.neighbors.values_mut() {
+            neighbor.unacked.remove(&origin);
+        }
+        self.changed = true;
+        self.check_invariants();
+    }
+
     /// The next message to send, oldest first.
     pub fn poll_transmit(&mut self) -> Option<(u64, FloodMessage)> {
         self.outbox.pop_front()

@@ -335,6 +335,14 @@ impl Control {
                 }
                 _ => {}
             }
+            // Membership feeds routing: a node gone for good leaves the LSDB now. A dead one
+            // stays (its neighbours already withdrew their links to it), so a false "dead"
+            // costs no routes when it refutes.
+            if let membership::MembershipEvent::Left(node)
+            | membership::MembershipEvent::Evicted(node) = membership_event
+            {
+                self.routing.handle_member_gone(Instant::now(), node);
+            }
             let event = MeshEvent::from_membership(membership_event);
             match event.kind {
                 MeshEventKind::Dead | MeshEventKind::Left => {

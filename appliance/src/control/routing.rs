@@ -183,6 +183,12 @@ impl Routing {
         true
     }
 
+    /// Membership says `node` left or was evicted: its LSA goes now, not at max age.
+    pub fn handle_member_gone(&mut self, now: Instant, node: u64) {
+        self.lsdb.purge(node);
+        self.after_input(now);
+    }
+
     /// Timers of the database and the recomputation.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.lsdb.handle_timeout(now);

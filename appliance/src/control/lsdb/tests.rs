@@ -247,6 +247,30 @@ fn an_lsa_not_refreshed_expires_after_max_age_and_own_lsa_is_refreshed() {
 }
 
 #[test]
+fn a_purged_lsa_is_gone_at_once_and_the_own_lsa_cannot_be_purged() {
+    let t0 = Instant::now();
+    let mut db = Lsdb::new(1, config(), t0);
+    db.handle_link_up(t0, 2, metrics(100));
+    db.handle_message(
+        t0,
+        2,
+        FloodMessage::Lsa {
+            lsa: Lsa {
+                origin: 9,
+                seq: 4,
+                adjacencies: vec![],
+            },
+            age: Duration::ZERO,
+        },
+    );
+    db.take_changed();
+    db.purge(9);
+    assert!(db.get(9).is_none() && db.take_changed());
+    db.purge(1);
+    assert!(db.get(1).is_some());
+}
+
+#[test]
 fn messages_from_a_node_that_is_not_a_neighbour_are_ignored() {
     let t0 = Instant::now();
     let mut db = Lsdb::new(1, config(), t0);
