@@ -446,3 +446,59 @@ pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     LOCK.lock().await
 }
+
+/// The status `node` reports through `meshd.v1.MeshService/GetMeshStatus`.
+pub async fn mesh_status(node: &Node) -> anyhow::Result<meshd_proto::link::MeshStatus> {
+    let request = meshd_proto::link::GetMeshStatusRequest {};
+    Ok(node
+        .mesh()
+        .await?
+        .get_mesh_status(request)
+        .await?
+        .into_inner())
+}
+
+/// The state of member `node` in `status`, if it is listed.
+pub fn member_state(
+    status: &meshd_proto::link::MeshStatus,
+    node: u64,
+) -> Option<meshd_proto::link::MemberState> {
+    status
+        .members
+        .iter()
+        .find(|m| m.node_id == node)
+        .map(|m| m.state())
+}
+
+/// Waits until `check` holds for the mesh status of every node in `nodes` (indexes); the
+/// error shows the first view that did not and that node's log.
+pub async fn wait_for_mesh(
+    cluster: &Cluster,
+    nodes: &[usize],
+    what: &str,
+    limit: Duration,
+    check: impl Fn(&meshd_proto::link::MeshStatus) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let mut failing = None;
+        for &i in nodes {
+            let status = mesh_status(cluster.node(i)).await?;
+            if !check(&status) {
+                failing = Some((i, status));
+                break;
+            }
+        }
+        let Some((i, status)) = failing else {
+            return Ok(start.elapsed());
+        };
+        if start.elapsed() > limit {
+            bail!(
+                "node {} never saw {what} in {limit:?}: {status:#?}\n{}",
+                cluster.node(i).spec.node_id,
+                cluster.node(i).log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use meshd_proto::link::{
-    EvictNodeRequest, GetMeshStatusRequest, JoinMeshRequest, JoinPolicy, MemberState, MeshHealth,
-    MeshStatus, SeedMeshRequest, StopMeshRequest,
+    EvictNodeRequest, JoinMeshRequest, JoinPolicy, MemberState, MeshHealth, MeshStatus,
+    SeedMeshRequest, StopMeshRequest,
 };
-use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
+use meshd_tests::{Cluster, Node, NodeSpec, exclusive, member_state, mesh_status, wait_for_mesh};
 
 const SETTLE: Duration = Duration::from_secs(20);
 const KEY: &str = "correct horse battery";
@@ -18,15 +18,6 @@ fn meshless(spec: NodeSpec) -> NodeSpec {
         extra: "mesh_id = \"\"".into(),
         ..spec
     }
-}
-
-async fn status(node: &Node) -> anyhow::Result<MeshStatus> {
-    Ok(node
-        .mesh()
-        .await?
-        .get_mesh_status(GetMeshStatusRequest {})
-        .await?
-        .into_inner())
 }
 
 async fn join(node: &Node, via: &Node, key: &str) -> Result<MeshStatus, tonic::Status> {
@@ -45,44 +36,6 @@ async fn join(node: &Node, via: &Node, key: &str) -> Result<MeshStatus, tonic::S
         .map(tonic::Response::into_inner)
 }
 
-fn state_of(status: &MeshStatus, node: u64) -> Option<MemberState> {
-    status
-        .members
-        .iter()
-        .find(|m| m.node_id == node)
-        .map(|m| m.state())
-}
-
-async fn wait_all(
-    cluster: &Cluster,
-    nodes: &[usize],
-    what: &str,
-    check: impl Fn(&MeshStatus) -> bool,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let mut failing = None;
-        for &i in nodes {
-            let s = status(cluster.node(i)).await?;
-            if !check(&s) {
-                failing = Some((i, s));
-                break;
-            }
-        }
-        let Some((i, s)) = failing else {
-            return Ok(start.elapsed());
-        };
-        if start.elapsed() > SETTLE {
-            anyhow::bail!(
-                "node {} never saw {what}: {s:#?}\n{}",
-                i + 1,
-                cluster.node(i).log_tail(30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -93,7 +46,7 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
         meshless(NodeSpec::behind_nat(4, vec![])),
         meshless(NodeSpec::listener(5)),
     ])?;
-    assert_eq!(status(cluster.node(0)).await?.mesh_state, "none");
+    assert_eq!(mesh_status(cluster.node(0)).await?.mesh_state, "none");
 
     let seeded = cluster
         .node(0)
@@ -134,7 +87,7 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert_eq!(
-        status(cluster.node(4)).await?.mesh_id,
+        mesh_status(cluster.node(4)).await?.mesh_id,
         "",
         "nothing half-persisted"
     );
@@ -153,7 +106,7 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
     println!("joins and refusals done after {:?}", started.elapsed());
     join(cluster.node(4), cluster.node(1), KEY).await?;
     let everyone = [0, 1, 2, 3, 4];
-    wait_all(&cluster, &everyone, "five alive members", |s| {
+    wait_for_mesh(&cluster, &everyone, "five alive members", SETTLE, |s| {
         s.mesh_id == seeded.mesh_id && s.online_members == 5 && s.health() == MeshHealth::Healthy
     })
     .await?;
@@ -164,14 +117,14 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
 
     // kill -9 of node 5: dead everywhere, DEGRADED; a restart resumes the stored membership.
     cluster.node_mut(4).kill();
-    wait_all(&cluster, &[0, 1, 2, 3], "node 5 dead", |s| {
-        state_of(s, 5) == Some(MemberState::Dead) && s.health() == MeshHealth::Degraded
+    wait_for_mesh(&cluster, &[0, 1, 2, 3], "node 5 dead", SETTLE, |s| {
+        member_state(s, 5) == Some(MemberState::Dead) && s.health() == MeshHealth::Degraded
     })
     .await?;
     cluster.node_mut(4).start()?;
     let restarted = Instant::now();
-    wait_all(&cluster, &everyone, "node 5 back", |s| {
-        state_of(s, 5) == Some(MemberState::Alive) && s.online_members == 5
+    wait_for_mesh(&cluster, &everyone, "node 5 back", SETTLE, |s| {
+        member_state(s, 5) == Some(MemberState::Alive) && s.online_members == 5
     })
     .await?;
     println!(
@@ -179,7 +132,7 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
         restarted.elapsed()
     );
     assert_eq!(
-        status(cluster.node(4)).await?.mesh_id,
+        mesh_status(cluster.node(4)).await?.mesh_id,
         seeded.mesh_id,
         "mesh resumed from the data directory"
     );
@@ -196,8 +149,8 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
         .await?
         .into_inner();
     assert!(after.evicted.contains(&5));
-    wait_all(&cluster, &[0, 1, 2, 3], "node 5 evicted", |s| {
-        s.evicted.contains(&5) && state_of(s, 5).is_none() && s.members.len() == 4
+    wait_for_mesh(&cluster, &[0, 1, 2, 3], "node 5 evicted", SETTLE, |s| {
+        s.evicted.contains(&5) && member_state(s, 5).is_none() && s.members.len() == 4
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -211,7 +164,7 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
     // Two of the four remaining down, and 4 (behind NAT, linked through 3) cut off: CRITICAL.
     cluster.node_mut(1).kill();
     cluster.node_mut(2).kill();
-    let took = wait_all(&cluster, &[0], "critical", |s| {
+    let took = wait_for_mesh(&cluster, &[0], "critical", SETTLE, |s| {
         s.health() == MeshHealth::Critical
     })
     .await?;
@@ -271,7 +224,7 @@ async fn stop_start_and_leave_and_the_operator_cli() -> anyhow::Result<()> {
     let entry = cluster.node(0).listen.expect("listens").to_string();
     cli(cluster.node(1), &["join", &entry])?;
     cli(cluster.node(2), &["join", &entry])?;
-    wait_all(&cluster, &[0, 1, 2], "three alive", |s| {
+    wait_for_mesh(&cluster, &[0, 1, 2], "three alive", SETTLE, |s| {
         s.online_members == 3
     })
     .await?;
@@ -288,8 +241,8 @@ async fn stop_start_and_leave_and_the_operator_cli() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(stopped.mesh_state, "stopped");
-    wait_all(&cluster, &[0, 2], "node 2 dead", |s| {
-        state_of(s, 2) == Some(MemberState::Dead)
+    wait_for_mesh(&cluster, &[0, 2], "node 2 dead", SETTLE, |s| {
+        member_state(s, 2) == Some(MemberState::Dead)
     })
     .await?;
     assert!(
@@ -299,7 +252,7 @@ async fn stop_start_and_leave_and_the_operator_cli() -> anyhow::Result<()> {
     // StartMesh: it dials the members it knows and is back.
     let started = Instant::now();
     cli(cluster.node(1), &["start"])?;
-    wait_all(&cluster, &[0, 1, 2], "node 2 back", |s| {
+    wait_for_mesh(&cluster, &[0, 1, 2], "node 2 back", SETTLE, |s| {
         s.online_members == 3
     })
     .await?;
@@ -311,12 +264,12 @@ async fn stop_start_and_leave_and_the_operator_cli() -> anyhow::Result<()> {
     // LeaveMesh: the members forget it; it belongs to no mesh.
     let left = cli(cluster.node(2), &["leave"])?;
     assert!(left.contains("left the mesh"), "{left}");
-    wait_all(&cluster, &[0, 1], "node 3 gone", |s| {
-        state_of(s, 3).is_none() && s.total_members == 2
+    wait_for_mesh(&cluster, &[0, 1], "node 3 gone", SETTLE, |s| {
+        member_state(s, 3).is_none() && s.total_members == 2
     })
     .await?;
     println!("left node forgotten after {:?}", t0.elapsed());
-    let after = status(cluster.node(2)).await?;
+    let after = mesh_status(cluster.node(2)).await?;
     assert_eq!(
         (after.mesh_id.as_str(), after.mesh_state.as_str()),
         ("", "none")

@@ -11,16 +11,13 @@
 use std::time::{Duration, Instant};
 
 use meshd_proto::{
-    link::{
-        GetMeshStatusRequest, MemberState, MeshEventKind, MeshHealth, MeshStatus,
-        WatchMeshEventsRequest,
-    },
+    link::{MemberState, MeshEventKind, MeshHealth, WatchMeshEventsRequest},
     mesh::{
         GetConsensusStateRequest, MeshEventType, MeshStateEvent, SubscribeRequest,
         TriggerConsensusCheckRequest,
     },
 };
-use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
+use meshd_tests::{Cluster, NodeSpec, exclusive, member_state, mesh_status, wait_for_mesh};
 use tokio_stream::StreamExt;
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -35,64 +32,18 @@ fn five_nodes() -> anyhow::Result<Cluster> {
     ])
 }
 
-async fn status(node: &Node) -> anyhow::Result<MeshStatus> {
-    Ok(node
-        .mesh()
-        .await?
-        .get_mesh_status(GetMeshStatusRequest {})
-        .await?
-        .into_inner())
-}
-
-fn state_of(status: &MeshStatus, node: u64) -> Option<MemberState> {
-    status
-        .members
-        .iter()
-        .find(|m| m.node_id == node)
-        .map(|m| m.state())
-}
-
-/// Waits until `check` holds for the status of every node in `nodes`.
-async fn wait_all(
-    cluster: &Cluster,
-    nodes: &[usize],
-    what: &str,
-    check: impl Fn(&MeshStatus) -> bool,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let mut all = true;
-        let mut last = None;
-        for &i in nodes {
-            let s = status(cluster.node(i)).await?;
-            if !check(&s) {
-                all = false;
-                last = Some((s, cluster.node(i).log_tail(40)));
-                break;
-            }
-        }
-        if all {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > SETTLE {
-            anyhow::bail!("not every node saw {what} in {SETTLE:?}; one view and log: {last:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_learn_each_other_detect_a_crash_recover_a_restart_and_go_critical()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut cluster = five_nodes()?;
     let everyone = [0, 1, 2, 3, 4];
-    let took = wait_all(&cluster, &everyone, "five alive members", |s| {
+    let took = wait_for_mesh(&cluster, &everyone, "five alive members", SETTLE, |s| {
         s.total_members == 5 && s.online_members == 5 && s.health() == MeshHealth::Healthy
     })
     .await?;
     println!("5 processes: every node sees 5 alive members after {took:?}");
-    let view = status(cluster.node(3)).await?;
+    let view = mesh_status(cluster.node(3)).await?;
     let five = view
         .members
         .iter()
@@ -124,9 +75,13 @@ async fn members_learn_each_other_detect_a_crash_recover_a_restart_and_go_critic
     cluster.node_mut(2).kill();
     let killed = Instant::now();
     let others = [0, 1, 3, 4];
-    wait_all(&cluster, &others, "node 3 dead, mesh degraded", |s| {
-        state_of(s, 3) == Some(MemberState::Dead) && s.health() == MeshHealth::Degraded
-    })
+    wait_for_mesh(
+        &cluster,
+        &others,
+        "node 3 dead, mesh degraded",
+        SETTLE,
+        |s| member_state(s, 3) == Some(MemberState::Dead) && s.health() == MeshHealth::Degraded,
+    )
     .await?;
     println!(
         "kill -9 of node 3: dead on all four others after {:?}",
@@ -149,8 +104,8 @@ async fn members_learn_each_other_detect_a_crash_recover_a_restart_and_go_critic
     // Restart: the new generation wins; everyone sees it alive again.
     cluster.node_mut(2).start()?;
     let restarted = Instant::now();
-    wait_all(&cluster, &everyone, "node 3 back", |s| {
-        state_of(s, 3) == Some(MemberState::Alive) && s.health() == MeshHealth::Healthy
+    wait_for_mesh(&cluster, &everyone, "node 3 back", SETTLE, |s| {
+        member_state(s, 3) == Some(MemberState::Alive) && s.health() == MeshHealth::Healthy
     })
     .await?;
     println!(
@@ -171,7 +126,7 @@ async fn members_learn_each_other_detect_a_crash_recover_a_restart_and_go_critic
     for i in [1, 2, 4] {
         cluster.node_mut(i).kill();
     }
-    wait_all(&cluster, &[0, 3], "critical", |s| {
+    wait_for_mesh(&cluster, &[0, 3], "critical", SETTLE, |s| {
         s.health() == MeshHealth::Critical && s.dead_members == 3
     })
     .await?;
@@ -195,9 +150,13 @@ async fn members_learn_each_other_detect_a_crash_recover_a_restart_and_go_critic
 async fn a_state_event_reaches_every_subscriber_once() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = five_nodes()?;
-    wait_all(&cluster, &[0, 1, 2, 3, 4], "five alive members", |s| {
-        s.online_members == 5
-    })
+    wait_for_mesh(
+        &cluster,
+        &[0, 1, 2, 3, 4],
+        "five alive members",
+        SETTLE,
+        |s| s.online_members == 5,
+    )
     .await?;
     // Routes too: a broadcast goes to every node in the routing table.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -732,18 +732,11 @@ impl Control {
                     frame_type,
                     payload,
                 } => {
-                    let outgoing = meshd_shards::command::Outgoing {
-                        dst,
-                        frame_type,
-                        traffic_class: meshd_shards::frame::TrafficClass::Control,
-                        msg_id: 0,
-                        flow: 0,
-                        payload,
-                    };
-                    (
-                        super::owner_shard(dst, self.shards.len()),
-                        ShardInput::Send(outgoing),
-                    )
+                    let class = meshd_shards::frame::TrafficClass::Control;
+                    if !self.send_frame(dst, frame_type, class, payload).await {
+                        tracing::warn!("shard stopped; lifecycle command dropped");
+                    }
+                    continue;
                 }
                 ShardCommand::Dial { addr, dial_id } => {
                     let shard = super::owner_shard(super::addr_hash(addr), self.shards.len());

@@ -30,6 +30,7 @@ use std::{
 
 use meshd_shards::{
     command::{ControlEvent, DialError, ShardInput},
+    frame::{FrameType, TrafficClass},
     ownership::owner_shard,
     ring::{Consumer, Producer},
 };
@@ -300,22 +301,36 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl Control {
+    /// Hands a control-core frame to the shard owning `dst` (which routes it); false when the
+    /// shards are gone.
+    async fn send_frame(
+        &self,
+        dst: u64,
+        frame_type: FrameType,
+        class: TrafficClass,
+        payload: bytes::Bytes,
+    ) -> bool {
+        let outgoing = meshd_shards::command::Outgoing {
+            dst,
+            frame_type,
+            traffic_class: class,
+            msg_id: 0,
+            flow: 0,
+            payload,
+        };
+        let shard = owner_shard(dst, self.shards.len());
+        self.shards[shard]
+            .push(ShardInput::Send(outgoing))
+            .await
+            .is_ok()
+    }
+
     /// Sends membership datagrams (routed like data) and publishes membership events.
     async fn drain_membership(&mut self) {
         while let Some((to, payload)) = self.membership.poll_transmit() {
-            let outgoing = meshd_shards::command::Outgoing {
-                dst: to,
-                frame_type: meshd_shards::frame::FrameType::Gossip,
-                traffic_class: meshd_shards::frame::TrafficClass::System,
-                msg_id: 0,
-                flow: 0,
-                payload,
-            };
-            let shard = owner_shard(to, self.shards.len());
-            if self.shards[shard]
-                .push(ShardInput::Send(outgoing))
+            if !self
+                .send_frame(to, FrameType::Gossip, TrafficClass::System, payload)
                 .await
-                .is_err()
             {
                 return;
             }
@@ -359,19 +374,9 @@ impl Control {
     /// is due.
     async fn drain_routing(&mut self) {
         while let Some((to, payload)) = self.routing.poll_transmit() {
-            let outgoing = meshd_shards::command::Outgoing {
-                dst: to,
-                frame_type: meshd_shards::frame::FrameType::Routing,
-                traffic_class: meshd_shards::frame::TrafficClass::Control,
-                msg_id: 0,
-                flow: 0,
-                payload,
-            };
-            let shard = owner_shard(to, self.shards.len());
-            if self.shards[shard]
-                .push(ShardInput::Send(outgoing))
+            if !self
+                .send_frame(to, FrameType::Routing, TrafficClass::Control, payload)
                 .await
-                .is_err()
             {
                 return;
             }
