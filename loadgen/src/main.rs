@@ -20,6 +20,8 @@ use meshd_proto::mesh::{Ack, Header, MessageStatus, SendMode, SendRequest, Subsc
 use meshd_tests::{Cluster, NodeSpec};
 use tokio_stream::StreamExt;
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "loadgen",
@@ -50,6 +52,10 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// One workload from a source node to a sink (or to every node): throughput, HDR latency,
+    /// loss, duplicates and reordering. Starts a local mesh in the chosen topology unless
+    /// --source and --sink name a running one.
+    Bench(bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -62,6 +68,17 @@ async fn main() -> anyhow::Result<()> {
             in_flight,
             hold,
         } => local(nodes, messages, size.max(16), in_flight.max(1), hold).await,
+        Command::Bench(args) => {
+            let report = bench::run(args).await?;
+            if report.lost > 0 || report.duplicated > 0 {
+                bail!(
+                    "{} messages lost, {} duplicated",
+                    report.lost,
+                    report.duplicated
+                );
+            }
+            Ok(())
+        }
     }
 }
 

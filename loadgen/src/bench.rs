@@ -1,0 +1,661 @@
+//! `loadgen bench`: one workload from a source node to a sink node (or to every node, for
+//! broadcast) over a local mesh in a chosen topology or over a running mesh, with HDR latency
+//! (coordinated-omission corrected in open loop), throughput, and the sink's loss, duplicate and
+//! reorder counts from sequence numbers.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use meshd_proto::mesh::{
+    Ack, GetRoutingTableRequest, Header, SendMode, SendRequest, SubscribeRequest,
+    mesh_control_client::MeshControlClient, mesh_data_client::MeshDataClient,
+};
+use meshd_tests::{Cluster, NodeSpec};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+/// Mesh shapes `loadgen bench` can start.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum Topology {
+    /// 1 ← 2 ← … ← N: the source (1) and sink (N) are N − 1 hops apart.
+    Chain,
+    /// A chain closed by N dialing 1: two paths between any pair.
+    Ring,
+    /// Everyone dials node 1: every pair but those with 1 is two hops apart.
+    Star,
+    /// A random tree plus extra links, from `--seed`.
+    Random,
+}
+
+/// What is sent.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum Workload {
+    /// FIRE_AND_FORGET unary sends.
+    Fire,
+    /// WAIT_FOR_DELIVERY: each send returns when the sink's node reports it delivered.
+    Delivery,
+    /// WAIT_FOR_ACK: the sink acknowledges every message with AckMessage.
+    Ack,
+    /// dst_node = 0: every node's subscriber gets every message.
+    Broadcast,
+}
+
+/// Flags of `loadgen bench`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct BenchArgs {
+    /// Mesh shape (local mesh only).
+    #[arg(long, value_enum, default_value = "chain")]
+    pub(crate) topology: Topology,
+    /// meshd processes to start (local mesh only).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) nodes: usize,
+    /// How many nodes sit behind NAT (no listener); chain: only the last node can.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) nat: usize,
+    /// Seed of the random topology.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// What to send.
+    #[arg(long, value_enum, default_value = "fire")]
+    pub(crate) workload: Workload,
+    /// Payload bytes (at least 16: sequence number and send time).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) size: usize,
+    /// Closed loop: this many sends in flight. In open loop (--rate) the cap on outstanding
+    /// sends; a send that waits for a slot still counts its latency from its scheduled time.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) in_flight: usize,
+    /// Open loop at this many messages per second (0: closed loop).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) rate: u64,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) duration: u64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) warmup: u64,
+    /// gRPC address of the source node of a running mesh (instead of a local one).
+    #[arg(long, requires = "sink")]
+    pub(crate) source: Option<String>,
+    /// gRPC address of the sink node of a running mesh; its node id is found by a probe.
+    #[arg(long, requires = "source")]
+    pub(crate) sink: Option<String>,
+    /// Node id of the sink in a running mesh.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) sink_node: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The node specs of a local mesh of `args.topology`.
+pub(crate) fn topology_specs(args: &BenchArgs) -> anyhow::Result<Vec<NodeSpec>> {
+    let n = args.nodes;
+    if n < 2 {
+        bail!("--nodes must be at least 2");
+    }
+    if args.nat >= n {
+        bail!("--nat must leave at least one listener");
+    }
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    // Which nodes (indexes) are behind NAT.
+    let nat: Vec<bool> = match args.topology {
+        Topology::Chain | Topology::Ring => {
+            if args.nat > 1 {
+                bail!("--nat: a chain or ring can hide only its last node behind NAT");
+            }
+            (0..n).map(|i| args.nat == 1 && i == n - 1).collect()
+        }
+        Topology::Star => (0..n).map(|i| i > 0 && i >= n - args.nat).collect(),
+        Topology::Random => {
+            let mut nat = vec![false; n];
+            let mut hidden = 0;
+            while hidden < args.nat {
+                let i = rng.gen_range(1..n);
+                if !nat[i] {
+                    nat[i] = true;
+                    hidden += 1;
+                }
+            }
+            nat
+        }
+    };
+    let mut dials: Vec<Vec<usize>> = vec![Vec::new(); n];
+    match args.topology {
+        Topology::Chain | Topology::Ring => {
+            for (i, d) in dials.iter_mut().enumerate().skip(1) {
+                d.push(i - 1);
+            }
+            if args.topology == Topology::Ring && n > 2 {
+                dials[n - 1].push(0);
+            }
+        }
+        Topology::Star => {
+            for d in dials.iter_mut().skip(1) {
+                d.push(0);
+            }
+        }
+        Topology::Random => {
+            let listeners: Vec<usize> = (0..n).filter(|i| !nat[*i]).collect();
+            for (i, node_dials) in dials.iter_mut().enumerate().skip(1) {
+                // A random earlier listener keeps the mesh connected.
+                let earlier: Vec<usize> = listeners.iter().copied().filter(|l| *l < i).collect();
+                let parent = earlier[rng.gen_range(0..earlier.len())];
+                node_dials.push(parent);
+            }
+            // Extra links; a node can only dial a listener started before it.
+            for _ in 0..n / 2 {
+                let a = rng.gen_range(1..n);
+                let b = listeners[rng.gen_range(0..listeners.len())];
+                if b < a && !dials[a].contains(&b) {
+                    dials[a].push(b);
+                }
+            }
+        }
+    }
+    Ok((0..n)
+        .map(|i| {
+            let id = i as u64 + 1;
+            if nat[i] {
+                NodeSpec::behind_nat(id, dials[i].clone())
+            } else {
+                NodeSpec::listener(id).dialing(dials[i].clone())
+            }
+        })
+        .collect())
+}
+
+/// The measured outcome.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct BenchReport {
+    /// Workload name.
+    pub(crate) workload: String,
+    /// Mesh description.
+    pub(crate) mesh: String,
+    /// Payload bytes.
+    pub(crate) size: usize,
+    /// Offered rate (0: closed loop).
+    pub(crate) rate: u64,
+    /// Sends in flight (closed loop) or cap (open loop).
+    pub(crate) in_flight: usize,
+    /// Measured seconds.
+    pub(crate) seconds: f64,
+    /// Messages sent in the measured window.
+    pub(crate) sent: u64,
+    /// Deliveries counted at the sinks in the window (broadcast: over all sinks).
+    pub(crate) received: u64,
+    /// Sent but never received (after a grace period).
+    pub(crate) lost: u64,
+    /// Received more than once.
+    pub(crate) duplicated: u64,
+    /// Arrived after a higher sequence number.
+    pub(crate) reordered: u64,
+    /// Sends that returned an error.
+    pub(crate) errors: u64,
+    /// Deliveries per second.
+    pub(crate) msgs_per_s: f64,
+    /// Payload megabytes per second delivered.
+    pub(crate) mb_per_s: f64,
+    /// Latency percentiles in µs (send scheduled → delivered to the sink's subscriber).
+    pub(crate) p50_us: u64,
+    /// See `p50_us`.
+    pub(crate) p90_us: u64,
+    /// See `p50_us`.
+    pub(crate) p99_us: u64,
+    /// See `p50_us`.
+    pub(crate) p999_us: u64,
+    /// See `p50_us`.
+    pub(crate) max_us: u64,
+}
+
+struct Sink {
+    seen: Vec<bool>,
+    received: u64,
+    duplicated: u64,
+    reordered: u64,
+    highest: u64,
+    latency: Histogram<u64>,
+}
+
+/// Runs the bench; prints the report (table or JSON) and returns it.
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    let size = args.size.max(16);
+    let (_cluster, source, sinks, mesh) = match (&args.source, &args.sink) {
+        (Some(source), Some(sink)) => {
+            let source = connect(source).await?;
+            let sink_channel = connect(sink).await?;
+            if args.sink_node == 0 {
+                bail!("--sink-node: the sink's node id is needed to address it");
+            }
+            let sinks = vec![(args.sink_node, sink_channel)];
+            (
+                None,
+                source,
+                sinks,
+                format!("running mesh, sink node {}", args.sink_node),
+            )
+        }
+        _ => {
+            let specs = topology_specs(&args)?;
+            eprintln!(
+                "starting {} meshd processes ({:?})…",
+                specs.len(),
+                args.topology
+            );
+            let cluster = Cluster::start(specs)?;
+            let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.spec.node_id).collect();
+            let source = connect(&cluster.nodes[0].grpc.to_string()).await?;
+            wait_for_routes(&source, &ids[1..]).await?;
+            let sink_ids: Vec<usize> = if args.workload == Workload::Broadcast {
+                (0..ids.len()).collect()
+            } else {
+                vec![ids.len() - 1]
+            };
+            let mut sinks = Vec::new();
+            for i in sink_ids {
+                sinks.push((ids[i], connect(&cluster.nodes[i].grpc.to_string()).await?));
+            }
+            let mesh = format!(
+                "local {:?} of {} nodes ({} behind NAT), source 1, sink {}",
+                args.topology,
+                ids.len(),
+                args.nat,
+                ids[ids.len() - 1]
+            );
+            (Some(cluster), source, sinks, mesh)
+        }
+    };
+    let dst = if args.workload == Workload::Broadcast {
+        0
+    } else {
+        sinks[0].0
+    };
+
+    let epoch = Instant::now();
+    let warmup_end = epoch + Duration::from_secs(args.warmup);
+    let end = warmup_end + Duration::from_secs(args.duration.max(1));
+    // Sequence numbers below this one were sent during warm-up and are not counted.
+    let first_measured = Arc::new(AtomicU64::new(u64::MAX));
+    let last_measured = Arc::new(AtomicU64::new(0));
+
+    let mut sink_tasks = Vec::new();
+    for (node, channel) in &sinks {
+        let mut data = MeshDataClient::new(channel.clone());
+        let mut stream = data
+            .subscribe(SubscribeRequest::default())
+            .await?
+            .into_inner();
+        let ack = args.workload == Workload::Ack;
+        let node = *node;
+        sink_tasks.push(tokio::spawn(async move {
+            let mut sink = Sink {
+                seen: Vec::new(),
+                received: 0,
+                duplicated: 0,
+                reordered: 0,
+                highest: 0,
+                latency: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+            };
+            let grace = end + Duration::from_secs(5);
+            while let Ok(Some(Ok(item))) =
+                tokio::time::timeout_at(grace.into(), stream.next()).await
+            {
+                if item.payload.len() < 16 || item.src_node == node && dst != 0 {
+                    continue;
+                }
+                let seq = u64::from_le_bytes(item.payload[..8].try_into().unwrap_or_default());
+                let due_ns = u64::from_le_bytes(item.payload[8..16].try_into().unwrap_or_default());
+                if ack {
+                    let ack = Ack {
+                        src_node: item.src_node,
+                        msg_id: item.msg_id,
+                        success: true,
+                        message: String::new(),
+                    };
+                    let mut data = data.clone();
+                    tokio::spawn(async move { data.ack_message(ack).await });
+                }
+                let index = seq as usize;
+                if sink.seen.len() <= index {
+                    sink.seen.resize(index + 1, false);
+                }
+                if sink.seen[index] {
+                    sink.duplicated += 1;
+                    continue;
+                }
+                sink.seen[index] = true;
+                if seq < sink.highest {
+                    sink.reordered += 1;
+                }
+                sink.highest = sink.highest.max(seq);
+                let now_ns = epoch.elapsed().as_nanos() as u64;
+                let _ = sink
+                    .latency
+                    .record((now_ns.saturating_sub(due_ns) / 1000).max(1));
+                sink.received += 1;
+            }
+            sink
+        }));
+    }
+
+    // Senders.
+    let next_seq = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.in_flight.max(1)));
+    let mode = match args.workload {
+        Workload::Fire | Workload::Broadcast => SendMode::FireAndForget,
+        Workload::Delivery => SendMode::WaitForDelivery,
+        Workload::Ack => SendMode::WaitForAck,
+    };
+    let require_ack = args.workload == Workload::Ack;
+    let send_one = {
+        let data = MeshDataClient::new(source.clone());
+        let errors = Arc::clone(&errors);
+        let first = Arc::clone(&first_measured);
+        let last = Arc::clone(&last_measured);
+        move |seq: u64, due: Instant| {
+            let mut data = data.clone();
+            let errors = Arc::clone(&errors);
+            let first = Arc::clone(&first);
+            let last = Arc::clone(&last);
+            async move {
+                if due >= warmup_end {
+                    first.fetch_min(seq, Ordering::Relaxed);
+                    last.fetch_max(seq, Ordering::Relaxed);
+                }
+                let mut payload = vec![0u8; size];
+                payload[..8].copy_from_slice(&seq.to_le_bytes());
+                let due_ns = due.duration_since(epoch).as_nanos() as u64;
+                payload[8..16].copy_from_slice(&due_ns.to_le_bytes());
+                let request = SendRequest {
+                    dst_node: dst,
+                    headers: vec![Header {
+                        key: "message_type".into(),
+                        value: b"loadgen".to_vec().into(),
+                    }],
+                    payload: payload.into(),
+                    end_to_end_encrypt: false,
+                    partition: 0,
+                    qos_class: 1,
+                    corr_id: 0,
+                    require_ack,
+                    mode: mode as i32,
+                    timeout_seconds: 10,
+                };
+                if data.send(request).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    };
+    let progress = {
+        let next_seq = Arc::clone(&next_seq);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut before = 0;
+            loop {
+                tick.tick().await;
+                let sent = next_seq.load(Ordering::Relaxed);
+                let phase = if Instant::now() < warmup_end {
+                    "warm-up"
+                } else {
+                    "measuring"
+                };
+                eprint!(
+                    "\r{phase:<9} {:>5.1} s  sent {sent:>10}  {:>9} msgs/s   ",
+                    epoch.elapsed().as_secs_f64(),
+                    sent - before
+                );
+                before = sent;
+            }
+        })
+    };
+    if args.rate > 0 {
+        // Open loop: message i is due at epoch + i/rate whatever happened before it.
+        let interval_ns = 1_000_000_000 / args.rate.max(1);
+        loop {
+            let seq = next_seq.load(Ordering::Relaxed);
+            let due = epoch + Duration::from_nanos(seq * interval_ns);
+            if due >= end {
+                break;
+            }
+            tokio::time::sleep_until(due.into()).await;
+            let permit = Arc::clone(&slots).acquire_owned().await?;
+            next_seq.fetch_add(1, Ordering::Relaxed);
+            let send = send_one(seq, due);
+            tokio::spawn(async move {
+                send.await;
+                drop(permit);
+            });
+        }
+    } else {
+        let mut lanes = Vec::new();
+        for _ in 0..args.in_flight.max(1) {
+            let next_seq = Arc::clone(&next_seq);
+            let send_one = send_one.clone();
+            lanes.push(tokio::spawn(async move {
+                while Instant::now() < end {
+                    let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                    send_one(seq, Instant::now()).await;
+                }
+            }));
+        }
+        for lane in lanes {
+            lane.await?;
+        }
+    }
+    // Let the outstanding open-loop sends finish.
+    let _ = slots.acquire_many(args.in_flight.max(1) as u32).await?;
+    progress.abort();
+    eprintln!();
+
+    let first = first_measured.load(Ordering::Relaxed);
+    let last = last_measured.load(Ordering::Relaxed);
+    let sent = if first == u64::MAX {
+        0
+    } else {
+        last - first + 1
+    };
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+    let (mut received, mut duplicated, mut reordered, mut lost) = (0, 0, 0, 0);
+    for task in sink_tasks {
+        let sink = task.await?;
+        let in_window = |s: usize| (first..=last).contains(&(s as u64));
+        received += sink
+            .seen
+            .iter()
+            .enumerate()
+            .filter(|(s, seen)| **seen && in_window(*s))
+            .count() as u64;
+        if sent > 0 {
+            lost += (first..=last)
+                .filter(|seq| !sink.seen.get(*seq as usize).copied().unwrap_or(false))
+                .count() as u64;
+        }
+        duplicated += sink.duplicated;
+        reordered += sink.reordered;
+        latency.add(&sink.latency).context("merging histograms")?;
+    }
+    let seconds = args.duration.max(1) as f64;
+    let report = BenchReport {
+        workload: format!("{:?}", args.workload).to_lowercase(),
+        mesh,
+        size,
+        rate: args.rate,
+        in_flight: args.in_flight,
+        seconds,
+        sent,
+        received,
+        lost,
+        duplicated,
+        reordered,
+        errors: errors.load(Ordering::Relaxed),
+        msgs_per_s: received as f64 / seconds,
+        mb_per_s: received as f64 * size as f64 / seconds / 1e6,
+        p50_us: latency.value_at_quantile(0.5),
+        p90_us: latency.value_at_quantile(0.9),
+        p99_us: latency.value_at_quantile(0.99),
+        p999_us: latency.value_at_quantile(0.999),
+        max_us: latency.max(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(report)
+}
+
+fn print_table(r: &BenchReport) {
+    let mode = if r.rate > 0 {
+        format!(
+            "open loop at {} msgs/s (≤ {} outstanding)",
+            r.rate, r.in_flight
+        )
+    } else {
+        format!("closed loop, {} in flight", r.in_flight)
+    };
+    println!("{}: {} B, {mode}, {} s measured", r.mesh, r.size, r.seconds);
+    println!(
+        "{:<10} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7} {:>6}",
+        "workload",
+        "msgs/s",
+        "MB/s",
+        "p50 µs",
+        "p90 µs",
+        "p99 µs",
+        "p99.9",
+        "max µs",
+        "sent",
+        "recv",
+        "lost",
+        "dup",
+        "reorder",
+        "errors"
+    );
+    println!(
+        "{:<10} {:>10.0} {:>10.2} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7} {:>6}",
+        r.workload,
+        r.msgs_per_s,
+        r.mb_per_s,
+        r.p50_us,
+        r.p90_us,
+        r.p99_us,
+        r.p999_us,
+        r.max_us,
+        r.sent,
+        r.received,
+        r.lost,
+        r.duplicated,
+        r.reordered,
+        r.errors
+    );
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach meshd's gRPC at {addr}"))
+}
+
+async fn wait_for_routes(source: &Channel, destinations: &[u64]) -> anyhow::Result<()> {
+    let mut control = MeshControlClient::new(source.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = control
+            .get_routing_table(GetRoutingTableRequest {})
+            .await?
+            .into_inner();
+        let routes: BTreeMap<u64, _> = table.routes.into_iter().map(|r| (r.dst_node, r)).collect();
+        if destinations.iter().all(|d| routes.contains_key(d)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the source has no route to every node after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn args(line: &[&str]) -> BenchArgs {
+        let mut argv = vec!["bench"];
+        argv.extend_from_slice(line);
+        Wrapper::parse_from(argv).args
+    }
+
+    #[test]
+    fn every_topology_dials_only_earlier_listeners_and_hides_the_asked_number_of_nodes() {
+        for (topology, nat) in [("chain", 1), ("ring", 0), ("star", 3), ("random", 4)] {
+            for seed in 0..20 {
+                let specs = topology_specs(&args(&[
+                    "--topology",
+                    topology,
+                    "--nodes",
+                    "9",
+                    "--nat",
+                    &nat.to_string(),
+                    "--seed",
+                    &seed.to_string(),
+                ]))
+                .unwrap();
+                assert_eq!(specs.len(), 9);
+                assert_eq!(
+                    specs.iter().filter(|s| !s.listens).count(),
+                    nat,
+                    "{topology}"
+                );
+                for (i, spec) in specs.iter().enumerate() {
+                    for &d in &spec.dials {
+                        assert!(d < i && specs[d].listens, "{topology}: {i} dials {d}");
+                    }
+                    assert!(
+                        i == 0 || !spec.dials.is_empty(),
+                        "{topology}: {i} is isolated"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn impossible_shapes_are_refused_with_a_reason() {
+        let error = topology_specs(&args(&[
+            "--topology",
+            "chain",
+            "--nat",
+            "2",
+            "--nodes",
+            "5",
+        ]))
+        .unwrap_err();
+        assert!(error.to_string().contains("--nat"), "{error}");
+        assert!(topology_specs(&args(&["--nodes", "1"])).is_err());
+    }
+}
