@@ -15,6 +15,9 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
+use meshd_proto::link::{
+    PublishAck, PublishBatch, PublishMessage, mesh_service_client::MeshServiceClient,
+};
 use meshd_proto::mesh::{
     Ack, GetRoutingTableRequest, Header, SendMode, SendRequest, SubscribeRequest,
     mesh_control_client::MeshControlClient, mesh_data_client::MeshDataClient,
@@ -93,6 +96,12 @@ pub(crate) struct BenchArgs {
     /// Node id of the sink in a running mesh.
     #[arg(long, default_value_t = 0)]
     pub(crate) sink_node: u64,
+    /// Send through meshd's streaming `Publish` in batches of this many messages (fire and
+    /// broadcast workloads) instead of one unary `Send` per message. Closed loop: --in-flight
+    /// streams, each waiting for the ack of its batch; open loop: one stream, at most
+    /// --in-flight messages unacknowledged.
+    #[arg(long, default_value_t = 0)]
+    pub batch: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -188,6 +197,8 @@ pub(crate) struct BenchReport {
     pub(crate) rate: u64,
     /// Sends in flight (closed loop) or cap (open loop).
     pub(crate) in_flight: usize,
+    /// Messages per Publish batch (0: unary Send).
+    pub(crate) batch: usize,
     /// Measured seconds.
     pub(crate) seconds: f64,
     /// Messages sent in the measured window.
@@ -421,7 +432,32 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
             }
         })
     };
-    if args.rate > 0 {
+    if args.batch > 0 {
+        let plan = PublishPlan {
+            source: source.clone(),
+            dst,
+            size,
+            batch: args.batch.min(4096),
+            epoch,
+            warmup_end,
+            end,
+            next_seq: Arc::clone(&next_seq),
+            first: Arc::clone(&first_measured),
+            last: Arc::clone(&last_measured),
+            errors: Arc::clone(&errors),
+        };
+        if args.rate > 0 {
+            publish_open_loop(plan, args.rate, args.in_flight).await?;
+        } else {
+            let mut lanes = Vec::new();
+            for _ in 0..args.in_flight.max(1) {
+                lanes.push(tokio::spawn(publish_lane(plan.clone())));
+            }
+            for lane in lanes {
+                lane.await??;
+            }
+        }
+    } else if args.rate > 0 {
         // Open loop: message i is due at epoch + i/rate whatever happened before it.
         let interval_ns = 1_000_000_000 / args.rate.max(1);
         loop {
@@ -494,6 +530,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         size,
         rate: args.rate,
         in_flight: args.in_flight,
+        batch: args.batch,
         seconds,
         sent,
         received,
@@ -518,6 +555,11 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
 }
 
 fn print_table(r: &BenchReport) {
+    let via = if r.batch > 0 {
+        format!("Publish in batches of {}", r.batch)
+    } else {
+        "unary Send".to_owned()
+    };
     let mode = if r.rate > 0 {
         format!(
             "open loop at {} msgs/s (≤ {} outstanding)",
@@ -526,7 +568,10 @@ fn print_table(r: &BenchReport) {
     } else {
         format!("closed loop, {} in flight", r.in_flight)
     };
-    println!("{}: {} B, {mode}, {} s measured", r.mesh, r.size, r.seconds);
+    println!(
+        "{}: {} B, {via}, {mode}, {} s measured",
+        r.mesh, r.size, r.seconds
+    );
     println!(
         "{:<10} {:>10} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>5} {:>7} {:>6}",
         "workload",
@@ -561,6 +606,118 @@ fn print_table(r: &BenchReport) {
         r.reordered,
         r.errors
     );
+}
+
+/// What every publishing task needs.
+#[derive(Clone)]
+struct PublishPlan {
+    source: Channel,
+    dst: u64,
+    size: usize,
+    batch: usize,
+    epoch: Instant,
+    warmup_end: Instant,
+    end: Instant,
+    next_seq: Arc<AtomicU64>,
+    first: Arc<AtomicU64>,
+    last: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+}
+
+impl PublishPlan {
+    /// A batch of `batch` messages starting at `seq`; message i is due at `due(i)`.
+    fn make_batch(&self, seq: u64, due: impl Fn(u64) -> Instant) -> PublishBatch {
+        let messages = (seq..seq + self.batch as u64)
+            .map(|s| {
+                let at = due(s);
+                if at >= self.warmup_end {
+                    self.first.fetch_min(s, Ordering::Relaxed);
+                    self.last.fetch_max(s, Ordering::Relaxed);
+                }
+                let mut payload = vec![0u8; self.size];
+                payload[..8].copy_from_slice(&s.to_le_bytes());
+                let due_ns = at.duration_since(self.epoch).as_nanos() as u64;
+                payload[8..16].copy_from_slice(&due_ns.to_le_bytes());
+                PublishMessage {
+                    dst_node: self.dst,
+                    payload: payload.into(),
+                    partition: 0,
+                    qos_class: 1,
+                    corr_id: 0,
+                    require_ack: false,
+                    headers: Vec::new(),
+                }
+            })
+            .collect();
+        PublishBatch { messages }
+    }
+
+    fn count(&self, ack: &PublishAck) {
+        if ack.rejected > 0 {
+            self.errors
+                .fetch_add(u64::from(ack.rejected), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Closed loop: one stream, one batch at a time.
+async fn publish_lane(plan: PublishPlan) -> anyhow::Result<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut client = MeshServiceClient::new(plan.source.clone());
+    let mut acks = client
+        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while Instant::now() < plan.end {
+        let seq = plan
+            .next_seq
+            .fetch_add(plan.batch as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        tx.send(plan.make_batch(seq, |_| now)).await?;
+        let ack = acks.message().await?.context("publish stream ended")?;
+        plan.count(&ack);
+    }
+    Ok(())
+}
+
+/// Open loop: batches leave when their first message is due; each message keeps its own due
+/// time, so queueing anywhere shows in the latency.
+async fn publish_open_loop(plan: PublishPlan, rate: u64, in_flight: usize) -> anyhow::Result<()> {
+    let interval_ns = 1_000_000_000 / rate.max(1);
+    let window = (in_flight / plan.batch).max(1);
+    let (tx, rx) = tokio::sync::mpsc::channel(window);
+    let mut client = MeshServiceClient::new(plan.source.clone());
+    let mut acks = client
+        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let outstanding = Arc::new(tokio::sync::Semaphore::new(window));
+    let reader = {
+        let plan = plan.clone();
+        let outstanding = Arc::clone(&outstanding);
+        tokio::spawn(async move {
+            while let Ok(Some(ack)) = acks.message().await {
+                plan.count(&ack);
+                outstanding.add_permits(1);
+            }
+        })
+    };
+    loop {
+        let seq = plan.next_seq.load(Ordering::Relaxed);
+        let due = |s: u64| plan.epoch + Duration::from_nanos(s * interval_ns);
+        if due(seq) >= plan.end {
+            break;
+        }
+        tokio::time::sleep_until(due(seq).into()).await;
+        outstanding.acquire().await?.forget();
+        plan.next_seq
+            .fetch_add(plan.batch as u64, Ordering::Relaxed);
+        tx.send(plan.make_batch(seq, due)).await?;
+    }
+    drop(tx);
+    let _ = outstanding.acquire_many(window as u32).await;
+    reader.abort();
+    Ok(())
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Channel> {

@@ -10,8 +10,8 @@ use meshd_proto::{
         AddLinkRequest, AddLinkResponse, DropLinkRequest, DropLinkResponse,
         EstablishFullLinksRequest, EstablishFullLinksResponse, EvictNodeRequest,
         GetMeshStatusRequest, JoinMeshRequest, LeaveMeshRequest, LeaveMeshResponse, MeshEvent,
-        MeshStatus, SeedMeshRequest, StartMeshRequest, StopMeshRequest, WatchMeshEventsRequest,
-        mesh_service_server::MeshService,
+        MeshStatus, PublishAck, PublishBatch, SeedMeshRequest, StartMeshRequest, StopMeshRequest,
+        WatchMeshEventsRequest, mesh_service_server::MeshService,
     },
     mesh::{
         AddSessionRequest, AddSessionResponse, DropSessionRequest, DropSessionResponse,
@@ -466,6 +466,32 @@ impl MeshService for ControlService {
         )
         .await?;
         self.status().await
+    }
+
+    async fn publish(
+        &self,
+        request: Request<tonic::Streaming<PublishBatch>>,
+    ) -> Result<Response<BoxStream<PublishAck>>, Status> {
+        let state = Arc::clone(&self.state);
+        let batches = request.into_inner();
+        // (state, batches, ended): after a broken client stream one error is sent, then the end.
+        let stream = futures::stream::unfold(
+            (state, batches, false),
+            |(state, mut batches, ended)| async move {
+                if ended {
+                    return None;
+                }
+                match batches.message().await {
+                    Ok(Some(batch)) => {
+                        let ack = super::data::publish_batch(&state, batch).await;
+                        Some((Ok(ack), (state, batches, false)))
+                    }
+                    Ok(None) => None,
+                    Err(status) => Some((Err(status), (state, batches, true))),
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_mesh_status(

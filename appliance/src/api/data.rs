@@ -14,7 +14,7 @@ use std::{
 use bytes::Bytes;
 use futures::StreamExt;
 use meshd_proto::{
-    link::{AppAck, Data, DataHeader},
+    link::{AppAck, Data, DataHeader, PublishAck, PublishBatch},
     mesh::{
         Ack, Header, MeshEventType, MeshStateEvent, MessageStatus, MessageStatusInfo,
         QueryMessageStatusRequest, QueryMessageStatusResponse, SendMode, SendRequest, SendResponse,
@@ -74,8 +74,8 @@ fn status_info(msg_id: u64, update: &StatusUpdate, require_ack: bool) -> Message
 }
 
 /// A message accepted and on its way.
-struct Submitted {
-    msg_id: u64,
+pub(crate) struct Submitted {
+    pub(crate) msg_id: u64,
     mode: SendMode,
     require_ack: bool,
     timeout: Duration,
@@ -84,109 +84,167 @@ struct Submitted {
 impl DataService {
     /// Validates, tracks and sends a message; does not wait for its outcome.
     async fn submit(&self, request: SendRequest) -> Result<Submitted, Status> {
-        let state = &self.state;
-        let mode = SendMode::try_from(request.mode).map_err(|_| {
-            Status::invalid_argument(format!("mode {} is not a SendMode", request.mode))
-        })?;
-        if request.end_to_end_encrypt {
-            return Err(Status::unimplemented(
-                "end_to_end_encrypt arrives with tenant keys; send with it unset",
+        submit(&self.state, request).await
+    }
+}
+
+/// Validates, tracks and sends a message; does not wait for its outcome. Shared by `Send`,
+/// `SendWithStatusStream`, `BroadcastStateEvent` and meshd's batched `Publish`.
+pub(crate) async fn submit(
+    state: &Arc<ApiState>,
+    request: SendRequest,
+) -> Result<Submitted, Status> {
+    let mode = SendMode::try_from(request.mode).map_err(|_| {
+        Status::invalid_argument(format!("mode {} is not a SendMode", request.mode))
+    })?;
+    if request.end_to_end_encrypt {
+        return Err(Status::unimplemented(
+            "end_to_end_encrypt arrives with tenant keys; send with it unset",
+        ));
+    }
+    for header in &request.headers {
+        if header.key.is_empty() {
+            return Err(Status::invalid_argument("a header has an empty key"));
+        }
+    }
+    let require_ack = request.require_ack || mode == SendMode::WaitForAck;
+    let msg_id = state.new_msg_id();
+    let data = Data {
+        msg_id,
+        corr_id: request.corr_id,
+        partition: request.partition,
+        qos_class: request.qos_class,
+        require_ack,
+        headers: request
+            .headers
+            .into_iter()
+            .map(|h| DataHeader {
+                key: h.key,
+                value: h.value,
+            })
+            .collect(),
+        payload: request.payload,
+    };
+    let encoded_len = data.encoded_len();
+    if encoded_len > state.max_payload_bytes {
+        return Err(Status::invalid_argument(format!(
+            "message is {encoded_len} bytes with its headers; the limit is {} \
+                 (network.max_payload_bytes)",
+            state.max_payload_bytes
+        )));
+    }
+    let seconds = if request.timeout_seconds == 0 {
+        state.default_timeout_seconds
+    } else {
+        request.timeout_seconds
+    };
+    let timeout = Duration::from_secs(u64::from(seconds));
+    let queued = StatusUpdate {
+        status: MessageStatus::Queued,
+        detail: String::new(),
+        timestamp_ms: now_ms(),
+    };
+    let class = traffic_class(request.qos_class);
+    // Messages of one correlation id form a flow that stays on one path, in order.
+    let flow = u128::from(request.corr_id);
+    let payload: Bytes = data.encode_to_vec().into();
+    let local = state.node_id;
+
+    if request.dst_node == 0 {
+        let mut targets = state.reachable_nodes().await?;
+        targets.push(local);
+        targets.sort_unstable();
+        targets.dedup();
+        state
+            .tracker()
+            .insert_broadcast(msg_id, &targets, require_ack, queued);
+        let verdict = state.deliver_locally(local, &data).await;
+        state.tracker().update(msg_id, Some(local), status(verdict));
+        for target in targets.into_iter().filter(|t| *t != local) {
+            state
+                .send_frame(
+                    target,
+                    FrameType::Data,
+                    class,
+                    msg_id,
+                    flow,
+                    payload.clone(),
+                )
+                .await?;
+        }
+    } else if request.dst_node == local {
+        state.tracker().insert(msg_id, local, require_ack, queued);
+        let verdict = state.deliver_locally(local, &data).await;
+        state.tracker().update(msg_id, None, status(verdict));
+    } else {
+        let dst = request.dst_node;
+        state.tracker().insert(msg_id, dst, require_ack, queued);
+        state
+            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload.clone())
+            .await?;
+        if mode != SendMode::FireAndForget {
+            let state = Arc::clone(state);
+            tokio::spawn(retransmit(
+                state, dst, class, msg_id, flow, payload, timeout,
             ));
         }
-        for header in &request.headers {
-            if header.key.is_empty() {
-                return Err(Status::invalid_argument("a header has an empty key"));
-            }
-        }
-        let require_ack = request.require_ack || mode == SendMode::WaitForAck;
-        let msg_id = state.new_msg_id();
-        let data = Data {
-            msg_id,
-            corr_id: request.corr_id,
-            partition: request.partition,
-            qos_class: request.qos_class,
-            require_ack,
-            headers: request
+    }
+    Ok(Submitted {
+        msg_id,
+        mode,
+        require_ack,
+        timeout,
+    })
+}
+
+/// Largest batch `Publish` accepts.
+pub(crate) const MAX_PUBLISH_BATCH: usize = 4096;
+
+/// Submits one `Publish` batch as fire-and-forget sends, in order; stops at the first bad one.
+pub(crate) async fn publish_batch(state: &Arc<ApiState>, batch: PublishBatch) -> PublishAck {
+    let total = batch.messages.len();
+    if total > MAX_PUBLISH_BATCH {
+        return PublishAck {
+            msg_ids: Vec::new(),
+            rejected: u32::try_from(total).unwrap_or(u32::MAX),
+            error: format!("{total} messages in one batch; at most {MAX_PUBLISH_BATCH}"),
+        };
+    }
+    let mut ack = PublishAck {
+        msg_ids: Vec::with_capacity(total),
+        rejected: 0,
+        error: String::new(),
+    };
+    for (i, m) in batch.messages.into_iter().enumerate() {
+        let request = SendRequest {
+            dst_node: m.dst_node,
+            headers: m
                 .headers
                 .into_iter()
-                .map(|h| DataHeader {
+                .map(|h| Header {
                     key: h.key,
                     value: h.value,
                 })
                 .collect(),
-            payload: request.payload,
+            payload: m.payload,
+            end_to_end_encrypt: false,
+            partition: m.partition,
+            qos_class: m.qos_class,
+            corr_id: m.corr_id,
+            require_ack: m.require_ack,
+            mode: SendMode::FireAndForget as i32,
+            timeout_seconds: 0,
         };
-        let encoded_len = data.encoded_len();
-        if encoded_len > state.max_payload_bytes {
-            return Err(Status::invalid_argument(format!(
-                "message is {encoded_len} bytes with its headers; the limit is {} \
-                 (network.max_payload_bytes)",
-                state.max_payload_bytes
-            )));
-        }
-        let seconds = if request.timeout_seconds == 0 {
-            state.default_timeout_seconds
-        } else {
-            request.timeout_seconds
-        };
-        let timeout = Duration::from_secs(u64::from(seconds));
-        let queued = StatusUpdate {
-            status: MessageStatus::Queued,
-            detail: String::new(),
-            timestamp_ms: now_ms(),
-        };
-        let class = traffic_class(request.qos_class);
-        // Messages of one correlation id form a flow that stays on one path, in order.
-        let flow = u128::from(request.corr_id);
-        let payload: Bytes = data.encode_to_vec().into();
-        let local = state.node_id;
-
-        if request.dst_node == 0 {
-            let mut targets = state.reachable_nodes().await?;
-            targets.push(local);
-            targets.sort_unstable();
-            targets.dedup();
-            state
-                .tracker()
-                .insert_broadcast(msg_id, &targets, require_ack, queued);
-            let verdict = state.deliver_locally(local, &data);
-            state.tracker().update(msg_id, Some(local), status(verdict));
-            for target in targets.into_iter().filter(|t| *t != local) {
-                state
-                    .send_frame(
-                        target,
-                        FrameType::Data,
-                        class,
-                        msg_id,
-                        flow,
-                        payload.clone(),
-                    )
-                    .await?;
-            }
-        } else if request.dst_node == local {
-            state.tracker().insert(msg_id, local, require_ack, queued);
-            let verdict = state.deliver_locally(local, &data);
-            state.tracker().update(msg_id, None, status(verdict));
-        } else {
-            let dst = request.dst_node;
-            state.tracker().insert(msg_id, dst, require_ack, queued);
-            state
-                .send_frame(dst, FrameType::Data, class, msg_id, flow, payload.clone())
-                .await?;
-            if mode != SendMode::FireAndForget {
-                let state = Arc::clone(state);
-                tokio::spawn(retransmit(
-                    state, dst, class, msg_id, flow, payload, timeout,
-                ));
+        match submit(state, request).await {
+            Ok(submitted) => ack.msg_ids.push(submitted.msg_id),
+            Err(status) => {
+                ack.rejected = u32::try_from(total - i).unwrap_or(u32::MAX);
+                ack.error = status.message().to_owned();
+                break;
             }
         }
-        Ok(Submitted {
-            msg_id,
-            mode,
-            require_ack,
-            timeout,
-        })
     }
+    ack
 }
 
 fn status((status, detail): (MessageStatus, String)) -> StatusUpdate {

@@ -59,7 +59,16 @@ struct Subscriber {
     qos_class: u32,
     src_node: u64,
     tx: mpsc::Sender<Result<Received, Status>>,
+    /// Set when the subscriber let a message wait [`SUBSCRIBER_WAIT`] in vain; cleared once
+    /// its queue is half empty again. A lagging subscriber is not waited for.
+    lagging: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// How long a delivery waits for room in a full subscriber queue. The wait holds the node's
+/// inbound pipeline, so TCP pushes back on the senders instead of messages being dropped; a
+/// subscriber that stays full this long is marked lagging and misses messages
+/// (`PENDING_CLIENT`, "queue full") until it catches up.
+pub(crate) const SUBSCRIBER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Subscriber {
     fn wants(&self, src: u64, partition: u32, qos_class: u32) -> bool {
@@ -192,7 +201,7 @@ impl ApiState {
     }
 
     /// Offers a message to the matching local subscribers; returns the resulting status.
-    pub(crate) fn deliver_locally(&self, src: u64, data: &Data) -> (MessageStatus, String) {
+    pub(crate) async fn deliver_locally(&self, src: u64, data: &Data) -> (MessageStatus, String) {
         let received = Received {
             src_node: src,
             dst_node: self.node_id,
@@ -209,20 +218,47 @@ impl ApiState {
             payload: data.payload.clone(),
             require_ack: data.require_ack,
         };
-        let mut subscribers = self
-            .subscribers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        subscribers.retain(|s| !s.tx.is_closed());
+        let targets: Vec<_> = {
+            let mut subscribers = self
+                .subscribers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            subscribers.retain(|s| !s.tx.is_closed());
+            subscribers
+                .iter()
+                .filter(|s| s.wants(src, data.partition, data.qos_class))
+                .map(|s| (s.tx.clone(), Arc::clone(&s.lagging)))
+                .collect()
+        };
         let mut delivered = 0usize;
         let mut full = 0usize;
-        for subscriber in subscribers.iter() {
-            if !subscriber.wants(src, data.partition, data.qos_class) {
+        for (tx, lagging) in targets {
+            let item = match tx.try_send(Ok(received.clone())) {
+                Ok(()) => {
+                    delivered += 1;
+                    if tx.capacity() * 2 >= tx.max_capacity() {
+                        lagging.store(false, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => continue,
+                Err(mpsc::error::TrySendError::Full(item)) => item,
+            };
+            if lagging.load(Ordering::Relaxed) {
+                full += 1;
                 continue;
             }
-            match subscriber.tx.try_send(Ok(received.clone())) {
-                Ok(()) => delivered += 1,
-                Err(_) => full += 1,
+            match tokio::time::timeout(SUBSCRIBER_WAIT, tx.send(item)).await {
+                Ok(Ok(())) => delivered += 1,
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    tracing::warn!(
+                        src,
+                        "a subscriber stayed full for {SUBSCRIBER_WAIT:?}; it misses messages until it catches up"
+                    );
+                    lagging.store(true, Ordering::Relaxed);
+                    full += 1;
+                }
             }
         }
         match (delivered, full) {
@@ -254,6 +290,7 @@ impl ApiState {
                 qos_class,
                 src_node,
                 tx,
+                lagging: Arc::default(),
             });
         rx
     }
@@ -280,7 +317,7 @@ impl ApiState {
                     // A retransmitted copy: answer again, deliver once.
                     Some(earlier) => earlier,
                     None => {
-                        let verdict = self.deliver_locally(src, &data);
+                        let verdict = self.deliver_locally(src, &data).await;
                         self.recent
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
