@@ -12,12 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::publish::{PublishPlan, publish_lane, publish_open_loop};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
-use meshd_proto::link::{
-    PublishAck, PublishBatch, PublishMessage, mesh_service_client::MeshServiceClient,
-};
 use meshd_proto::mesh::{
     Ack, GetRoutingTableRequest, Header, SendMode, SendRequest, SubscribeRequest,
     mesh_control_client::MeshControlClient, mesh_data_client::MeshDataClient,
@@ -38,6 +36,13 @@ pub(crate) enum Topology {
     Star,
     /// A random tree plus extra links, from `--seed`.
     Random,
+}
+
+/// Systems to compare with.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum Compare {
+    /// A 3-server core NATS cluster (nats-server on the PATH or in /usr/sbin).
+    Nats,
 }
 
 /// What is sent.
@@ -102,9 +107,42 @@ pub(crate) struct BenchArgs {
     /// --in-flight messages unacknowledged.
     #[arg(long, default_value_t = 0)]
     pub batch: usize,
+    /// Also run the same workload (fire-and-forget) on a 3-server NATS cluster and print both
+    /// with the ratio. Needs Debian's nats-server package.
+    #[arg(long, value_enum)]
+    pub compare: Option<Compare>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Print nothing (the caller prints).
+    #[arg(skip)]
+    pub(crate) silent: bool,
+}
+
+impl BenchArgs {
+    /// The workload of `loadgen local --compare`: a 3-node chain, fire-and-forget through
+    /// `Publish` in batches of 64, closed loop with 4 streams, 2 s warm-up, 10 s measured.
+    pub(crate) fn for_comparison(compare: Compare, size: usize) -> Self {
+        Self {
+            topology: Topology::Chain,
+            nodes: 3,
+            nat: 0,
+            seed: 1,
+            workload: Workload::Fire,
+            size,
+            in_flight: 4,
+            rate: 0,
+            duration: 10,
+            warmup: 2,
+            source: None,
+            sink: None,
+            sink_node: 0,
+            batch: 64,
+            compare: Some(compare),
+            json: false,
+            silent: false,
+        }
+    }
 }
 
 /// The node specs of a local mesh of `args.topology`.
@@ -229,13 +267,107 @@ pub(crate) struct BenchReport {
     pub(crate) max_us: u64,
 }
 
-struct Sink {
+/// What one sink saw, by sequence number.
+pub(crate) struct Sink {
     seen: Vec<bool>,
     received: u64,
     duplicated: u64,
     reordered: u64,
     highest: u64,
     latency: Histogram<u64>,
+}
+
+impl Sink {
+    pub(crate) fn new() -> Self {
+        Self {
+            seen: Vec::new(),
+            received: 0,
+            duplicated: 0,
+            reordered: 0,
+            highest: 0,
+            latency: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
+        }
+    }
+
+    /// One arrival of message `seq`, `latency_us` after it was due.
+    pub(crate) fn record(&mut self, seq: u64, latency_us: u64) {
+        let index = seq as usize;
+        if self.seen.len() <= index {
+            self.seen.resize(index + 1, false);
+        }
+        if self.seen[index] {
+            self.duplicated += 1;
+            return;
+        }
+        self.seen[index] = true;
+        if seq < self.highest {
+            self.reordered += 1;
+        }
+        self.highest = self.highest.max(seq);
+        let _ = self.latency.record(latency_us.max(1));
+        self.received += 1;
+    }
+}
+
+/// Measured-window tallies of some sinks, as one report.
+pub(crate) struct Window {
+    pub(crate) first: u64,
+    pub(crate) last: u64,
+    pub(crate) seconds: f64,
+    pub(crate) size: usize,
+    pub(crate) errors: u64,
+}
+
+impl Window {
+    pub(crate) fn report(
+        &self,
+        sinks: Vec<Sink>,
+        describe: (String, String, u64, usize, usize),
+    ) -> anyhow::Result<BenchReport> {
+        let (workload, mesh, rate, in_flight, batch) = describe;
+        let (first, last) = (self.first, self.last);
+        let sent = if first == u64::MAX {
+            0
+        } else {
+            last - first + 1
+        };
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+        let (mut received, mut duplicated, mut reordered, mut lost) = (0, 0, 0, 0);
+        for sink in sinks {
+            if sent > 0 {
+                let window = &sink.seen[(first as usize).min(sink.seen.len())
+                    ..((last + 1) as usize).min(sink.seen.len())];
+                let got = window.iter().filter(|seen| **seen).count() as u64;
+                received += got;
+                lost += sent - got;
+            }
+            duplicated += sink.duplicated;
+            reordered += sink.reordered;
+            latency.add(&sink.latency).context("merging histograms")?;
+        }
+        Ok(BenchReport {
+            workload,
+            mesh,
+            size: self.size,
+            rate,
+            in_flight,
+            batch,
+            seconds: self.seconds,
+            sent,
+            received,
+            lost,
+            duplicated,
+            reordered,
+            errors: self.errors,
+            msgs_per_s: received as f64 / self.seconds,
+            mb_per_s: received as f64 * self.size as f64 / self.seconds / 1e6,
+            p50_us: latency.value_at_quantile(0.5),
+            p90_us: latency.value_at_quantile(0.9),
+            p99_us: latency.value_at_quantile(0.99),
+            p999_us: latency.value_at_quantile(0.999),
+            max_us: latency.max(),
+        })
+    }
 }
 
 /// Runs the bench; prints the report (table or JSON) and returns it.
@@ -309,14 +441,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
         let ack = args.workload == Workload::Ack;
         let node = *node;
         sink_tasks.push(tokio::spawn(async move {
-            let mut sink = Sink {
-                seen: Vec::new(),
-                received: 0,
-                duplicated: 0,
-                reordered: 0,
-                highest: 0,
-                latency: Histogram::new_with_bounds(1, 120_000_000, 3).expect("bounds"),
-            };
+            let mut sink = Sink::new();
             let grace = end + Duration::from_secs(5);
             while let Ok(Some(Ok(item))) =
                 tokio::time::timeout_at(grace.into(), stream.next()).await
@@ -336,24 +461,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
                     let mut data = data.clone();
                     tokio::spawn(async move { data.ack_message(ack).await });
                 }
-                let index = seq as usize;
-                if sink.seen.len() <= index {
-                    sink.seen.resize(index + 1, false);
-                }
-                if sink.seen[index] {
-                    sink.duplicated += 1;
-                    continue;
-                }
-                sink.seen[index] = true;
-                if seq < sink.highest {
-                    sink.reordered += 1;
-                }
-                sink.highest = sink.highest.max(seq);
                 let now_ns = epoch.elapsed().as_nanos() as u64;
-                let _ = sink
-                    .latency
-                    .record((now_ns.saturating_sub(due_ns) / 1000).max(1));
-                sink.received += 1;
+                sink.record(seq, now_ns.saturating_sub(due_ns) / 1000);
             }
             sink
         }));
@@ -496,57 +605,24 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<BenchReport> {
     progress.abort();
     eprintln!();
 
-    let first = first_measured.load(Ordering::Relaxed);
-    let last = last_measured.load(Ordering::Relaxed);
-    let sent = if first == u64::MAX {
-        0
-    } else {
-        last - first + 1
-    };
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
-    let (mut received, mut duplicated, mut reordered, mut lost) = (0, 0, 0, 0);
+    let mut sink_results = Vec::new();
     for task in sink_tasks {
-        let sink = task.await?;
-        let in_window = |s: usize| (first..=last).contains(&(s as u64));
-        received += sink
-            .seen
-            .iter()
-            .enumerate()
-            .filter(|(s, seen)| **seen && in_window(*s))
-            .count() as u64;
-        if sent > 0 {
-            lost += (first..=last)
-                .filter(|seq| !sink.seen.get(*seq as usize).copied().unwrap_or(false))
-                .count() as u64;
-        }
-        duplicated += sink.duplicated;
-        reordered += sink.reordered;
-        latency.add(&sink.latency).context("merging histograms")?;
+        sink_results.push(task.await?);
     }
-    let seconds = args.duration.max(1) as f64;
-    let report = BenchReport {
-        workload: format!("{:?}", args.workload).to_lowercase(),
-        mesh,
+    let window = Window {
+        first: first_measured.load(Ordering::Relaxed),
+        last: last_measured.load(Ordering::Relaxed),
+        seconds: args.duration.max(1) as f64,
         size,
-        rate: args.rate,
-        in_flight: args.in_flight,
-        batch: args.batch,
-        seconds,
-        sent,
-        received,
-        lost,
-        duplicated,
-        reordered,
         errors: errors.load(Ordering::Relaxed),
-        msgs_per_s: received as f64 / seconds,
-        mb_per_s: received as f64 * size as f64 / seconds / 1e6,
-        p50_us: latency.value_at_quantile(0.5),
-        p90_us: latency.value_at_quantile(0.9),
-        p99_us: latency.value_at_quantile(0.99),
-        p999_us: latency.value_at_quantile(0.999),
-        max_us: latency.max(),
     };
-    if args.json {
+    let workload = format!("{:?}", args.workload).to_lowercase();
+    let report = window.report(
+        sink_results,
+        (workload, mesh, args.rate, args.in_flight, args.batch),
+    )?;
+    if args.silent {
+    } else if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_table(&report);
@@ -608,118 +684,6 @@ fn print_table(r: &BenchReport) {
     );
 }
 
-/// What every publishing task needs.
-#[derive(Clone)]
-struct PublishPlan {
-    source: Channel,
-    dst: u64,
-    size: usize,
-    batch: usize,
-    epoch: Instant,
-    warmup_end: Instant,
-    end: Instant,
-    next_seq: Arc<AtomicU64>,
-    first: Arc<AtomicU64>,
-    last: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-}
-
-impl PublishPlan {
-    /// A batch of `batch` messages starting at `seq`; message i is due at `due(i)`.
-    fn make_batch(&self, seq: u64, due: impl Fn(u64) -> Instant) -> PublishBatch {
-        let messages = (seq..seq + self.batch as u64)
-            .map(|s| {
-                let at = due(s);
-                if at >= self.warmup_end {
-                    self.first.fetch_min(s, Ordering::Relaxed);
-                    self.last.fetch_max(s, Ordering::Relaxed);
-                }
-                let mut payload = vec![0u8; self.size];
-                payload[..8].copy_from_slice(&s.to_le_bytes());
-                let due_ns = at.duration_since(self.epoch).as_nanos() as u64;
-                payload[8..16].copy_from_slice(&due_ns.to_le_bytes());
-                PublishMessage {
-                    dst_node: self.dst,
-                    payload: payload.into(),
-                    partition: 0,
-                    qos_class: 1,
-                    corr_id: 0,
-                    require_ack: false,
-                    headers: Vec::new(),
-                }
-            })
-            .collect();
-        PublishBatch { messages }
-    }
-
-    fn count(&self, ack: &PublishAck) {
-        if ack.rejected > 0 {
-            self.errors
-                .fetch_add(u64::from(ack.rejected), Ordering::Relaxed);
-        }
-    }
-}
-
-/// Closed loop: one stream, one batch at a time.
-async fn publish_lane(plan: PublishPlan) -> anyhow::Result<()> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut client = MeshServiceClient::new(plan.source.clone());
-    let mut acks = client
-        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    while Instant::now() < plan.end {
-        let seq = plan
-            .next_seq
-            .fetch_add(plan.batch as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        tx.send(plan.make_batch(seq, |_| now)).await?;
-        let ack = acks.message().await?.context("publish stream ended")?;
-        plan.count(&ack);
-    }
-    Ok(())
-}
-
-/// Open loop: batches leave when their first message is due; each message keeps its own due
-/// time, so queueing anywhere shows in the latency.
-async fn publish_open_loop(plan: PublishPlan, rate: u64, in_flight: usize) -> anyhow::Result<()> {
-    let interval_ns = 1_000_000_000 / rate.max(1);
-    let window = (in_flight / plan.batch).max(1);
-    let (tx, rx) = tokio::sync::mpsc::channel(window);
-    let mut client = MeshServiceClient::new(plan.source.clone());
-    let mut acks = client
-        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let outstanding = Arc::new(tokio::sync::Semaphore::new(window));
-    let reader = {
-        let plan = plan.clone();
-        let outstanding = Arc::clone(&outstanding);
-        tokio::spawn(async move {
-            while let Ok(Some(ack)) = acks.message().await {
-                plan.count(&ack);
-                outstanding.add_permits(1);
-            }
-        })
-    };
-    loop {
-        let seq = plan.next_seq.load(Ordering::Relaxed);
-        let due = |s: u64| plan.epoch + Duration::from_nanos(s * interval_ns);
-        if due(seq) >= plan.end {
-            break;
-        }
-        tokio::time::sleep_until(due(seq).into()).await;
-        outstanding.acquire().await?.forget();
-        plan.next_seq
-            .fetch_add(plan.batch as u64, Ordering::Relaxed);
-        tx.send(plan.make_batch(seq, due)).await?;
-    }
-    drop(tx);
-    let _ = outstanding.acquire_many(window as u32).await;
-    reader.abort();
-    Ok(())
-}
-
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -750,69 +714,4 @@ async fn wait_for_routes(source: &Channel, destinations: &[u64]) -> anyhow::Resu
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use super::*;
-
-    #[derive(Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        args: BenchArgs,
-    }
-
-    fn args(line: &[&str]) -> BenchArgs {
-        let mut argv = vec!["bench"];
-        argv.extend_from_slice(line);
-        Wrapper::parse_from(argv).args
-    }
-
-    #[test]
-    fn every_topology_dials_only_earlier_listeners_and_hides_the_asked_number_of_nodes() {
-        for (topology, nat) in [("chain", 1), ("ring", 0), ("star", 3), ("random", 4)] {
-            for seed in 0..20 {
-                let specs = topology_specs(&args(&[
-                    "--topology",
-                    topology,
-                    "--nodes",
-                    "9",
-                    "--nat",
-                    &nat.to_string(),
-                    "--seed",
-                    &seed.to_string(),
-                ]))
-                .unwrap();
-                assert_eq!(specs.len(), 9);
-                assert_eq!(
-                    specs.iter().filter(|s| !s.listens).count(),
-                    nat,
-                    "{topology}"
-                );
-                for (i, spec) in specs.iter().enumerate() {
-                    for &d in &spec.dials {
-                        assert!(d < i && specs[d].listens, "{topology}: {i} dials {d}");
-                    }
-                    assert!(
-                        i == 0 || !spec.dials.is_empty(),
-                        "{topology}: {i} is isolated"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn impossible_shapes_are_refused_with_a_reason() {
-        let error = topology_specs(&args(&[
-            "--topology",
-            "chain",
-            "--nat",
-            "2",
-            "--nodes",
-            "5",
-        ]))
-        .unwrap_err();
-        assert!(error.to_string().contains("--nat"), "{error}");
-        assert!(topology_specs(&args(&["--nodes", "1"])).is_err());
-    }
-}
+mod tests;

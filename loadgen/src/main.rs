@@ -21,6 +21,9 @@ use meshd_tests::{Cluster, NodeSpec};
 use tokio_stream::StreamExt;
 
 mod bench;
+mod compare;
+mod nats;
+mod publish;
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +54,11 @@ enum Command {
         /// Keep the mesh running after the report until Ctrl-C.
         #[arg(long)]
         hold: bool,
+        /// Instead of the checked traffic: the same fire-and-forget load (256 B unless --size,
+        /// batches of 64, 10 s) on a 3-node meshd chain and on a 3-server NATS cluster, side by
+        /// side. Needs Debian's nats-server package.
+        #[arg(long, value_enum)]
+        compare: Option<bench::Compare>,
     },
     /// One workload from a source node to a sink (or to every node): throughput, HDR latency,
     /// loss, duplicates and reordering. Starts a local mesh in the chosen topology unless
@@ -62,14 +70,24 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Local {
+            size,
+            compare: Some(compare),
+            ..
+        } => {
+            let args = bench::BenchArgs::for_comparison(compare, size);
+            compare::run_compared(args).await.map(|_| ())
+        }
+        Command::Local {
             nodes,
             messages,
             size,
             in_flight,
             hold,
+            compare: None,
         } => local(nodes, messages, size.max(16), in_flight.max(1), hold).await,
         Command::Bench(args) => {
-            let report = bench::run(args).await?;
+            let reports = compare::run_compared(args).await?;
+            let report = &reports[0];
             if report.lost > 0 || report.duplicated > 0 {
                 bail!(
                     "{} messages lost, {} duplicated",

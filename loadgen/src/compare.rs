@@ -1,0 +1,90 @@
+//! `--compare nats`: the same workload on meshd and on a NATS cluster, one table with the
+//! ratio.
+
+use anyhow::bail;
+
+use crate::bench::{BenchArgs, BenchReport, Compare, Workload};
+
+/// Runs `args` on meshd and, with `--compare nats`, on a NATS cluster; prints one table.
+pub(crate) async fn run_compared(args: BenchArgs) -> anyhow::Result<Vec<BenchReport>> {
+    let Some(Compare::Nats) = args.compare else {
+        return Ok(vec![crate::bench::run(args).await?]);
+    };
+    if !matches!(args.workload, Workload::Fire) {
+        bail!("--compare nats runs the fire workload (core NATS has no delivery or ack statuses)");
+    }
+    // Fail before the meshd run when the comparison cannot happen.
+    let log_dir = std::env::temp_dir().join(format!("loadgen-nats-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir)?;
+    let quiet = BenchArgs {
+        silent: true,
+        ..args.clone()
+    };
+    eprintln!("meshd: 3 nodes in a chain, node 1 → node 3 through node 2…");
+    let meshd = run_quiet(quiet).await?;
+    eprintln!("NATS: starting 3 nats-server processes…");
+    let cluster = crate::nats::start_cluster(&log_dir).await?;
+    let nats = crate::nats::run(&cluster, &args).await?;
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&log_dir);
+    if args.json {
+        println!("{}", serde_json::to_string(&[&meshd, &nats])?);
+    } else {
+        print_comparison(&meshd, &nats);
+    }
+    Ok(vec![meshd, nats])
+}
+
+async fn run_quiet(args: BenchArgs) -> anyhow::Result<BenchReport> {
+    let report = Box::pin(crate::bench::run(BenchArgs {
+        compare: None,
+        ..args
+    }))
+    .await?;
+    Ok(report)
+}
+
+fn print_comparison(meshd: &BenchReport, nats: &BenchReport) {
+    let mode = if meshd.rate > 0 {
+        format!("open loop at {} msgs/s", meshd.rate)
+    } else {
+        "closed loop".to_owned()
+    };
+    println!(
+        "{} B fire-and-forget, {mode}, batches of {}, {} s measured",
+        meshd.size,
+        meshd.batch.max(1),
+        meshd.seconds
+    );
+    println!(
+        "{:<8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>5}",
+        "system", "msgs/s", "MB/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "max µs", "lost", "dup"
+    );
+    for (name, r) in [("meshd", meshd), ("nats", nats)] {
+        println!(
+            "{:<8} {:>10.0} {:>9.2} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>5}",
+            name,
+            r.msgs_per_s,
+            r.mb_per_s,
+            r.p50_us,
+            r.p90_us,
+            r.p99_us,
+            r.p999_us,
+            r.max_us,
+            r.lost,
+            r.duplicated
+        );
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
+    println!(
+        "{:<8} {:>10.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}   (meshd ÷ nats)",
+        "ratio",
+        ratio(meshd.msgs_per_s, nats.msgs_per_s),
+        ratio(meshd.mb_per_s, nats.mb_per_s),
+        ratio(meshd.p50_us as f64, nats.p50_us as f64),
+        ratio(meshd.p90_us as f64, nats.p90_us as f64),
+        ratio(meshd.p99_us as f64, nats.p99_us as f64),
+        ratio(meshd.p999_us as f64, nats.p999_us as f64),
+        ratio(meshd.max_us as f64, nats.max_us as f64)
+    );
+}
