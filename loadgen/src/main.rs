@@ -24,6 +24,7 @@ mod bench;
 mod compare;
 mod nats;
 mod publish;
+mod scale;
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +65,19 @@ enum Command {
     /// loss, duplicates and reordering. Starts a local mesh in the chosen topology unless
     /// --source and --sink name a running one.
     Bench(bench::BenchArgs),
+    /// Start many meshd processes in a random asymmetric topology and report how long until
+    /// every node routes to every other and sees every member alive, and memory per node.
+    Scale {
+        /// meshd processes.
+        #[arg(long, default_value_t = 50)]
+        nodes: usize,
+        /// Nodes behind NAT.
+        #[arg(long, default_value_t = 10)]
+        nat: usize,
+        /// Seed of the topology.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[tokio::main]
@@ -85,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
             hold,
             compare: None,
         } => local(nodes, messages, size.max(16), in_flight.max(1), hold).await,
+        Command::Scale { nodes, nat, seed } => scale::run(nodes, nat, seed).await,
         Command::Bench(args) => {
             let reports = compare::run_compared(args).await?;
             let report = &reports[0];
