@@ -25,6 +25,7 @@ const PURE_CORES: &[&str] = &[
     "appliance/src/control/dial_plan.rs",
     "appliance/src/control/lsdb.rs",
     "appliance/src/control/membership.rs",
+    "appliance/src/control/membership/dissemination.rs",
     "appliance/src/control/paths.rs",
     "appliance/src/control/metrics.rs",
     "appliance/src/control/routing.rs",

@@ -22,7 +22,6 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    cell::RefCell,
     collections::{BTreeMap, BTreeSet, VecDeque},
     num::{NonZeroU8, NonZeroUsize},
     rc::Rc,
@@ -30,12 +29,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use foca::{
-    BroadcastHandler, Foca, Identity, Invalidates, Notification, PostcardCodec, Runtime, State,
-    Timer,
-};
+use foca::{Foca, Identity, Notification, PostcardCodec, Runtime, State, Timer};
 use rand09::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
+
+use self::dissemination::{Gossiped, MetaHandler, MetaTable};
+pub use self::dissemination::{Notice, NoticeKind};
 
 /// A member's identity on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -202,119 +201,6 @@ impl MembershipConfig {
             num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
         });
         config
-    }
-}
-
-type MetaTable = Rc<RefCell<Disseminated>>;
-
-/// A decision about a node's place in the mesh, spread to every member.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum NoticeKind {
-    /// Removed by an operator: its datagrams and links are refused.
-    Evicted,
-    /// Joined again after an eviction.
-    Admitted,
-    /// Left for good.
-    Left,
-}
-
-/// A notice about `node`; of two notices about one node the higher `seq` wins (callers use
-/// the decision's wall-clock time in ms).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notice {
-    /// The node concerned.
-    pub node: u64,
-    /// Order among notices about the node.
-    pub seq: u64,
-    /// What was decided.
-    pub kind: NoticeKind,
-}
-
-/// What rides on foca's custom broadcasts.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-enum Gossiped {
-    Meta(NodeMeta),
-    Notice(Notice),
-}
-
-/// The newest of everything disseminated, shared by the handler and [`Membership`].
-#[derive(Default)]
-struct Disseminated {
-    meta: BTreeMap<u64, NodeMeta>,
-    notices: BTreeMap<u64, Notice>,
-    /// Notices not yet applied to the member table.
-    fresh: Vec<Notice>,
-}
-
-/// Keeps the newest metadata and notices of every node and tells foca what is worth spreading.
-struct MetaHandler {
-    table: MetaTable,
-}
-
-/// Key of a broadcast: a newer seq about the same node (and kind of news) replaces older.
-#[derive(Clone, Copy, Debug)]
-struct MetaKey {
-    node: u64,
-    seq: u64,
-    notice: bool,
-}
-
-impl Invalidates for MetaKey {
-    fn invalidates(&self, other: &Self) -> bool {
-        self.node == other.node && self.notice == other.notice && self.seq >= other.seq
-    }
-}
-
-/// A metadata broadcast that does not decode.
-#[derive(Debug, thiserror::Error)]
-#[error("undecodable node metadata: {0}")]
-struct BadMeta(String);
-
-impl BroadcastHandler<MemberId> for MetaHandler {
-    type Key = MetaKey;
-    type Error = BadMeta;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        _sender: Option<&MemberId>,
-    ) -> Result<Option<MetaKey>, BadMeta> {
-        let item: Gossiped = postcard::from_bytes(data).map_err(|e| BadMeta(e.to_string()))?;
-        let mut table = self.table.borrow_mut();
-        match item {
-            Gossiped::Meta(meta) => {
-                if table
-                    .meta
-                    .get(&meta.node)
-                    .is_some_and(|known| known.seq >= meta.seq)
-                {
-                    return Ok(None);
-                }
-                let key = MetaKey {
-                    node: meta.node,
-                    seq: meta.seq,
-                    notice: false,
-                };
-                table.meta.insert(meta.node, meta);
-                Ok(Some(key))
-            }
-            Gossiped::Notice(notice) => {
-                if table
-                    .notices
-                    .get(&notice.node)
-                    .is_some_and(|known| known.seq >= notice.seq)
-                {
-                    return Ok(None);
-                }
-                table.notices.insert(notice.node, notice);
-                table.fresh.push(notice);
-                Ok(Some(MetaKey {
-                    node: notice.node,
-                    seq: notice.seq,
-                    notice: true,
-                }))
-            }
-        }
     }
 }
 
@@ -821,5 +707,6 @@ impl Membership {
     }
 }
 
+mod dissemination;
 #[cfg(test)]
 mod tests;
