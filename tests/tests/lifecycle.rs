@@ -249,7 +249,12 @@ async fn stop_start_and_leave_and_the_operator_cli() -> anyhow::Result<()> {
         cluster.node(1).sessions().await?.is_empty(),
         "a stopped node keeps no links"
     );
-    // StartMesh: it dials the members it knows and is back.
+    // Alone, the stopped node sees the others dead: CRITICAL in its own view. StartMesh is
+    // still accepted (it is how the node recovers); it dials the members it knows.
+    wait_for_mesh(&cluster, &[1], "critical while stopped", SETTLE, |s| {
+        s.health() == MeshHealth::Critical
+    })
+    .await?;
     let started = Instant::now();
     cli(cluster.node(1), &["start"])?;
     wait_for_mesh(&cluster, &[0, 1, 2], "node 2 back", SETTLE, |s| {

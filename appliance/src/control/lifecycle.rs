@@ -252,6 +252,11 @@ impl Control {
             LifecycleRequest::Evict { node, reply } => {
                 let _ = reply.send(self.evict(now, node));
             }
+            // A stopped node sees every member dead, so its own view is CRITICAL: starting
+            // again is how it recovers, never a change to refuse.
+            LifecycleRequest::Start { reply } => {
+                let _ = reply.send(self.start_mesh(now));
+            }
             other => {
                 if let Some(reason) = self.critical_reason() {
                     let reply = match other {
@@ -281,16 +286,13 @@ impl Control {
                         timeout,
                         reply,
                     } => self.start_join(now, addr, key, timeout, reply),
-                    LifecycleRequest::Start { reply } => {
-                        let _ = reply.send(self.start_mesh(now));
-                    }
                     LifecycleRequest::Stop { reply } => {
                         let _ = reply.send(self.stop_mesh());
                     }
                     LifecycleRequest::Leave { reply } => {
                         let _ = reply.send(self.leave(now));
                     }
-                    LifecycleRequest::Evict { .. } => {}
+                    LifecycleRequest::Evict { .. } | LifecycleRequest::Start { .. } => {}
                 }
             }
         }
