@@ -10,10 +10,22 @@ pub(crate) async fn run_compared(args: BenchArgs) -> anyhow::Result<Vec<BenchRep
     let Some(Compare::Nats) = args.compare else {
         return Ok(vec![crate::bench::run(args).await?]);
     };
+    let (meshd, nats) = compare(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&[&meshd, &nats])?);
+    } else {
+        print_comparison(&meshd, &nats);
+    }
+    Ok(vec![meshd, nats])
+}
+
+/// The same fire-and-forget workload on meshd, then on a 3-server NATS cluster; prints nothing.
+pub(crate) async fn compare(args: &BenchArgs) -> anyhow::Result<(BenchReport, BenchReport)> {
     if !matches!(args.workload, Workload::Fire) {
         bail!("--compare nats runs the fire workload (core NATS has no delivery or ack statuses)");
     }
     // Fail before the meshd run when the comparison cannot happen.
+    crate::nats::find_server()?;
     let log_dir = std::env::temp_dir().join(format!("loadgen-nats-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir)?;
     let quiet = BenchArgs {
@@ -24,15 +36,10 @@ pub(crate) async fn run_compared(args: BenchArgs) -> anyhow::Result<Vec<BenchRep
     let meshd = run_quiet(quiet).await?;
     eprintln!("NATS: starting 3 nats-server processes…");
     let cluster = crate::nats::start_cluster(&log_dir).await?;
-    let nats = crate::nats::run(&cluster, &args).await?;
+    let nats = crate::nats::run(&cluster, args).await?;
     drop(cluster);
     let _ = std::fs::remove_dir_all(&log_dir);
-    if args.json {
-        println!("{}", serde_json::to_string(&[&meshd, &nats])?);
-    } else {
-        print_comparison(&meshd, &nats);
-    }
-    Ok(vec![meshd, nats])
+    Ok((meshd, nats))
 }
 
 async fn run_quiet(args: BenchArgs) -> anyhow::Result<BenchReport> {

@@ -24,6 +24,7 @@ mod bench;
 mod compare;
 mod nats;
 mod publish;
+mod results;
 mod scale;
 
 #[derive(Parser)]
@@ -65,6 +66,13 @@ enum Command {
     /// loss, duplicates and reordering. Starts a local mesh in the chosen topology unless
     /// --source and --sink name a running one.
     Bench(bench::BenchArgs),
+    /// Run the standard loads on meshd and NATS and the 50-node mesh, and rewrite the
+    /// generated section of benches/RESULTS.md with the figures and the machine.
+    Results {
+        /// The file whose generated section is rewritten.
+        #[arg(long, default_value = "benches/RESULTS.md")]
+        out: std::path::PathBuf,
+    },
     /// Start many meshd processes in a random asymmetric topology and report how long until
     /// every node routes to every other and sees every member alive, and memory per node.
     Scale {
@@ -99,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             hold,
             compare: None,
         } => local(nodes, messages, size.max(16), in_flight.max(1), hold).await,
+        Command::Results { out } => results::run(&out).await,
         Command::Scale { nodes, nat, seed } => scale::run(nodes, nat, seed).await,
         Command::Bench(args) => {
             let reports = compare::run_compared(args).await?;

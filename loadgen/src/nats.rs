@@ -42,7 +42,7 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn find_server() -> anyhow::Result<String> {
+pub(crate) fn find_server() -> anyhow::Result<String> {
     for candidate in [NATS_SERVER, "/usr/sbin/nats-server", "/usr/bin/nats-server"] {
         if Command::new(candidate)
             .arg("--version")

@@ -17,8 +17,47 @@ struct Wrapper {
     args: BenchArgs,
 }
 
+/// What `loadgen scale` measured.
+pub(crate) struct ScaleReport {
+    pub(crate) nodes: usize,
+    pub(crate) nat: usize,
+    pub(crate) links: usize,
+    pub(crate) seed: u64,
+    pub(crate) ready: Duration,
+    pub(crate) routed: Duration,
+    pub(crate) converged: Duration,
+    pub(crate) rss_mean_mib: f64,
+    pub(crate) rss_max_mib: f64,
+}
+
 /// Starts the mesh, waits for convergence, prints the figures.
 pub(crate) async fn run(nodes: usize, nat: usize, seed: u64) -> anyhow::Result<()> {
+    let r = measure(nodes, nat, seed).await?;
+    println!(
+        "{} meshd processes, {} behind NAT, {} links (random, seed {}), one host",
+        r.nodes, r.nat, r.links, r.seed
+    );
+    println!(
+        "  all processes ready:               {:>8.2} s after the first start",
+        r.ready.as_secs_f64()
+    );
+    println!(
+        "  every node routes to every other:  {:>8.2} s",
+        r.routed.as_secs_f64()
+    );
+    println!(
+        "  every node sees every member alive: {:>7.2} s",
+        r.converged.as_secs_f64()
+    );
+    println!(
+        "  resident memory per node:          {:>8.1} MiB mean, {:.1} MiB max",
+        r.rss_mean_mib, r.rss_max_mib
+    );
+    Ok(())
+}
+
+/// Starts the mesh and waits for convergence; prints progress only.
+pub(crate) async fn measure(nodes: usize, nat: usize, seed: u64) -> anyhow::Result<ScaleReport> {
     let argv = [
         "scale".to_owned(),
         "--topology".into(),
@@ -84,25 +123,15 @@ pub(crate) async fn run(nodes: usize, nat: usize, seed: u64) -> anyhow::Result<(
     let rss: Vec<u64> = cluster.nodes.iter().filter_map(|n| n.rss_bytes()).collect();
     let mean = rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64;
     let max = rss.iter().copied().max().unwrap_or(0);
-    println!(
-        "{nodes} meshd processes, {nat} behind NAT, {links} links (random, seed {seed}), one host"
-    );
-    println!(
-        "  all processes ready:               {:>8.2} s after the first start",
-        all_up.as_secs_f64()
-    );
-    println!(
-        "  every node routes to every other:  {:>8.2} s",
-        routed_at.unwrap_or(converged).as_secs_f64()
-    );
-    println!(
-        "  every node sees every member alive: {:>7.2} s",
-        converged.as_secs_f64()
-    );
-    println!(
-        "  resident memory per node:          {:>8.1} MiB mean, {:.1} MiB max",
-        mean / 1048576.0,
-        max as f64 / 1048576.0
-    );
-    Ok(())
+    Ok(ScaleReport {
+        nodes,
+        nat,
+        links,
+        seed,
+        ready: all_up,
+        routed: routed_at.unwrap_or(converged),
+        converged,
+        rss_mean_mib: mean / 1_048_576.0,
+        rss_max_mib: max as f64 / 1_048_576.0,
+    })
 }
