@@ -167,12 +167,10 @@ fn pick(entry: &FibEntry, spread: Spread, is_down: impl Fn(u64) -> bool) -> Opti
 
 /// The flow key of a frame: frames with the same key take the same path.
 pub fn flow_key(src: u64, dst: u64, stream_or_corr: u128) -> u64 {
-    let mut z = src
+    mix(src
         ^ dst.rotate_left(21)
         ^ (stream_or_corr as u64)
-        ^ ((stream_or_corr >> 64) as u64).rotate_left(42);
-    z = mix(z);
-    z
+        ^ ((stream_or_corr >> 64) as u64).rotate_left(42))
 }
 
 fn mix(mut z: u64) -> u64 {

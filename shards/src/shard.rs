@@ -319,8 +319,10 @@ impl Shard {
             self.round_robin.set(n.wrapping_add(1));
             Spread::RoundRobin(n)
         };
-        let fib = Arc::clone(&self.fib.borrow());
-        let next = fib
+        // Borrowed, not cloned: no reference-count traffic per frame.
+        let next = self
+            .fib
+            .borrow()
             .next_hop_for(header.traffic_class, dst, spread, |peer| self.is_down(peer))
             .or_else(|| {
                 (!self.is_down(dst) && self.links.borrow().contains_key(&dst)).then_some(dst)

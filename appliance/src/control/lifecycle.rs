@@ -152,6 +152,7 @@ pub(super) struct PendingJoin {
     key: String,
     peer: Option<u64>,
     deadline: Instant,
+    timeout: Duration,
     previous_mesh: String,
     reply: Reply,
 }
@@ -385,6 +386,7 @@ impl Control {
             key,
             peer: None,
             deadline: now + timeout,
+            timeout,
             previous_mesh,
             reply,
         });
@@ -429,7 +431,7 @@ impl Control {
         if let Some(pending) = &self.lifecycle.pending_join
             && pending.deadline <= now
         {
-            let waited = pending.deadline.saturating_duration_since(now);
+            let waited = pending.timeout;
             self.fail_join(LifecycleError::Timeout(waited));
         }
     }

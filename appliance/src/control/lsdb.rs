@@ -156,7 +156,13 @@ impl Lsdb {
         // A fresh link starts a fresh exchange: whatever was unacked on an old one is resent.
         self.neighbors.insert(peer, Neighbor::default());
         self.originate(now);
-        let origins: Vec<u64> = self.db.keys().copied().collect();
+        // Our own LSA went out with the origination above; the rest of the database follows.
+        let origins: Vec<u64> = self
+            .db
+            .keys()
+            .copied()
+            .filter(|o| *o != self.local)
+            .collect();
         for origin in origins {
             self.send_lsa(now, peer, origin);
         }
