@@ -24,6 +24,7 @@ mod bench;
 mod compare;
 mod nats;
 mod publish;
+mod report;
 mod results;
 mod scale;
 

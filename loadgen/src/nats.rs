@@ -16,7 +16,10 @@ use std::{
 use anyhow::{Context, bail};
 use tokio_stream::StreamExt;
 
-use crate::bench::{BenchArgs, BenchReport, Sink, Window};
+use crate::{
+    bench::BenchArgs,
+    report::{BenchReport, Sink, Window},
+};
 
 /// Where Debian's package puts the server.
 const NATS_SERVER: &str = "nats-server";

@@ -450,6 +450,19 @@ mod tests {
         }
     }
 
+    /// A handshake of node `id` of mesh `mesh`, expecting nothing of its peer.
+    fn machine(role: Role, id: u64, mesh: &str) -> Handshake {
+        let nonce = [id as u8 * 11; 32];
+        Handshake::new(
+            role,
+            &local(id, mesh),
+            key(id as u8),
+            [7; 32],
+            nonce,
+            Expectation::default(),
+        )
+    }
+
     /// Runs two machines against each other until neither has anything to send.
     fn exchange(a: &mut Handshake, b: &mut Handshake) {
         for _ in 0..8 {
@@ -519,22 +532,8 @@ mod tests {
             })
         ));
         // A node without a mesh dials a member: a guest link on both sides.
-        let mut joiner = Handshake::new(
-            Role::Dialer,
-            &local(1, ""),
-            key(1),
-            [7; 32],
-            [11; 32],
-            Expectation::default(),
-        );
-        let mut member = Handshake::new(
-            Role::Acceptor,
-            &local(2, "m"),
-            key(2),
-            [7; 32],
-            [22; 32],
-            Expectation::default(),
-        );
+        let mut joiner = machine(Role::Dialer, 1, "");
+        let mut member = machine(Role::Acceptor, 2, "m");
         exchange(&mut joiner, &mut member);
         match (joiner.outcome(), member.outcome()) {
             (Some(Outcome::Established(pj)), Some(Outcome::Established(pm))) => {
@@ -544,22 +543,8 @@ mod tests {
             other => panic!("expected a guest link, got {other:?}"),
         }
         // Two nodes without a mesh never link.
-        let mut x = Handshake::new(
-            Role::Dialer,
-            &local(1, ""),
-            key(1),
-            [7; 32],
-            [11; 32],
-            Expectation::default(),
-        );
-        let mut y = Handshake::new(
-            Role::Acceptor,
-            &local(2, ""),
-            key(2),
-            [7; 32],
-            [22; 32],
-            Expectation::default(),
-        );
+        let mut x = machine(Role::Dialer, 1, "");
+        let mut y = machine(Role::Acceptor, 2, "");
         exchange(&mut x, &mut y);
         assert!(matches!(x.outcome(), Some(Outcome::Refused { .. })));
     }

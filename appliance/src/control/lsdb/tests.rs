@@ -345,6 +345,18 @@ impl Sim {
         edges.into_iter().collect()
     }
 
+    /// Starts `n` nodes linked in a random topology (a tree plus `extra` links); its edges.
+    fn start_random_mesh(&mut self, n: u64, extra: usize) -> Vec<(u64, u64)> {
+        let edges = self.random_topology(n, extra);
+        for id in 1..=n {
+            self.add_node(id);
+        }
+        for (a, b) in &edges {
+            self.link_up(*a, *b);
+        }
+        edges
+    }
+
     fn add_node(&mut self, id: u64) {
         self.nodes.insert(id, Lsdb::new(id, config(), self.now));
         self.rearm(id);
@@ -488,13 +500,7 @@ impl Sim {
 
 fn converge_random_mesh(seed: u64, n: u64, extra: usize, loss: f64) -> Duration {
     let mut sim = Sim::new(seed, loss, 20);
-    let edges = sim.random_topology(n, extra);
-    for id in 1..=n {
-        sim.add_node(id);
-    }
-    for (a, b) in &edges {
-        sim.link_up(*a, *b);
-    }
+    let edges = sim.start_random_mesh(n, extra);
     let took = sim.time_to_converge(Duration::from_secs(30)).unwrap_or_else(|| {
         panic!("seed {seed}: {n} nodes, loss {loss}: not converged in 30 s (--reproduce with this seed)")
     });
@@ -541,13 +547,7 @@ fn two_hundred_nodes_converge_under_ten_percent_loss_and_reordering() {
 fn a_crashed_node_is_withdrawn_everywhere_and_its_lsa_ages_out() {
     let seed = 11;
     let mut sim = Sim::new(seed, 0.05, 20);
-    let edges = sim.random_topology(60, 40);
-    for id in 1..=60 {
-        sim.add_node(id);
-    }
-    for (a, b) in &edges {
-        sim.link_up(*a, *b);
-    }
+    let edges = sim.start_random_mesh(60, 40);
     sim.time_to_converge(Duration::from_secs(30))
         .expect("converged");
     // The victim must not be a cut vertex of the rest, or the survivors split; pick one whose
@@ -610,13 +610,7 @@ fn a_crashed_node_is_withdrawn_everywhere_and_its_lsa_ages_out() {
 #[test]
 fn refreshes_keep_a_quiet_mesh_alive_past_max_age() {
     let mut sim = Sim::new(3, 0.02, 5);
-    let edges = sim.random_topology(20, 10);
-    for id in 1..=20 {
-        sim.add_node(id);
-    }
-    for (a, b) in &edges {
-        sim.link_up(*a, *b);
-    }
+    sim.start_random_mesh(20, 10);
     sim.time_to_converge(Duration::from_secs(10))
         .expect("converged");
     sim.run_until(sim.now + Duration::from_secs(100));
