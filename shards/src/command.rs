@@ -142,6 +142,8 @@ pub enum ControlEvent {
         reason: String,
         /// Set when the peer said goodbye; its reason.
         goodbye: Option<String>,
+        /// The link was a guest link (join exchange only).
+        guest: bool,
     },
     /// A routing message from a direct neighbour's control core.
     Routing {

@@ -750,6 +750,9 @@ async fn establish(
     remote_addr: SocketAddr,
     dial_id: Option<u64>,
 ) {
+    // The hello carries the mesh id of this moment; a SetMesh during the handshake makes the
+    // result stale (a guest link that outlives the join would carry nothing, ever).
+    let mesh_at_start = shard.mesh_id.borrow().clone();
     shard
         .pending_handshakes
         .set(shard.pending_handshakes.get() + 1);
@@ -778,6 +781,18 @@ async fn establish(
         }
     };
     if shard.stopping.get() {
+        return;
+    }
+    if *shard.mesh_id.borrow() != mesh_at_start {
+        tracing::debug!(
+            peer = peer.node_id,
+            "mesh changed during the handshake; closing the link"
+        );
+        shard.count_drop("mesh_changed_in_handshake");
+        if let Some(dial_id) = dial_id {
+            let error = DialError::Setup("mesh changed during the handshake".into());
+            dial_failed(&shard, dial_id, remote_addr, error).await;
+        }
         return;
     }
     let local = shard.config.local.node_id;
@@ -867,6 +882,7 @@ async fn establish(
                 peer: peer.node_id,
                 reason: end.describe(),
                 goodbye,
+                guest: peer.guest,
             })
             .await;
     }

@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 
 /// The `meshd` binary the harness runs, built once per process in release mode.
 ///
-/// `MESHD_BIN` overrides it (a prebuilt binary).
+/// `TEST_MESHD_BIN` overrides it (a prebuilt binary; not `MESHD_…`, which meshd reads as config).
 pub fn meshd_binary() -> anyhow::Result<PathBuf> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY
@@ -35,7 +35,7 @@ pub fn meshd_binary() -> anyhow::Result<PathBuf> {
 }
 
 fn build_meshd() -> anyhow::Result<PathBuf> {
-    if let Ok(path) = std::env::var("MESHD_BIN") {
+    if let Ok(path) = std::env::var("TEST_MESHD_BIN") {
         return Ok(PathBuf::from(path));
     }
     let target_dir = target_dir()?;
@@ -153,6 +153,19 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The last `n` log lines of every node, `first` (an index) first: a failure in one
+    /// node's view is often caused by another's.
+    pub fn log_tails(&self, first: usize, n: usize) -> String {
+        let order = std::iter::once(first).chain((0..self.nodes.len()).filter(|&i| i != first));
+        order
+            .map(|i| {
+                let node = &self.nodes[i];
+                format!("--- node {} ---\n{}", node.spec.node_id, node.log_tail(n))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Starts one more node.
     pub fn add(&mut self, spec: NodeSpec) -> anyhow::Result<usize> {
         let mut peers = Vec::new();
@@ -260,7 +273,7 @@ impl Node {
         let mut child = Command::new(meshd_binary()?)
             .args(["run", "--config"])
             .arg(&self.config_path)
-            .env("RUST_LOG", "info,meshd_shards=debug")
+            .env("RUST_LOG", "info,meshd_shards=debug,meshd::control=debug")
             .env_remove("MESH_ROUTING_ID")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -484,7 +497,8 @@ pub fn member_state(
 }
 
 /// Waits until `check` holds for the mesh status of every node in `nodes` (indexes); the
-/// error shows the first view that did not and that node's log.
+/// error shows the first view that did not and every node's log tail. With
+/// `TEST_HOLD_ON_FAILURE` set, a failing wait keeps the nodes running for 15 minutes first.
 pub async fn wait_for_mesh(
     cluster: &Cluster,
     nodes: &[usize],
@@ -506,10 +520,19 @@ pub async fn wait_for_mesh(
             return Ok(start.elapsed());
         };
         if start.elapsed() > limit {
+            if std::env::var_os("TEST_HOLD_ON_FAILURE").is_some() {
+                // Debugging aid: the nodes stay up for gdb, the CLI or a look at their data.
+                eprintln!(
+                    "holding the cluster in {} for 15 min: node {} never saw {what}",
+                    cluster.dir().display(),
+                    cluster.node(i).spec.node_id
+                );
+                tokio::time::sleep(Duration::from_secs(900)).await;
+            }
             bail!(
                 "node {} never saw {what} in {limit:?}: {status:#?}\n{}",
                 cluster.node(i).spec.node_id,
-                cluster.node(i).log_tail(30)
+                cluster.log_tails(i, 30)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

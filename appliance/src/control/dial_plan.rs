@@ -111,6 +111,11 @@ impl DialPlan {
             .is_some_and(|t| t.origin == Origin::Added)
     }
 
+    /// Forgets every target (this node left its mesh: nothing of it is worth dialing).
+    pub fn clear(&mut self) {
+        self.targets.clear();
+    }
+
     /// Removes every target that last linked to `peer`; returns their addresses and whether each
     /// was persisted.
     pub fn remove_peer(&mut self, peer: u64) -> Vec<(SocketAddr, bool)> {

@@ -402,6 +402,9 @@ impl Control {
         );
         self.membership.leave(now);
         self.lifecycle.record = None;
+        // The stored dial targets went with the mesh record; without this the links closing
+        // below would be re-dialed as guest links that carry nothing.
+        self.plan.clear();
         self.switch_mesh(String::new(), LEFT_REASON);
         Ok(())
     }

@@ -253,10 +253,14 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
     let mut metrics_tick = tokio::time::interval(METRICS_PERIOD);
     metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        control.start_due_dials().await;
+        // Order matters. Gossip before lifecycle: a leaving node's notice must be queued on
+        // the shards ahead of the SetMesh that closes its links. Lifecycle before dials: a
+        // join queues SetMesh and makes its entry point a due dial, and every shard must hold
+        // the new mesh id before that dial, or its handshake still carries the old one.
         control.drain_routing().await;
         control.drain_membership().await;
         control.drain_lifecycle().await;
+        control.start_due_dials().await;
         let deadline = [
             control.lifecycle.deadline(),
             control.plan.next_deadline(),
@@ -483,10 +487,14 @@ impl Control {
                     tracing::error!(peer = peer.node_id, error = %e, "could not record peer");
                 }
             }
+            ControlEvent::LinkDown { guest: true, .. } => {
+                // Its LinkUp was ignored too; the peer's member link (if any) is separate.
+            }
             ControlEvent::LinkDown {
                 peer,
                 reason,
                 goodbye,
+                guest: false,
             } => {
                 self.linked.remove(&peer);
                 self.meters.remove(peer);
