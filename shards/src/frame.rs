@@ -142,7 +142,7 @@ impl FrameType {
 }
 
 /// Scheduling class of a frame; decides which send queue it waits in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub enum TrafficClass {
     /// Link control traffic (handshake, heartbeats).

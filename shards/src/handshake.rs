@@ -25,8 +25,9 @@ use prost::Message;
 
 use crate::frame::{self, FrameType, Header, TrafficClass};
 
-/// The link protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The link protocol version this build speaks. 2: DeliveryReport frames carry batched runs
+/// (`meshd.v1.DeliveryReports`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest handshake payload accepted; Hellos are a few hundred bytes.
 pub const MAX_HANDSHAKE_PAYLOAD: usize = 4096;

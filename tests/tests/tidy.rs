@@ -31,6 +31,8 @@ const PURE_CORES: &[&str] = &[
     "appliance/src/control/routing.rs",
     "appliance/src/control/types.rs",
     "appliance/src/api/tracker.rs",
+    "appliance/src/api/recent.rs",
+    "appliance/src/api/reports.rs",
 ];
 
 const FORBIDDEN_IN_CORES: &[&str] = &[

@@ -27,6 +27,7 @@ use tonic::{Request, Response, Status, codegen::BoxStream};
 
 use super::{
     ApiState,
+    recent::Verdict,
     tracker::{StatusUpdate, ends_wait},
 };
 use crate::storage::now_ms;
@@ -108,9 +109,10 @@ pub(crate) async fn submit(
         }
     }
     let require_ack = request.require_ack || mode == SendMode::WaitForAck;
-    let msg_id = state.new_msg_id();
-    let data = Data {
-        msg_id,
+    // The id is given by the tracker once the message is accepted; until then the largest id
+    // stands in, so the size check below counts the id's widest encoding.
+    let mut data = Data {
+        msg_id: u64::MAX,
         corr_id: request.corr_id,
         partition: request.partition,
         qos_class: request.qos_class,
@@ -147,19 +149,22 @@ pub(crate) async fn submit(
     let class = traffic_class(request.qos_class);
     // Messages of one correlation id form a flow that stays on one path, in order.
     let flow = u128::from(request.corr_id);
-    let payload: Bytes = data.encode_to_vec().into();
     let local = state.node_id;
 
-    if request.dst_node == 0 {
+    let msg_id = if request.dst_node == 0 {
         let mut targets = state.reachable_nodes().await?;
         targets.push(local);
         targets.sort_unstable();
         targets.dedup();
+        let msg_id = state
+            .tracker()
+            .insert_broadcast(&targets, require_ack, queued);
+        data.msg_id = msg_id;
+        let payload: Bytes = data.encode_to_vec().into();
+        let verdict = state.deliver_locally(local, &data).await;
         state
             .tracker()
-            .insert_broadcast(msg_id, &targets, require_ack, queued);
-        let verdict = state.deliver_locally(local, &data).await;
-        state.tracker().update(msg_id, Some(local), status(verdict));
+            .update(msg_id, Some(local), verdict_update(verdict));
         for target in targets.into_iter().filter(|t| *t != local) {
             state
                 .send_frame(
@@ -172,13 +177,20 @@ pub(crate) async fn submit(
                 )
                 .await?;
         }
+        msg_id
     } else if request.dst_node == local {
-        state.tracker().insert(msg_id, local, require_ack, queued);
+        let msg_id = state.tracker().insert(local, require_ack, queued);
+        data.msg_id = msg_id;
         let verdict = state.deliver_locally(local, &data).await;
-        state.tracker().update(msg_id, None, status(verdict));
+        state
+            .tracker()
+            .update(msg_id, None, verdict_update(verdict));
+        msg_id
     } else {
         let dst = request.dst_node;
-        state.tracker().insert(msg_id, dst, require_ack, queued);
+        let msg_id = state.tracker().insert(dst, require_ack, queued);
+        data.msg_id = msg_id;
+        let payload: Bytes = data.encode_to_vec().into();
         state
             .send_frame(dst, FrameType::Data, class, msg_id, flow, payload.clone())
             .await?;
@@ -188,7 +200,8 @@ pub(crate) async fn submit(
                 state, dst, class, msg_id, flow, payload, timeout,
             ));
         }
-    }
+        msg_id
+    };
     Ok(Submitted {
         msg_id,
         mode,
@@ -253,6 +266,10 @@ fn status((status, detail): (MessageStatus, String)) -> StatusUpdate {
         detail,
         timestamp_ms: now_ms(),
     }
+}
+
+fn verdict_update(verdict: Verdict) -> StatusUpdate {
+    status((verdict.status(), verdict.detail().to_owned()))
 }
 
 /// Sends a waiting message again until its destination answers or its time is up.

@@ -11,21 +11,22 @@
 mod control;
 mod data;
 mod mesh;
+mod recent;
+mod reports;
 pub mod tracker;
 
 use std::{
-    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
 };
 
 use bytes::Bytes;
 use meshd_proto::{
-    link::{AppAck, Data, DeliveryReport},
+    link::{AppAck, Data, DeliveryReports},
     mesh::{
         MessageStatus, Received, mesh_control_server::MeshControlServer,
         mesh_data_server::MeshDataServer,
@@ -41,7 +42,11 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use self::tracker::{MessageTracker, StatusUpdate};
+use self::{
+    recent::{RecentDeliveries, Verdict},
+    reports::ReportBatch,
+    tracker::{MessageTracker, StatusUpdate},
+};
 use crate::{
     control::{
         ControlRequest, RoutingSnapshot,
@@ -51,7 +56,7 @@ use crate::{
 };
 
 /// Deliveries remembered for de-duplication of retransmitted copies.
-const RECENT_DELIVERIES: usize = 65_536;
+const RECENT_DELIVERIES: u64 = 1 << 18;
 
 /// One `Subscribe` stream.
 struct Subscriber {
@@ -61,7 +66,7 @@ struct Subscriber {
     tx: mpsc::Sender<Result<Received, Status>>,
     /// Set when the subscriber let a message wait [`SUBSCRIBER_WAIT`] in vain; cleared once
     /// its queue is half empty again. A lagging subscriber is not waited for.
-    lagging: Arc<std::sync::atomic::AtomicBool>,
+    lagging: Arc<AtomicBool>,
 }
 
 /// How long a delivery waits for room in a full subscriber queue. The wait holds the node's
@@ -88,51 +93,13 @@ pub(crate) struct ApiState {
     pub(crate) default_timeout_seconds: u32,
     tracker: Mutex<MessageTracker>,
     subscribers: Mutex<Vec<Subscriber>>,
-    next_msg_id: AtomicU64,
     recent: Mutex<RecentDeliveries>,
     pub(crate) mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
-}
-
-/// Messages delivered here lately, so a retransmitted copy (same source and message id) is
-/// answered with the first copy's status instead of being delivered twice.
-pub(crate) struct RecentDeliveries {
-    statuses: HashMap<(u64, u64), (MessageStatus, String)>,
-    order: VecDeque<(u64, u64)>,
-    capacity: usize,
-}
-
-impl RecentDeliveries {
-    fn new(capacity: usize) -> Self {
-        Self {
-            statuses: HashMap::new(),
-            order: VecDeque::new(),
-            capacity,
-        }
-    }
-
-    fn get(&self, key: (u64, u64)) -> Option<(MessageStatus, String)> {
-        self.statuses.get(&key).cloned()
-    }
-
-    fn insert(&mut self, key: (u64, u64), status: (MessageStatus, String)) {
-        if self.statuses.insert(key, status).is_none() {
-            self.order.push_back(key);
-        }
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.statuses.remove(&old);
-            }
-        }
-    }
 }
 
 impl ApiState {
     fn shard_of(&self, peer: u64) -> &Producer<ShardInput> {
         &self.shards[owner_shard(peer, self.shards.len())]
-    }
-
-    pub(crate) fn new_msg_id(&self) -> u64 {
-        self.next_msg_id.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn tracker(&self) -> std::sync::MutexGuard<'_, MessageTracker> {
@@ -201,7 +168,7 @@ impl ApiState {
     }
 
     /// Offers a message to the matching local subscribers; returns the resulting status.
-    pub(crate) async fn deliver_locally(&self, src: u64, data: &Data) -> (MessageStatus, String) {
+    pub(crate) async fn deliver_locally(&self, src: u64, data: &Data) -> Verdict {
         let received = Received {
             src_node: src,
             dst_node: self.node_id,
@@ -218,36 +185,44 @@ impl ApiState {
             payload: data.payload.clone(),
             require_ack: data.require_ack,
         };
-        let targets: Vec<_> = {
+        let mut delivered = 0usize;
+        let mut full = 0usize;
+        // The common case (room in every queue) is served under the lock without waiting or
+        // allocating; only subscribers with a full queue are collected to be waited for.
+        let mut waiting = Vec::new();
+        {
             let mut subscribers = self
                 .subscribers
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            subscribers.retain(|s| !s.tx.is_closed());
-            subscribers
+            let mut closed = false;
+            for s in subscribers
                 .iter()
                 .filter(|s| s.wants(src, data.partition, data.qos_class))
-                .map(|s| (s.tx.clone(), Arc::clone(&s.lagging)))
-                .collect()
-        };
-        let mut delivered = 0usize;
-        let mut full = 0usize;
-        for (tx, lagging) in targets {
-            let item = match tx.try_send(Ok(received.clone())) {
-                Ok(()) => {
-                    delivered += 1;
-                    if tx.capacity() * 2 >= tx.max_capacity() {
-                        lagging.store(false, Ordering::Relaxed);
+            {
+                match s.tx.try_send(Ok(received.clone())) {
+                    Ok(()) => {
+                        delivered += 1;
+                        if s.tx.capacity() * 2 >= s.tx.max_capacity() {
+                            s.lagging.store(false, Ordering::Relaxed);
+                        }
                     }
-                    continue;
+                    Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
+                    Err(mpsc::error::TrySendError::Full(_))
+                        if s.lagging.load(Ordering::Relaxed) =>
+                    {
+                        full += 1;
+                    }
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        waiting.push((s.tx.clone(), Arc::clone(&s.lagging), item));
+                    }
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => continue,
-                Err(mpsc::error::TrySendError::Full(item)) => item,
-            };
-            if lagging.load(Ordering::Relaxed) {
-                full += 1;
-                continue;
             }
+            if closed {
+                subscribers.retain(|s| !s.tx.is_closed());
+            }
+        }
+        for (tx, lagging, item) in waiting {
             match tokio::time::timeout(SUBSCRIBER_WAIT, tx.send(item)).await {
                 Ok(Ok(())) => delivered += 1,
                 Ok(Err(_)) => {}
@@ -262,16 +237,10 @@ impl ApiState {
             }
         }
         match (delivered, full) {
-            (0, 0) => (
-                MessageStatus::PendingClient,
-                "no subscriber for this message".into(),
-            ),
-            (0, _) => (
-                MessageStatus::PendingClient,
-                "every matching subscriber's queue is full".into(),
-            ),
-            _ if data.require_ack => (MessageStatus::WaitingForClientAck, String::new()),
-            _ => (MessageStatus::Delivered, String::new()),
+            (0, 0) => Verdict::NoSubscriber,
+            (0, _) => Verdict::SubscribersFull,
+            _ if data.require_ack => Verdict::WaitingForAck,
+            _ => Verdict::Delivered,
         }
     }
 
@@ -282,20 +251,24 @@ impl ApiState {
         src_node: u64,
     ) -> mpsc::Receiver<Result<Received, Status>> {
         let (tx, rx) = mpsc::channel(self.subscriber_queue);
-        self.subscribers
+        let mut subscribers = self
+            .subscribers
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Subscriber {
-                partition,
-                qos_class,
-                src_node,
-                tx,
-                lagging: Arc::default(),
-            });
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Deliveries prune closed subscribers only when they meet one; this catches the rest.
+        subscribers.retain(|s| !s.tx.is_closed());
+        subscribers.push(Subscriber {
+            partition,
+            qos_class,
+            src_node,
+            tx,
+            lagging: Arc::default(),
+        });
         rx
     }
 
-    async fn handle_event(&self, event: ApiEvent) {
+    /// Verdicts on Data frames go into `reports`, for [`Self::send_reports`].
+    async fn handle_event(&self, event: ApiEvent, reports: &mut ReportBatch) {
         match event {
             ApiEvent::Frame {
                 src,
@@ -307,13 +280,13 @@ impl ApiState {
                     tracing::debug!(src, "dropped an undecodable data frame");
                     return;
                 };
-                let key = (src, data.msg_id);
+                let msg_id = data.msg_id;
                 let earlier = self
                     .recent
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(key);
-                let (status, detail) = match earlier {
+                    .get(src, msg_id);
+                let verdict = match earlier {
                     // A retransmitted copy: answer again, deliver once.
                     Some(earlier) => earlier,
                     None => {
@@ -321,25 +294,11 @@ impl ApiState {
                         self.recent
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(key, verdict.clone());
+                            .insert(src, msg_id, verdict);
                         verdict
                     }
                 };
-                let report = DeliveryReport {
-                    msg_id: data.msg_id,
-                    status: status as i32,
-                    detail,
-                };
-                let _ = self
-                    .send_frame(
-                        src,
-                        FrameType::DeliveryReport,
-                        traffic_class,
-                        data.msg_id,
-                        0,
-                        report.encode_to_vec().into(),
-                    )
-                    .await;
+                reports.push(src, traffic_class, msg_id, verdict);
             }
             ApiEvent::Frame {
                 src,
@@ -347,20 +306,25 @@ impl ApiState {
                 payload,
                 ..
             } => {
-                let Ok(report) = DeliveryReport::decode(payload) else {
+                let Ok(batch) = DeliveryReports::decode(payload) else {
+                    tracing::debug!(src, "dropped an undecodable delivery report");
                     return;
                 };
-                let status =
-                    MessageStatus::try_from(report.status).unwrap_or(MessageStatus::Unspecified);
-                self.tracker().update(
-                    report.msg_id,
-                    Some(src),
-                    StatusUpdate {
+                let timestamp_ms = now_ms();
+                let mut tracker = self.tracker();
+                for report in batch.reports {
+                    let Some(ids) = reports::run_ids(&report) else {
+                        continue;
+                    };
+                    let status = MessageStatus::try_from(report.status)
+                        .unwrap_or(MessageStatus::Unspecified);
+                    let update = StatusUpdate {
                         status,
                         detail: report.detail,
-                        timestamp_ms: now_ms(),
-                    },
-                );
+                        timestamp_ms,
+                    };
+                    tracker.update_range(ids, Some(src), &update);
+                }
             }
             ApiEvent::Frame {
                 src,
@@ -417,6 +381,22 @@ impl ApiState {
                     },
                 );
             }
+        }
+    }
+}
+
+/// Verdicts collected before the pump sends them back (bounds one drain of the api ring).
+const MAX_REPORTS_PER_FRAME_BATCH: usize = 4096;
+
+impl ApiState {
+    /// Sends every collected verdict back to its source, a frame per source and class.
+    async fn send_reports(&self, reports: &mut ReportBatch) {
+        for (src, class, payload) in reports.drain(self.max_payload_bytes) {
+            // A report lost here (the node shutting down) only leaves a status at QUEUED;
+            // waiting senders retransmit and get the remembered verdict.
+            let _ = self
+                .send_frame(src, FrameType::DeliveryReport, class, 0, 0, payload.into())
+                .await;
         }
     }
 }
@@ -499,17 +479,23 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         subscriber_queue: setup.subscriber_queue,
         default_timeout_seconds: setup.default_timeout_seconds,
         mesh_events: setup.mesh_events,
-        tracker: Mutex::new(MessageTracker::new(setup.tracked_messages)),
+        // Ids start from the clock so they stay unique across restarts of this node.
+        tracker: Mutex::new(MessageTracker::new(setup.tracked_messages, now_ms() << 20)),
         subscribers: Mutex::new(Vec::new()),
         recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),
-        // Start from the clock so ids stay unique across restarts of this node.
-        next_msg_id: AtomicU64::new(now_ms() << 20),
     });
     let events = setup.events;
     let pump_state = Arc::clone(&state);
     let pump = tokio::spawn(async move {
+        let mut reports = ReportBatch::default();
         while let Some(event) = events.pop().await {
-            pump_state.handle_event(event).await;
+            pump_state.handle_event(event, &mut reports).await;
+            // Drain what already waits, so a burst's verdicts go back in one frame per source.
+            while reports.len() < MAX_REPORTS_PER_FRAME_BATCH {
+                let Some(event) = events.try_pop() else { break };
+                pump_state.handle_event(event, &mut reports).await;
+            }
+            pump_state.send_reports(&mut reports).await;
         }
     });
 

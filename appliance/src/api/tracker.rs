@@ -1,5 +1,9 @@
 //! Status of the messages this node sent: QUEUED → DELIVERED / PENDING_* → ACK_*.
 //!
+//! The tracker hands out message ids, in order, so its entries sit in a ring indexed by
+//! `msg_id - first id`: no hashing and no per-message allocation on the send path, which runs
+//! once per message.
+//!
 //! Bounded: at most `capacity` messages are remembered; the oldest are forgotten first. A
 //! waiting `Send` registers a waiter that completes when the status reaches what its mode waits
 //! for; `SendWithStatusStream` registers a watcher that sees every change. A broadcast is one
@@ -7,7 +11,7 @@
 //! has answered. No I/O here; the api feeds it reports and asks it questions.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use futures::channel::{mpsc, oneshot};
 use meshd_proto::mesh::{MessageStatus, SendMode};
@@ -39,8 +43,9 @@ struct Entry {
 
 /// The tracker.
 pub struct MessageTracker {
-    entries: HashMap<u64, Entry>,
-    order: VecDeque<u64>,
+    /// `entries[i]` is message `first_id + i`.
+    entries: VecDeque<Entry>,
+    first_id: u64,
     capacity: usize,
     total: u64,
 }
@@ -121,68 +126,94 @@ fn is_failure(status: MessageStatus) -> bool {
 }
 
 impl MessageTracker {
-    /// A tracker remembering at most `capacity` messages.
-    pub fn new(capacity: usize) -> Self {
+    /// A tracker remembering at most `capacity` messages, handing out ids from `first_id` on.
+    pub fn new(capacity: usize, first_id: u64) -> Self {
         assert!(capacity > 0);
         Self {
-            entries: HashMap::new(),
-            order: VecDeque::new(),
+            entries: VecDeque::new(),
+            first_id,
             capacity,
             total: 0,
         }
     }
 
-    /// Starts tracking a message sent to `dst`.
-    pub fn insert(&mut self, msg_id: u64, dst: u64, require_ack: bool, status: StatusUpdate) {
-        self.insert_entry(msg_id, dst, require_ack, status, BTreeMap::new());
+    /// The id the next message gets.
+    pub fn next_id(&self) -> u64 {
+        self.first_id + self.entries.len() as u64
     }
 
-    /// Starts tracking a broadcast to `targets` (this node included if it is one).
+    /// Starts tracking a message sent to `dst`; returns its id.
+    pub fn insert(&mut self, dst: u64, require_ack: bool, status: StatusUpdate) -> u64 {
+        self.insert_entry(dst, require_ack, status, BTreeMap::new())
+    }
+
+    /// Starts tracking a broadcast to `targets` (this node included if it is one); returns
+    /// its id.
     pub fn insert_broadcast(
         &mut self,
-        msg_id: u64,
         targets: &[u64],
         require_ack: bool,
         status: StatusUpdate,
-    ) {
+    ) -> u64 {
         let targets = targets.iter().map(|t| (*t, None)).collect();
-        self.insert_entry(msg_id, 0, require_ack, status, targets);
+        self.insert_entry(0, require_ack, status, targets)
     }
 
     fn insert_entry(
         &mut self,
-        msg_id: u64,
         dst: u64,
         require_ack: bool,
         status: StatusUpdate,
         targets: BTreeMap<u64, Option<MessageStatus>>,
-    ) {
-        while self.order.len() >= self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.entries.remove(&old);
-            }
+    ) -> u64 {
+        if self.entries.len() >= self.capacity {
+            self.entries.pop_front();
+            self.first_id += 1;
         }
-        self.order.push_back(msg_id);
-        self.entries.insert(
-            msg_id,
-            Entry {
-                dst,
-                require_ack,
-                current: status,
-                targets,
-                waiters: Vec::new(),
-                watchers: Vec::new(),
-            },
-        );
+        let msg_id = self.next_id();
+        self.entries.push_back(Entry {
+            dst,
+            require_ack,
+            current: status,
+            targets,
+            waiters: Vec::new(),
+            watchers: Vec::new(),
+        });
         self.total += 1;
         debug_assert!(self.entries.len() <= self.capacity);
+        msg_id
+    }
+
+    fn entry(&self, msg_id: u64) -> Option<&Entry> {
+        let index = usize::try_from(msg_id.checked_sub(self.first_id)?).ok()?;
+        self.entries.get(index)
+    }
+
+    fn entry_mut(&mut self, msg_id: u64) -> Option<&mut Entry> {
+        let index = usize::try_from(msg_id.checked_sub(self.first_id)?).ok()?;
+        self.entries.get_mut(index)
+    }
+
+    /// Applies one status to every tracked message of `ids` (a report run); ids outside what
+    /// is remembered are skipped without being walked. Returns how many changed.
+    pub fn update_range(
+        &mut self,
+        ids: std::ops::Range<u64>,
+        from: Option<u64>,
+        update: &StatusUpdate,
+    ) -> usize {
+        let start = ids.start.max(self.first_id);
+        let end = ids.end.min(self.next_id());
+        (start..end)
+            .filter(|&id| self.update(id, from, update.clone()))
+            .count()
     }
 
     /// Applies a status reported by `from` (`None` = this node's own verdict); ignored when
     /// `from` is not the message's destination (or a broadcast target), when the message is
     /// unknown, or when it would move backwards.
     pub fn update(&mut self, msg_id: u64, from: Option<u64>, update: StatusUpdate) -> bool {
-        let Some(entry) = self.entries.get_mut(&msg_id) else {
+        let Some(entry) = self.entry_mut(msg_id) else {
             return false;
         };
         let update = if entry.dst == 0 && !entry.targets.is_empty() {
@@ -230,7 +261,7 @@ impl MessageTracker {
 
     /// Waits for the status that ends `mode`; completes at once if it is already there.
     pub fn wait(&mut self, msg_id: u64, mode: SendMode) -> Option<oneshot::Receiver<StatusUpdate>> {
-        let entry = self.entries.get_mut(&msg_id)?;
+        let entry = self.entry_mut(msg_id)?;
         let (tx, rx) = oneshot::channel();
         if ends_wait(mode, entry.require_ack, entry.current.status) {
             let _ = tx.send(entry.current.clone());
@@ -242,7 +273,7 @@ impl MessageTracker {
 
     /// Every later status change of a message, starting with the current one.
     pub fn watch(&mut self, msg_id: u64) -> Option<mpsc::Receiver<StatusUpdate>> {
-        let entry = self.entries.get_mut(&msg_id)?;
+        let entry = self.entry_mut(msg_id)?;
         let (mut tx, rx) = mpsc::channel(WATCH_QUEUE);
         let _ = tx.try_send(entry.current.clone());
         entry.watchers.push(tx);
@@ -251,8 +282,7 @@ impl MessageTracker {
 
     /// The current status of a message, with whether it needs an ack.
     pub fn get(&self, msg_id: u64) -> Option<(StatusUpdate, bool)> {
-        self.entries
-            .get(&msg_id)
+        self.entry(msg_id)
             .map(|e| (e.current.clone(), e.require_ack))
     }
 
@@ -264,7 +294,7 @@ impl MessageTracker {
     /// How many remembered messages are in each status.
     pub fn counts(&self) -> BTreeMap<i32, u64> {
         let mut counts = BTreeMap::new();
-        for entry in self.entries.values() {
+        for entry in &self.entries {
             *counts.entry(entry.current.status as i32).or_insert(0) += 1;
         }
         counts
@@ -285,8 +315,8 @@ mod tests {
 
     #[test]
     fn a_wait_for_delivery_ends_on_delivered_and_a_wait_for_ack_on_the_ack() {
-        let mut tracker = MessageTracker::new(8);
-        tracker.insert(1, 7, true, update(MessageStatus::Queued));
+        let mut tracker = MessageTracker::new(8, 1);
+        tracker.insert(7, true, update(MessageStatus::Queued));
         let mut delivery = tracker.wait(1, SendMode::WaitForDelivery).unwrap();
         let mut ack = tracker.wait(1, SendMode::WaitForAck).unwrap();
         assert!(tracker.update(1, Some(7), update(MessageStatus::WaitingForClientAck)));
@@ -304,16 +334,16 @@ mod tests {
 
     #[test]
     fn reports_from_a_node_other_than_the_destination_are_ignored() {
-        let mut tracker = MessageTracker::new(8);
-        tracker.insert(1, 7, false, update(MessageStatus::Queued));
+        let mut tracker = MessageTracker::new(8, 1);
+        tracker.insert(7, false, update(MessageStatus::Queued));
         assert!(!tracker.update(1, Some(8), update(MessageStatus::Delivered)));
         assert_eq!(tracker.get(1).unwrap().0.status, MessageStatus::Queued);
     }
 
     #[test]
     fn a_status_never_moves_backwards() {
-        let mut tracker = MessageTracker::new(8);
-        tracker.insert(1, 7, true, update(MessageStatus::Queued));
+        let mut tracker = MessageTracker::new(8, 1);
+        tracker.insert(7, true, update(MessageStatus::Queued));
         tracker.update(1, Some(7), update(MessageStatus::AckFailure));
         assert!(!tracker.update(1, Some(7), update(MessageStatus::WaitingForClientAck)));
         assert_eq!(tracker.get(1).unwrap().0.status, MessageStatus::AckFailure);
@@ -321,9 +351,9 @@ mod tests {
 
     #[test]
     fn the_oldest_messages_are_forgotten_past_capacity() {
-        let mut tracker = MessageTracker::new(2);
+        let mut tracker = MessageTracker::new(2, 1);
         for id in 1..=3 {
-            tracker.insert(id, 7, false, update(MessageStatus::Queued));
+            assert_eq!(tracker.insert(7, false, update(MessageStatus::Queued)), id);
         }
         assert!(tracker.get(1).is_none());
         assert!(tracker.get(3).is_some());
@@ -335,9 +365,24 @@ mod tests {
     }
 
     #[test]
+    fn a_report_run_updates_only_what_is_remembered() {
+        let mut tracker = MessageTracker::new(4, 10);
+        for _ in 0..6 {
+            tracker.insert(7, false, update(MessageStatus::Queued));
+        }
+        // 10 and 11 are forgotten; 12..=15 remain.
+        let delivered = update(MessageStatus::Delivered);
+        assert_eq!(tracker.update_range(0..u64::MAX, Some(7), &delivered), 4);
+        assert_eq!(tracker.update_range(13..14, Some(7), &delivered), 0);
+        assert_eq!(tracker.update_range(12..20, Some(8), &delivered), 0);
+        assert!(tracker.get(11).is_none());
+        assert_eq!(tracker.get(15).unwrap().0.status, MessageStatus::Delivered);
+    }
+
+    #[test]
     fn a_broadcast_is_queued_until_every_target_answers_then_takes_the_worst_status() {
-        let mut tracker = MessageTracker::new(8);
-        tracker.insert_broadcast(1, &[1, 2, 3], false, update(MessageStatus::Queued));
+        let mut tracker = MessageTracker::new(8, 1);
+        tracker.insert_broadcast(&[1, 2, 3], false, update(MessageStatus::Queued));
         let mut wait = tracker.wait(1, SendMode::WaitForDelivery).unwrap();
         assert!(
             !tracker.update(1, Some(9), update(MessageStatus::Delivered)),
@@ -354,8 +399,8 @@ mod tests {
 
     #[test]
     fn a_watcher_sees_every_change_from_the_current_status_on() {
-        let mut tracker = MessageTracker::new(8);
-        tracker.insert(1, 7, true, update(MessageStatus::Queued));
+        let mut tracker = MessageTracker::new(8, 1);
+        tracker.insert(7, true, update(MessageStatus::Queued));
         let mut watch = tracker.watch(1).unwrap();
         tracker.update(1, Some(7), update(MessageStatus::WaitingForClientAck));
         tracker.update(1, Some(7), update(MessageStatus::AckSuccess));
