@@ -6,17 +6,22 @@
 //!   `SO_REUSEPORT`, so the kernel spreads incoming connections over the shards;
 //! - one **link task** per peer connection (set-up, then `link::run`).
 //!
+//! The acceptor and the link tasks' set-up live in [`connect`]; this file is the thread, its
+//! input loop and the forwarding of frames.
+//!
 //! **Architecture Invariant:** a shard's state is touched only by its own thread (`Rc`,
 //! `RefCell`, `Cell`); other threads reach it only through its ring.
 //! **Architecture Invariant:** at most one live link per peer; when two connections to the same
 //! peer race, both ends keep the one dialed by the lower node id (or the newer one if the peer
 //! restarted, seen by its boot id).
 
+mod connect;
+
 use std::{
     cell::{Cell, RefCell},
     collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd},
+    os::fd::{FromRawFd, IntoRawFd},
     rc::Rc,
     sync::{Arc, mpsc},
     thread,
@@ -24,7 +29,6 @@ use std::{
 };
 
 use ed25519_dalek::SigningKey;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::{
     LocalExecutorBuilder, Placement,
     net::{TcpListener, TcpStream},
@@ -34,12 +38,12 @@ use rustls::{ClientConfig, ServerConfig};
 use bytes::Bytes;
 
 use crate::{
-    command::{AdoptedSocket, ApiEvent, ControlEvent, DialError, Forwarded, Outgoing, ShardInput},
+    command::{ApiEvent, ControlEvent, Forwarded, Outgoing, ShardInput},
     fib::{Fib, Spread, flow_key},
     frame::{FrameType, Header},
-    handshake::{LocalHello, PeerInfo, Role},
+    handshake::{LocalHello, PeerInfo},
     link::{self, Outbox},
-    ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble, owner_shard},
+    ownership::owner_shard,
     ring::{Consumer, Producer, ring},
     stats::LinkStats,
 };
@@ -456,19 +460,19 @@ async fn shard_main(
 
     if let Some(listener) = listener {
         let shard = Rc::clone(&shard);
-        glommio::spawn_local(accept_loop(shard, listener)).detach();
+        glommio::spawn_local(connect::accept_loop(shard, listener)).detach();
     }
 
     while let Some(input) = inbound.pop().await {
         match input {
             ShardInput::Dial { addr, dial_id } => {
-                glommio::spawn_local(dial(Rc::clone(&shard), addr, dial_id)).detach();
+                glommio::spawn_local(connect::dial(Rc::clone(&shard), addr, dial_id)).detach();
             }
             ShardInput::Adopt(adopted) => {
                 // SAFETY: the descriptor is a connected TCP socket that the sending shard
                 // duplicated for us and no longer uses; ownership moves into the stream.
                 let stream = unsafe { TcpStream::from_raw_fd(adopted.fd.into_raw_fd()) };
-                glommio::spawn_local(establish(
+                glommio::spawn_local(connect::establish(
                     Rc::clone(&shard),
                     stream,
                     adopted.role,
@@ -591,340 +595,4 @@ async fn send(shard: &Rc<Shard>, outgoing: Outgoing) {
             let _ = shard.api_tx.push(event).await;
         }
     }
-}
-
-async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok(stream) => stream,
-            Err(e) => {
-                if shard.stopping.get() {
-                    return;
-                }
-                tracing::warn!(shard = shard.shard_id, error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        if shard.stopping.get() {
-            return;
-        }
-        if shard.pending_handshakes.get() >= shard.config.max_pending_handshakes {
-            shard.count_drop("handshake_backlog_full");
-            continue;
-        }
-        glommio::spawn_local(accepted(Rc::clone(&shard), stream)).detach();
-    }
-}
-
-/// Exchanges preambles: reads first when accepting, writes first when dialing.
-async fn exchange_preamble(
-    shard: &Shard,
-    stream: &mut TcpStream,
-    role: Role,
-) -> Result<u64, DialError> {
-    let ours = encode_preamble(shard.config.local.node_id);
-    let mut theirs = [0u8; PREAMBLE_LEN];
-    let io = async {
-        if role == Role::Dialer {
-            stream.write_all(&ours).await?;
-            stream.read_exact(&mut theirs).await?;
-        } else {
-            stream.read_exact(&mut theirs).await?;
-            stream.write_all(&ours).await?;
-        }
-        Ok::<_, std::io::Error>(())
-    };
-    match link::timeout(shard.config.handshake_timeout, io).await {
-        None => return Err(DialError::Timeout),
-        Some(Err(e)) => return Err(DialError::Setup(format!("preamble: {e}"))),
-        Some(Ok(())) => {}
-    }
-    decode_preamble(&theirs)
-        .ok_or_else(|| DialError::Refused("peer did not send a meshd preamble".into()))
-}
-
-async fn accepted(shard: Rc<Shard>, mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let remote_addr = link::peer_addr(&stream);
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() + 1);
-    let hint = exchange_preamble(&shard, &mut stream, Role::Acceptor).await;
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() - 1);
-    match hint {
-        Ok(peer_hint) => {
-            route_socket(shard, stream, Role::Acceptor, peer_hint, remote_addr, None).await
-        }
-        Err(error) => {
-            shard.count_drop("bad_preamble");
-            tracing::info!(%remote_addr, %error, "refused an incoming connection");
-        }
-    }
-}
-
-async fn dial(shard: Rc<Shard>, addr: SocketAddr, dial_id: u64) {
-    let timeout = shard.config.handshake_timeout;
-    let connected = link::timeout(timeout, TcpStream::connect(addr)).await;
-    let mut stream = match connected {
-        Some(Ok(stream)) => stream,
-        Some(Err(e)) => {
-            return dial_failed(&shard, dial_id, addr, DialError::Connect(e.to_string())).await;
-        }
-        None => return dial_failed(&shard, dial_id, addr, DialError::Timeout).await,
-    };
-    let _ = stream.set_nodelay(true);
-    match exchange_preamble(&shard, &mut stream, Role::Dialer).await {
-        Ok(peer_hint) => {
-            route_socket(shard, stream, Role::Dialer, peer_hint, addr, Some(dial_id)).await
-        }
-        Err(error) => dial_failed(&shard, dial_id, addr, error).await,
-    }
-}
-
-async fn dial_failed(shard: &Shard, dial_id: u64, addr: SocketAddr, error: DialError) {
-    tracing::debug!(%addr, %error, "dial failed");
-    shard
-        .emit(ControlEvent::DialDone {
-            dial_id,
-            addr,
-            result: Err(error),
-        })
-        .await;
-}
-
-/// Continues set-up here, or hands the socket to the shard that owns the peer.
-async fn route_socket(
-    shard: Rc<Shard>,
-    stream: TcpStream,
-    role: Role,
-    peer_hint: u64,
-    remote_addr: SocketAddr,
-    dial_id: Option<u64>,
-) {
-    let owner = shard.owner(peer_hint);
-    if owner == shard.shard_id {
-        return establish(shard, stream, role, peer_hint, remote_addr, dial_id).await;
-    }
-    // SAFETY: the descriptor is valid for as long as `stream` lives; we only borrow it to dup.
-    let duplicated = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned();
-    drop(stream);
-    let fd: OwnedFd = match duplicated {
-        Ok(fd) => fd,
-        Err(e) => {
-            if let Some(dial_id) = dial_id {
-                dial_failed(
-                    &shard,
-                    dial_id,
-                    remote_addr,
-                    DialError::Setup(format!("dup: {e}")),
-                )
-                .await;
-            }
-            return;
-        }
-    };
-    let adopted = AdoptedSocket {
-        fd,
-        role,
-        peer_hint,
-        remote_addr,
-        dial_id,
-    };
-    if shard.peers[owner]
-        .push(ShardInput::Adopt(adopted))
-        .await
-        .is_err()
-    {
-        shard.count_drop("owner_shard_gone");
-    }
-}
-
-async fn establish(
-    shard: Rc<Shard>,
-    stream: TcpStream,
-    role: Role,
-    peer_hint: u64,
-    remote_addr: SocketAddr,
-    dial_id: Option<u64>,
-) {
-    // The hello carries the mesh id of this moment; a SetMesh during the handshake makes the
-    // result stale (a guest link that outlives the join would carry nothing, ever).
-    let mesh_at_start = shard.mesh_id.borrow().clone();
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() + 1);
-    let set_up = link::timeout(
-        shard.config.handshake_timeout,
-        link::set_up(&shard, stream, role, peer_hint),
-    )
-    .await;
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() - 1);
-    let (socket, peer) = match set_up {
-        Some(Ok(established)) => established,
-        Some(Err(error)) => {
-            tracing::info!(%remote_addr, ?role, %error, "link set-up failed");
-            if let Some(dial_id) = dial_id {
-                dial_failed(&shard, dial_id, remote_addr, error).await;
-            }
-            return;
-        }
-        None => {
-            if let Some(dial_id) = dial_id {
-                dial_failed(&shard, dial_id, remote_addr, DialError::Timeout).await;
-            }
-            return;
-        }
-    };
-    if shard.stopping.get() {
-        return;
-    }
-    if *shard.mesh_id.borrow() != mesh_at_start {
-        tracing::debug!(
-            peer = peer.node_id,
-            "mesh changed during the handshake; closing the link"
-        );
-        shard.count_drop("mesh_changed_in_handshake");
-        if let Some(dial_id) = dial_id {
-            let error = DialError::Setup("mesh changed during the handshake".into());
-            dial_failed(&shard, dial_id, remote_addr, error).await;
-        }
-        return;
-    }
-    let local = shard.config.local.node_id;
-    let dialer = if role == Role::Dialer {
-        local
-    } else {
-        peer.node_id
-    };
-    let conn_id = shard.next_conn_id.get();
-    shard.next_conn_id.set(conn_id + 1);
-    let outbox = Rc::new(Outbox::new(
-        shard.config.link_queue_bytes,
-        shard.config.max_payload_bytes,
-    ));
-    let stats = Rc::new(LinkStats::new(remote_addr, role, Instant::now()));
-
-    let kept = register(
-        &shard,
-        peer.clone(),
-        dialer,
-        conn_id,
-        Rc::clone(&outbox),
-        Rc::clone(&stats),
-    );
-    if let Some(dial_id) = dial_id {
-        shard
-            .emit(ControlEvent::DialDone {
-                dial_id,
-                addr: remote_addr,
-                result: Ok(peer.node_id),
-            })
-            .await;
-    }
-    if !kept {
-        tracing::debug!(
-            peer = peer.node_id,
-            "duplicate link closed; the other one stays"
-        );
-        let (header, payload) = link::goodbye(local, peer.node_id, "duplicate link");
-        let _ = outbox.push_now(&header, &payload);
-        outbox.close("duplicate link".into());
-        let _ = link::run(
-            Rc::clone(&shard),
-            socket,
-            peer.node_id,
-            peer.guest,
-            outbox,
-            stats,
-        )
-        .await;
-        return;
-    }
-    tracing::info!(peer = peer.node_id, %remote_addr, ?role, shard = shard.shard_id, "link up");
-    shard
-        .emit(ControlEvent::LinkUp {
-            peer: peer.clone(),
-            remote_addr,
-            role,
-            shard: shard.shard_id,
-        })
-        .await;
-
-    let end = link::run(
-        Rc::clone(&shard),
-        socket,
-        peer.node_id,
-        peer.guest,
-        outbox,
-        stats,
-    )
-    .await;
-
-    let still_ours = shard
-        .links
-        .borrow()
-        .get(&peer.node_id)
-        .is_some_and(|l| l.conn_id == conn_id);
-    if still_ours {
-        shard.links.borrow_mut().remove(&peer.node_id);
-        tracing::info!(peer = peer.node_id, reason = %end.describe(), "link down");
-        let goodbye = match &end {
-            link::LinkEnd::Goodbye(reason) => Some(reason.clone()),
-            _ => None,
-        };
-        shard
-            .emit(ControlEvent::LinkDown {
-                peer: peer.node_id,
-                reason: end.describe(),
-                goodbye,
-                guest: peer.guest,
-            })
-            .await;
-    }
-}
-
-/// Records a new link, applying the one-link-per-peer rule; returns whether the new link stays.
-fn register(
-    shard: &Shard,
-    peer: PeerInfo,
-    dialer: u64,
-    conn_id: u64,
-    outbox: Rc<Outbox>,
-    stats: Rc<LinkStats>,
-) -> bool {
-    let local = shard.config.local.node_id;
-    let mut links = shard.links.borrow_mut();
-    if let Some(existing) = links.get(&peer.node_id) {
-        let peer_restarted = existing.peer.boot_id != peer.boot_id;
-        let same_direction = existing.dialer == dialer;
-        let preferred_dialer = local.min(peer.node_id);
-        let replace = peer_restarted || same_direction || dialer == preferred_dialer;
-        if !replace {
-            return false;
-        }
-        let (header, payload) = link::goodbye(local, peer.node_id, "replaced by a newer link");
-        let _ = existing.outbox.push_now(&header, &payload);
-        existing.outbox.close("replaced by a newer link".into());
-    }
-    shard.known.borrow_mut().insert(peer.node_id);
-    shard
-        .pinned
-        .borrow_mut()
-        .insert(peer.node_id, peer.public_key);
-    links.insert(
-        peer.node_id,
-        LinkEntry {
-            conn_id,
-            peer,
-            dialer,
-            outbox,
-            stats,
-        },
-    );
-    true
 }

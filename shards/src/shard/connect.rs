@@ -1,0 +1,363 @@
+//! How a socket becomes a registered link: accept or dial, the preamble that names the peer,
+//! the hand-over to the shard that owns the peer, TLS + WebSocket + handshake, and the
+//! one-link-per-peer registry. The link then runs in `link::run` until it ends, and its end is
+//! reported here.
+//!
+//! **Architecture Invariant:** the handshake runs on the shard that owns the peer
+//! (`hash(peer) % N`); a socket accepted or dialed elsewhere crosses one ring as a duplicated
+//! descriptor ([`AdoptedSocket`]) before anything but the preamble is read.
+
+use std::{
+    net::SocketAddr,
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
+    rc::Rc,
+    time::{Duration, Instant},
+};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use super::{LinkEntry, Shard};
+use crate::{
+    command::{AdoptedSocket, ControlEvent, DialError, ShardInput},
+    handshake::{PeerInfo, Role},
+    link::{self, Outbox},
+    ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble},
+    stats::LinkStats,
+};
+
+pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                if shard.stopping.get() {
+                    return;
+                }
+                tracing::warn!(shard = shard.shard_id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shard.stopping.get() {
+            return;
+        }
+        if shard.pending_handshakes.get() >= shard.config.max_pending_handshakes {
+            shard.count_drop("handshake_backlog_full");
+            continue;
+        }
+        glommio::spawn_local(accepted(Rc::clone(&shard), stream)).detach();
+    }
+}
+
+/// Exchanges preambles: reads first when accepting, writes first when dialing.
+async fn exchange_preamble(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    role: Role,
+) -> Result<u64, DialError> {
+    let ours = encode_preamble(shard.config.local.node_id);
+    let mut theirs = [0u8; PREAMBLE_LEN];
+    let io = async {
+        if role == Role::Dialer {
+            stream.write_all(&ours).await?;
+            stream.read_exact(&mut theirs).await?;
+        } else {
+            stream.read_exact(&mut theirs).await?;
+            stream.write_all(&ours).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    match link::timeout(shard.config.handshake_timeout, io).await {
+        None => return Err(DialError::Timeout),
+        Some(Err(e)) => return Err(DialError::Setup(format!("preamble: {e}"))),
+        Some(Ok(())) => {}
+    }
+    decode_preamble(&theirs)
+        .ok_or_else(|| DialError::Refused("peer did not send a meshd preamble".into()))
+}
+
+async fn accepted(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let remote_addr = link::peer_addr(&stream);
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() + 1);
+    let hint = exchange_preamble(&shard, &mut stream, Role::Acceptor).await;
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() - 1);
+    match hint {
+        Ok(peer_hint) => {
+            route_socket(shard, stream, Role::Acceptor, peer_hint, remote_addr, None).await
+        }
+        Err(error) => {
+            shard.count_drop("bad_preamble");
+            tracing::info!(%remote_addr, %error, "refused an incoming connection");
+        }
+    }
+}
+
+pub(super) async fn dial(shard: Rc<Shard>, addr: SocketAddr, dial_id: u64) {
+    let timeout = shard.config.handshake_timeout;
+    let connected = link::timeout(timeout, TcpStream::connect(addr)).await;
+    let mut stream = match connected {
+        Some(Ok(stream)) => stream,
+        Some(Err(e)) => {
+            return dial_failed(&shard, dial_id, addr, DialError::Connect(e.to_string())).await;
+        }
+        None => return dial_failed(&shard, dial_id, addr, DialError::Timeout).await,
+    };
+    let _ = stream.set_nodelay(true);
+    match exchange_preamble(&shard, &mut stream, Role::Dialer).await {
+        Ok(peer_hint) => {
+            route_socket(shard, stream, Role::Dialer, peer_hint, addr, Some(dial_id)).await
+        }
+        Err(error) => dial_failed(&shard, dial_id, addr, error).await,
+    }
+}
+
+async fn dial_failed(shard: &Shard, dial_id: u64, addr: SocketAddr, error: DialError) {
+    tracing::debug!(%addr, %error, "dial failed");
+    shard
+        .emit(ControlEvent::DialDone {
+            dial_id,
+            addr,
+            result: Err(error),
+        })
+        .await;
+}
+
+/// Continues set-up here, or hands the socket to the shard that owns the peer.
+async fn route_socket(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    role: Role,
+    peer_hint: u64,
+    remote_addr: SocketAddr,
+    dial_id: Option<u64>,
+) {
+    let owner = shard.owner(peer_hint);
+    if owner == shard.shard_id {
+        return establish(shard, stream, role, peer_hint, remote_addr, dial_id).await;
+    }
+    // SAFETY: the descriptor is valid for as long as `stream` lives; we only borrow it to dup.
+    let duplicated = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned();
+    drop(stream);
+    let fd: OwnedFd = match duplicated {
+        Ok(fd) => fd,
+        Err(e) => {
+            if let Some(dial_id) = dial_id {
+                dial_failed(
+                    &shard,
+                    dial_id,
+                    remote_addr,
+                    DialError::Setup(format!("dup: {e}")),
+                )
+                .await;
+            }
+            return;
+        }
+    };
+    let adopted = AdoptedSocket {
+        fd,
+        role,
+        peer_hint,
+        remote_addr,
+        dial_id,
+    };
+    if shard.peers[owner]
+        .push(ShardInput::Adopt(adopted))
+        .await
+        .is_err()
+    {
+        shard.count_drop("owner_shard_gone");
+    }
+}
+
+pub(super) async fn establish(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    role: Role,
+    peer_hint: u64,
+    remote_addr: SocketAddr,
+    dial_id: Option<u64>,
+) {
+    // The hello carries the mesh id of this moment; a SetMesh during the handshake makes the
+    // result stale (a guest link that outlives the join would carry nothing, ever).
+    let mesh_at_start = shard.mesh_id.borrow().clone();
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() + 1);
+    let set_up = link::timeout(
+        shard.config.handshake_timeout,
+        link::set_up(&shard, stream, role, peer_hint),
+    )
+    .await;
+    shard
+        .pending_handshakes
+        .set(shard.pending_handshakes.get() - 1);
+    let (socket, peer) = match set_up {
+        Some(Ok(established)) => established,
+        Some(Err(error)) => {
+            tracing::info!(%remote_addr, ?role, %error, "link set-up failed");
+            if let Some(dial_id) = dial_id {
+                dial_failed(&shard, dial_id, remote_addr, error).await;
+            }
+            return;
+        }
+        None => {
+            if let Some(dial_id) = dial_id {
+                dial_failed(&shard, dial_id, remote_addr, DialError::Timeout).await;
+            }
+            return;
+        }
+    };
+    if shard.stopping.get() {
+        return;
+    }
+    if *shard.mesh_id.borrow() != mesh_at_start {
+        tracing::debug!(
+            peer = peer.node_id,
+            "mesh changed during the handshake; closing the link"
+        );
+        shard.count_drop("mesh_changed_in_handshake");
+        if let Some(dial_id) = dial_id {
+            let error = DialError::Setup("mesh changed during the handshake".into());
+            dial_failed(&shard, dial_id, remote_addr, error).await;
+        }
+        return;
+    }
+    let local = shard.config.local.node_id;
+    let dialer = if role == Role::Dialer {
+        local
+    } else {
+        peer.node_id
+    };
+    let conn_id = shard.next_conn_id.get();
+    shard.next_conn_id.set(conn_id + 1);
+    let outbox = Rc::new(Outbox::new(
+        shard.config.link_queue_bytes,
+        shard.config.max_payload_bytes,
+    ));
+    let stats = Rc::new(LinkStats::new(remote_addr, role, Instant::now()));
+
+    let kept = register(
+        &shard,
+        peer.clone(),
+        dialer,
+        conn_id,
+        Rc::clone(&outbox),
+        Rc::clone(&stats),
+    );
+    if let Some(dial_id) = dial_id {
+        shard
+            .emit(ControlEvent::DialDone {
+                dial_id,
+                addr: remote_addr,
+                result: Ok(peer.node_id),
+            })
+            .await;
+    }
+    if !kept {
+        tracing::debug!(
+            peer = peer.node_id,
+            "duplicate link closed; the other one stays"
+        );
+        let (header, payload) = link::goodbye(local, peer.node_id, "duplicate link");
+        let _ = outbox.push_now(&header, &payload);
+        outbox.close("duplicate link".into());
+        let _ = link::run(
+            Rc::clone(&shard),
+            socket,
+            peer.node_id,
+            peer.guest,
+            outbox,
+            stats,
+        )
+        .await;
+        return;
+    }
+    tracing::info!(peer = peer.node_id, %remote_addr, ?role, shard = shard.shard_id, "link up");
+    shard
+        .emit(ControlEvent::LinkUp {
+            peer: peer.clone(),
+            remote_addr,
+            role,
+            shard: shard.shard_id,
+        })
+        .await;
+
+    let end = link::run(
+        Rc::clone(&shard),
+        socket,
+        peer.node_id,
+        peer.guest,
+        outbox,
+        stats,
+    )
+    .await;
+
+    let still_ours = shard
+        .links
+        .borrow()
+        .get(&peer.node_id)
+        .is_some_and(|l| l.conn_id == conn_id);
+    if still_ours {
+        shard.links.borrow_mut().remove(&peer.node_id);
+        tracing::info!(peer = peer.node_id, reason = %end.describe(), "link down");
+        let goodbye = match &end {
+            link::LinkEnd::Goodbye(reason) => Some(reason.clone()),
+            _ => None,
+        };
+        shard
+            .emit(ControlEvent::LinkDown {
+                peer: peer.node_id,
+                reason: end.describe(),
+                goodbye,
+                guest: peer.guest,
+            })
+            .await;
+    }
+}
+
+/// Records a new link, applying the one-link-per-peer rule; returns whether the new link stays.
+fn register(
+    shard: &Shard,
+    peer: PeerInfo,
+    dialer: u64,
+    conn_id: u64,
+    outbox: Rc<Outbox>,
+    stats: Rc<LinkStats>,
+) -> bool {
+    let local = shard.config.local.node_id;
+    let mut links = shard.links.borrow_mut();
+    if let Some(existing) = links.get(&peer.node_id) {
+        let peer_restarted = existing.peer.boot_id != peer.boot_id;
+        let same_direction = existing.dialer == dialer;
+        let preferred_dialer = local.min(peer.node_id);
+        let replace = peer_restarted || same_direction || dialer == preferred_dialer;
+        if !replace {
+            return false;
+        }
+        let (header, payload) = link::goodbye(local, peer.node_id, "replaced by a newer link");
+        let _ = existing.outbox.push_now(&header, &payload);
+        existing.outbox.close("replaced by a newer link".into());
+    }
+    shard.known.borrow_mut().insert(peer.node_id);
+    shard
+        .pinned
+        .borrow_mut()
+        .insert(peer.node_id, peer.public_key);
+    links.insert(
+        peer.node_id,
+        LinkEntry {
+            conn_id,
+            peer,
+            dialer,
+            outbox,
+            stats,
+        },
+    );
+    true
+}
