@@ -72,12 +72,17 @@ pub struct NetworkConfig {
     pub reconnect_max_ms: u64,
     /// Limit on connect + TLS + WebSocket + link handshake.
     pub handshake_timeout_ms: u64,
+    /// Longest a write to a link may make no progress before the link is closed (the peer
+    /// stopped reading). Relayed frames wait at most half of it for room at their next hop.
+    /// Keep it above the 1 s a delivery waits for a full subscriber queue, or a slow
+    /// subscriber's backpressure closes links instead of slowing senders.
+    pub write_timeout_ms: u64,
     /// Largest frame payload (a message with its headers). Bigger sends are refused.
     pub max_payload_bytes: usize,
     /// Bytes queued per link before senders wait (backpressure). Size it to one RTT of
     /// bandwidth: 1 MiB covers 10 Gbit/s at 0.8 ms.
     pub link_queue_bytes: usize,
-    /// Connections in set-up per shard; more are closed at once (a connection flood guard).
+    /// Connections in set-up on the whole node; more are closed at once (a flood guard).
     pub max_pending_handshakes: usize,
 }
 
@@ -269,6 +274,7 @@ impl Default for NetworkConfig {
             reconnect_min_ms: 50,
             reconnect_max_ms: 5_000,
             handshake_timeout_ms: 5_000,
+            write_timeout_ms: 3_000,
             max_payload_bytes: 4 << 20,
             link_queue_bytes: 1 << 20,
             max_pending_handshakes: 256,
@@ -435,6 +441,13 @@ impl Config {
                 "network.handshake_timeout_ms",
                 format!("{} ms is too short for TLS", net.handshake_timeout_ms),
                 "use 5000 (the default)",
+            ));
+        }
+        if !(500..=60_000).contains(&net.write_timeout_ms) {
+            return Err(invalid(
+                "network.write_timeout_ms",
+                format!("{} ms is outside 500..=60000", net.write_timeout_ms),
+                "use 3000 (the default)",
             ));
         }
         if !(1024..=(64 << 20)).contains(&net.max_payload_bytes) {

@@ -60,7 +60,39 @@ fn init_logging(level: &str) {
         .init();
 }
 
+/// Makes any panic, on any thread, take the whole process down.
+///
+/// meshd's threads (shards, control, api) only work together: each feeds the others through
+/// rings. A thread that unwinds and ends leaves the rest running against rings nobody drains,
+/// a half-alive node that keeps its ports and answers health checks while it drops traffic,
+/// and that no supervisor restarts. Aborting ends it visibly instead (systemd or the harness
+/// sees the death and can start the node again, which recovers its state from the control
+/// database). The cost: a panic inside a tokio task (one gRPC call) ends the node too, which
+/// is why bad input must be refused with an error, never met with a panic.
+fn install_panic_hook() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("<unnamed>");
+        let location = info
+            .location()
+            .map_or_else(|| "<unknown>".to_owned(), ToString::to_string);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("<non-string panic payload>");
+        tracing::error!(thread, %location, message, "a thread panicked; aborting meshd");
+        // The standard report as well (with a backtrace under RUST_BACKTRACE), for when
+        // logging is not set up yet or filtered.
+        default_hook(info);
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => match Config::load(config.as_deref()) {

@@ -4,8 +4,12 @@
 //! link listener) → control thread → api thread (bind gRPC) → "meshd ready" on stdout.
 //! Stop (SIGINT/SIGTERM): api stops taking requests → shards say goodbye to every peer and
 //! stop → control thread stops, closing the control database.
+//!
+//! The stop is bounded: the api cuts calls still open after its grace period, and a watchdog
+//! ends the process if the whole stop takes longer than [`SHUTDOWN_DEADLINE`] or a second
+//! signal arrives, so an operator's SIGTERM never leaves a node hanging.
 
-use std::{io::Write, sync::Arc, time::Duration};
+use std::{io::Write, sync::Arc, thread, time::Duration};
 
 use anyhow::Context;
 use meshd_shards::{
@@ -32,6 +36,9 @@ use crate::{
 
 /// Runs a node until SIGINT or SIGTERM.
 pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
+    // Before anything starts: a signal during start-up must not kill the node mid-write by
+    // the default action, and is acted on once the node is up.
+    let signals = Signals::install()?;
     check_io_uring()?;
     raise_memlock_limit();
     let db = ControlDb::open(&config.data_dir)?;
@@ -78,6 +85,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         max_payload_bytes: config.network.max_payload_bytes,
         link_queue_bytes: config.network.link_queue_bytes,
         handshake_timeout: Duration::from_millis(config.network.handshake_timeout_ms),
+        write_timeout: Duration::from_millis(config.network.write_timeout_ms),
         max_pending_handshakes: config.network.max_pending_handshakes,
         ring_capacity: capacity,
         io_memory_bytes: config.runtime.io_memory_bytes,
@@ -163,11 +171,11 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     let _ = std::io::stdout().flush();
     tracing::info!(node_id = identity.node_id, grpc = %api.local_addr, %listen, "meshd running");
 
-    wait_for_signal()?;
-    tracing::info!("shutting down: telling peers goodbye");
+    let watchdog = signals.wait()?;
     api.stop();
     shards.shutdown();
     control.stop();
+    watchdog.finished();
     tracing::info!("meshd stopped");
     Ok(())
 }
@@ -202,19 +210,88 @@ fn routing_config(config: &Config) -> RoutingConfig {
     }
 }
 
-fn wait_for_signal() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("signal runtime")?;
-    runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result,
-            _ = term.recv() => Ok(()),
-        }
-    })?;
-    Ok(())
+/// Longest an orderly stop may take once a signal asked for it; then the process exits.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// SIGINT / SIGTERM, served by a thread of their own ("signals") for the whole life of the
+/// process: once the handlers are installed the kernel's default action no longer applies,
+/// so somebody must still be listening while the node stops, or a second signal would be
+/// ignored as well.
+struct Signals {
+    first: std::sync::mpsc::Receiver<&'static str>,
+    finished: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Held while the node stops; [`Self::finished`] disarms the watchdog.
+struct Watchdog(tokio::sync::oneshot::Sender<()>);
+
+impl Watchdog {
+    fn finished(self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("signal runtime")?;
+        let (mut term, mut int) = {
+            let _context = runtime.enter();
+            (
+                signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+                signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            )
+        };
+        let (first_tx, first) = std::sync::mpsc::channel();
+        let (finished, mut finished_rx) = tokio::sync::oneshot::channel::<()>();
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let name = tokio::select! {
+                        Some(()) = term.recv() => "SIGTERM",
+                        Some(()) = int.recv() => "SIGINT",
+                        // The node stopped without a signal (a start-up error): nothing to do.
+                        _ = &mut finished_rx => return,
+                    };
+                    if first_tx.send(name).is_err() {
+                        return;
+                    }
+                    let again = tokio::select! {
+                        Some(()) = term.recv() => "SIGTERM",
+                        Some(()) = int.recv() => "SIGINT",
+                        _ = finished_rx => return,
+                        () = tokio::time::sleep(SHUTDOWN_DEADLINE) => {
+                            tracing::error!(
+                                "shutdown did not finish within {SHUTDOWN_DEADLINE:?} of {name}; \
+                                 exiting without waiting any longer"
+                            );
+                            std::process::exit(1);
+                        }
+                    };
+                    tracing::error!("{again} during shutdown: exiting at once");
+                    std::process::exit(1);
+                });
+            })
+            .context("starting the signal thread")?;
+        Ok(Self { first, finished })
+    }
+
+    /// Waits for the first SIGINT or SIGTERM; from then on the watchdog runs.
+    fn wait(self) -> anyhow::Result<Watchdog> {
+        let name = self
+            .first
+            .recv()
+            .context("the signal thread stopped before any signal")?;
+        tracing::info!(
+            "{name}: shutting down, telling peers goodbye (at most {SHUTDOWN_DEADLINE:?}; \
+             a second signal exits at once)"
+        );
+        Ok(Watchdog(self.finished))
+    }
 }
 
 /// Shards need io_uring; a kernel that disables it gets a clear error instead of a panic deep

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod command;
 pub mod fib;
 pub mod frame;
+pub mod handle;
 pub mod handshake;
 mod link;
 pub mod ownership;

@@ -10,7 +10,8 @@
 //! The thin shell around `handshake` and `frame`: all decisions live there.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
+    collections::VecDeque,
     future::Future,
     mem,
     net::SocketAddr,
@@ -35,7 +36,7 @@ use crate::{
     command::{ApiEvent, ControlEvent, DialError},
     frame::{self, FrameReader, FrameType, Header, TrafficClass},
     handshake::{Expectation, Handshake, Outcome, PeerInfo, Role},
-    shard::Shard,
+    shard::{Shard, Wait},
     stats::LinkStats,
     tls,
 };
@@ -54,6 +55,8 @@ pub(crate) enum LinkEnd {
     Silent(Duration),
     /// The socket failed or closed.
     Broken(String),
+    /// A write made no progress for this long: the peer stopped reading.
+    Stalled(Duration),
 }
 
 impl LinkEnd {
@@ -63,16 +66,32 @@ impl LinkEnd {
             Self::Closed(reason) => format!("closed here: {reason}"),
             Self::Silent(for_) => format!("no heartbeat for {} ms", for_.as_millis()),
             Self::Broken(why) => format!("socket failed: {why}"),
+            Self::Stalled(for_) => format!(
+                "peer stopped reading: a write made no progress for {} ms",
+                for_.as_millis()
+            ),
         }
     }
 }
 
-/// Frames waiting to be written to one link, batched into one buffer.
+/// Largest WebSocket message the writer produces, unless one frame alone is larger: a new
+/// batch is started before a frame that would take the current one past this. Keeps every
+/// message under the receiver's limit whatever either side's queue bound is.
+pub(crate) const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+/// Room above the data bound that control frames (heartbeats and their acks, goodbyes,
+/// routing, gossip, join) may use, so a link full of data is not declared dead for lack of
+/// heartbeats. Past it, control frames are dropped too: a peer that floods heartbeats at a
+/// link that cannot drain grows nothing.
+pub(crate) const CONTROL_ALLOWANCE_BYTES: usize = 64 * 1024;
+
+/// Frames waiting to be written to one link, batched into WebSocket messages.
 ///
-/// Senders encode straight into the batch buffer; the writer swaps it out and writes it as one
-/// WebSocket message. Data frames wait while more than `max_pending_bytes` are queued
-/// (backpressure); control frames (heartbeats, goodbyes) never wait, so a busy link is not
-/// declared dead for lack of heartbeats.
+/// Senders encode straight into the open batch; the writer takes sealed batches first, then
+/// the open one, and writes each as one WebSocket message. Data frames are queued while fewer
+/// than `max_pending_bytes` wait ([`Outbox::push`] waits for room, [`Outbox::try_push`] does
+/// not); control frames ([`Outbox::push_now`]) may use [`CONTROL_ALLOWANCE_BYTES`] more.
+/// Nothing else ever grows it.
 pub(crate) struct Outbox {
     inner: RefCell<OutboxInner>,
     ready: Event,
@@ -82,8 +101,11 @@ pub(crate) struct Outbox {
 }
 
 struct OutboxInner {
+    sealed: VecDeque<(Vec<u8>, u64)>,
     batch: Vec<u8>,
     frames: u64,
+    /// Bytes in `sealed` and `batch`.
+    queued: usize,
     closing: Option<String>,
 }
 
@@ -100,14 +122,18 @@ pub(crate) enum OutboxError {
     Closed,
     /// The payload exceeds the maximum frame payload.
     Oversized,
+    /// The outbox is at its bound (and, for a waiting push, stayed there for the whole wait).
+    Full,
 }
 
 impl Outbox {
     pub(crate) fn new(max_pending_bytes: usize, max_payload_bytes: usize) -> Self {
         Self {
             inner: RefCell::new(OutboxInner {
-                batch: Vec::with_capacity(64 * 1024),
+                sealed: VecDeque::new(),
+                batch: Vec::new(),
                 frames: 0,
+                queued: 0,
                 closing: None,
             }),
             ready: Event::new(),
@@ -117,35 +143,76 @@ impl Outbox {
         }
     }
 
-    /// Queues a data frame, waiting while the outbox is over its bound.
-    pub(crate) async fn push(&self, header: &Header, payload: &[u8]) -> Result<(), OutboxError> {
-        loop {
-            {
-                let inner = self.inner.borrow();
-                if inner.closing.is_some() {
-                    return Err(OutboxError::Closed);
-                }
-                if inner.batch.len() < self.max_pending_bytes {
-                    drop(inner);
-                    return self.push_now(header, payload);
-                }
-            }
-            listener!(self.room => room);
-            if self.inner.borrow().batch.len() < self.max_pending_bytes {
-                continue;
-            }
-            room.await;
+    /// Queues a data frame, waiting while the outbox is at its bound: until there is room,
+    /// the link closes, or `limit` passes (then [`OutboxError::Full`]).
+    ///
+    /// The wait is on this link's writer, whose every write has a deadline, so it ends.
+    pub(crate) async fn push(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        limit: Duration,
+    ) -> Result<(), OutboxError> {
+        match self.try_push(header, payload) {
+            Err(OutboxError::Full) => {}
+            other => return other,
         }
+        let waited = timeout(limit, async {
+            loop {
+                listener!(self.room => room);
+                match self.try_push(header, payload) {
+                    Err(OutboxError::Full) => {}
+                    other => return other,
+                }
+                room.await;
+                match self.try_push(header, payload) {
+                    Err(OutboxError::Full) => {}
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        waited.unwrap_or(Err(OutboxError::Full))
     }
 
-    /// Queues a frame at once, over the bound if need be (control frames only).
+    /// Queues a data frame if the outbox is under its bound.
+    pub(crate) fn try_push(&self, header: &Header, payload: &[u8]) -> Result<(), OutboxError> {
+        self.queue(header, payload, self.max_pending_bytes)
+    }
+
+    /// Queues a control frame at once, past the data bound by up to
+    /// [`CONTROL_ALLOWANCE_BYTES`].
     pub(crate) fn push_now(&self, header: &Header, payload: &[u8]) -> Result<(), OutboxError> {
+        self.queue(
+            header,
+            payload,
+            self.max_pending_bytes + CONTROL_ALLOWANCE_BYTES,
+        )
+    }
+
+    fn queue(&self, header: &Header, payload: &[u8], bound: usize) -> Result<(), OutboxError> {
         let mut inner = self.inner.borrow_mut();
         if inner.closing.is_some() {
             return Err(OutboxError::Closed);
         }
+        if inner.queued >= bound {
+            return Err(OutboxError::Full);
+        }
+        let frame_len = frame::HEADER_LEN + payload.len();
+        if !inner.batch.is_empty() && inner.batch.len() + frame_len > MAX_BATCH_BYTES {
+            let batch = mem::take(&mut inner.batch);
+            let frames = mem::take(&mut inner.frames);
+            inner.sealed.push_back((batch, frames));
+        }
+        if inner.batch.capacity() == 0 {
+            inner
+                .batch
+                .reserve(frame_len.clamp(64 * 1024, MAX_BATCH_BYTES));
+        }
+        let before = inner.batch.len();
         frame::encode_into(&mut inner.batch, header, payload, self.max_payload_bytes)
             .map_err(|_| OutboxError::Oversized)?;
+        inner.queued += inner.batch.len() - before;
         inner.frames += 1;
         drop(inner);
         self.ready.notify(1);
@@ -167,27 +234,37 @@ impl Outbox {
         self.inner.borrow().closing.is_some()
     }
 
+    fn try_take(&self) -> Option<Take> {
+        let mut inner = self.inner.borrow_mut();
+        let taken = match inner.sealed.pop_front() {
+            Some(sealed) => Some(sealed),
+            None if !inner.batch.is_empty() => {
+                let batch = mem::take(&mut inner.batch);
+                let frames = mem::take(&mut inner.frames);
+                Some((batch, frames))
+            }
+            None => None,
+        };
+        if let Some((batch, frames)) = taken {
+            inner.queued -= batch.len();
+            drop(inner);
+            self.room.notify(usize::MAX);
+            return Some(Take::Batch(batch, frames));
+        }
+        inner
+            .closing
+            .as_ref()
+            .map(|reason| Take::Closed(reason.clone()))
+    }
+
     async fn take(&self) -> Take {
         loop {
-            {
-                let mut inner = self.inner.borrow_mut();
-                if !inner.batch.is_empty() {
-                    let batch = mem::replace(&mut inner.batch, Vec::with_capacity(64 * 1024));
-                    let frames = mem::take(&mut inner.frames);
-                    drop(inner);
-                    self.room.notify(usize::MAX);
-                    return Take::Batch(batch, frames);
-                }
-                if let Some(reason) = &inner.closing {
-                    return Take::Closed(reason.clone());
-                }
+            if let Some(take) = self.try_take() {
+                return take;
             }
             listener!(self.ready => ready);
-            {
-                let inner = self.inner.borrow();
-                if !inner.batch.is_empty() || inner.closing.is_some() {
-                    continue;
-                }
+            if let Some(take) = self.try_take() {
+                return take;
             }
             ready.await;
         }
@@ -325,6 +402,49 @@ async fn handshake(
     }
 }
 
+/// Tells the heartbeat loop when the reader is held up by backpressure from this node (a
+/// full ring towards the api or control thread, or a full outbox of the next hop): unread
+/// frames then say nothing about the peer, so the silence clock stops while the reader waits
+/// and restarts when it resumes.
+struct ReadGate {
+    waiting: Cell<bool>,
+    resumed: Cell<Instant>,
+}
+
+impl ReadGate {
+    async fn hold<F: Future>(&self, future: F) -> F::Output {
+        self.waiting.set(true);
+        let output = future.await;
+        self.waiting.set(false);
+        self.resumed.set(Instant::now());
+        output
+    }
+
+    /// How long the peer has been silent, not counting time the reader spent held up here.
+    fn silent_for(&self, stats: &LinkStats) -> Option<Duration> {
+        if self.waiting.get() {
+            return None;
+        }
+        Some(
+            stats
+                .last_received()
+                .elapsed()
+                .min(self.resumed.get().elapsed()),
+        )
+    }
+}
+
+/// A payload handed to another thread, where it may wait (a subscriber's queue, the control
+/// loop). A small payload is copied out so it does not pin the whole WebSocket message it
+/// arrived in (up to [`MAX_BATCH_BYTES`] per 200-byte message otherwise).
+fn detach(message: &Bytes, payload: &[u8]) -> Bytes {
+    if payload.len() * 4 < message.len() {
+        Bytes::copy_from_slice(payload)
+    } else {
+        message.slice_ref(payload)
+    }
+}
+
 /// Carries traffic on an established link until it ends.
 pub(crate) async fn run(
     shard: Rc<Shard>,
@@ -339,6 +459,12 @@ pub(crate) async fn run(
     let local = config.local.node_id;
     let epoch = shard.epoch;
     let max_payload = config.max_payload_bytes;
+    let relay_wait = config.relay_wait();
+    let gate = ReadGate {
+        waiting: Cell::new(false),
+        resumed: Cell::new(Instant::now()),
+    };
+    let mut join_frames_seen = 0u32;
 
     let reader = async {
         loop {
@@ -372,7 +498,9 @@ pub(crate) async fn run(
                             peer,
                         );
                         ack.seq = header.seq;
-                        let _ = outbox.push_now(&ack, &[]);
+                        if outbox.push_now(&ack, &[]) == Err(OutboxError::Full) {
+                            shard.count_drop("heartbeat_ack_outbox_full");
+                        }
                     }
                     FrameType::HeartbeatAck => {
                         let now_us = epoch.elapsed().as_micros() as u64;
@@ -390,13 +518,19 @@ pub(crate) async fn run(
                             shard.count_drop("join_off_guest_link");
                             continue;
                         }
-                        shard
-                            .emit(ControlEvent::Join {
-                                from: peer,
-                                frame_type: header.frame_type,
-                                payload: message.slice_ref(frame.payload),
-                            })
-                            .await;
+                        // One exchange per guest link: a joiner that wants to try again
+                        // dials again, and pays for a handshake each time.
+                        join_frames_seen += 1;
+                        if join_frames_seen > 1 {
+                            shard.count_drop("join_repeated");
+                            return LinkEnd::Closed("more than one join on a guest link".into());
+                        }
+                        let event = ControlEvent::Join {
+                            from: peer,
+                            frame_type: header.frame_type,
+                            payload: detach(&message, frame.payload),
+                        };
+                        gate.hold(shard.emit(event)).await;
                     }
                     _ if guest => {
                         // A guest link carries the join exchange and nothing else.
@@ -410,9 +544,8 @@ pub(crate) async fn run(
                             shard.count_drop("misaddressed");
                             continue;
                         }
-                        shard
-                            .emit_routing(peer, message.slice_ref(frame.payload))
-                            .await;
+                        let payload = detach(&message, frame.payload);
+                        gate.hold(shard.emit_routing(peer, payload)).await;
                     }
                     FrameType::Data
                     | FrameType::DeliveryReport
@@ -431,28 +564,35 @@ pub(crate) async fn run(
                             }
                             let mut relayed = header;
                             relayed.ttl -= 1;
-                            if shard
-                                .route(relayed, message.slice_ref(frame.payload), 1)
-                                .await
-                                .is_err()
-                            {
-                                shard.count_drop("no_route");
+                            // Hop-by-hop backpressure, but bounded: a next hop that cannot
+                            // take the frame within `relay_wait` loses it (counted), so a
+                            // stuck peer downstream never holds this link's reader long
+                            // enough for the sender upstream to give up on this link.
+                            let routed = gate
+                                .hold(shard.route(
+                                    relayed,
+                                    message.slice_ref(frame.payload),
+                                    1,
+                                    Wait::Upto(relay_wait),
+                                ))
+                                .await;
+                            if let Err(error) = routed {
+                                shard.count_drop(error.kind());
                             }
                             continue;
                         }
+                        let payload = detach(&message, frame.payload);
                         if header.frame_type == FrameType::Gossip {
-                            shard
-                                .emit_gossip(header.src, message.slice_ref(frame.payload))
-                                .await;
+                            gate.hold(shard.emit_gossip(header.src, payload)).await;
                             continue;
                         }
                         let event = ApiEvent::Frame {
                             src: header.src,
                             frame_type: header.frame_type,
                             traffic_class: header.traffic_class,
-                            payload: message.slice_ref(frame.payload),
+                            payload,
                         };
-                        if shard.api_tx.push(event).await.is_err() {
+                        if gate.hold(shard.api_tx.push(event)).await.is_err() {
                             return LinkEnd::Closed("api thread stopped".into());
                         }
                     }
@@ -465,15 +605,25 @@ pub(crate) async fn run(
         }
     };
 
+    let write_timeout = config.write_timeout;
     let writer = async {
         loop {
             match outbox.take().await {
                 Take::Batch(batch, frames) => {
                     let len = batch.len();
-                    if let Err(e) = sink.send(Message::Binary(Bytes::from(batch))).await {
-                        return LinkEnd::Broken(e.to_string());
+                    // A peer that stops reading fills its TCP window and this write never
+                    // completes; past the deadline the link is closed, which frees every
+                    // sender waiting on this outbox.
+                    let sent = timeout(
+                        write_timeout,
+                        sink.send(Message::Binary(Bytes::from(batch))),
+                    )
+                    .await;
+                    match sent {
+                        Some(Ok(())) => stats.on_sent(len, frames),
+                        Some(Err(e)) => return LinkEnd::Broken(e.to_string()),
+                        None => return LinkEnd::Stalled(write_timeout),
                     }
-                    stats.on_sent(len, frames);
                 }
                 Take::Closed(reason) => {
                     let _ = timeout(Duration::from_millis(200), sink.close(None)).await;
@@ -488,21 +638,38 @@ pub(crate) async fn run(
         let silence_limit = interval * config.heartbeat_misses;
         loop {
             glommio::timer::sleep(interval).await;
-            let silent_for = stats.last_received().elapsed();
-            if silent_for > silence_limit {
+            if let Some(silent_for) = gate.silent_for(&stats)
+                && silent_for > silence_limit
+            {
                 return LinkEnd::Silent(silent_for);
             }
             let mut beat = Header::new(FrameType::Heartbeat, TrafficClass::Control, local, peer);
             beat.seq = epoch.elapsed().as_micros() as u64;
             stats.on_heartbeat_sent();
-            if outbox.push_now(&beat, &[]).is_err() {
-                // Closing: the writer decides when the link ends.
-                futures::future::pending::<()>().await;
+            match outbox.push_now(&beat, &[]) {
+                Ok(()) | Err(OutboxError::Full | OutboxError::Oversized) => {}
+                Err(OutboxError::Closed) => {
+                    // Closing: the writer decides when the link ends.
+                    futures::future::pending::<()>().await;
+                }
             }
         }
     };
 
-    futures_lite::future::or(reader, futures_lite::future::or(writer, heartbeat)).await
+    // A guest link exists for one join exchange; it never outlives a handshake's time.
+    let lifetime = async {
+        if !guest {
+            return futures::future::pending::<LinkEnd>().await;
+        }
+        glommio::timer::sleep(config.handshake_timeout).await;
+        LinkEnd::Closed("guest link lifetime over".into())
+    };
+
+    futures_lite::future::or(
+        reader,
+        futures_lite::future::or(writer, futures_lite::future::or(heartbeat, lifetime)),
+    )
+    .await
 }
 
 /// Encodes a goodbye for `peer`.

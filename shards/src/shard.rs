@@ -23,7 +23,7 @@ use std::{
     net::SocketAddr,
     os::fd::{FromRawFd, IntoRawFd},
     rc::Rc,
-    sync::{Arc, mpsc},
+    sync::{Arc, atomic::AtomicUsize, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -41,10 +41,11 @@ use crate::{
     command::{ApiEvent, ControlEvent, Forwarded, Outgoing, ShardInput},
     fib::{Fib, Spread, flow_key},
     frame::{FrameType, Header},
+    handle::{ShardHandle, ShardRings, shard_rings},
     handshake::{LocalHello, PeerInfo},
-    link::{self, Outbox},
+    link::{self, Outbox, OutboxError},
     ownership::owner_shard,
-    ring::{Consumer, Producer, ring},
+    ring::{Producer, PushError},
     stats::LinkStats,
 };
 
@@ -75,7 +76,9 @@ pub struct ShardConfig {
     pub link_queue_bytes: usize,
     /// Limit on TCP connect plus TLS, WebSocket and link handshakes.
     pub handshake_timeout: Duration,
-    /// Connections in set-up per shard; more are closed at once.
+    /// Longest a write to a link may make no progress before the link is closed.
+    pub write_timeout: Duration,
+    /// Connections in set-up on the whole node (all shards together); more are closed at once.
     pub max_pending_handshakes: usize,
     /// Capacity of each shard's inbound ring, in inputs.
     pub ring_capacity: usize,
@@ -86,9 +89,18 @@ pub struct ShardConfig {
 }
 
 impl ShardConfig {
-    /// Largest WebSocket message: a full batch plus one maximal frame.
+    /// Largest WebSocket message accepted: a full batch plus one maximal frame. Batches are
+    /// cut at a protocol constant, not at the (per-node) queue bound, so peers with different
+    /// queue settings still fit each other's limit.
     pub fn max_message_bytes(&self) -> usize {
-        self.link_queue_bytes + self.max_payload_bytes + crate::frame::HEADER_LEN
+        link::MAX_BATCH_BYTES + self.max_payload_bytes + crate::frame::HEADER_LEN
+    }
+
+    /// Longest a relayed frame waits for room at its next hop before it is dropped and
+    /// counted. Half the write deadline: the upstream peer's write to this node (whose reader
+    /// is the one waiting) must not reach its own deadline because of a stall further on.
+    pub fn relay_wait(&self) -> Duration {
+        self.write_timeout / 2
     }
 }
 
@@ -117,7 +129,7 @@ pub enum StartError {
 
 /// Running shards: their inbound rings and threads.
 pub struct Shards {
-    inputs: Vec<Producer<ShardInput>>,
+    inputs: Vec<ShardHandle>,
     threads: Vec<thread::JoinHandle<()>>,
     listen_addr: Option<SocketAddr>,
 }
@@ -131,7 +143,8 @@ impl Shards {
     ) -> Result<Self, StartError> {
         let n = config.n_shards.max(1);
         let (inputs, consumers): (Vec<_>, Vec<_>) =
-            (0..n).map(|_| ring(config.ring_capacity)).unzip();
+            (0..n).map(|_| shard_rings(config.ring_capacity)).unzip();
+        let handshakes = Arc::new(AtomicUsize::new(0));
         let config = Arc::new(config);
         let (ready_tx, ready_rx) =
             mpsc::channel::<(usize, Result<Option<SocketAddr>, StartError>)>();
@@ -142,6 +155,7 @@ impl Shards {
             let api_tx = api_tx.clone();
             let peers = inputs.clone();
             let ready_tx = ready_tx.clone();
+            let handshakes = Arc::clone(&handshakes);
             let placement = if config.pin_cores {
                 Placement::Fixed(shard_id % num_cpus())
             } else {
@@ -152,10 +166,14 @@ impl Shards {
                 .io_memory(config.io_memory_bytes);
             let handle = builder
                 .spawn(move || async move {
-                    shard_main(
-                        shard_id, config, consumer, peers, control_tx, api_tx, ready_tx,
-                    )
-                    .await;
+                    let wiring = Wiring {
+                        inbound: consumer,
+                        peers,
+                        control_tx,
+                        api_tx,
+                        handshakes,
+                    };
+                    shard_main(shard_id, config, wiring, ready_tx).await;
                 })
                 .map_err(|e| StartError::Executor {
                     shard: shard_id,
@@ -189,12 +207,12 @@ impl Shards {
     }
 
     /// The inbound ring of every shard, indexed by shard id.
-    pub fn inputs(&self) -> &[Producer<ShardInput>] {
+    pub fn inputs(&self) -> &[ShardHandle] {
         &self.inputs
     }
 
     /// The ring of the shard that owns `peer`.
-    pub fn owner_of(&self, peer: u64) -> &Producer<ShardInput> {
+    pub fn owner_of(&self, peer: u64) -> &ShardHandle {
         &self.inputs[owner_shard(peer, self.inputs.len())]
     }
 
@@ -235,12 +253,14 @@ pub(crate) struct Shard {
     pub(crate) api_tx: Producer<ApiEvent>,
     pub(crate) epoch: Instant,
     control_tx: Producer<ControlEvent>,
-    peers: Vec<Producer<ShardInput>>,
+    peers: Vec<ShardHandle>,
     links: RefCell<HashMap<u64, LinkEntry>>,
     known: RefCell<HashSet<u64>>,
     pinned: RefCell<HashMap<u64, [u8; 32]>>,
     next_conn_id: Cell<u64>,
-    pending_handshakes: Cell<usize>,
+    /// Connections in set-up on every shard of the node: the bound is per node, so a flood
+    /// cannot take `max_pending_handshakes` on each shard.
+    handshakes: Arc<AtomicUsize>,
     drops: RefCell<BTreeMap<&'static str, u64>>,
     stopping: Cell<bool>,
     fib: RefCell<Arc<Fib>>,
@@ -256,6 +276,37 @@ pub(crate) enum RouteError {
     NoRoute,
     /// The chosen link closed under us.
     LinkClosed,
+    /// The next hop had no room within the allowed wait.
+    Congested,
+}
+
+impl RouteError {
+    /// The drop counter this failure counts under.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::NoRoute | Self::LinkClosed => "no_route",
+            Self::Congested => "next_hop_congested",
+        }
+    }
+}
+
+/// How long a frame may wait for room on its way out of this shard.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Wait {
+    /// Not at all: the caller must never block (re-routes from the fwd task).
+    Never,
+    /// Not at all, and the frame may use the outbox's control allowance: control-plane
+    /// frames from the ctl task (gossip), which must not be starved by data.
+    Control,
+    /// Up to this long for an outbox or another shard's fwd ring.
+    Upto(Duration),
+}
+
+fn outbox_error(error: OutboxError) -> RouteError {
+    match error {
+        OutboxError::Full => RouteError::Congested,
+        OutboxError::Closed | OutboxError::Oversized => RouteError::LinkClosed,
+    }
 }
 
 impl Shard {
@@ -298,21 +349,20 @@ impl Shard {
     }
 
     /// Hands a frame towards `header.dst`: the FIB's next hop (skipping hops known down here),
-    /// else a direct link. A next hop owned by another shard crosses one ring.
+    /// else a direct link. A next hop owned by another shard crosses one ring (its fwd ring).
     pub(crate) async fn route(
         &self,
         header: Header,
         payload: Bytes,
         reroutes_left: u8,
+        wait: Wait,
     ) -> Result<(), RouteError> {
         let dst = header.dst;
         if header.frame_type.is_control() {
-            // Neighbour-only frames never take a detour.
+            // Neighbour-only frames never take a detour, and never wait.
             let outbox = self.links.borrow().get(&dst).map(|l| Rc::clone(&l.outbox));
             return match outbox {
-                Some(outbox) => outbox
-                    .push_now(&header, &payload)
-                    .map_err(|_| RouteError::LinkClosed),
+                Some(outbox) => outbox.push_now(&header, &payload).map_err(outbox_error),
                 None => Err(RouteError::NoRoute),
             };
         }
@@ -334,27 +384,39 @@ impl Shard {
             .ok_or(RouteError::NoRoute)?;
         let owner = self.owner(next);
         if owner != self.shard_id {
-            let forwarded = Forwarded {
+            let forwarded = ShardInput::Forward(Forwarded {
                 next_hop: next,
                 header,
                 payload,
                 reroutes_left,
+            });
+            let ring = &self.peers[owner];
+            return match wait {
+                Wait::Never | Wait::Control => ring.try_push(forwarded).map_err(|e| match e {
+                    PushError::Full(_) => RouteError::Congested,
+                    PushError::Closed(_) => RouteError::LinkClosed,
+                }),
+                Wait::Upto(limit) => match link::timeout(limit, ring.push(forwarded)).await {
+                    Some(Ok(())) => Ok(()),
+                    Some(Err(_)) => Err(RouteError::LinkClosed),
+                    None => Err(RouteError::Congested),
+                },
             };
-            return self.peers[owner]
-                .push(ShardInput::Forward(forwarded))
-                .await
-                .map_err(|_| RouteError::LinkClosed);
         }
         let outbox = self.links.borrow().get(&next).map(|l| Rc::clone(&l.outbox));
-        match outbox {
-            Some(outbox) => outbox
-                .push(&header, &payload)
-                .await
-                .map_err(|_| RouteError::LinkClosed),
-            None => Err(RouteError::NoRoute),
+        let Some(outbox) = outbox else {
+            return Err(RouteError::NoRoute);
+        };
+        match wait {
+            Wait::Never => outbox.try_push(&header, &payload),
+            Wait::Control => outbox.push_now(&header, &payload),
+            Wait::Upto(limit) => outbox.push(&header, &payload, limit).await,
         }
+        .map_err(outbox_error)
     }
 
+    /// A frame another shard routed to a peer of this shard (the fwd task). Waits at most the
+    /// relay wait for room; a re-route never waits, so two fwd tasks never wait on each other.
     async fn forward(&self, forwarded: Forwarded) {
         let outbox = self
             .links
@@ -364,22 +426,27 @@ impl Shard {
             .map(|l| Rc::clone(&l.outbox));
         let result = match outbox {
             Some(outbox) => outbox
-                .push(&forwarded.header, &forwarded.payload)
+                .push(
+                    &forwarded.header,
+                    &forwarded.payload,
+                    self.config.relay_wait(),
+                )
                 .await
-                .map_err(|_| RouteError::LinkClosed),
+                .map_err(outbox_error),
             // The next hop went down after the other shard chose it: re-route once more.
             None if forwarded.reroutes_left > 0 => {
                 Box::pin(self.route(
                     forwarded.header,
                     forwarded.payload,
                     forwarded.reroutes_left - 1,
+                    Wait::Never,
                 ))
                 .await
             }
             None => Err(RouteError::NoRoute),
         };
-        if result.is_err() {
-            self.count_drop("no_route");
+        if let Err(error) = result {
+            self.count_drop(error.kind());
         }
     }
 
@@ -390,15 +457,28 @@ impl Shard {
     }
 }
 
+/// The rings a shard thread starts with.
+struct Wiring {
+    inbound: ShardRings,
+    peers: Vec<ShardHandle>,
+    control_tx: Producer<ControlEvent>,
+    api_tx: Producer<ApiEvent>,
+    handshakes: Arc<AtomicUsize>,
+}
+
 async fn shard_main(
     shard_id: usize,
     config: Arc<ShardConfig>,
-    inbound: Consumer<ShardInput>,
-    peers: Vec<Producer<ShardInput>>,
-    control_tx: Producer<ControlEvent>,
-    api_tx: Producer<ApiEvent>,
+    wiring: Wiring,
     ready_tx: mpsc::Sender<(usize, Result<Option<SocketAddr>, StartError>)>,
 ) {
+    let Wiring {
+        inbound,
+        peers,
+        control_tx,
+        api_tx,
+        handshakes,
+    } = wiring;
     let n = config.n_shards.max(1);
     let known: HashSet<u64> = config
         .known_peers
@@ -423,7 +503,7 @@ async fn shard_main(
         known: RefCell::new(known),
         pinned: RefCell::new(pinned),
         next_conn_id: Cell::new(1),
-        pending_handshakes: Cell::new(0),
+        handshakes,
         drops: RefCell::new(BTreeMap::new()),
         stopping: Cell::new(false),
         fib: RefCell::new(Arc::new(Fib::empty())),
@@ -463,7 +543,36 @@ async fn shard_main(
         glommio::spawn_local(connect::accept_loop(shard, listener)).detach();
     }
 
-    while let Some(input) = inbound.pop().await {
+    // The send and fwd tasks may wait (on outboxes, whose writers have deadlines); the ctl
+    // loop below never waits on anything but its ring (see `handle`).
+    let ShardRings { ctl, send, fwd } = inbound;
+    {
+        let shard = Rc::clone(&shard);
+        glommio::spawn_local(async move {
+            let wait = Wait::Upto(shard.config.write_timeout);
+            while let Some(input) = send.pop().await {
+                match input {
+                    ShardInput::Send(outgoing) => send_frame(&shard, outgoing, wait).await,
+                    other => handle_misrouted(&shard, other),
+                }
+            }
+        })
+        .detach();
+    }
+    {
+        let shard = Rc::clone(&shard);
+        glommio::spawn_local(async move {
+            while let Some(input) = fwd.pop().await {
+                match input {
+                    ShardInput::Forward(forwarded) => shard.forward(forwarded).await,
+                    other => handle_misrouted(&shard, other),
+                }
+            }
+        })
+        .detach();
+    }
+
+    while let Some(input) = ctl.pop().await {
         match input {
             ShardInput::Dial { addr, dial_id } => {
                 glommio::spawn_local(connect::dial(Rc::clone(&shard), addr, dial_id)).detach();
@@ -482,8 +591,16 @@ async fn shard_main(
                 ))
                 .detach();
             }
-            ShardInput::Send(outgoing) => send(&shard, outgoing).await,
-            ShardInput::Forward(forwarded) => shard.forward(forwarded).await,
+            ShardInput::Send(outgoing) => send_frame(&shard, outgoing, Wait::Control).await,
+            ShardInput::Forward(forwarded) => {
+                // Not sent here by `ShardHandle`; served without waiting all the same.
+                let result = shard
+                    .route(forwarded.header, forwarded.payload, 0, Wait::Never)
+                    .await;
+                if let Err(error) = result {
+                    shard.count_drop(error.kind());
+                }
+            }
             ShardInput::Fib(fib) => *shard.fib.borrow_mut() = fib,
             ShardInput::SetMesh { mesh_id, reason } => {
                 // Links of the old mesh (or guest links) end; new handshakes use the new id.
@@ -573,7 +690,18 @@ async fn shut_down(shard: &Rc<Shard>) {
     }
 }
 
-async fn send(shard: &Rc<Shard>, outgoing: Outgoing) {
+/// An input that arrived on a ring not meant for it (`ShardHandle` never does this): counted
+/// and dropped rather than served on a task whose waiting rules it would break.
+fn handle_misrouted(shard: &Shard, input: ShardInput) {
+    tracing::error!(
+        shard = shard.shard_id,
+        ?input,
+        "input on the wrong ring; dropped"
+    );
+    shard.count_drop("misrouted_input");
+}
+
+async fn send_frame(shard: &Rc<Shard>, outgoing: Outgoing, wait: Wait) {
     let mut header = Header::new(
         outgoing.frame_type,
         outgoing.traffic_class,
@@ -582,8 +710,8 @@ async fn send(shard: &Rc<Shard>, outgoing: Outgoing) {
     );
     header.seq = outgoing.msg_id;
     header.stream_id = outgoing.flow;
-    if shard.route(header, outgoing.payload, 1).await.is_err() {
-        shard.count_drop("no_route");
+    if let Err(error) = shard.route(header, outgoing.payload, 1, wait).await {
+        shard.count_drop(error.kind());
         if outgoing.frame_type == FrameType::Data {
             let dst = outgoing.dst;
             let known = shard.known.borrow().contains(&dst) || shard.fib.borrow().is_known(dst);
@@ -592,7 +720,11 @@ async fn send(shard: &Rc<Shard>, outgoing: Outgoing) {
                 dst,
                 known,
             };
-            let _ = shard.api_tx.push(event).await;
+            // Never waits on the api thread (which may be waiting on this shard's send ring):
+            // a lost failure report leaves the status at QUEUED, and waiting sends time out.
+            if shard.api_tx.try_push(event).is_err() {
+                shard.count_drop("send_failure_report_lost");
+            }
         }
     }
 }

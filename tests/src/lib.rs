@@ -80,6 +80,8 @@ pub struct NodeSpec {
     pub dials: Vec<usize>,
     /// Extra TOML lines appended to the config (e.g. `mesh_id = "x"` or a `[network]` key).
     pub extra: String,
+    /// Environment overrides (`MESHD_SECTION__KEY`), for keys the harness writes itself.
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeSpec {
@@ -90,6 +92,7 @@ impl NodeSpec {
             listens: true,
             dials: Vec::new(),
             extra: String::new(),
+            env: Vec::new(),
         }
     }
 
@@ -100,7 +103,14 @@ impl NodeSpec {
             listens: false,
             dials,
             extra: String::new(),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets a config key through the environment (`MESHD_NETWORK__WRITE_TIMEOUT_MS`, say).
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     /// Adds nodes to dial.
@@ -140,9 +150,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 impl Cluster {
     /// Starts the nodes in order; a node may only dial nodes listed before it.
     pub fn start(specs: Vec<NodeSpec>) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix("meshd-cluster-")
             .tempdir()?;
+        // Debugging aid: configs, data and logs stay on disk after the run.
+        if std::env::var_os("TEST_KEEP_CLUSTER_DIR").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping the cluster directory {}", dir.path().display());
+        }
         let mut cluster = Self {
             nodes: Vec::new(),
             dir,
@@ -275,6 +290,7 @@ impl Node {
             .arg(&self.config_path)
             .env("RUST_LOG", "info,meshd_shards=debug,meshd::control=debug")
             .env_remove("MESH_ROUTING_ID")
+            .envs(self.spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)

@@ -98,6 +98,53 @@ fn read_frame(ws: &mut Ws, deadline: Instant) -> anyhow::Result<Option<(FrameTyp
 
 /// Dials `addr` and runs the link handshake as `options` says.
 pub fn handshake(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<RogueOutcome> {
+    dial(addr, options).map(|(outcome, _)| outcome)
+}
+
+/// An accepted rogue link, held open.
+pub struct RogueLink {
+    ws: Ws,
+    options: RogueOptions,
+}
+
+impl RogueLink {
+    /// Dials and completes the handshake; fails unless the node accepts.
+    pub fn connect(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<Self> {
+        match dial(addr, options)? {
+            (RogueOutcome::Accepted, Some(ws)) => Ok(Self {
+                ws,
+                options: options.clone(),
+            }),
+            (outcome, _) => bail!("the node did not accept the rogue: {outcome:?}"),
+        }
+    }
+
+    /// Sends a heartbeat every `every` and never reads a byte, so the node's writes fill the
+    /// socket. Returns how long the node kept the connection open (None: still open after
+    /// `limit`).
+    pub fn heartbeat_without_reading(
+        &mut self,
+        every: Duration,
+        limit: Duration,
+    ) -> Option<Duration> {
+        let start = Instant::now();
+        let beat = frame_bytes(&self.options, FrameType::Heartbeat, &[]);
+        let _ = self
+            .ws
+            .get_mut()
+            .get_mut()
+            .set_write_timeout(Some(Duration::from_secs(1)));
+        while start.elapsed() < limit {
+            if self.ws.send(Message::Binary(beat.clone().into())).is_err() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(every);
+        }
+        None
+    }
+}
+
+fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcome, Option<Ws>)> {
     let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     tcp.set_read_timeout(Some(Duration::from_millis(100)))?;
     tcp.write_all(&encode_preamble(options.node_id))?;
@@ -156,7 +203,7 @@ pub fn handshake(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<Rog
                 let refuse = Refuse::decode(payload.as_slice())?;
                 let reason = RefuseReason::try_from(refuse.reason)
                     .unwrap_or(RefuseReason::RefuseUnspecified);
-                return Ok(RogueOutcome::Refused(reason, refuse.detail));
+                return Ok((RogueOutcome::Refused(reason, refuse.detail), None));
             }
             FrameType::Hello => {
                 peer_hello = Some(payload);
@@ -180,7 +227,9 @@ pub fn handshake(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<Rog
                 ))?;
             }
             FrameType::Auth => {}
-            FrameType::Heartbeat if peer_hello.is_some() => return Ok(RogueOutcome::Accepted),
+            FrameType::Heartbeat if peer_hello.is_some() => {
+                return Ok((RogueOutcome::Accepted, Some(ws)));
+            }
             _ => {}
         }
     }

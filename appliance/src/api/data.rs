@@ -59,7 +59,7 @@ fn response(msg_id: u64, update: &StatusUpdate, require_ack: bool) -> Response<S
     Response::new(SendResponse {
         msg_id,
         status: update.status as i32,
-        status_message: update.detail.clone(),
+        status_message: update.detail.to_string(),
         require_ack,
     })
 }
@@ -68,7 +68,7 @@ fn status_info(msg_id: u64, update: &StatusUpdate, require_ack: bool) -> Message
     MessageStatusInfo {
         msg_id,
         status: update.status as i32,
-        status_message: update.detail.clone(),
+        status_message: update.detail.to_string(),
         timestamp: update.timestamp_ms,
         require_ack,
     }
@@ -143,7 +143,7 @@ pub(crate) async fn submit(
     let timeout = Duration::from_secs(u64::from(seconds));
     let queued = StatusUpdate {
         status: MessageStatus::Queued,
-        detail: String::new(),
+        detail: "".into(),
         timestamp_ms: now_ms(),
     };
     let class = traffic_class(request.qos_class);
@@ -186,6 +186,16 @@ pub(crate) async fn submit(
             .tracker()
             .update(msg_id, None, verdict_update(verdict));
         msg_id
+    } else if !state.is_known(request.dst_node).await? {
+        // Known at call time, so said at call time: a fire-and-forget caller (core) reads the
+        // status of this answer and would otherwise see QUEUED for a message that cannot go.
+        let dst = request.dst_node;
+        let undeliverable = StatusUpdate {
+            status: MessageStatus::Undeliverable,
+            detail: format!("node {dst} has never been part of this mesh").into(),
+            timestamp_ms: now_ms(),
+        };
+        state.tracker().insert(dst, require_ack, undeliverable)
     } else {
         let dst = request.dst_node;
         let msg_id = state.tracker().insert(dst, require_ack, queued);
@@ -263,7 +273,7 @@ pub(crate) async fn publish_batch(state: &Arc<ApiState>, batch: PublishBatch) ->
 fn status((status, detail): (MessageStatus, String)) -> StatusUpdate {
     StatusUpdate {
         status,
-        detail,
+        detail: detail.into(),
         timestamp_ms: now_ms(),
     }
 }
@@ -330,7 +340,8 @@ impl MeshData for DataService {
                         "timed out after {} s waiting for {:?}",
                         submitted.timeout.as_secs(),
                         submitted.mode
-                    );
+                    )
+                    .into();
                 }
                 Ok(response(msg_id, &now, require_ack))
             }
@@ -375,9 +386,9 @@ impl MeshData for DataService {
         request: Request<SubscribeRequest>,
     ) -> Result<Response<BoxStream<meshd_proto::mesh::Received>>, Status> {
         let request = request.into_inner();
-        let rx = self
-            .state
-            .add_subscriber(request.partition, request.qos_class, request.src_node);
+        let rx =
+            self.state
+                .add_subscriber(request.partition, request.qos_class, request.src_node)?;
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

@@ -16,12 +16,14 @@ mod reports;
 pub mod tracker;
 
 use std::{
+    collections::HashSet,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -35,8 +37,9 @@ use meshd_proto::{
 use meshd_shards::{
     command::{ApiEvent, Outgoing, ShardInput},
     frame::{FrameType, TrafficClass},
+    handle::ShardHandle,
     ownership::owner_shard,
-    ring::{Consumer, Producer},
+    ring::{Consumer, Producer, PushError},
 };
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -44,7 +47,7 @@ use tonic::Status;
 
 use self::{
     recent::{RecentDeliveries, Verdict},
-    reports::ReportBatch,
+    reports::{ReportBatch, ReportSink},
     tracker::{MessageTracker, StatusUpdate},
 };
 use crate::{
@@ -73,7 +76,7 @@ struct Subscriber {
 /// inbound pipeline, so TCP pushes back on the senders instead of messages being dropped; a
 /// subscriber that stays full this long is marked lagging and misses messages
 /// (`PENDING_CLIENT`, "queue full") until it catches up.
-pub(crate) const SUBSCRIBER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const SUBSCRIBER_WAIT: Duration = Duration::from_secs(1);
 
 impl Subscriber {
     fn wants(&self, src: u64, partition: u32, qos_class: u32) -> bool {
@@ -86,7 +89,7 @@ impl Subscriber {
 /// State shared by the services (all on the api thread; the mutexes are never contended).
 pub(crate) struct ApiState {
     pub(crate) node_id: u64,
-    pub(crate) shards: Arc<[Producer<ShardInput>]>,
+    pub(crate) shards: Arc<[ShardHandle]>,
     pub(crate) control: Producer<ControlRequest>,
     pub(crate) max_payload_bytes: usize,
     pub(crate) subscriber_queue: usize,
@@ -95,10 +98,51 @@ pub(crate) struct ApiState {
     subscribers: Mutex<Vec<Subscriber>>,
     recent: Mutex<RecentDeliveries>,
     pub(crate) mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
+    known: Mutex<KnownNodes>,
+    /// Set once shut-down begins: no new `Subscribe` stream is opened after the open ones
+    /// were ended.
+    closing: AtomicBool,
+}
+
+/// How old the api's view of the mesh's nodes may be before a send to a node missing from it
+/// asks the control thread again. Sends to known nodes never ask.
+const KNOWN_NODES_REFRESH: Duration = Duration::from_millis(100);
+
+/// Nodes the view keeps across refreshes; past this it restarts from the control thread's
+/// current view, so ids that come and go cannot grow it without limit.
+const KNOWN_NODES_LIMIT: usize = 1 << 16;
+
+/// Every node this node has seen belong to the mesh, as of `refreshed`.
+#[derive(Default)]
+struct KnownNodes {
+    nodes: HashSet<u64>,
+    refreshed: Option<Instant>,
+}
+
+impl KnownNodes {
+    /// Adds what the control thread knows now. Nodes seen before are kept (a member that left
+    /// is still "known", as the shards' forwarding table counts it: PENDING_NODE, not
+    /// UNDELIVERABLE), up to the limit.
+    fn absorb(&mut self, routing: &RoutingSnapshot, mesh: &MeshSnapshot) {
+        let fresh: Vec<u64> = routing
+            .routes
+            .iter()
+            .map(|r| r.destination)
+            .chain(routing.neighbors.iter().map(|n| n.node_id))
+            .chain(routing.nodes.iter().copied())
+            .chain(mesh.members.iter().map(|m| m.node))
+            .chain(mesh.evicted.iter().copied())
+            .collect();
+        if self.nodes.len() + fresh.len() > KNOWN_NODES_LIMIT {
+            self.nodes.clear();
+        }
+        self.nodes.extend(fresh);
+        self.refreshed = Some(Instant::now());
+    }
 }
 
 impl ApiState {
-    fn shard_of(&self, peer: u64) -> &Producer<ShardInput> {
+    fn shard_of(&self, peer: u64) -> &ShardHandle {
         &self.shards[owner_shard(peer, self.shards.len())]
     }
 
@@ -154,6 +198,38 @@ impl ApiState {
         answer
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))
+    }
+
+    /// Whether `node` is or was part of the mesh as far as this node can tell: it has a route,
+    /// is or was a neighbour, has an LSA, is a member (dead ones and those remembered from
+    /// earlier runs included) or was evicted. A send to a node that is none of these is
+    /// UNDELIVERABLE at once. Known nodes are answered from the api's view; only a miss asks
+    /// the control thread, at most once per [`KNOWN_NODES_REFRESH`], so neither a stream of
+    /// `Publish` messages nor a burst of sends to an unknown id makes a round trip each.
+    pub(crate) async fn is_known(&self, node: u64) -> Result<bool, Status> {
+        {
+            let known = self.known_nodes();
+            if known.nodes.contains(&node) {
+                return Ok(true);
+            }
+            if known
+                .refreshed
+                .is_some_and(|at| at.elapsed() < KNOWN_NODES_REFRESH)
+            {
+                return Ok(false);
+            }
+        }
+        let routing = self.routing().await?;
+        let mesh = self.mesh().await?;
+        let mut known = self.known_nodes();
+        known.absorb(&routing, &mesh);
+        Ok(known.nodes.contains(&node))
+    }
+
+    fn known_nodes(&self) -> std::sync::MutexGuard<'_, KnownNodes> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Every node this node can reach now (itself excluded).
@@ -249,12 +325,16 @@ impl ApiState {
         partition: u32,
         qos_class: u32,
         src_node: u64,
-    ) -> mpsc::Receiver<Result<Received, Status>> {
+    ) -> Result<mpsc::Receiver<Result<Received, Status>>, Status> {
         let (tx, rx) = mpsc::channel(self.subscriber_queue);
         let mut subscribers = self
             .subscribers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Checked under the lock that `end_streams` takes, so no stream slips in after it.
+        if self.closing.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("the node is shutting down"));
+        }
         // Deliveries prune closed subscribers only when they meet one; this catches the rest.
         subscribers.retain(|s| !s.tx.is_closed());
         subscribers.push(Subscriber {
@@ -264,7 +344,29 @@ impl ApiState {
             tx,
             lagging: Arc::default(),
         });
-        rx
+        Ok(rx)
+    }
+
+    /// Ends every `Subscribe` stream (shut-down): a graceful gRPC shut-down waits for open
+    /// streams, and `core` always holds one. Each gets a last UNAVAILABLE if its queue has
+    /// room; dropping its sender ends it either way.
+    fn end_streams(&self) {
+        let ended = {
+            let mut subscribers = self
+                .subscribers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.closing.store(true, Ordering::Relaxed);
+            std::mem::take(&mut *subscribers)
+        };
+        for subscriber in &ended {
+            let _ = subscriber
+                .tx
+                .try_send(Err(Status::unavailable("the node is shutting down")));
+        }
+        if !ended.is_empty() {
+            tracing::info!(streams = ended.len(), "ended the open Subscribe streams");
+        }
     }
 
     /// Verdicts on Data frames go into `reports`, for [`Self::send_reports`].
@@ -310,20 +412,9 @@ impl ApiState {
                     tracing::debug!(src, "dropped an undecodable delivery report");
                     return;
                 };
-                let timestamp_ms = now_ms();
-                let mut tracker = self.tracker();
-                for report in batch.reports {
-                    let Some(ids) = reports::run_ids(&report) else {
-                        continue;
-                    };
-                    let status = MessageStatus::try_from(report.status)
-                        .unwrap_or(MessageStatus::Unspecified);
-                    let update = StatusUpdate {
-                        status,
-                        detail: report.detail,
-                        timestamp_ms,
-                    };
-                    tracker.update_range(ids, Some(src), &update);
+                let applied = reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
+                if applied.skipped > 0 {
+                    tracing::debug!(src, ?applied, "skipped report runs outside what is tracked");
                 }
             }
             ApiEvent::Frame {
@@ -345,7 +436,7 @@ impl ApiState {
                     Some(src),
                     StatusUpdate {
                         status,
-                        detail: ack.message,
+                        detail: reports::cap_detail(ack.message),
                         timestamp_ms: now_ms(),
                     },
                 );
@@ -376,7 +467,7 @@ impl ApiState {
                     None,
                     StatusUpdate {
                         status,
-                        detail,
+                        detail: detail.into(),
                         timestamp_ms: now_ms(),
                     },
                 );
@@ -385,18 +476,70 @@ impl ApiState {
     }
 }
 
-/// Verdicts collected before the pump sends them back (bounds one drain of the api ring).
-const MAX_REPORTS_PER_FRAME_BATCH: usize = 4096;
+/// Ring events handled per drain before the collected verdicts are sent (each Data frame
+/// adds one).
+const MAX_EVENTS_PER_DRAIN: usize = 4096;
+
+/// How soon reports that found no room in a shard's ring are offered again.
+const REPORT_RETRY: Duration = Duration::from_millis(5);
+
+/// The shards' rings as a [`ReportSink`]: pushes without waiting, and stops offering to a
+/// shard once its ring was full in this flush.
+struct ShardSink<'a> {
+    state: &'a ApiState,
+    full: Vec<bool>,
+}
+
+impl ReportSink for ShardSink<'_> {
+    fn ready(&mut self, source: u64) -> bool {
+        !self.full[owner_shard(source, self.full.len())]
+    }
+
+    fn send(&mut self, source: u64, class: TrafficClass, payload: Vec<u8>) -> bool {
+        let outgoing = Outgoing {
+            dst: source,
+            frame_type: FrameType::DeliveryReport,
+            traffic_class: class,
+            msg_id: 0,
+            flow: 0,
+            payload: payload.into(),
+        };
+        match self
+            .state
+            .shard_of(source)
+            .try_push(ShardInput::Send(outgoing))
+        {
+            Ok(()) => true,
+            Err(PushError::Full(_)) => {
+                let shard = owner_shard(source, self.full.len());
+                self.full[shard] = true;
+                false
+            }
+            // The shard stopped (shut-down): nothing will ever carry it, so it leaves the
+            // batch; waiting senders retransmit to the node's next life.
+            Err(PushError::Closed(_)) => true,
+        }
+    }
+}
 
 impl ApiState {
-    /// Sends every collected verdict back to its source, a frame per source and class.
-    async fn send_reports(&self, reports: &mut ReportBatch) {
-        for (src, class, payload) in reports.drain(self.max_payload_bytes) {
-            // A report lost here (the node shutting down) only leaves a status at QUEUED;
-            // waiting senders retransmit and get the remembered verdict.
-            let _ = self
-                .send_frame(src, FrameType::DeliveryReport, class, 0, 0, payload.into())
-                .await;
+    /// Offers every collected verdict to the shards, a frame per source and class, without
+    /// waiting: the shard may be waiting for room in the api ring, which this thread drains.
+    /// What does not fit stays in `reports` for the next call.
+    fn send_reports(&self, reports: &mut ReportBatch) {
+        let mut sink = ShardSink {
+            state: self,
+            full: vec![false; self.shards.len()],
+        };
+        reports.flush(self.max_payload_bytes, &mut sink);
+        let dropped = reports.take_dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                waiting = reports.len(),
+                "delivery reports found no room in the shards' rings for too long; dropped the \
+                 oldest (waiting senders retransmit and get the remembered verdict)"
+            );
         }
     }
 }
@@ -408,7 +551,7 @@ pub struct ApiSetup {
     /// Bound gRPC listener (bound before the thread starts, so errors surface at start-up).
     pub listener: std::net::TcpListener,
     /// Every shard's ring.
-    pub shards: Arc<[Producer<ShardInput>]>,
+    pub shards: Arc<[ShardHandle]>,
     /// Requests to the control thread.
     pub control: Producer<ControlRequest>,
     /// Frames for this node, from the shards.
@@ -483,19 +626,34 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         tracker: Mutex::new(MessageTracker::new(setup.tracked_messages, now_ms() << 20)),
         subscribers: Mutex::new(Vec::new()),
         recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),
+        known: Mutex::default(),
+        closing: AtomicBool::new(false),
     });
     let events = setup.events;
     let pump_state = Arc::clone(&state);
     let pump = tokio::spawn(async move {
         let mut reports = ReportBatch::default();
-        while let Some(event) = events.pop().await {
+        loop {
+            let event = if reports.is_empty() {
+                events.pop().await
+            } else {
+                // Reports wait for room in a shard's ring: retry soon even if nothing arrives.
+                tokio::select! {
+                    event = events.pop() => event,
+                    () = tokio::time::sleep(REPORT_RETRY) => {
+                        pump_state.send_reports(&mut reports);
+                        continue;
+                    }
+                }
+            };
+            let Some(event) = event else { break };
             pump_state.handle_event(event, &mut reports).await;
             // Drain what already waits, so a burst's verdicts go back in one frame per source.
-            while reports.len() < MAX_REPORTS_PER_FRAME_BATCH {
+            for _ in 1..MAX_EVENTS_PER_DRAIN {
                 let Some(event) = events.try_pop() else { break };
                 pump_state.handle_event(event, &mut reports).await;
             }
-            pump_state.send_reports(&mut reports).await;
+            pump_state.send_reports(&mut reports);
         }
     });
 
@@ -542,18 +700,44 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
             s
         },
     );
-    let result = tonic::transport::Server::builder()
+    let (stopping_tx, stopping) = oneshot::channel::<()>();
+    let shutdown_state = Arc::clone(&state);
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(data)
         .add_service(control)
         .add_service(mesh_service)
-        .serve_with_incoming_shutdown(incoming, async {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "gRPC server failed");
+            shutdown_state.end_streams();
+            let _ = stopping_tx.send(());
+        });
+    // A graceful shut-down waits for every open call; streams other than `Subscribe`
+    // (WatchMeshEvents, Publish, status streams) end when their client says so, which may be
+    // never. After the grace period the server future is dropped, and with it (when the
+    // runtime goes) every connection still open.
+    let deadline = async {
+        if stopping.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        }
+        () = deadline => {
+            tracing::warn!(
+                "gRPC calls still open {SHUTDOWN_GRACE:?} after shut-down began; cutting them"
+            );
+        }
     }
     pump.abort();
 }
+
+/// How long open gRPC calls may take to finish once shut-down begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

@@ -1,26 +1,37 @@
-//! Delivery reports on their way back to the sources, batched.
+//! Delivery reports: on their way back to the sources, batched; and on arrival from a peer,
+//! applied to the tracker with hostile input bounded.
 //!
 //! A destination answers every Data frame with its verdict. One frame back per message would
 //! double the frames a relay carries, so the api thread collects verdicts while it drains its
 //! ring and sends each source one `DeliveryReports` frame per drain, in which consecutive
 //! message ids with the same verdict collapse into one run. Nothing waits on a timer: a lone
-//! message is reported as soon as the ring is empty. Pure: the pump feeds it and sends what
-//! [`ReportBatch::drain`] hands back.
+//! message is reported as soon as the ring is empty. A frame the source's shard has no room
+//! for stays here, still coalescing, and is offered again shortly: the api thread never waits
+//! on a shard (that shard may itself be waiting for room in the api ring). Pure: the pump
+//! feeds it and hands [`ReportBatch::flush`] a [`ReportSink`].
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, ops::Range, sync::Arc};
 
-use meshd_proto::link::{DeliveryReport, DeliveryReports};
+use meshd_proto::{
+    link::{DeliveryReport, DeliveryReports},
+    mesh::MessageStatus,
+};
 use meshd_shards::frame::TrafficClass;
 use prost::Message;
 
-use super::recent::Verdict;
+use super::{
+    recent::Verdict,
+    tracker::{MessageTracker, StatusUpdate},
+};
 
 /// `count` messages from `first` on, all with `verdict`.
 struct Run {
     first: u64,
     count: u32,
     verdict: Verdict,
+    /// When the run started, in runs started by this batch: under overload the oldest go.
+    seq: u64,
 }
 
 impl Run {
@@ -34,20 +45,64 @@ impl Run {
     }
 }
 
+/// Runs that may wait for room in the shards' rings. A run costs ~40 bytes however many
+/// messages it covers, so this bounds the batch's memory whatever the senders do.
+pub(crate) const MAX_PENDING_RUNS: usize = 1 << 16;
+
 /// Verdicts waiting to go back, by (source, traffic class).
-#[derive(Default)]
 pub(crate) struct ReportBatch {
     by_source: BTreeMap<(u64, TrafficClass), Vec<Run>>,
     verdicts: usize,
+    runs: usize,
+    max_runs: usize,
+    next_seq: u64,
+    dropped: u64,
+}
+
+impl Default for ReportBatch {
+    fn default() -> Self {
+        Self::with_bound(MAX_PENDING_RUNS)
+    }
+}
+
+/// Where [`ReportBatch::flush`] sends frames: the shards' rings, without waiting.
+pub(crate) trait ReportSink {
+    /// Whether a frame to `source` may be taken now; false skips encoding one in vain.
+    fn ready(&mut self, source: u64) -> bool;
+    /// Takes a frame for `source`, or refuses it (no room): then it is offered again later.
+    fn send(&mut self, source: u64, class: TrafficClass, payload: Vec<u8>) -> bool;
 }
 
 /// Room for a report's framing in the payload estimate (field tag and length).
 const REPORT_OVERHEAD: usize = 3;
 
 impl ReportBatch {
-    /// Verdicts collected since the last drain.
+    /// A batch holding at most `max_runs` runs (at least one).
+    pub(crate) fn with_bound(max_runs: usize) -> Self {
+        Self {
+            by_source: BTreeMap::new(),
+            verdicts: 0,
+            runs: 0,
+            max_runs: max_runs.max(1),
+            next_seq: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Verdicts waiting to be sent.
     pub(crate) fn len(&self) -> usize {
         self.verdicts
+    }
+
+    /// Whether nothing waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.runs == 0
+    }
+
+    /// Verdicts dropped to keep the bound since the last call; their senders see QUEUED, and
+    /// waiting ones retransmit and get the remembered verdict.
+    pub(crate) fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
     }
 
     /// Records the verdict on `msg_id` from `source`; extends the last run when it continues it.
@@ -65,39 +120,177 @@ impl ReportBatch {
             first: msg_id,
             count: 1,
             verdict,
+            seq: self.next_seq,
         });
+        self.next_seq += 1;
+        self.runs += 1;
+        if self.runs > self.max_runs {
+            self.shed();
+        }
     }
 
-    /// Every collected report as frames payloads of at most `max_payload` bytes each:
-    /// (source, class, payload). Leaves the batch empty.
-    pub(crate) fn drain(&mut self, max_payload: usize) -> Vec<(u64, TrafficClass, Vec<u8>)> {
-        self.verdicts = 0;
-        let mut frames = Vec::new();
-        for ((source, class), runs) in std::mem::take(&mut self.by_source) {
-            let mut chunk = DeliveryReports::default();
-            let mut size = 0;
-            for run in runs {
-                let run = run.report();
-                let len = run.encoded_len() + REPORT_OVERHEAD;
-                if size + len > max_payload && !chunk.reports.is_empty() {
-                    frames.push((source, class, std::mem::take(&mut chunk).encode_to_vec()));
-                    size = 0;
+    /// Drops the oldest runs down to three quarters of the bound, so the O(runs) pass runs
+    /// once per quarter bound of pushes rather than on every push of an overloaded batch.
+    fn shed(&mut self) {
+        let keep = self.max_runs - self.max_runs / 4;
+        let excess = self.runs.saturating_sub(keep);
+        if excess == 0 {
+            return;
+        }
+        let mut seqs: Vec<u64> = self.by_source.values().flatten().map(|r| r.seq).collect();
+        let (_, &mut cutoff, _) = seqs.select_nth_unstable(excess - 1);
+        let (mut runs, mut verdicts) = (0, 0);
+        self.by_source.retain(|_, list| {
+            list.retain(|r| {
+                let old = r.seq <= cutoff;
+                if old {
+                    runs += 1;
+                    verdicts += r.count as usize;
                 }
-                size += len;
-                chunk.reports.push(run);
+                !old
+            });
+            !list.is_empty()
+        });
+        self.runs -= runs;
+        self.verdicts = self.verdicts.saturating_sub(verdicts);
+        self.dropped += verdicts as u64;
+    }
+
+    /// Offers every waiting report to `sink` as frames of at most `max_payload` bytes. A
+    /// source whose frame is refused keeps it and its later runs, in order, for the next
+    /// call; other sources go on.
+    pub(crate) fn flush(&mut self, max_payload: usize, sink: &mut impl ReportSink) {
+        let (mut runs_sent, mut verdicts_sent) = (0, 0);
+        self.by_source.retain(|&(source, class), runs| {
+            let mut done = 0;
+            while done < runs.len() && sink.ready(source) {
+                let (n, payload) = encode_chunk(&runs[done..], max_payload);
+                if !sink.send(source, class, payload) {
+                    break;
+                }
+                done += n;
             }
-            if !chunk.reports.is_empty() {
-                frames.push((source, class, chunk.encode_to_vec()));
+            for run in runs.drain(..done) {
+                runs_sent += 1;
+                verdicts_sent += run.count as usize;
+            }
+            !runs.is_empty()
+        });
+        self.runs -= runs_sent;
+        self.verdicts = self.verdicts.saturating_sub(verdicts_sent);
+    }
+
+    /// Every waiting report as frames: (source, class, payload). Leaves the batch empty.
+    #[cfg(test)]
+    pub(crate) fn drain(&mut self, max_payload: usize) -> Vec<(u64, TrafficClass, Vec<u8>)> {
+        struct Collect(Vec<(u64, TrafficClass, Vec<u8>)>);
+        impl ReportSink for Collect {
+            fn ready(&mut self, _: u64) -> bool {
+                true
+            }
+            fn send(&mut self, source: u64, class: TrafficClass, payload: Vec<u8>) -> bool {
+                self.0.push((source, class, payload));
+                true
             }
         }
-        frames
+        let mut frames = Collect(Vec::new());
+        self.flush(max_payload, &mut frames);
+        frames.0
     }
 }
 
+/// The first runs of `runs` (at least one) that fit in `max_payload` bytes, encoded; and how
+/// many they are.
+fn encode_chunk(runs: &[Run], max_payload: usize) -> (usize, Vec<u8>) {
+    let mut chunk = DeliveryReports::default();
+    let mut size = 0;
+    for run in runs {
+        let report = run.report();
+        let len = report.encoded_len() + REPORT_OVERHEAD;
+        if size + len > max_payload && !chunk.reports.is_empty() {
+            break;
+        }
+        size += len;
+        chunk.reports.push(report);
+    }
+    (chunk.reports.len(), chunk.encode_to_vec())
+}
+
 /// The message ids a run covers, `count` 0 meaning 1; `None` when they would overflow.
-pub(crate) fn run_ids(report: &DeliveryReport) -> Option<std::ops::Range<u64>> {
+pub(crate) fn run_ids(report: &DeliveryReport) -> Option<Range<u64>> {
     let end = report.msg_id.checked_add(u64::from(report.count.max(1)))?;
     Some(report.msg_id..end)
+}
+
+/// Longest detail kept from a peer's report or ack; the rest is cut (at a char boundary).
+/// A detail explains a status to an operator; a peer must not make it a way to fill memory.
+pub(crate) const MAX_DETAIL_BYTES: usize = 256;
+
+/// A peer-supplied detail, cut to [`MAX_DETAIL_BYTES`], ready to be shared by every message
+/// it applies to.
+pub(crate) fn cap_detail(mut detail: String) -> Arc<str> {
+    if detail.len() > MAX_DETAIL_BYTES {
+        // A char is at most 4 bytes, so a boundary is at most 3 steps back.
+        let end = (0..=MAX_DETAIL_BYTES)
+            .rev()
+            .find(|&i| detail.is_char_boundary(i))
+            .unwrap_or(0);
+        detail.truncate(end);
+    }
+    detail.into()
+}
+
+/// What applying a peer's reports came to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Applied {
+    /// Messages whose status changed.
+    pub(crate) changed: usize,
+    /// Tracked ids visited: never more than the tracker holds, whatever the frame says.
+    pub(crate) walked: u64,
+    /// Runs skipped: outside the tracked ids, overflowing, or past the frame's budget.
+    pub(crate) skipped: usize,
+}
+
+/// Applies a `DeliveryReports` frame from `from` to `tracker`.
+///
+/// The frame is the peer's word and may be hostile: a run is clipped to the tracked ids before
+/// anything else is done with it (a run of 2^64 ids costs what the tracker holds, one outside
+/// costs nothing), its detail is cut to [`MAX_DETAIL_BYTES`] once and shared by the run's
+/// messages, and the frame as a whole may walk each tracked id once: an honest frame's runs
+/// cover distinct ids, so only overlapping runs (a frame that repeats one huge run) reach
+/// that budget, and their rest is skipped.
+pub(crate) fn apply_reports(
+    tracker: &mut MessageTracker,
+    from: u64,
+    frame: DeliveryReports,
+    timestamp_ms: u64,
+) -> Applied {
+    let tracked = tracker.tracked_ids();
+    let mut budget = tracked.end - tracked.start;
+    let mut applied = Applied::default();
+    for report in frame.reports {
+        let ids = run_ids(&report)
+            .map(|ids| ids.start.max(tracked.start)..ids.end.min(tracked.end))
+            .filter(|ids| !ids.is_empty());
+        let Some(ids) = ids else {
+            applied.skipped += 1;
+            continue;
+        };
+        let walk = ids.end - ids.start;
+        if walk > budget {
+            applied.skipped += 1;
+            continue;
+        }
+        budget -= walk;
+        applied.walked += walk;
+        let update = StatusUpdate {
+            status: MessageStatus::try_from(report.status).unwrap_or(MessageStatus::Unspecified),
+            detail: cap_detail(report.detail),
+            timestamp_ms,
+        };
+        applied.changed += tracker.update_range(ids, Some(from), &update);
+    }
+    applied
 }
 
 #[cfg(test)]
@@ -183,6 +376,175 @@ mod tests {
             seen += decode(payload).len();
         }
         assert_eq!(seen, 500);
+    }
+
+    /// A sink with room for `room` frames.
+    struct Room {
+        room: usize,
+        frames: Vec<(u64, Vec<(u64, u32, i32)>)>,
+        asked: usize,
+    }
+
+    impl ReportSink for Room {
+        fn ready(&mut self, _: u64) -> bool {
+            self.room > 0
+        }
+        fn send(&mut self, source: u64, _: TrafficClass, payload: Vec<u8>) -> bool {
+            self.asked += 1;
+            if self.room == 0 {
+                return false;
+            }
+            self.room -= 1;
+            self.frames.push((source, decode(&payload)));
+            true
+        }
+    }
+
+    #[test]
+    fn reports_without_room_stay_and_keep_coalescing_until_there_is_room() {
+        let mut batch = ReportBatch::default();
+        for id in 1..=3 {
+            batch.push(7, TrafficClass::Client, id, Delivered);
+        }
+        let mut full = Room {
+            room: 0,
+            frames: Vec::new(),
+            asked: 0,
+        };
+        batch.flush(1 << 20, &mut full);
+        assert_eq!(
+            full.asked, 0,
+            "a sink that is not ready is not handed a frame"
+        );
+        assert_eq!(batch.len(), 3);
+        assert!(!batch.is_empty());
+        // Later verdicts extend the run that waits.
+        batch.push(7, TrafficClass::Client, 4, Delivered);
+        let mut room = Room {
+            room: 1,
+            frames: Vec::new(),
+            asked: 0,
+        };
+        batch.flush(1 << 20, &mut room);
+        assert_eq!(room.frames, vec![(7, vec![(1, 4, DELIVERED)])]);
+        assert!(batch.is_empty());
+        assert_eq!(batch.len(), 0);
+    }
+
+    #[test]
+    fn a_refused_frame_keeps_its_runs_and_later_ones_in_order() {
+        let mut batch = ReportBatch::default();
+        // Every other id: separate runs, several frames at this payload limit.
+        for id in 0..40u64 {
+            batch.push(7, TrafficClass::Client, id * 2, Delivered);
+        }
+        let mut room = Room {
+            room: 1,
+            frames: Vec::new(),
+            asked: 0,
+        };
+        batch.flush(64, &mut room);
+        let first = room.frames[0].1.len();
+        assert!(first < 40);
+        assert_eq!(batch.len(), 40 - first);
+        let rest = batch.drain(1 << 20);
+        let rest = decode(&rest[0].2);
+        assert_eq!(rest[0].0, (first as u64) * 2, "the next id in order");
+        assert_eq!(rest.len(), 40 - first);
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_runs_are_dropped_and_counted() {
+        let mut batch = ReportBatch::with_bound(8);
+        // Every other id: one run each.
+        for id in 0..9u64 {
+            batch.push(7, TrafficClass::Client, id * 2, Delivered);
+        }
+        // 9 runs > 8: shed to 6, the three oldest go.
+        assert_eq!(batch.take_dropped(), 3);
+        assert_eq!(batch.take_dropped(), 0);
+        assert_eq!(batch.len(), 6);
+        let frames = batch.drain(1 << 20);
+        let ids: Vec<u64> = decode(&frames[0].2).iter().map(|r| r.0).collect();
+        assert_eq!(ids, vec![6, 8, 10, 12, 14, 16]);
+        // A source that keeps coalescing costs no room.
+        for id in 0..100_000u64 {
+            batch.push(8, TrafficClass::Client, id, Delivered);
+        }
+        assert_eq!(batch.take_dropped(), 0);
+        assert_eq!(batch.len(), 100_000);
+    }
+
+    fn tracker_for(dst: u64, n: usize) -> MessageTracker {
+        let mut tracker = MessageTracker::new(n, 1000);
+        for _ in 0..n {
+            tracker.insert(
+                dst,
+                false,
+                StatusUpdate {
+                    status: MessageStatus::Queued,
+                    detail: "".into(),
+                    timestamp_ms: 0,
+                },
+            );
+        }
+        tracker
+    }
+
+    fn peer_report(msg_id: u64, count: u32, detail: String) -> DeliveryReport {
+        DeliveryReport {
+            msg_id,
+            status: PENDING_CLIENT,
+            detail,
+            count,
+        }
+    }
+
+    #[test]
+    fn a_peers_detail_is_cut_at_a_char_boundary_and_shared_by_the_run() {
+        let mut tracker = tracker_for(7, 10);
+        // 'é' is two bytes; one ASCII byte first puts byte 256 inside a char.
+        let long = format!("x{}", "é".repeat(10_000));
+        let frame = DeliveryReports {
+            reports: vec![peer_report(1000, 10, long.clone())],
+        };
+        let applied = apply_reports(&mut tracker, 7, frame, 1);
+        assert_eq!(applied.changed, 10);
+        let (first, _) = tracker.get(1000).unwrap();
+        let (last, _) = tracker.get(1009).unwrap();
+        assert_eq!(first.detail.len(), MAX_DETAIL_BYTES - 1);
+        assert!(long.starts_with(&*first.detail));
+        assert!(Arc::ptr_eq(&first.detail, &last.detail), "one copy per run");
+        assert_eq!(&*cap_detail("short".into()), "short");
+        assert_eq!(cap_detail("y".repeat(300)).len(), MAX_DETAIL_BYTES);
+    }
+
+    #[test]
+    fn a_hostile_frame_costs_what_the_tracker_holds_not_what_it_claims() {
+        let mut tracker = tracker_for(7, 100);
+        let huge = "z".repeat(1 << 16);
+        let mut reports = vec![
+            // Entirely outside the tracked ids, with a huge detail: skipped before any work.
+            peer_report(5000, u32::MAX, huge.clone()),
+            // Overflowing u64.
+            peer_report(u64::MAX - 1, u32::MAX, huge.clone()),
+        ];
+        // The same run over every tracked id (and 4 billion more), 10 000 times.
+        let detail = "z".repeat(300);
+        reports.extend((0..10_000).map(|_| peer_report(0, u32::MAX, detail.clone())));
+        let started = std::time::Instant::now();
+        let applied = apply_reports(&mut tracker, 7, DeliveryReports { reports }, 1);
+        assert_eq!(applied.walked, 100, "each tracked id walked once");
+        assert_eq!(applied.changed, 100);
+        assert_eq!(applied.skipped, 2 + 9_999);
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        // From a node that is not the messages' destination: walked, nothing changes.
+        let mut tracker = tracker_for(7, 100);
+        let frame = DeliveryReports {
+            reports: vec![peer_report(0, u32::MAX, String::new())],
+        };
+        assert_eq!(apply_reports(&mut tracker, 8, frame, 1).changed, 0);
+        assert_eq!(tracker.get(1000).unwrap().0.status, MessageStatus::Queued);
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //! has answered. No I/O here; the api feeds it reports and asks it questions.
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    ops::Range,
+    sync::Arc,
+};
 
 use futures::channel::{mpsc, oneshot};
 use meshd_proto::mesh::{MessageStatus, SendMode};
@@ -21,8 +25,8 @@ use meshd_proto::mesh::{MessageStatus, SendMode};
 pub struct StatusUpdate {
     /// The message's status.
     pub status: MessageStatus,
-    /// Human-readable detail.
-    pub detail: String,
+    /// Human-readable detail, shared: one report run sets it on many messages.
+    pub detail: Arc<str>,
     /// When the status was set, ms since the Unix epoch.
     pub timestamp_ms: u64,
 }
@@ -82,11 +86,11 @@ fn rank(status: MessageStatus) -> u8 {
 
 /// The status of a broadcast: the worst of its targets' (lowest rank; a failure beats a
 /// success of the same rank), or QUEUED while some target has not answered.
-fn fold(targets: &BTreeMap<u64, Option<MessageStatus>>) -> (MessageStatus, String) {
+fn fold(targets: &BTreeMap<u64, Option<MessageStatus>>) -> (MessageStatus, Arc<str>) {
     let mut worst: Option<MessageStatus> = None;
     for status in targets.values() {
         let Some(status) = *status else {
-            return (MessageStatus::Queued, String::new());
+            return (MessageStatus::Queued, Arc::from(""));
         };
         worst = Some(match worst {
             None => status,
@@ -111,7 +115,7 @@ fn fold(targets: &BTreeMap<u64, Option<MessageStatus>>) -> (MessageStatus, Strin
         .count();
     (
         worst.unwrap_or(MessageStatus::Delivered),
-        format!("{ok} of {answered} nodes delivered"),
+        format!("{ok} of {answered} nodes delivered").into(),
     )
 }
 
@@ -140,6 +144,11 @@ impl MessageTracker {
     /// The id the next message gets.
     pub fn next_id(&self) -> u64 {
         self.first_id + self.entries.len() as u64
+    }
+
+    /// The ids remembered now: a report about any other id is ignored without work.
+    pub fn tracked_ids(&self) -> Range<u64> {
+        self.first_id..self.next_id()
     }
 
     /// Starts tracking a message sent to `dst`; returns its id.
@@ -195,17 +204,18 @@ impl MessageTracker {
     }
 
     /// Applies one status to every tracked message of `ids` (a report run); ids outside what
-    /// is remembered are skipped without being walked. Returns how many changed.
+    /// is remembered are skipped without being walked, so even a run of 2^64 ids costs at
+    /// most one step per remembered message. Returns how many changed.
     pub fn update_range(
         &mut self,
-        ids: std::ops::Range<u64>,
+        ids: Range<u64>,
         from: Option<u64>,
         update: &StatusUpdate,
     ) -> usize {
         let start = ids.start.max(self.first_id);
         let end = ids.end.min(self.next_id());
         (start..end)
-            .filter(|&id| self.update(id, from, update.clone()))
+            .filter(|&id| self.apply(id, from, update))
             .count()
     }
 
@@ -213,9 +223,16 @@ impl MessageTracker {
     /// `from` is not the message's destination (or a broadcast target), when the message is
     /// unknown, or when it would move backwards.
     pub fn update(&mut self, msg_id: u64, from: Option<u64>, update: StatusUpdate) -> bool {
+        self.apply(msg_id, from, &update)
+    }
+
+    /// [`Self::update`] by reference: nothing is cloned for a message the update does not
+    /// change, which is most of a hostile run's ids.
+    fn apply(&mut self, msg_id: u64, from: Option<u64>, update: &StatusUpdate) -> bool {
         let Some(entry) = self.entry_mut(msg_id) else {
             return false;
         };
+        let folded;
         let update = if entry.dst == 0 && !entry.targets.is_empty() {
             let Some(from) = from else {
                 return false;
@@ -228,23 +245,24 @@ impl MessageTracker {
             }
             *slot = Some(update.status);
             let (status, detail) = fold(&entry.targets);
-            StatusUpdate {
+            folded = StatusUpdate {
                 status,
                 detail,
                 timestamp_ms: update.timestamp_ms,
-            }
+            };
+            &folded
         } else {
             if from.is_some_and(|from| from != entry.dst) {
                 return false;
             }
             update
         };
-        if rank(update.status) < rank(entry.current.status) || update == entry.current {
+        if rank(update.status) < rank(entry.current.status) || *update == entry.current {
             return false;
         }
-        entry.current = update;
+        entry.current = update.clone();
         let require_ack = entry.require_ack;
-        let current = entry.current.clone();
+        let current = &entry.current;
         let waiters = std::mem::take(&mut entry.waiters);
         for (mode, waiter) in waiters {
             if ends_wait(mode, require_ack, current.status) {
@@ -308,7 +326,7 @@ mod tests {
     fn update(status: MessageStatus) -> StatusUpdate {
         StatusUpdate {
             status,
-            detail: String::new(),
+            detail: "".into(),
             timestamp_ms: 0,
         }
     }
@@ -394,7 +412,7 @@ mod tests {
         tracker.update(1, Some(3), update(MessageStatus::PendingClient));
         let done = wait.try_recv().unwrap().unwrap();
         assert_eq!(done.status, MessageStatus::PendingClient);
-        assert_eq!(done.detail, "2 of 3 nodes delivered");
+        assert_eq!(&*done.detail, "2 of 3 nodes delivered");
     }
 
     #[test]

@@ -33,6 +33,11 @@ use std::{
 
 use super::types::{Adjacency, LinkMetrics, Lsa};
 
+/// The highest sequence number an LSA may carry (RFC 2328 §12.1.6 bounds it the same way).
+/// Copies above it are dropped as invalid, so neither an honest origin's `+ 1` nor a forged
+/// `u64::MAX` can wrap the space.
+pub const MAX_LSA_SEQ: u64 = 1 << 62;
+
 /// Flooding timers and thresholds.
 #[derive(Clone, Debug)]
 pub struct LsdbConfig {
@@ -211,7 +216,9 @@ impl Lsdb {
     }
 
     fn handle_lsa(&mut self, now: Instant, from: u64, lsa: Lsa, age: Duration) {
-        if lsa.origin == 0 || lsa.seq == 0 {
+        if lsa.origin == 0 || lsa.seq == 0 || lsa.seq > MAX_LSA_SEQ {
+            // Past MAX_LSA_SEQ no honest origin ever gets (2^62 changes); accepting it would
+            // let one forged copy pin an origin's sequence at the top of the space.
             return;
         }
         let origin = lsa.origin;
@@ -413,7 +420,8 @@ impl Lsdb {
     /// Issues a new own LSA from the current links and floods it to every neighbour.
     fn originate(&mut self, now: Instant) {
         let entry = self.db.get_mut(&self.local).expect("own LSA");
-        entry.lsa.seq += 1;
+        // Never past MAX_LSA_SEQ (accepted copies are capped there), so this cannot wrap.
+        entry.lsa.seq = (entry.lsa.seq + 1).min(MAX_LSA_SEQ);
         entry.lsa.adjacencies = self
             .links
             .iter()

@@ -31,8 +31,9 @@ use std::{
 use meshd_shards::{
     command::{ControlEvent, DialError, ShardInput},
     frame::{FrameType, TrafficClass},
+    handle::ShardHandle,
     ownership::owner_shard,
-    ring::{Consumer, Producer},
+    ring::Consumer,
 };
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::sync::oneshot;
@@ -110,7 +111,7 @@ pub struct ControlSetup {
     /// The control database (moved into the thread).
     pub db: ControlDb,
     /// Every shard's inbound ring.
-    pub shards: Arc<[Producer<ShardInput>]>,
+    pub shards: Arc<[ShardHandle]>,
     /// Link events from the shards.
     pub events: Consumer<ControlEvent>,
     /// Requests from the api thread.
@@ -185,7 +186,7 @@ impl ControlThread {
 
 struct Control {
     db: ControlDb,
-    shards: Arc<[Producer<ShardInput>]>,
+    shards: Arc<[ShardHandle]>,
     plan: DialPlan,
     rng: StdRng,
     waiting_adds: HashMap<SocketAddr, Vec<oneshot::Sender<Result<(u64, SocketAddr), DialError>>>>,

@@ -11,6 +11,10 @@ use std::{
     net::SocketAddr,
     os::fd::{AsRawFd, BorrowedFd, OwnedFd},
     rc::Rc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -25,6 +29,23 @@ use crate::{
     ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble},
     stats::LinkStats,
 };
+
+/// One connection in set-up, counted on the node-wide gauge for as long as it lives (a
+/// guard, so every early return and cancellation gives the slot back).
+struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl HandshakeSlot {
+    fn take(shard: &Shard) -> Self {
+        shard.handshakes.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(&shard.handshakes))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     loop {
@@ -42,7 +63,7 @@ pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         if shard.stopping.get() {
             return;
         }
-        if shard.pending_handshakes.get() >= shard.config.max_pending_handshakes {
+        if shard.handshakes.load(Ordering::Relaxed) >= shard.config.max_pending_handshakes {
             shard.count_drop("handshake_backlog_full");
             continue;
         }
@@ -80,13 +101,9 @@ async fn exchange_preamble(
 async fn accepted(shard: Rc<Shard>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let remote_addr = link::peer_addr(&stream);
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() + 1);
+    let slot = HandshakeSlot::take(&shard);
     let hint = exchange_preamble(&shard, &mut stream, Role::Acceptor).await;
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() - 1);
+    drop(slot);
     match hint {
         Ok(peer_hint) => {
             route_socket(shard, stream, Role::Acceptor, peer_hint, remote_addr, None).await
@@ -186,17 +203,13 @@ pub(super) async fn establish(
     // The hello carries the mesh id of this moment; a SetMesh during the handshake makes the
     // result stale (a guest link that outlives the join would carry nothing, ever).
     let mesh_at_start = shard.mesh_id.borrow().clone();
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() + 1);
+    let slot = HandshakeSlot::take(&shard);
     let set_up = link::timeout(
         shard.config.handshake_timeout,
         link::set_up(&shard, stream, role, peer_hint),
     )
     .await;
-    shard
-        .pending_handshakes
-        .set(shard.pending_handshakes.get() - 1);
+    drop(slot);
     let (socket, peer) = match set_up {
         Some(Ok(established)) => established,
         Some(Err(error)) => {

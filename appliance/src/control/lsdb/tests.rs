@@ -196,6 +196,50 @@ fn a_restarted_node_jumps_past_the_seq_of_its_previous_life() {
 }
 
 #[test]
+fn an_lsa_seq_beyond_the_maximum_is_dropped_and_never_wraps_the_own_seq() {
+    let t0 = Instant::now();
+    let mut db = Lsdb::new(1, config(), t0);
+    db.handle_link_up(t0, 2, metrics(100));
+    drain(&mut db);
+    for origin in [1, 3] {
+        let forged = Lsa {
+            origin,
+            seq: u64::MAX,
+            adjacencies: vec![],
+        };
+        db.handle_message(
+            t0,
+            2,
+            FloodMessage::Lsa {
+                lsa: forged,
+                age: Duration::ZERO,
+            },
+        );
+    }
+    assert_eq!(db.get(3), None, "a forged maximal copy is not stored");
+    assert_eq!(db.get(1).map(|l| l.seq), Some(2), "own seq unmoved");
+    assert!(drain(&mut db).is_empty(), "nothing acked or flooded");
+
+    // An own copy at the very top is accepted once; the next origination stays there.
+    let top = Lsa {
+        origin: 1,
+        seq: MAX_LSA_SEQ,
+        adjacencies: vec![],
+    };
+    db.handle_message(
+        t0,
+        2,
+        FloodMessage::Lsa {
+            lsa: top,
+            age: Duration::ZERO,
+        },
+    );
+    assert_eq!(db.get(1).map(|l| l.seq), Some(MAX_LSA_SEQ));
+    db.handle_link_down(t0, 2);
+    assert_eq!(db.get(1).map(|l| l.seq), Some(MAX_LSA_SEQ));
+}
+
+#[test]
 fn small_metric_changes_are_not_advertised_and_large_ones_are() {
     let t0 = Instant::now();
     let mut db = Lsdb::new(1, config(), t0);

@@ -1,0 +1,156 @@
+//! The way into one shard: three rings, so that no kind of input waits behind another.
+//!
+//! ```text
+//!   control inputs (dial, adopt, FIB, mesh, drop, sessions, pin, shutdown,
+//!                   and control-plane frames: routing, gossip, join) ──► ctl ring  ──► ctl task
+//!   data this node originates (Data, DeliveryReport, AppAck)        ──► send ring ──► send task
+//!   frames routed on another shard whose next hop is here            ──► fwd ring  ──► fwd task
+//! ```
+//!
+//! **Invariant (the wait-for graph has no cycle):** the ctl task never awaits anything but its
+//! ring; the fwd task awaits only its own shard's link outboxes; the send task awaits its own
+//! outboxes and other shards' fwd rings. An outbox waits only on its writer, and a writer's
+//! wait on the socket has a deadline (`network.write_timeout_ms`) after which the link is
+//! closed. So every chain of waits ends at a socket with a deadline, and a peer that stops
+//! reading delays at most its own shard's sends, for at most that deadline; it never stops
+//! control inputs, heartbeats or forwarding to other peers.
+
+use crate::{
+    command::ShardInput,
+    frame::FrameType,
+    ring::{Consumer, Producer, PushError, ring},
+};
+
+/// Which of a shard's rings an input travels on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    Ctl,
+    Send,
+    Fwd,
+}
+
+/// The lane of an input: data frames this node originates go to the send ring, frames handed
+/// over by another shard to the fwd ring, and everything else (including control-plane frames,
+/// which must not queue behind data) to the ctl ring.
+pub(crate) fn lane_of(input: &ShardInput) -> Lane {
+    match input {
+        ShardInput::Send(outgoing) => match outgoing.frame_type {
+            FrameType::Data | FrameType::DeliveryReport | FrameType::AppAck => Lane::Send,
+            _ => Lane::Ctl,
+        },
+        ShardInput::Forward(_) => Lane::Fwd,
+        _ => Lane::Ctl,
+    }
+}
+
+/// The producing side of one shard's rings. Cheap to clone; every thread holds one per shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    ctl: Producer<ShardInput>,
+    send: Producer<ShardInput>,
+    fwd: Producer<ShardInput>,
+}
+
+/// The consuming side, owned by the shard thread.
+pub(crate) struct ShardRings {
+    pub(crate) ctl: Consumer<ShardInput>,
+    pub(crate) send: Consumer<ShardInput>,
+    pub(crate) fwd: Consumer<ShardInput>,
+}
+
+/// Creates the rings of one shard, each holding at most `capacity` inputs.
+pub(crate) fn shard_rings(capacity: usize) -> (ShardHandle, ShardRings) {
+    let (ctl, ctl_rx) = ring(capacity);
+    let (send, send_rx) = ring(capacity);
+    let (fwd, fwd_rx) = ring(capacity);
+    (
+        ShardHandle { ctl, send, fwd },
+        ShardRings {
+            ctl: ctl_rx,
+            send: send_rx,
+            fwd: fwd_rx,
+        },
+    )
+}
+
+impl ShardHandle {
+    fn lane(&self, lane: Lane) -> &Producer<ShardInput> {
+        match lane {
+            Lane::Ctl => &self.ctl,
+            Lane::Send => &self.send,
+            Lane::Fwd => &self.fwd,
+        }
+    }
+
+    /// Pushes without waiting; hands the input back when its ring is full or the shard stopped.
+    pub fn try_push(&self, input: ShardInput) -> Result<(), PushError<ShardInput>> {
+        self.lane(lane_of(&input)).try_push(input)
+    }
+
+    /// Pushes, waiting while the input's ring is full. Returns the input only if the shard
+    /// has stopped.
+    ///
+    /// Callers on the api and control threads may wait here: the ctl ring's consumer never
+    /// blocks, and the send ring's waits end within the write deadline (see the module docs).
+    pub async fn push(&self, input: ShardInput) -> Result<(), ShardInput> {
+        self.lane(lane_of(&input)).push(input).await
+    }
+
+    /// Inputs waiting in the send ring (data this node originates): a congestion signal.
+    pub fn send_backlog(&self) -> usize {
+        self.send.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{
+        command::{Forwarded, Outgoing},
+        frame::{Header, TrafficClass},
+    };
+
+    fn outgoing(frame_type: FrameType) -> ShardInput {
+        ShardInput::Send(Outgoing {
+            dst: 2,
+            frame_type,
+            traffic_class: TrafficClass::Client,
+            msg_id: 1,
+            flow: 0,
+            payload: Bytes::new(),
+        })
+    }
+
+    #[test]
+    fn control_plane_frames_never_share_a_ring_with_data() {
+        assert_eq!(lane_of(&outgoing(FrameType::Data)), Lane::Send);
+        assert_eq!(lane_of(&outgoing(FrameType::DeliveryReport)), Lane::Send);
+        assert_eq!(lane_of(&outgoing(FrameType::AppAck)), Lane::Send);
+        assert_eq!(lane_of(&outgoing(FrameType::Routing)), Lane::Ctl);
+        assert_eq!(lane_of(&outgoing(FrameType::Gossip)), Lane::Ctl);
+        assert_eq!(lane_of(&outgoing(FrameType::Join)), Lane::Ctl);
+        assert_eq!(lane_of(&ShardInput::Shutdown), Lane::Ctl);
+        let forwarded = ShardInput::Forward(Forwarded {
+            next_hop: 3,
+            header: Header::new(FrameType::Data, TrafficClass::Client, 1, 4),
+            payload: Bytes::new(),
+            reroutes_left: 1,
+        });
+        assert_eq!(lane_of(&forwarded), Lane::Fwd);
+    }
+
+    #[test]
+    fn a_full_send_ring_does_not_block_control_inputs() {
+        let (handle, rings) = shard_rings(1);
+        handle.try_push(outgoing(FrameType::Data)).unwrap();
+        assert!(matches!(
+            handle.try_push(outgoing(FrameType::Data)),
+            Err(PushError::Full(_))
+        ));
+        handle.try_push(ShardInput::Shutdown).unwrap();
+        assert!(matches!(rings.ctl.try_pop(), Some(ShardInput::Shutdown)));
+        assert_eq!(handle.send_backlog(), 1);
+    }
+}
