@@ -157,6 +157,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         subscriber_queue: config.grpc.subscriber_queue,
         tracked_messages: config.grpc.tracked_messages,
         default_timeout_seconds: config.grpc.default_timeout_seconds,
+        generation,
         mesh_events,
     })?;
 

@@ -27,8 +27,8 @@ use tonic::{Request, Response, Status, codegen::BoxStream};
 
 use super::{
     ApiState,
-    recent::Verdict,
-    tracker::{StatusUpdate, ends_wait},
+    recent::{MAX_WAIT_SECONDS, Verdict},
+    tracker::{MAX_OPEN_WAITING, StatusUpdate, ends_wait},
 };
 use crate::storage::now_ms;
 
@@ -126,6 +126,7 @@ pub(crate) async fn submit(
             })
             .collect(),
         payload: request.payload,
+        ..Data::default()
     };
     let encoded_len = data.encoded_len();
     if encoded_len > state.max_payload_bytes {
@@ -140,6 +141,12 @@ pub(crate) async fn submit(
     } else {
         request.timeout_seconds
     };
+    if u64::from(seconds) > MAX_WAIT_SECONDS {
+        return Err(Status::invalid_argument(format!(
+            "timeout_seconds {seconds} is above {MAX_WAIT_SECONDS}: destinations remember a \
+             waiting send's copies only that long"
+        )));
+    }
     let timeout = Duration::from_secs(u64::from(seconds));
     let queued = StatusUpdate {
         status: MessageStatus::Queued,
@@ -196,20 +203,54 @@ pub(crate) async fn submit(
             timestamp_ms: now_ms(),
         };
         state.tracker().insert(dst, require_ack, undeliverable)
-    } else {
+    } else if mode == SendMode::FireAndForget {
         let dst = request.dst_node;
         let msg_id = state.tracker().insert(dst, require_ack, queued);
         data.msg_id = msg_id;
         let payload: Bytes = data.encode_to_vec().into();
         state
-            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload.clone())
+            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
             .await?;
-        if mode != SendMode::FireAndForget {
-            let state = Arc::clone(state);
-            tokio::spawn(retransmit(
-                state, dst, class, msg_id, flow, payload, timeout,
-            ));
+        msg_id
+    } else {
+        let dst = request.dst_node;
+        if encoded_len + WAITING_FIELDS_LEN > state.max_payload_bytes {
+            return Err(Status::invalid_argument(format!(
+                "message is {encoded_len} bytes with its headers; a waiting send's limit is {} \
+                 (network.max_payload_bytes less {WAITING_FIELDS_LEN} for its sequence fields)",
+                state.max_payload_bytes - WAITING_FIELDS_LEN
+            )));
         }
+        if !state.tracker().can_open_waiting() {
+            return Err(Status::resource_exhausted(format!(
+                "{MAX_OPEN_WAITING} waiting sends are open on this node; wait for some to finish"
+            )));
+        }
+        let (session, seq, floor) = state.open_waiting(dst)?;
+        let msg_id = {
+            let mut tracker = state.tracker();
+            let msg_id = tracker.insert(dst, require_ack, queued);
+            tracker.begin_waiting(msg_id);
+            tracker.note_attempt(msg_id);
+            msg_id
+        };
+        data.msg_id = msg_id;
+        data.src_session = session;
+        data.seq = seq;
+        data.floor = floor;
+        data.attempt = 1;
+        data.dst_generation = state.generation_of(dst);
+        let payload: Bytes = data.encode_to_vec().into();
+        let sent = state
+            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
+            .await;
+        if let Err(status) = sent {
+            state.tracker().settle(msg_id, None);
+            state.close_waiting(dst, seq);
+            return Err(status);
+        }
+        let state = Arc::clone(state);
+        tokio::spawn(retransmit(state, dst, class, flow, data, timeout));
         msg_id
     };
     Ok(Submitted {
@@ -282,34 +323,72 @@ fn verdict_update(verdict: Verdict) -> StatusUpdate {
     status((verdict.status(), verdict.detail().to_owned()))
 }
 
-/// Sends a waiting message again until its destination answers or its time is up.
+/// How long past its timeout a waiting `Send` waits for the settled answer.
+const SETTLE_GRACE: Duration = Duration::from_millis(500);
+
+/// Room the sequence fields of a waiting send take in its encoding, at most (five varint
+/// fields with their tags).
+const WAITING_FIELDS_LEN: usize = 48;
+
+/// Sends a waiting message again until its destination answers or its time is up, then
+/// settles it.
+///
+/// Each copy carries the current floor and its attempt number, so the destination de-dupes
+/// exactly (`recent.rs`). At the deadline a message still QUEUED gets a final answer that
+/// never claims less than what may have happened: PENDING_NODE only when no copy ever left
+/// this node (every attempt came back from a shard as unsendable), otherwise QUEUED with
+/// "outcome unknown" — a copy left, and may have been delivered with its report lost.
 async fn retransmit(
     state: Arc<ApiState>,
     dst: u64,
     class: TrafficClass,
-    msg_id: u64,
     flow: u128,
-    payload: Bytes,
+    mut data: Data,
     timeout: Duration,
 ) {
+    let msg_id = data.msg_id;
     let deadline = Instant::now() + timeout;
     loop {
-        tokio::time::sleep(RETRANSMIT_INTERVAL).await;
-        if Instant::now() >= deadline {
-            return;
+        let now = Instant::now();
+        if now >= deadline {
+            break;
         }
-        match state.tracker().get(msg_id) {
-            Some((current, _)) if current.status == MessageStatus::Queued => {}
-            _ => return,
+        tokio::time::sleep(RETRANSMIT_INTERVAL.min(deadline - now)).await;
+        if Instant::now() >= deadline || !state.tracker().wants_retransmit(msg_id) {
+            break;
         }
+        data.attempt += 1;
+        data.floor = state.waiting_floor(dst);
+        state.tracker().note_attempt(msg_id);
+        let payload: Bytes = data.encode_to_vec().into();
         if state
-            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload.clone())
+            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
             .await
             .is_err()
         {
-            return;
+            break;
         }
     }
+    // Let the last copy's failure report (if any) come back before judging.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (attempts, failed) = state.tracker().attempts(msg_id).unwrap_or((1, 0));
+    let seconds = timeout.as_secs();
+    let outcome = if failed >= attempts {
+        status((
+            MessageStatus::PendingNode,
+            format!("node {dst} unreachable for {seconds} s: no copy left this node"),
+        ))
+    } else {
+        status((
+            MessageStatus::Queued,
+            format!(
+                "outcome unknown: no answer from node {dst} within {seconds} s; a copy left \
+                 this node and may have been delivered"
+            ),
+        ))
+    };
+    state.tracker().settle(msg_id, Some(outcome));
+    state.close_waiting(dst, data.seq);
 }
 
 #[tonic::async_trait]
@@ -331,7 +410,9 @@ impl MeshData for DataService {
         let Some(waiter) = state.tracker().wait(msg_id, submitted.mode) else {
             return Ok(response(msg_id, &current(), require_ack));
         };
-        match tokio::time::timeout(submitted.timeout, waiter).await {
+        // The retransmission task settles the message at its deadline; the grace lets that
+        // final answer (PENDING_NODE or "outcome unknown") be the one returned.
+        match tokio::time::timeout(submitted.timeout + SETTLE_GRACE, waiter).await {
             Ok(Ok(update)) => Ok(response(msg_id, &update, require_ack)),
             Ok(Err(_)) | Err(_) => {
                 let mut now = current();

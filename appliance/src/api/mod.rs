@@ -16,7 +16,7 @@ mod reports;
 pub mod tracker;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use self::{
-    recent::{RecentDeliveries, Verdict},
+    recent::{Arrival, Decision, RecentDeliveries, Verdict},
     reports::{ReportBatch, ReportSink},
     tracker::{MessageTracker, StatusUpdate},
 };
@@ -57,9 +57,6 @@ use crate::{
     },
     storage::now_ms,
 };
-
-/// Deliveries remembered for de-duplication of retransmitted copies.
-const RECENT_DELIVERIES: u64 = 1 << 18;
 
 /// One `Subscribe` stream.
 struct Subscriber {
@@ -99,6 +96,7 @@ pub(crate) struct ApiState {
     recent: Mutex<RecentDeliveries>,
     pub(crate) mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
     known: Mutex<KnownNodes>,
+    waiting_seqs: Mutex<WaitingSeqs>,
     /// Set once shut-down begins: no new `Subscribe` stream is opened after the open ones
     /// were ended.
     closing: AtomicBool,
@@ -116,6 +114,8 @@ const KNOWN_NODES_LIMIT: usize = 1 << 16;
 #[derive(Default)]
 struct KnownNodes {
     nodes: HashSet<u64>,
+    /// Members' generations (their current life), as of `refreshed`.
+    generations: HashMap<u64, u32>,
     refreshed: Option<Instant>,
 }
 
@@ -136,14 +136,98 @@ impl KnownNodes {
         if self.nodes.len() + fresh.len() > KNOWN_NODES_LIMIT {
             self.nodes.clear();
         }
+        self.generations = mesh
+            .members
+            .iter()
+            .map(|m| (m.node, m.generation))
+            .collect();
         self.nodes.extend(fresh);
         self.refreshed = Some(Instant::now());
     }
 }
 
+/// This session's numbering of waiting sends per destination (see `recent.rs`): the next seq
+/// and the open ones, whose lowest is the floor every copy carries.
+struct WaitingSeqs {
+    /// Random per start of the api: a restarted sender is a new session.
+    session: u64,
+    per_dst: HashMap<u64, DstSeqs>,
+}
+
+#[derive(Default)]
+struct DstSeqs {
+    next: u64,
+    open: std::collections::BTreeSet<u64>,
+}
+
+impl DstSeqs {
+    fn floor(&self) -> u64 {
+        self.open.first().copied().unwrap_or(self.next.max(1))
+    }
+}
+
 impl ApiState {
+    /// Opens a waiting send to `dst`: (session, seq, floor), or why not.
+    pub(crate) fn open_waiting(&self, dst: u64) -> Result<(u64, u64, u64), Status> {
+        let mut seqs = self
+            .waiting_seqs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let session = seqs.session;
+        let per_dst = seqs.per_dst.entry(dst).or_default();
+        if per_dst.open.len() as u64 >= recent::MAX_OPEN_PER_SOURCE {
+            return Err(Status::resource_exhausted(format!(
+                "{} waiting sends to node {dst} are open; wait for some to finish",
+                per_dst.open.len()
+            )));
+        }
+        per_dst.next = per_dst.next.max(1);
+        let seq = per_dst.next;
+        per_dst.next += 1;
+        per_dst.open.insert(seq);
+        Ok((session, seq, per_dst.floor()))
+    }
+
+    /// The floor of `dst`'s waiting sends now.
+    pub(crate) fn waiting_floor(&self, dst: u64) -> u64 {
+        self.waiting_seqs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .per_dst
+            .get(&dst)
+            .map_or(1, DstSeqs::floor)
+    }
+
+    /// A waiting send to `dst` settled: its seq no longer holds the floor down.
+    pub(crate) fn close_waiting(&self, dst: u64, seq: u64) {
+        if let Some(per_dst) = self
+            .waiting_seqs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .per_dst
+            .get_mut(&dst)
+        {
+            per_dst.open.remove(&seq);
+        }
+    }
+
+    /// The generation of `dst` as this node last heard (0 if unknown).
+    pub(crate) fn generation_of(&self, dst: u64) -> u32 {
+        self.known_nodes()
+            .generations
+            .get(&dst)
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn shard_of(&self, peer: u64) -> &ShardHandle {
         &self.shards[owner_shard(peer, self.shards.len())]
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentDeliveries> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn tracker(&self) -> std::sync::MutexGuard<'_, MessageTracker> {
@@ -383,21 +467,27 @@ impl ApiState {
                     return;
                 };
                 let msg_id = data.msg_id;
-                let earlier = self
-                    .recent
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(src, msg_id);
-                let verdict = match earlier {
-                    // A retransmitted copy: answer again, deliver once.
-                    Some(earlier) => earlier,
-                    None => {
-                        let verdict = self.deliver_locally(src, &data).await;
-                        self.recent
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(src, msg_id, verdict);
-                        verdict
+                let verdict = if data.seq == 0 {
+                    // Fire-and-forget or broadcast: never retransmitted, nothing to remember.
+                    self.deliver_locally(src, &data).await
+                } else {
+                    let arrival = Arrival {
+                        source: src,
+                        session: data.src_session,
+                        seq: data.seq,
+                        floor: data.floor,
+                        attempt: data.attempt,
+                        dst_generation: data.dst_generation,
+                    };
+                    let decision = self.recent().check(arrival, Instant::now());
+                    match decision {
+                        Decision::Ignore => return,
+                        Decision::Answer(verdict) => verdict,
+                        Decision::Deliver => {
+                            let verdict = self.deliver_locally(src, &data).await;
+                            self.recent().record(arrival, verdict);
+                            verdict
+                        }
                     }
                 };
                 reports.push(src, traffic_class, msg_id, verdict);
@@ -451,6 +541,11 @@ impl ApiState {
                 );
             }
             ApiEvent::SendFailed { msg_id, dst, known } => {
+                if self.tracker().note_failure(msg_id) {
+                    // An open waiting send: tried again until its time is up (another next
+                    // hop may come up); its final status is decided then.
+                    return;
+                }
                 let (status, detail) = if known {
                     (
                         MessageStatus::PendingNode,
@@ -564,6 +659,8 @@ pub struct ApiSetup {
     pub tracked_messages: usize,
     /// Default wait limit of waiting sends.
     pub default_timeout_seconds: u32,
+    /// This start's identity generation (what peers' retransmissions are checked against).
+    pub generation: u32,
     /// Mesh events from the control thread (each WatchMeshEvents call subscribes).
     pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
 }
@@ -625,8 +722,12 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         // Ids start from the clock so they stay unique across restarts of this node.
         tracker: Mutex::new(MessageTracker::new(setup.tracked_messages, now_ms() << 20)),
         subscribers: Mutex::new(Vec::new()),
-        recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),
+        recent: Mutex::new(RecentDeliveries::new(setup.generation)),
         known: Mutex::default(),
+        waiting_seqs: Mutex::new(WaitingSeqs {
+            session: rand::random::<u64>() | 1,
+            per_dst: HashMap::new(),
+        }),
         closing: AtomicBool::new(false),
     });
     let events = setup.events;

@@ -1,15 +1,48 @@
-//! What this node answered for messages delivered here lately, so a retransmitted copy (same
-//! source and message id) gets the first copy's answer instead of a second delivery.
+//! Exact de-duplication of retransmitted waiting sends at their destination.
 //!
-//! A source's message ids only grow (they start from its clock at boot), so each source gets
-//! a window of its last `span` ids: one byte per id, indexed by
-//! `msg_id - base`. No hashing per message and one allocation per source, not per message.
-//! Ids older than the window are forgotten. Pure; the api thread owns it.
+//! A waiting send is retransmitted (same message) until its destination answers, so the
+//! destination must deliver each one once and answer every copy alike. Each sender session
+//! (one life of the sender's api, `Data.src_session`) numbers its waiting sends to each
+//! destination 1, 2, 3… (`Data.seq`), and every copy carries the sender's *floor*: every seq
+//! below it is answered or given up and will never be sent again. So a destination keeps, per
+//! (source, session), exactly the verdicts of seqs in `[floor, highest seen]`: no time guess, no
+//! window that wraps at speed, nothing forgotten that could still come back.
+//!
+//! Bounds: a window holds at most [`MAX_OPEN_PER_SOURCE`] seqs (a sender never has more waiting
+//! sends open to one destination; a copy beyond that is refused, not delivered, and sent again
+//! later); at most [`MAX_SESSIONS`] windows exist, and only a window idle for longer than any
+//! waiting send may live ([`IDLE_EVICTION`]) is ever evicted to make room. A new session with no
+//! room is refused the same way.
+//!
+//! A destination that restarted has lost its windows. A first copy is always safe to deliver;
+//! a retransmitted copy (attempt > 1) is delivered only if the sender's first copy was
+//! addressed to this same life of the destination (`Data.dst_generation`), since otherwise an
+//! earlier life may have delivered it: the answer is then [`Verdict::Unknown`], never a second
+//! delivery.
+//!
+//! Fire-and-forget messages (seq 0) are never retransmitted and need no record. Pure; the api
+//! thread owns it.
 #![forbid(unsafe_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
 
 use meshd_proto::mesh::MessageStatus;
+
+/// Waiting sends one sender session may have open towards one destination.
+pub(crate) const MAX_OPEN_PER_SOURCE: u64 = 1 << 16;
+
+/// Windows kept at once (sender sessions seen lately).
+pub(crate) const MAX_SESSIONS: usize = 1 << 14;
+
+/// A window idle this long can be dropped: the longest a waiting send retransmits is its
+/// timeout, capped at [`MAX_WAIT_SECONDS`], so no copy of its session can still come.
+pub(crate) const IDLE_EVICTION: Duration = Duration::from_secs(MAX_WAIT_SECONDS + 60);
+
+/// Longest wait a send may ask for (`timeout_seconds`).
+pub(crate) const MAX_WAIT_SECONDS: u64 = 3600;
 
 /// What a delivery attempt came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +56,12 @@ pub(crate) enum Verdict {
     NoSubscriber = 3,
     /// Every matching subscriber's queue stayed full.
     SubscribersFull = 4,
+    /// A retransmitted copy reached a later life of this node than the first copy did: an
+    /// earlier life may have delivered it, so it is not delivered again and the outcome is
+    /// unknown. Reported as QUEUED with a detail that says so; the sender stops retrying.
+    Unknown = 5,
+    /// No room to remember it (see the module bounds): not delivered; the sender tries again.
+    Busy = 6,
 }
 
 impl Verdict {
@@ -32,6 +71,8 @@ impl Verdict {
             2 => Some(Self::WaitingForAck),
             3 => Some(Self::NoSubscriber),
             4 => Some(Self::SubscribersFull),
+            5 => Some(Self::Unknown),
+            6 => Some(Self::Busy),
             _ => None,
         }
     }
@@ -42,6 +83,7 @@ impl Verdict {
             Self::Delivered => MessageStatus::Delivered,
             Self::WaitingForAck => MessageStatus::WaitingForClientAck,
             Self::NoSubscriber | Self::SubscribersFull => MessageStatus::PendingClient,
+            Self::Unknown | Self::Busy => MessageStatus::Queued,
         }
     }
 
@@ -51,75 +93,166 @@ impl Verdict {
             Self::Delivered | Self::WaitingForAck => "",
             Self::NoSubscriber => "no subscriber for this message",
             Self::SubscribersFull => "every matching subscriber's queue is full",
+            Self::Unknown => UNKNOWN_DETAIL,
+            Self::Busy => BUSY_DETAIL,
         }
     }
+}
+
+/// The detail of [`Verdict::Unknown`]; the sender recognises it and stops retransmitting.
+pub(crate) const UNKNOWN_DETAIL: &str = "outcome unknown: the destination restarted since the first copy \
+     was sent and an earlier life of it may have delivered it; not sent again, so it is never \
+     delivered twice";
+
+/// The detail of [`Verdict::Busy`]; the sender keeps retransmitting.
+pub(crate) const BUSY_DETAIL: &str = "destination busy: too many open waiting sends";
+
+/// What a copy of a waiting send says about itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    /// The sending node.
+    pub(crate) source: u64,
+    /// The sender's session (one life of its api).
+    pub(crate) session: u64,
+    /// The message's number among the session's waiting sends to this node (≥ 1).
+    pub(crate) seq: u64,
+    /// Every seq below this is settled at the sender.
+    pub(crate) floor: u64,
+    /// 1 for the first copy.
+    pub(crate) attempt: u32,
+    /// The life of this node the sender believed in when it sent the first copy.
+    pub(crate) dst_generation: u32,
+}
+
+/// What to do with a copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Deliver it, then [`RecentDeliveries::record`] the verdict.
+    Deliver,
+    /// Do not deliver; answer this.
+    Answer(Verdict),
+    /// Do not deliver and do not answer: the sender has settled it already.
+    Ignore,
 }
 
 struct Window {
-    base: u64,
-    /// `verdicts[i]` is the verdict code of message `base + i`; 0 = not delivered here.
+    /// Seq of `verdicts[0]`; every seq below is settled at the sender.
+    floor: u64,
+    /// 0 = not delivered here.
     verdicts: VecDeque<u8>,
+    last_used: Instant,
 }
 
-/// Recent verdicts, per source.
+/// Open windows, per (source, session).
 pub(crate) struct RecentDeliveries {
-    sources: HashMap<u64, Window>,
-    span: u64,
+    windows: HashMap<(u64, u64), Window>,
+    /// This node's life, as the mesh knows it.
+    generation: u32,
 }
 
 impl RecentDeliveries {
-    /// Remembers the last `span` message ids of every source.
-    pub(crate) fn new(span: u64) -> Self {
-        assert!(span > 0);
+    pub(crate) fn new(generation: u32) -> Self {
         Self {
-            sources: HashMap::new(),
-            span,
+            windows: HashMap::new(),
+            generation,
         }
     }
 
-    /// The verdict on an earlier copy of (`source`, `msg_id`).
-    pub(crate) fn get(&self, source: u64, msg_id: u64) -> Option<Verdict> {
-        let window = self.sources.get(&source)?;
-        let index = usize::try_from(msg_id.checked_sub(window.base)?).ok()?;
-        Verdict::from_code(*window.verdicts.get(index)?)
-    }
-
-    /// Records the verdict on (`source`, `msg_id`).
-    pub(crate) fn insert(&mut self, source: u64, msg_id: u64, verdict: Verdict) {
-        let span = self.span;
-        let window = self.sources.entry(source).or_insert_with(|| Window {
-            base: msg_id,
+    /// Decides on a copy of a waiting send arriving at `now`.
+    pub(crate) fn check(&mut self, copy: Arrival, now: Instant) -> Decision {
+        if copy.seq == 0 || copy.floor == 0 || copy.floor > copy.seq {
+            // Not a waiting send, or a malformed one: an open message holds its sender's
+            // floor at or below its own seq.
+            return Decision::Answer(Verdict::Busy);
+        }
+        let key = (copy.source, copy.session);
+        if !self.windows.contains_key(&key) && !self.make_room(now) {
+            return Decision::Answer(Verdict::Busy);
+        }
+        let window = self.windows.entry(key).or_insert_with(|| Window {
+            floor: copy.floor,
             verdicts: VecDeque::new(),
+            last_used: now,
         });
-        if msg_id < window.base {
-            if window.base - msg_id < span {
-                // A late message within the span's reach but below the window: the window
-                // only ever slides forward, so it is not remembered.
-                return;
-            }
-            // Far below: the source restarted with a clock behind its old one.
-            window.base = msg_id;
-            window.verdicts.clear();
-        }
-        let last_allowed = window.base.saturating_add(span - 1);
-        if msg_id > last_allowed {
-            let slide = msg_id - last_allowed;
+        window.last_used = now;
+        if copy.floor > window.floor {
+            let settled = copy.floor - window.floor;
             let len = window.verdicts.len() as u64;
-            if slide >= len {
-                window.verdicts.clear();
-            } else {
-                window
-                    .verdicts
-                    .drain(..usize::try_from(slide).unwrap_or(usize::MAX));
+            window
+                .verdicts
+                .drain(..usize::try_from(settled.min(len)).unwrap_or(usize::MAX));
+            window.floor = copy.floor;
+        }
+        if copy.seq < window.floor {
+            return Decision::Ignore;
+        }
+        let index = copy.seq - window.floor;
+        if index >= MAX_OPEN_PER_SOURCE {
+            return Decision::Answer(Verdict::Busy);
+        }
+        let index = index as usize;
+        if let Some(earlier) = window
+            .verdicts
+            .get(index)
+            .copied()
+            .and_then(Verdict::from_code)
+        {
+            return Decision::Answer(earlier);
+        }
+        if copy.attempt > 1 && copy.dst_generation != self.generation {
+            self.set(key, index, Verdict::Unknown);
+            return Decision::Answer(Verdict::Unknown);
+        }
+        Decision::Deliver
+    }
+
+    /// Records the verdict on a copy [`Self::check`] said to deliver.
+    pub(crate) fn record(&mut self, copy: Arrival, verdict: Verdict) {
+        let key = (copy.source, copy.session);
+        let Some(window) = self.windows.get(&key) else {
+            return;
+        };
+        let Some(index) = copy.seq.checked_sub(window.floor) else {
+            return;
+        };
+        if index < MAX_OPEN_PER_SOURCE {
+            self.set(key, index as usize, verdict);
+        }
+    }
+
+    fn set(&mut self, key: (u64, u64), index: usize, verdict: Verdict) {
+        if let Some(window) = self.windows.get_mut(&key) {
+            if index >= window.verdicts.len() {
+                window.verdicts.resize(index + 1, 0);
             }
-            window.base += slide;
+            window.verdicts[index] = verdict as u8;
         }
-        let index = usize::try_from(msg_id - window.base).unwrap_or(usize::MAX);
-        if index >= window.verdicts.len() {
-            window.verdicts.resize(index + 1, 0);
+    }
+
+    /// Whether a new window fits, evicting one idle past [`IDLE_EVICTION`] if need be.
+    fn make_room(&mut self, now: Instant) -> bool {
+        if self.windows.len() < MAX_SESSIONS {
+            return true;
         }
-        window.verdicts[index] = verdict as u8;
-        debug_assert!(window.verdicts.len() as u64 <= span);
+        let idle = self
+            .windows
+            .iter()
+            .filter(|(_, w)| now.saturating_duration_since(w.last_used) > IDLE_EVICTION)
+            .min_by_key(|(_, w)| w.last_used)
+            .map(|(key, _)| *key);
+        match idle {
+            Some(key) => {
+                self.windows.remove(&key);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Windows held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.windows.len()
     }
 }
 
@@ -127,49 +260,115 @@ impl RecentDeliveries {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_second_copy_finds_the_first_verdict() {
-        let mut recent = RecentDeliveries::new(8);
-        recent.insert(7, 100, Verdict::Delivered);
-        recent.insert(7, 102, Verdict::NoSubscriber);
-        assert_eq!(recent.get(7, 100), Some(Verdict::Delivered));
-        assert_eq!(recent.get(7, 101), None, "never delivered");
-        assert_eq!(recent.get(7, 102), Some(Verdict::NoSubscriber));
-        assert_eq!(recent.get(8, 100), None, "another source");
-    }
-
-    #[test]
-    fn the_window_slides_and_forgets_the_oldest() {
-        let mut recent = RecentDeliveries::new(4);
-        for id in 10..20 {
-            recent.insert(7, id, Verdict::Delivered);
+    fn copy(seq: u64, floor: u64, attempt: u32) -> Arrival {
+        Arrival {
+            source: 7,
+            session: 1,
+            seq,
+            floor,
+            attempt,
+            dst_generation: 3,
         }
-        assert_eq!(recent.get(7, 15), None);
-        for id in 16..20 {
-            assert_eq!(recent.get(7, id), Some(Verdict::Delivered));
+    }
+
+    fn deliver(recent: &mut RecentDeliveries, c: Arrival, now: Instant) -> Decision {
+        let decision = recent.check(c, now);
+        if decision == Decision::Deliver {
+            recent.record(c, Verdict::Delivered);
         }
-        // A jump far ahead clears everything before it.
-        recent.insert(7, 1_000, Verdict::WaitingForAck);
-        assert_eq!(recent.get(7, 19), None);
-        assert_eq!(recent.get(7, 1_000), Some(Verdict::WaitingForAck));
+        decision
     }
 
     #[test]
-    fn a_source_that_restarts_behind_its_old_ids_starts_a_new_window() {
-        let mut recent = RecentDeliveries::new(4);
-        recent.insert(7, 1_000, Verdict::Delivered);
-        recent.insert(7, 998, Verdict::Delivered);
-        assert_eq!(recent.get(7, 998), None, "slightly late: not remembered");
-        recent.insert(7, 5, Verdict::Delivered);
-        assert_eq!(recent.get(7, 5), Some(Verdict::Delivered));
+    fn every_copy_of_a_delivered_message_gets_the_first_answer_however_many_come_between() {
+        let t = Instant::now();
+        let mut recent = RecentDeliveries::new(3);
+        assert_eq!(deliver(&mut recent, copy(1, 1, 1), t), Decision::Deliver);
+        // A million later sends while message 1 stays open: no window wraps past it.
+        for seq in 2..1_000 {
+            assert_eq!(deliver(&mut recent, copy(seq, 1, 1), t), Decision::Deliver);
+        }
+        assert_eq!(
+            recent.check(copy(1, 1, 9), t),
+            Decision::Answer(Verdict::Delivered)
+        );
+        // Once the sender's floor passes it, late copies are ignored and memory is freed.
+        assert_eq!(recent.check(copy(1_000, 999, 1), t), Decision::Deliver);
+        assert_eq!(
+            recent.check(copy(1, 1, 2), t),
+            Decision::Ignore,
+            "a late copy carries its old floor; the window's is higher"
+        );
     }
 
     #[test]
-    fn ids_near_the_top_of_the_range_do_not_overflow() {
-        let mut recent = RecentDeliveries::new(4);
-        recent.insert(7, u64::MAX - 1, Verdict::Delivered);
-        recent.insert(7, u64::MAX, Verdict::Delivered);
-        assert_eq!(recent.get(7, u64::MAX), Some(Verdict::Delivered));
-        assert_eq!(recent.get(7, u64::MAX - 1), Some(Verdict::Delivered));
+    fn a_retransmission_to_a_later_life_is_unknown_never_a_second_delivery() {
+        let t = Instant::now();
+        // This node is generation 4; the sender's first copy went to generation 3.
+        let mut restarted = RecentDeliveries::new(4);
+        assert_eq!(
+            restarted.check(copy(5, 5, 2), t),
+            Decision::Answer(Verdict::Unknown)
+        );
+        assert_eq!(
+            restarted.check(copy(5, 5, 3), t),
+            Decision::Answer(Verdict::Unknown),
+            "and it stays unknown"
+        );
+        // A first copy is safe whatever the sender believed.
+        assert_eq!(restarted.check(copy(6, 5, 1), t), Decision::Deliver);
+        // The same life: a retransmission of something never seen is delivered.
+        let mut same = RecentDeliveries::new(3);
+        assert_eq!(same.check(copy(5, 5, 2), t), Decision::Deliver);
+    }
+
+    #[test]
+    fn hostile_seqs_and_floors_are_bounded() {
+        let t = Instant::now();
+        let mut recent = RecentDeliveries::new(3);
+        assert_eq!(
+            recent.check(copy(0, 0, 1), t),
+            Decision::Answer(Verdict::Busy)
+        );
+        assert_eq!(
+            recent.check(copy(5, 9, 1), t),
+            Decision::Answer(Verdict::Busy),
+            "seq below its own floor + 1"
+        );
+        assert_eq!(
+            recent.check(copy(u64::MAX, 1, 1), t),
+            Decision::Answer(Verdict::Busy),
+            "too far above the floor to remember"
+        );
+        assert_eq!(
+            deliver(&mut recent, copy(u64::MAX, u64::MAX, 1), t),
+            Decision::Deliver
+        );
+        assert!(recent.windows.values().all(|w| w.verdicts.len() <= 1));
+    }
+
+    #[test]
+    fn sessions_are_bounded_and_only_idle_ones_are_evicted() {
+        let t = Instant::now();
+        let mut recent = RecentDeliveries::new(3);
+        for session in 0..MAX_SESSIONS as u64 {
+            let c = Arrival {
+                session,
+                ..copy(1, 1, 1)
+            };
+            assert_eq!(recent.check(c, t), Decision::Deliver);
+        }
+        let newcomer = Arrival {
+            session: u64::MAX,
+            ..copy(1, 1, 1)
+        };
+        assert_eq!(
+            recent.check(newcomer, t + Duration::from_secs(1)),
+            Decision::Answer(Verdict::Busy),
+            "no idle window to evict"
+        );
+        let later = t + IDLE_EVICTION + Duration::from_secs(1);
+        assert_eq!(recent.check(newcomer, later), Decision::Deliver);
+        assert_eq!(recent.len(), MAX_SESSIONS);
     }
 }

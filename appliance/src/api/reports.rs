@@ -269,7 +269,21 @@ pub(crate) fn apply_reports(
     let mut budget = tracked.end - tracked.start;
     let mut applied = Applied::default();
     for report in frame.reports {
-        let ids = run_ids(&report)
+        let raw = run_ids(&report);
+        if let Some(raw) = raw.clone()
+            && raw.start < tracked.start
+            && budget > 0
+        {
+            // Open waiting sends older than the ring are pinned; a run may answer them.
+            let update = StatusUpdate {
+                status: MessageStatus::try_from(report.status)
+                    .unwrap_or(MessageStatus::Unspecified),
+                detail: cap_detail(report.detail.clone()),
+                timestamp_ms,
+            };
+            applied.changed += tracker.update_pinned(raw, Some(from), &update, &mut budget);
+        }
+        let ids = raw
             .map(|ids| ids.start.max(tracked.start)..ids.end.min(tracked.end))
             .filter(|ids| !ids.is_empty());
         let Some(ids) = ids else {

@@ -18,6 +18,8 @@ use std::{
 };
 
 use futures::channel::{mpsc, oneshot};
+
+use super::recent::UNKNOWN_DETAIL;
 use meshd_proto::mesh::{MessageStatus, SendMode};
 
 /// One status change, as `MessageStatusInfo` reports it.
@@ -31,12 +33,35 @@ pub struct StatusUpdate {
     pub timestamp_ms: u64,
 }
 
+/// Whether `msg_id` is a tracked unicast whose destination is `from`.
+fn entry_is_unicast_from(tracker: &MessageTracker, msg_id: u64, from: Option<u64>) -> bool {
+    tracker
+        .entry(msg_id)
+        .is_some_and(|e| e.dst != 0 && from.is_some_and(|f| f == e.dst))
+}
+
 /// Capacity of a watcher's queue; a message changes status a handful of times.
 const WATCH_QUEUE: usize = 16;
+
+/// A unicast waiting send whose copies are retransmitted until it settles.
+#[derive(Clone, Copy, Debug, Default)]
+struct Waiting {
+    /// Copies handed to a shard.
+    attempts: u32,
+    /// Copies a shard reported it could not send (no route): they never left this node.
+    failed: u32,
+    /// Answered, given up on, or timed out: no more copies.
+    settled: bool,
+}
+
+/// Waiting sends that may be open at once, node-wide: what keeps them out of eviction is
+/// bounded by this ([`MessageTracker::can_open_waiting`]).
+pub const MAX_OPEN_WAITING: usize = 1 << 16;
 
 struct Entry {
     /// Destination; 0 for a broadcast.
     dst: u64,
+    waiting: Option<Waiting>,
     require_ack: bool,
     current: StatusUpdate,
     /// Broadcast only: each target's latest status (None until it answers).
@@ -52,6 +77,10 @@ pub struct MessageTracker {
     first_id: u64,
     capacity: usize,
     total: u64,
+    /// Open waiting sends pushed out of `entries` by newer messages: they are remembered
+    /// until they settle, whatever the rate of other traffic (at most [`MAX_OPEN_WAITING`]).
+    pinned: BTreeMap<u64, Entry>,
+    open_waiting: usize,
 }
 
 /// Whether `status` ends a wait in `mode`.
@@ -138,7 +167,116 @@ impl MessageTracker {
             first_id,
             capacity,
             total: 0,
+            pinned: BTreeMap::new(),
+            open_waiting: 0,
         }
+    }
+
+    /// Whether one more waiting send may open (see [`MAX_OPEN_WAITING`]).
+    pub fn can_open_waiting(&self) -> bool {
+        self.open_waiting < MAX_OPEN_WAITING
+    }
+
+    /// Marks `msg_id` as a waiting send whose copies are retransmitted until it settles.
+    pub fn begin_waiting(&mut self, msg_id: u64) {
+        let Some(entry) = self.entry_mut(msg_id) else {
+            return;
+        };
+        if entry.waiting.is_none() {
+            entry.waiting = Some(Waiting::default());
+            self.open_waiting += 1;
+        }
+    }
+
+    /// Counts one copy of a waiting send handed to a shard.
+    pub fn note_attempt(&mut self, msg_id: u64) {
+        if let Some(w) = self.entry_mut(msg_id).and_then(|e| e.waiting.as_mut()) {
+            w.attempts += 1;
+        }
+    }
+
+    /// A shard could not send a copy. Returns true when the message is an open waiting send:
+    /// its failure is only counted (it is retried until its time is up, and another next hop
+    /// may come up meanwhile), not reported as a final PENDING_NODE.
+    pub fn note_failure(&mut self, msg_id: u64) -> bool {
+        match self.entry_mut(msg_id).and_then(|e| e.waiting.as_mut()) {
+            Some(w) if !w.settled => {
+                w.failed += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether more copies of `msg_id` should be sent: an open waiting send still QUEUED.
+    pub fn wants_retransmit(&self, msg_id: u64) -> bool {
+        self.entry(msg_id).is_some_and(|e| {
+            e.current.status == MessageStatus::Queued && e.waiting.is_some_and(|w| !w.settled)
+        })
+    }
+
+    /// The copies of `msg_id` sent and failed so far.
+    pub fn attempts(&self, msg_id: u64) -> Option<(u32, u32)> {
+        self.entry(msg_id)
+            .and_then(|e| e.waiting)
+            .map(|w| (w.attempts, w.failed))
+    }
+
+    /// Ends a waiting send's retransmission. If it is still QUEUED, `outcome` (if any) is
+    /// what it came to, given to every waiter and watcher (the wait is over). Returns the
+    /// current status.
+    pub fn settle(&mut self, msg_id: u64, outcome: Option<StatusUpdate>) -> Option<StatusUpdate> {
+        let pinned = msg_id < self.first_id;
+        let entry = self.entry_mut(msg_id)?;
+        let mut opened = false;
+        if let Some(w) = entry.waiting.as_mut()
+            && !w.settled
+        {
+            w.settled = true;
+            opened = true;
+        }
+        if opened
+            && let Some(outcome) = outcome
+            && entry.current.status == MessageStatus::Queued
+        {
+            entry.current = outcome;
+            let current = entry.current.clone();
+            entry
+                .watchers
+                .retain_mut(|w| w.try_send(current.clone()).is_ok());
+            for (_, waiter) in std::mem::take(&mut entry.waiters) {
+                let _ = waiter.send(current.clone());
+            }
+        }
+        let current = entry.current.clone();
+        let idle = entry.waiters.is_empty();
+        if opened {
+            self.open_waiting = self.open_waiting.saturating_sub(1);
+        }
+        if pinned && idle {
+            self.pinned.remove(&msg_id);
+        }
+        Some(current)
+    }
+
+    /// Visits at most `budget` pinned messages, and takes what it visits off it.
+    pub fn update_pinned(
+        &mut self,
+        ids: Range<u64>,
+        from: Option<u64>,
+        update: &StatusUpdate,
+        budget: &mut u64,
+    ) -> usize {
+        let hit: Vec<u64> = self
+            .pinned
+            .range(ids)
+            .map(|(id, _)| *id)
+            .take(usize::try_from(*budget).unwrap_or(usize::MAX))
+            .collect();
+        *budget -= hit.len() as u64;
+        hit.into_iter()
+            .filter(|&id| self.apply(id, from, update))
+            .count()
     }
 
     /// The id the next message gets.
@@ -176,12 +314,26 @@ impl MessageTracker {
         targets: BTreeMap<u64, Option<MessageStatus>>,
     ) -> u64 {
         if self.entries.len() >= self.capacity {
-            self.entries.pop_front();
+            if let Some(oldest) = self.entries.pop_front()
+                && (oldest.waiting.is_some_and(|w| !w.settled) || !oldest.waiters.is_empty())
+            {
+                self.pinned.insert(self.first_id, oldest);
+                // Waits whose caller gave up leave entries behind; past twice the open bound
+                // the oldest go (their waiters, if any are left, see the channel close).
+                while self.pinned.len() > 2 * MAX_OPEN_WAITING {
+                    if let Some((_, gone)) = self.pinned.pop_first()
+                        && gone.waiting.is_some_and(|w| !w.settled)
+                    {
+                        self.open_waiting = self.open_waiting.saturating_sub(1);
+                    }
+                }
+            }
             self.first_id += 1;
         }
         let msg_id = self.next_id();
         self.entries.push_back(Entry {
             dst,
+            waiting: None,
             require_ack,
             current: status,
             targets,
@@ -194,13 +346,17 @@ impl MessageTracker {
     }
 
     fn entry(&self, msg_id: u64) -> Option<&Entry> {
-        let index = usize::try_from(msg_id.checked_sub(self.first_id)?).ok()?;
-        self.entries.get(index)
+        match msg_id.checked_sub(self.first_id) {
+            Some(index) => self.entries.get(usize::try_from(index).ok()?),
+            None => self.pinned.get(&msg_id),
+        }
     }
 
     fn entry_mut(&mut self, msg_id: u64) -> Option<&mut Entry> {
-        let index = usize::try_from(msg_id.checked_sub(self.first_id)?).ok()?;
-        self.entries.get_mut(index)
+        match msg_id.checked_sub(self.first_id) {
+            Some(index) => self.entries.get_mut(usize::try_from(index).ok()?),
+            None => self.pinned.get_mut(&msg_id),
+        }
     }
 
     /// Applies one status to every tracked message of `ids` (a report run); ids outside what
@@ -229,6 +385,14 @@ impl MessageTracker {
     /// [`Self::update`] by reference: nothing is cloned for a message the update does not
     /// change, which is most of a hostile run's ids.
     fn apply(&mut self, msg_id: u64, from: Option<u64>, update: &StatusUpdate) -> bool {
+        if update.status == MessageStatus::Queued && entry_is_unicast_from(self, msg_id, from) {
+            // A destination's QUEUED answer: "busy, send again" changes nothing; "outcome
+            // unknown" settles the message (no more copies), keeping QUEUED with that detail.
+            if &*update.detail == UNKNOWN_DETAIL {
+                return self.settle(msg_id, Some(update.clone())).is_some();
+            }
+            return false;
+        }
         let Some(entry) = self.entry_mut(msg_id) else {
             return false;
         };
@@ -274,6 +438,10 @@ impl MessageTracker {
         entry
             .watchers
             .retain_mut(|w| w.try_send(current.clone()).is_ok());
+        let done = entry.waiters.is_empty() && entry.waiting.is_none_or(|w| w.settled);
+        if done && msg_id < self.first_id {
+            self.pinned.remove(&msg_id);
+        }
         true
     }
 
@@ -329,6 +497,74 @@ mod tests {
             detail: "".into(),
             timestamp_ms: 0,
         }
+    }
+
+    #[test]
+    fn an_open_waiting_send_outlives_any_number_of_newer_messages() {
+        let mut tracker = MessageTracker::new(4, 100);
+        let waiting = tracker.insert(9, false, update(MessageStatus::Queued));
+        tracker.begin_waiting(waiting);
+        let mut wait = tracker.wait(waiting, SendMode::WaitForDelivery).unwrap();
+        for _ in 0..1_000 {
+            tracker.insert(9, false, update(MessageStatus::Queued));
+        }
+        assert!(!tracker.tracked_ids().contains(&waiting), "out of the ring");
+        assert!(tracker.wants_retransmit(waiting), "but still open");
+        // A report run from its destination still finds it.
+        let mut budget = 10;
+        let changed = tracker.update_pinned(
+            waiting..waiting + 1,
+            Some(9),
+            &update(MessageStatus::Delivered),
+            &mut budget,
+        );
+        assert_eq!(changed, 1);
+        assert_eq!(
+            wait.try_recv().unwrap().map(|u| u.status),
+            Some(MessageStatus::Delivered)
+        );
+        tracker.settle(waiting, None);
+        assert!(
+            tracker.get(waiting).is_none(),
+            "settled and answered: unpinned"
+        );
+        assert!(tracker.can_open_waiting());
+    }
+
+    #[test]
+    fn settling_a_queued_waiting_send_gives_its_outcome_to_the_waiter_once() {
+        let mut tracker = MessageTracker::new(8, 1);
+        let id = tracker.insert(9, false, update(MessageStatus::Queued));
+        tracker.begin_waiting(id);
+        tracker.note_attempt(id);
+        assert!(
+            tracker.note_failure(id),
+            "a failed copy of an open send is only counted"
+        );
+        assert_eq!(tracker.attempts(id), Some((1, 1)));
+        let mut wait = tracker.wait(id, SendMode::WaitForDelivery).unwrap();
+        let unknown = StatusUpdate {
+            status: MessageStatus::Queued,
+            detail: UNKNOWN_DETAIL.into(),
+            timestamp_ms: 1,
+        };
+        assert!(tracker.update(id, Some(9), unknown.clone()));
+        assert_eq!(wait.try_recv().unwrap(), Some(unknown.clone()));
+        assert!(!tracker.wants_retransmit(id));
+        // A later timeout outcome does not overwrite what the destination said.
+        let late = tracker.settle(id, Some(update(MessageStatus::PendingNode)));
+        assert_eq!(late, Some(unknown));
+        assert!(!tracker.note_failure(id));
+        // A busy answer changes nothing.
+        let other = tracker.insert(9, false, update(MessageStatus::Queued));
+        tracker.begin_waiting(other);
+        let busy = StatusUpdate {
+            status: MessageStatus::Queued,
+            detail: super::super::recent::BUSY_DETAIL.into(),
+            timestamp_ms: 2,
+        };
+        assert!(!tracker.update(other, Some(9), busy));
+        assert!(tracker.wants_retransmit(other));
     }
 
     #[test]
