@@ -2,15 +2,24 @@
 //!
 //! One file, `<data_dir>/control.redb`. Tables:
 //! - `identity`: node id, Ed25519 signing key, TLS certificate and key, mesh id, creation time.
-//! - `peers`: node id → public key, last address, listen address, last seen (trust on first use).
+//! - `peers`: node id → public key, last address, listen address, last seen (trust on first use);
+//!   a node's row goes when it leaves, is evicted or joins again (maybe with a new key), and
+//!   every row when this node leaves the mesh.
 //! - `dial_targets`: addresses added with `AddSession`, re-dialed after a restart.
+//! - `mesh`, `evicted`: the seeded or joined mesh and the nodes evicted from it.
 //!
 //! **Invariant:** the identity is written once, in one transaction, and never changes; a config
 //! that asks for another node id is refused rather than silently re-keying the node.
+//!
+//! At run time the control thread does not write row by row: it gathers writes in a
+//! [`WriteBatch`] (the newest write of each row wins) and commits the batch in one transaction
+//! ([`ControlDb::commit`]), so a burst of link-ups costs one fsync, not one each.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -110,9 +119,131 @@ impl PeerRecord {
     }
 }
 
+/// Writes gathered by the control thread and committed together in one transaction.
+///
+/// Each row keeps only its newest write, and clearing a table drops the writes gathered for it
+/// before, so committing a batch leaves the database exactly as applying its writes one by one
+/// in order would, whatever the number of writes: the batch grows with the rows touched, not
+/// with the events that touched them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    clear_peers: bool,
+    clear_dial_targets: bool,
+    clear_evicted: bool,
+    /// `Some(None)`: forget the mesh record.
+    mesh: Option<Option<MeshRecord>>,
+    /// `None`: remove the row.
+    peers: BTreeMap<u64, Option<PeerRecord>>,
+    /// `Some(ms)`: added at that time; `None`: removed.
+    dial_targets: BTreeMap<SocketAddr, Option<u64>>,
+    /// `Some(ms)`: evicted at that time; `None`: readmitted.
+    evicted: BTreeMap<u64, Option<u64>>,
+    /// The highest identity generation used so far (the stored one never goes down).
+    generation: Option<u32>,
+}
+
+impl WriteBatch {
+    /// Whether there is nothing to commit.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Records a peer seen on a link (first key pinned; later writes refresh address and time).
+    pub fn upsert_peer(&mut self, node_id: u64, record: PeerRecord) {
+        self.peers.insert(node_id, Some(record));
+    }
+
+    /// Forgets a peer: its pinned key and addresses.
+    pub fn remove_peer(&mut self, node_id: u64) {
+        self.peers.insert(node_id, None);
+    }
+
+    /// Remembers an address to dial after restarts.
+    pub fn add_dial_target(&mut self, addr: SocketAddr) {
+        self.dial_targets.insert(addr, Some(now_ms()));
+    }
+
+    /// Forgets an address.
+    pub fn remove_dial_target(&mut self, addr: SocketAddr) {
+        self.dial_targets.insert(addr, None);
+    }
+
+    /// Records an eviction (`evicted`) or a readmission (`!evicted`).
+    pub fn set_evicted(&mut self, node: u64, evicted: bool) {
+        self.evicted.insert(node, evicted.then(now_ms));
+    }
+
+    /// Notes that `generation` was used; the stored generation becomes at least this.
+    pub fn raise_generation(&mut self, generation: u32) {
+        self.generation = Some(self.generation.map_or(generation, |g| g.max(generation)));
+    }
+
+    /// Replaces the mesh record; with `clear_evicted` every eviction is forgotten too (a new
+    /// mesh starts with none).
+    pub fn save_mesh(&mut self, record: MeshRecord, clear_evicted: bool) {
+        self.mesh = Some(Some(record));
+        if clear_evicted {
+            self.clear_evicted = true;
+            self.evicted.clear();
+        }
+    }
+
+    /// Forgets the mesh (after LeaveMesh) and everything learnt in it: evictions, dial
+    /// targets and peers (another mesh has other members and may pin other keys).
+    pub fn clear_mesh(&mut self) {
+        self.mesh = Some(None);
+        self.clear_evicted = true;
+        self.clear_dial_targets = true;
+        self.clear_peers = true;
+        self.evicted.clear();
+        self.dial_targets.clear();
+        self.peers.clear();
+    }
+
+    /// Adds `later`'s writes after this batch's (a batch that failed to commit is kept and
+    /// the writes gathered since are merged on top).
+    pub fn merge(&mut self, later: Self) {
+        if later.clear_peers {
+            self.peers.clear();
+        }
+        if later.clear_dial_targets {
+            self.dial_targets.clear();
+        }
+        if later.clear_evicted {
+            self.evicted.clear();
+        }
+        self.clear_peers |= later.clear_peers;
+        self.clear_dial_targets |= later.clear_dial_targets;
+        self.clear_evicted |= later.clear_evicted;
+        if later.mesh.is_some() {
+            self.mesh = later.mesh;
+        }
+        self.peers.extend(later.peers);
+        self.dial_targets.extend(later.dial_targets);
+        self.evicted.extend(later.evicted);
+        if let Some(generation) = later.generation {
+            self.raise_generation(generation);
+        }
+    }
+
+    /// Rows this batch writes (a cleared table counts as one).
+    pub fn len(&self) -> usize {
+        usize::from(self.clear_peers)
+            + usize::from(self.clear_dial_targets)
+            + usize::from(self.clear_evicted)
+            + usize::from(self.mesh.is_some())
+            + self.peers.len()
+            + self.dial_targets.len()
+            + self.evicted.len()
+            + usize::from(self.generation.is_some())
+    }
+}
+
 /// The open control database.
 pub struct ControlDb {
     db: Database,
+    /// Write transactions committed since opening (what a batch saves is visible here).
+    commits: AtomicU64,
 }
 
 impl ControlDb {
@@ -132,7 +263,97 @@ impl ControlDb {
         txn.open_table(MESH).map_err(db_error)?;
         txn.open_table(EVICTED).map_err(db_error)?;
         txn.commit().map_err(db_error)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            commits: AtomicU64::new(0),
+        })
+    }
+
+    /// Write transactions committed since the database was opened (each is an fsync).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    fn commit_txn(&self, txn: redb::WriteTransaction) -> Result<(), StorageError> {
+        txn.commit().map_err(db_error)?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Commits every write of `batch` in one transaction: all of them or, on error, none.
+    pub fn commit(&self, batch: &WriteBatch) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut peers = txn.open_table(PEERS).map_err(db_error)?;
+            if batch.clear_peers {
+                peers.retain(|_, _| false).map_err(db_error)?;
+            }
+            for (node, record) in &batch.peers {
+                match record {
+                    Some(record) => {
+                        peers
+                            .insert(*node, record.encode().as_slice())
+                            .map_err(db_error)?;
+                    }
+                    None => {
+                        peers.remove(*node).map_err(db_error)?;
+                    }
+                }
+            }
+            let mut targets = txn.open_table(DIAL_TARGETS).map_err(db_error)?;
+            if batch.clear_dial_targets {
+                targets.retain(|_, _| false).map_err(db_error)?;
+            }
+            for (addr, added) in &batch.dial_targets {
+                let key = addr.to_string();
+                match added {
+                    Some(at) => {
+                        targets.insert(key.as_str(), *at).map_err(db_error)?;
+                    }
+                    None => {
+                        targets.remove(key.as_str()).map_err(db_error)?;
+                    }
+                }
+            }
+            let mut evicted = txn.open_table(EVICTED).map_err(db_error)?;
+            if batch.clear_evicted {
+                evicted.retain(|_, _| false).map_err(db_error)?;
+            }
+            for (node, at) in &batch.evicted {
+                match at {
+                    Some(at) => {
+                        evicted.insert(*node, *at).map_err(db_error)?;
+                    }
+                    None => {
+                        evicted.remove(*node).map_err(db_error)?;
+                    }
+                }
+            }
+            let mut mesh = txn.open_table(MESH).map_err(db_error)?;
+            match &batch.mesh {
+                Some(Some(record)) => {
+                    mesh.insert("mesh", record.encode_to_vec().as_slice())
+                        .map_err(db_error)?;
+                }
+                Some(None) => {
+                    mesh.remove("mesh").map_err(db_error)?;
+                }
+                None => {}
+            }
+            if let Some(generation) = batch.generation {
+                let mut identity = txn.open_table(IDENTITY).map_err(db_error)?;
+                let stored = stored_generation(&identity)?;
+                if generation > stored {
+                    identity
+                        .insert("generation", generation.to_le_bytes().as_slice())
+                        .map_err(db_error)?;
+                }
+            }
+        }
+        self.commit_txn(txn)
     }
 
     /// Loads the identity, creating it on first use.
@@ -188,7 +409,7 @@ impl ControlDb {
                 .insert("created_ms", now_ms().to_le_bytes().as_slice())
                 .map_err(db_error)?;
         }
-        txn.commit().map_err(db_error)?;
+        self.commit_txn(txn)?;
         let reread = self
             .load_identity()?
             .ok_or(StorageError::Corrupt("identity"))?;
@@ -230,37 +451,36 @@ impl ControlDb {
         }))
     }
 
-    /// The identity generation of this start: one more than the last start's, persisted before
-    /// it is returned so a crash cannot hand out the same generation twice.
+    /// The identity generation of this start: one more than the highest generation used so
+    /// far (by a start, or renewed at run time and recorded with
+    /// [`WriteBatch::raise_generation`]), persisted before it is returned so a crash cannot
+    /// hand out the same generation twice.
+    ///
+    /// A generation at `u32::MAX` cannot grow: that is refused rather than wrapped to 1, where
+    /// the node's identity would lose to every earlier one.
     pub fn next_generation(&self) -> Result<u32, StorageError> {
         let txn = self.db.begin_write().map_err(db_error)?;
         let next = {
             let mut table = txn.open_table(IDENTITY).map_err(db_error)?;
-            let last = table
-                .get("generation")
-                .map_err(db_error)?
-                .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
-                .map_or(0, u32::from_le_bytes);
-            let next = last.wrapping_add(1).max(1);
+            let last = stored_generation(&table)?;
+            let next = last
+                .checked_add(1)
+                .ok_or(StorageError::Corrupt("generation (at its maximum)"))?;
             table
                 .insert("generation", next.to_le_bytes().as_slice())
                 .map_err(db_error)?;
             next
         };
-        txn.commit().map_err(db_error)?;
+        self.commit_txn(txn)?;
         Ok(next)
     }
 
-    /// Records a peer seen on a link (first key pinned; later calls refresh address and time).
+    /// Records a peer seen on a link, in a transaction of its own (the control thread batches
+    /// instead: [`WriteBatch::upsert_peer`]).
     pub fn upsert_peer(&self, node_id: u64, record: &PeerRecord) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            let mut table = txn.open_table(PEERS).map_err(db_error)?;
-            table
-                .insert(node_id, record.encode().as_slice())
-                .map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)
+        let mut batch = WriteBatch::default();
+        batch.upsert_peer(node_id, record.clone());
+        self.commit(&batch)
     }
 
     /// Every peer ever linked with.
@@ -277,26 +497,18 @@ impl ControlDb {
         Ok(out)
     }
 
-    /// Remembers an address to dial after restarts.
+    /// Remembers an address to dial after restarts, in a transaction of its own.
     pub fn add_dial_target(&self, addr: SocketAddr) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            let mut table = txn.open_table(DIAL_TARGETS).map_err(db_error)?;
-            table
-                .insert(addr.to_string().as_str(), now_ms())
-                .map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)
+        let mut batch = WriteBatch::default();
+        batch.add_dial_target(addr);
+        self.commit(&batch)
     }
 
-    /// Forgets an address.
+    /// Forgets an address, in a transaction of its own.
     pub fn remove_dial_target(&self, addr: SocketAddr) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            let mut table = txn.open_table(DIAL_TARGETS).map_err(db_error)?;
-            table.remove(addr.to_string().as_str()).map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)
+        let mut batch = WriteBatch::default();
+        batch.remove_dial_target(addr);
+        self.commit(&batch)
     }
 
     /// Addresses added with `AddSession`.
@@ -330,53 +542,24 @@ impl ControlDb {
     /// Replaces the mesh record, and when `clear_evicted` forgets every eviction (a new mesh
     /// starts with none), in one transaction.
     pub fn save_mesh(&self, record: &MeshRecord, clear_evicted: bool) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            let mut table = txn.open_table(MESH).map_err(db_error)?;
-            table
-                .insert("mesh", record.encode_to_vec().as_slice())
-                .map_err(db_error)?;
-            if clear_evicted {
-                let mut evicted = txn.open_table(EVICTED).map_err(db_error)?;
-                evicted.retain(|_, _| false).map_err(db_error)?;
-            }
-        }
-        txn.commit().map_err(db_error)
+        let mut batch = WriteBatch::default();
+        batch.save_mesh(record.clone(), clear_evicted);
+        self.commit(&batch)
     }
 
-    /// Forgets the mesh (after LeaveMesh), its evictions and the dial targets, in one
+    /// Forgets the mesh (after LeaveMesh), its evictions, dial targets and peers, in one
     /// transaction.
     pub fn clear_mesh(&self) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            txn.open_table(MESH)
-                .map_err(db_error)?
-                .remove("mesh")
-                .map_err(db_error)?;
-            txn.open_table(EVICTED)
-                .map_err(db_error)?
-                .retain(|_, _| false)
-                .map_err(db_error)?;
-            txn.open_table(DIAL_TARGETS)
-                .map_err(db_error)?
-                .retain(|_, _| false)
-                .map_err(db_error)?;
-        }
-        txn.commit().map_err(db_error)
+        let mut batch = WriteBatch::default();
+        batch.clear_mesh();
+        self.commit(&batch)
     }
 
-    /// Records an eviction (`evicted`) or a readmission (`!evicted`).
+    /// Records an eviction (`evicted`) or a readmission (`!evicted`), in one transaction.
     pub fn set_evicted(&self, node: u64, evicted: bool) -> Result<(), StorageError> {
-        let txn = self.db.begin_write().map_err(db_error)?;
-        {
-            let mut table = txn.open_table(EVICTED).map_err(db_error)?;
-            if evicted {
-                table.insert(node, now_ms()).map_err(db_error)?;
-            } else {
-                table.remove(node).map_err(db_error)?;
-            }
-        }
-        txn.commit().map_err(db_error)
+        let mut batch = WriteBatch::default();
+        batch.set_evicted(node, evicted);
+        self.commit(&batch)
     }
 
     /// Every evicted node.
@@ -389,6 +572,16 @@ impl ControlDb {
         }
         Ok(out)
     }
+}
+
+fn stored_generation(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u32, StorageError> {
+    Ok(table
+        .get("generation")
+        .map_err(db_error)?
+        .and_then(|v| <[u8; 4]>::try_from(v.value()).ok())
+        .map_or(0, u32::from_le_bytes))
 }
 
 fn random_node_id() -> u64 {
@@ -495,5 +688,139 @@ mod tests {
         assert_eq!(db.dial_targets().unwrap(), vec![addr]);
         db.remove_dial_target(addr).unwrap();
         assert!(db.dial_targets().unwrap().is_empty());
+    }
+
+    fn peer(key: u8) -> PeerRecord {
+        PeerRecord {
+            public_key: [key; 32],
+            listen_addr: format!("127.0.0.1:{}", 7000 + u16::from(key)),
+            last_seen_ms: u64::from(key),
+        }
+    }
+
+    #[test]
+    fn a_batch_of_many_writes_is_one_transaction_and_the_newest_write_of_a_row_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ControlDb::open(dir.path()).unwrap();
+        let before = db.commits();
+        let mut batch = WriteBatch::default();
+        // A burst of link-ups of 100 peers, each seen 10 times, and a flapping dial target.
+        for round in 0..10u8 {
+            for node in 1..=100u64 {
+                batch.upsert_peer(node, peer(round));
+            }
+        }
+        let addr: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        for _ in 0..50 {
+            batch.add_dial_target(addr);
+            batch.remove_dial_target(addr);
+        }
+        batch.add_dial_target(addr);
+        batch.set_evicted(7, true);
+        batch.set_evicted(8, true);
+        batch.set_evicted(8, false);
+        assert_eq!(batch.len(), 100 + 1 + 2, "rows, not events");
+        db.commit(&batch).unwrap();
+        assert_eq!(db.commits() - before, 1);
+        let peers = db.peers().unwrap();
+        assert_eq!(peers.len(), 100);
+        assert!(peers.iter().all(|(_, record)| *record == peer(9)));
+        assert_eq!(db.dial_targets().unwrap(), vec![addr]);
+        assert_eq!(db.evicted().unwrap(), vec![7]);
+        db.commit(&WriteBatch::default()).unwrap();
+        assert_eq!(db.commits() - before, 1, "an empty batch writes nothing");
+    }
+
+    #[test]
+    fn a_renewed_generation_is_never_handed_out_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ControlDb::open(dir.path()).unwrap();
+        assert_eq!(db.next_generation().unwrap(), 1);
+        // Membership renewed the identity twice at run time (refuted a false "down").
+        let mut batch = WriteBatch::default();
+        batch.raise_generation(2);
+        batch.raise_generation(3);
+        batch.raise_generation(2);
+        db.commit(&batch).unwrap();
+        drop(db);
+        let db = ControlDb::open(dir.path()).unwrap();
+        assert_eq!(
+            db.next_generation().unwrap(),
+            4,
+            "strictly above every one used"
+        );
+        // A late batch with a lower generation does not lower it.
+        let mut batch = WriteBatch::default();
+        batch.raise_generation(2);
+        db.commit(&batch).unwrap();
+        assert_eq!(db.next_generation().unwrap(), 5);
+    }
+
+    #[test]
+    fn the_generation_at_its_maximum_is_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ControlDb::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.raise_generation(u32::MAX);
+        db.commit(&batch).unwrap();
+        assert!(db.next_generation().is_err());
+    }
+
+    #[test]
+    fn departed_and_replaced_peers_are_pruned_and_leaving_forgets_every_peer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ControlDb::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        for node in 1..=5 {
+            batch.upsert_peer(node, peer(node as u8));
+        }
+        db.commit(&batch).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.remove_peer(2);
+        batch.remove_peer(4);
+        batch.remove_peer(99);
+        db.commit(&batch).unwrap();
+        drop(db);
+        let db = ControlDb::open(dir.path()).unwrap();
+        let ids: Vec<u64> = db.peers().unwrap().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![1, 3, 5]);
+        // A node replaced by a new key: the old row goes, the new key is pinned on link-up.
+        let mut batch = WriteBatch::default();
+        batch.remove_peer(3);
+        batch.upsert_peer(3, peer(33));
+        db.commit(&batch).unwrap();
+        assert!(db.peers().unwrap().contains(&(3, peer(33))));
+        db.clear_mesh().unwrap();
+        assert!(db.peers().unwrap().is_empty());
+    }
+
+    #[test]
+    fn merging_batches_equals_applying_their_writes_in_order() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut first = WriteBatch::default();
+        first.upsert_peer(1, peer(1));
+        first.add_dial_target(addr);
+        first.set_evicted(4, true);
+        first.raise_generation(9);
+        let mut second = WriteBatch::default();
+        second.clear_mesh();
+        second.upsert_peer(2, peer(2));
+        second.raise_generation(3);
+        let mut merged = first.clone();
+        merged.merge(second.clone());
+
+        let dir = tempfile::tempdir().unwrap();
+        let one_by_one = ControlDb::open(dir.path()).unwrap();
+        one_by_one.commit(&first).unwrap();
+        one_by_one.commit(&second).unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let together = ControlDb::open(dir2.path()).unwrap();
+        together.commit(&merged).unwrap();
+        for db in [&one_by_one, &together] {
+            assert_eq!(db.peers().unwrap(), vec![(2, peer(2))]);
+            assert!(db.dial_targets().unwrap().is_empty());
+            assert!(db.evicted().unwrap().is_empty());
+            assert_eq!(db.next_generation().unwrap(), 10);
+        }
     }
 }

@@ -32,6 +32,9 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest handshake payload accepted; Hellos are a few hundred bytes.
 pub const MAX_HANDSHAKE_PAYLOAD: usize = 4096;
 
+/// Longest refusal detail sent: it quotes peer-supplied strings.
+const MAX_REFUSE_DETAIL: usize = 512;
+
 const TRANSCRIPT_CONTEXT: &str = "meshd link handshake v1";
 
 /// Which side opened the TCP connection.
@@ -359,7 +362,17 @@ impl Handshake {
         transcript_digest(&self.exporter, dialer, acceptor)
     }
 
-    fn refuse(&mut self, reason: RefuseReason, detail: String) {
+    fn refuse(&mut self, reason: RefuseReason, mut detail: String) {
+        // Details quote what the peer sent (its mesh id, escaped); uncapped, a long one made
+        // the refusal too big to send, and the peer never learned why.
+        if detail.len() > MAX_REFUSE_DETAIL {
+            let cut = (0..=MAX_REFUSE_DETAIL)
+                .rev()
+                .find(|&i| detail.is_char_boundary(i))
+                .unwrap_or(0);
+            detail.truncate(cut);
+            detail.push('…');
+        }
         let refuse = Refuse {
             reason: reason as i32,
             detail: detail.clone(),

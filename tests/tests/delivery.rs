@@ -26,8 +26,8 @@ fn waiting(dst: u64, payload: &[u8], timeout_seconds: u32) -> SendRequest {
 /// unknown" and delivers nothing, and node 1's caller gets QUEUED with that detail — not
 /// DELIVERED (never delivered), not PENDING_NODE (a copy did leave), not a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retransmission_to_a_restarted_destination_is_never_delivered_twice()
--> anyhow::Result<()> {
+async fn a_retransmission_to_a_restarted_destination_is_never_delivered_twice() -> anyhow::Result<()>
+{
     let _serial = exclusive().await;
     let mut cluster = Cluster::start(vec![
         NodeSpec::listener(1),
@@ -46,8 +46,7 @@ async fn a_retransmission_to_a_restarted_destination_is_never_delivered_twice()
 
     cluster.node(1).signal(libc::SIGSTOP);
     let mut client = cluster.node(0).data().await?;
-    let sender =
-        tokio::spawn(async move { client.send(waiting(2, b"exactly once", 8)).await });
+    let sender = tokio::spawn(async move { client.send(waiting(2, b"exactly once", 8)).await });
     tokio::time::sleep(Duration::from_millis(400)).await;
     cluster.node_mut(1).kill();
     cluster.node_mut(1).start()?;

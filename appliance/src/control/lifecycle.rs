@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  JoinMesh(addr, key) on J:          J: SetMesh("")  ─ dial addr ─►  M (member, accepts a guest)
-//!                                     J ── Join{key} ─────────────►  M: policy, argon2 verify
+//!                                     J ── Join{key} ─────────────►  M: policy; argon2 verify on
+//!                                                                       the join-check worker
+//!                                                                       (queue full: "busy")
 //!                                     J ◄─ JoinAnswer{mesh, members}  M (then closes the guest link)
 //!  accepted: J persists the mesh, SetMesh(id), dials addr as a member (kept as a dial target)
 //!  refused / unreachable / timeout: J restores its previous mesh id; nothing is persisted
@@ -34,6 +36,8 @@ use super::{
 use crate::storage::now_ms;
 
 mod join;
+
+pub use self::join::BUSY_REASON;
 
 /// Goodbye reasons that tell a peer not to re-dial.
 pub const LEFT_REASON: &str = "left the mesh";
@@ -330,8 +334,8 @@ impl Control {
             }),
             state: ACTIVE,
         };
-        self.db
-            .save_mesh(&record, true)
+        self.store
+            .commit_now(|batch| batch.save_mesh(record.clone(), true))
             .map_err(|e| LifecycleError::Storage(e.to_string()))?;
         let mesh_id = record
             .config
@@ -350,11 +354,12 @@ impl Control {
         };
         record.state = ACTIVE;
         let record = record.clone();
-        self.db
-            .save_mesh(&record, false)
+        // Also commits what was staged, so the peers read below are complete.
+        self.store
+            .commit_now(|batch| batch.save_mesh(record, false))
             .map_err(|e| LifecycleError::Storage(e.to_string()))?;
         // Reconnect: every known member that listens is dialed once more.
-        if let Ok(peers) = self.db.peers() {
+        if let Ok(peers) = self.store.db().peers() {
             for (node, peer) in peers {
                 if self.membership.is_evicted(node) {
                     continue;
@@ -374,8 +379,8 @@ impl Control {
         };
         record.state = STOPPED;
         let record = record.clone();
-        self.db
-            .save_mesh(&record, false)
+        self.store
+            .commit_now(|batch| batch.save_mesh(record, false))
             .map_err(|e| LifecycleError::Storage(e.to_string()))?;
         let mesh_id = self.lifecycle.mesh_id.clone();
         self.switch_mesh(mesh_id, STOPPED_REASON);
@@ -386,8 +391,8 @@ impl Control {
         if self.lifecycle.record.is_none() {
             return Err(LifecycleError::NotMember);
         }
-        self.db
-            .clear_mesh()
+        self.store
+            .commit_now(|batch| batch.clear_mesh())
             .map_err(|e| LifecycleError::Storage(e.to_string()))?;
         let local = self.membership.local().node;
         // Tell the members before the links close: the notice goes out in this drain, ahead
@@ -421,8 +426,11 @@ impl Control {
         if self.membership.member(node).is_none() && !self.membership.is_evicted(node) {
             return Err(LifecycleError::UnknownNode(node));
         }
-        self.db
-            .set_evicted(node, true)
+        self.store
+            .commit_now(|batch| {
+                batch.set_evicted(node, true);
+                batch.remove_peer(node);
+            })
             .map_err(|e| LifecycleError::Storage(e.to_string()))?;
         self.membership.publish_notice(
             now,

@@ -15,7 +15,14 @@
 //! **Invariants** (checked by [`Lsdb::check_invariants`]):
 //! - the database holds at most one LSA per origin, and the local node's own LSA is always there;
 //! - retransmission state exists only for neighbours with a live link;
-//! - own adjacencies never name the local node.
+//! - own adjacencies never name the local node;
+//! - at most [`MAX_ORIGINS`] origins and [`MAX_ADJACENCIES`] adjacencies per LSA are held.
+//!
+//! Bounds: an origin is any id a member writes into an LSA, so a member inventing ids could
+//! grow the database without limit. Past [`MAX_ORIGINS`] a new origin is acknowledged (so the
+//! sender stops retransmitting it) but neither kept nor flooded, and counted; the own LSA and a
+//! direct neighbour's are always kept (a neighbour's pushes out the non-neighbour origin
+//! closest to expiry).
 //!
 //! Ages: an LSA carries its age (time since its origin issued it). A receiver stores it with
 //! `expires_at = now + max_age - age`, so every node drops a dead origin's LSA at about the same
@@ -31,12 +38,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::types::{Adjacency, LinkMetrics, Lsa};
+use super::types::{Adjacency, LinkMetrics, Lsa, Refusals};
 
 /// The highest sequence number an LSA may carry (RFC 2328 §12.1.6 bounds it the same way).
 /// Copies above it are dropped as invalid, so neither an honest origin's `+ 1` nor a forged
 /// `u64::MAX` can wrap the space.
 pub const MAX_LSA_SEQ: u64 = 1 << 62;
+
+/// The furthest a copy of this node's own LSA may be ahead of it and still be taken for an
+/// earlier life's (RFC 2328 §13.4 jumps past any; with unsigned LSAs that lets one forged copy
+/// freeze the own LSA at [`MAX_LSA_SEQ`]).
+pub const MAX_OWN_SEQ_JUMP: u64 = 1 << 32;
+
+/// The most origins the database holds. meshd's scale target is a few hundred nodes (the
+/// simulator runs 200, `loadgen scale` 50); 4096 leaves an order of magnitude of headroom while
+/// keeping Dijkstra + Yen over the database in the low milliseconds and the database itself
+/// (with [`MAX_ADJACENCIES`]) at a few MiB even when a member floods invented origins.
+pub const MAX_ORIGINS: usize = 4096;
+
+/// The most adjacencies kept of one LSA (the lowest neighbour ids, so every node keeps the
+/// same ones). A node has at most one link per peer and real nodes have tens; 1024 bounds what
+/// one forged LSA can make every node store and compute over.
+pub const MAX_ADJACENCIES: usize = 1024;
 
 /// Flooding timers and thresholds.
 #[derive(Clone, Debug)]
@@ -119,6 +142,8 @@ pub struct Lsdb {
     outbox: VecDeque<(u64, FloodMessage)>,
     changed: bool,
     dropped_frames: u64,
+    /// New origins refused (or pushed out) at [`MAX_ORIGINS`].
+    refused_origins: Refusals,
 }
 
 impl Lsdb {
@@ -147,6 +172,7 @@ impl Lsdb {
             outbox: VecDeque::new(),
             changed: true,
             dropped_frames: 0,
+            refused_origins: Refusals::default(),
         };
         lsdb.check_invariants();
         lsdb
@@ -226,7 +252,9 @@ impl Lsdb {
         if origin == self.local {
             self.push(from, FloodMessage::Ack { origin, seq });
             let own_seq = self.db[&self.local].lsa.seq;
-            if seq >= own_seq {
+            // No earlier life of this node got 2^32 changes past this one; a copy that far
+            // ahead is forged, and following it would pin the own LSA near the maximum.
+            if seq >= own_seq && seq - own_seq <= MAX_OWN_SEQ_JUMP {
                 // A copy from an earlier life of this node: jump past it so ours wins.
                 self.db.get_mut(&self.local).expect("own LSA").lsa.seq = seq;
                 self.originate(now);
@@ -246,6 +274,12 @@ impl Lsdb {
             _ => {
                 if age >= self.config.max_age {
                     // Already dead on arrival: acknowledge, but neither keep nor spread it.
+                    self.push(from, FloodMessage::Ack { origin, seq });
+                    return;
+                }
+                if held.is_none() && !self.make_room(origin) {
+                    // Acknowledged so the sender stops retransmitting it; not kept, not spread.
+                    self.refused_origins.record("lsdb origins", origin);
                     self.push(from, FloodMessage::Ack { origin, seq });
                     return;
                 }
@@ -372,6 +406,38 @@ impl Lsdb {
         self.dropped_frames
     }
 
+    /// New origins refused, or pushed out by a neighbour's, at [`MAX_ORIGINS`].
+    pub fn refused_origins(&self) -> u64 {
+        self.refused_origins.count()
+    }
+
+    /// Whether a new origin may be installed: below the bound always; at it only a direct
+    /// neighbour, which takes the place of the non-neighbour origin closest to expiry.
+    fn make_room(&mut self, origin: u64) -> bool {
+        if self.db.len() < MAX_ORIGINS {
+            return true;
+        }
+        if !self.links.contains_key(&origin) {
+            return false;
+        }
+        let victim = self
+            .db
+            .iter()
+            .filter(|(o, _)| **o != self.local && !self.links.contains_key(o))
+            .min_by_key(|(o, e)| (e.issued_at, **o))
+            .map(|(o, _)| *o);
+        let Some(victim) = victim else {
+            return false;
+        };
+        self.refused_origins.record("lsdb origins", victim);
+        self.db.remove(&victim);
+        for neighbor in self.neighbors.values_mut() {
+            neighbor.unacked.remove(&victim);
+        }
+        self.changed = true;
+        true
+    }
+
     /// Panics if an invariant of the module doc is broken.
     pub fn check_invariants(&self) {
         let own = self.db.get(&self.local);
@@ -381,7 +447,9 @@ impl Lsdb {
         }
         for (origin, entry) in &self.db {
             assert_eq!(*origin, entry.lsa.origin);
+            assert!(entry.lsa.adjacencies.len() <= MAX_ADJACENCIES);
         }
+        assert!(self.db.len() <= MAX_ORIGINS, "more origins than the bound");
         for peer in self.neighbors.keys() {
             assert!(
                 self.links.contains_key(peer),
@@ -425,6 +493,7 @@ impl Lsdb {
         entry.lsa.adjacencies = self
             .links
             .iter()
+            .take(MAX_ADJACENCIES)
             .map(|(neighbor, metrics)| Adjacency {
                 neighbor: *neighbor,
                 metrics: *metrics,
@@ -466,8 +535,8 @@ impl Lsdb {
     }
 }
 
-/// Sorted by neighbour, no duplicates, no self-adjacency: a peer's sloppy LSA cannot break
-/// path computation's assumptions.
+/// Sorted by neighbour, no duplicates, no self-adjacency, at most [`MAX_ADJACENCIES`]: a
+/// peer's sloppy or forged LSA cannot break path computation's assumptions or its bounds.
 fn normalise(origin: u64, adjacencies: Vec<Adjacency>) -> Vec<Adjacency> {
     let mut by_neighbor = BTreeMap::new();
     for adjacency in adjacencies {
@@ -475,7 +544,7 @@ fn normalise(origin: u64, adjacencies: Vec<Adjacency>) -> Vec<Adjacency> {
             by_neighbor.entry(adjacency.neighbor).or_insert(adjacency);
         }
     }
-    by_neighbor.into_values().collect()
+    by_neighbor.into_values().take(MAX_ADJACENCIES).collect()
 }
 
 #[cfg(test)]

@@ -17,8 +17,17 @@
 //! `Dead` (it still counts towards mesh health) until it comes back or leaves.
 //!
 //! A member's identity is (node id, generation). The generation grows with every start of the
-//! node (persisted by the caller) and when foca renews it after a false "down", so a restarted
-//! node always wins over the identity of its previous life.
+//! node (persisted by the caller) and when foca renews it after a false "down" (the caller reads
+//! [`Membership::local`] and persists that too), so a restarted node always wins over the
+//! identity of its previous life.
+//!
+//! Bounds: any member can name ids in its gossip, so every table here has a hard cap: the
+//! member table and the metadata table [`MAX_MEMBERS`], notices [`MAX_NOTICES`] (aged out after
+//! [`NOTICE_TTL`]), the evicted and removed sets [`MAX_NOTICES`]. What a full table refuses is
+//! counted ([`Membership::refusals`]) and warned about at powers of two; this node's own row
+//! and its direct neighbours' are never refused or pushed out. foca's own member list is not
+//! capped here: it probes an invented id, declares it down and forgets it after
+//! `remove_down_after` (60 s).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -34,7 +43,14 @@ use rand09::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
 use self::dissemination::{Gossiped, MetaHandler, MetaTable};
-pub use self::dissemination::{Notice, NoticeKind};
+pub use self::dissemination::{MAX_NOTICES, NOTICE_TTL, Notice, NoticeKind};
+use super::types::Refusals;
+
+/// The most members (this node included) and metadata entries kept. meshd's scale target is a
+/// few hundred nodes; 4096 is an order of magnitude above it, matches the LSDB's origin bound
+/// (a member routing cannot reach is soon dead anyway) and keeps a full table's census and
+/// snapshot well under a millisecond.
+pub const MAX_MEMBERS: usize = 4096;
 
 /// A member's identity on the wire.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -49,9 +65,10 @@ impl Identity for MemberId {
     type Addr = u64;
 
     fn renew(&self) -> Option<Self> {
+        // At the top the identity stays as it is rather than wrap below every earlier one.
         Some(Self {
             node: self.node,
-            generation: self.generation.wrapping_add(1),
+            generation: self.generation.checked_add(1)?,
         })
     }
 
@@ -209,13 +226,15 @@ impl MembershipConfig {
 struct Effects {
     sends: Vec<(u64, Bytes)>,
     timers: Vec<(Duration, Timer<MemberId>)>,
-    renamed: Vec<(MemberId, MemberId)>,
+    /// foca renewed this node's own identity (it learnt it was declared down).
+    rejoined: Option<MemberId>,
 }
 
 impl Runtime<MemberId> for Effects {
     fn notify(&mut self, notification: Notification<'_, MemberId>) {
-        if let Notification::Rename(old, new) = notification {
-            self.renamed.push((*old, *new));
+        // `Rename` is about other members; our own renewal is reported as `Rejoin`.
+        if let Notification::Rejoin(new) = notification {
+            self.rejoined = Some(*new);
         }
     }
 
@@ -275,6 +294,10 @@ pub struct Membership {
     evicted: BTreeSet<u64>,
     /// Evicted or left: kept out of the member table.
     removed: BTreeSet<u64>,
+    /// New members refused (or pushed out by a neighbour) at [`MAX_MEMBERS`].
+    refused_members: Refusals,
+    /// Notices about nodes outside the table refused at [`MAX_NOTICES`].
+    refused_notices: Refusals,
 }
 
 impl Membership {
@@ -335,6 +358,8 @@ impl Membership {
             next_announce: None,
             evicted: BTreeSet::new(),
             removed: BTreeSet::new(),
+            refused_members: Refusals::default(),
+            refused_notices: Refusals::default(),
         };
         membership.publish_meta();
         membership
@@ -344,6 +369,10 @@ impl Membership {
     pub fn remember(&mut self, now: Instant, nodes: impl IntoIterator<Item = u64>) {
         for node in nodes {
             if node == 0 || node == self.local.node {
+                continue;
+            }
+            if self.table.len() >= MAX_MEMBERS && !self.table.contains_key(&node) {
+                self.refused_members.record("members", node);
                 continue;
             }
             self.table.entry(node).or_insert(MemberView {
@@ -399,6 +428,7 @@ impl Membership {
 
     /// Fires every due timer.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.meta.borrow_mut().age_notices(now);
         if self.next_announce.is_some_and(|at| at <= now) {
             self.next_announce = None;
             let strangers: Vec<u64> = self
@@ -452,7 +482,7 @@ impl Membership {
             .borrow()
             .notices
             .get(&notice.node)
-            .is_some_and(|known| known.seq >= notice.seq);
+            .is_some_and(|(known, _)| known.seq >= notice.seq);
         if stale {
             return;
         }
@@ -498,6 +528,17 @@ impl Membership {
     fn apply_notice(&mut self, notice: Notice) {
         let node = notice.node;
         if node == self.local.node || node == 0 {
+            return;
+        }
+        // A notice about a node in the table frees its row; one about a node outside it would
+        // only grow the sets below, so past the bound it is dropped.
+        let grows = match notice.kind {
+            NoticeKind::Evicted => !self.evicted.contains(&node),
+            NoticeKind::Left => !self.removed.contains(&node),
+            NoticeKind::Admitted => false,
+        };
+        if grows && !self.table.contains_key(&node) && !self.room_for_removal() {
+            self.refused_notices.record("notices", node);
             return;
         }
         match notice.kind {
@@ -574,6 +615,34 @@ impl Membership {
         self.errors
     }
 
+    /// What the bounded tables refused so far: (members, metadata, notices).
+    pub fn refusals(&self) -> (u64, u64, u64) {
+        let meta = self.meta.borrow();
+        (
+            self.refused_members.count(),
+            meta.refused_meta.count(),
+            self.refused_notices.count() + meta.dropped_notices.count(),
+        )
+    }
+
+    /// Whether the evicted and removed sets may take one more node: below [`MAX_NOTICES`],
+    /// after forgetting removed nodes foca has forgotten too (they cannot come back through
+    /// gossip, only by joining, which readmits them anyway).
+    fn room_for_removal(&mut self) -> bool {
+        if self.removed.len() < MAX_NOTICES && self.evicted.len() < MAX_NOTICES {
+            return true;
+        }
+        let in_foca: BTreeSet<u64> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| m.id().node)
+            .collect();
+        let evicted = &self.evicted;
+        self.removed
+            .retain(|n| evicted.contains(n) || in_foca.contains(n));
+        self.removed.len() < MAX_NOTICES && self.evicted.len() < MAX_NOTICES
+    }
+
     /// Panics if the table contradicts itself.
     pub fn check_invariants(&self) {
         let own = self.table.get(&self.local.node).expect("own row");
@@ -586,6 +655,16 @@ impl Membership {
             assert_eq!(*node, view.node);
             assert_ne!(*node, 0);
         }
+        assert!(
+            self.table.len() <= MAX_MEMBERS,
+            "member table over its bound"
+        );
+        let meta = self.meta.borrow();
+        assert!(meta.meta.len() <= MAX_MEMBERS, "metadata over its bound");
+        assert!(
+            meta.notices.len() <= MAX_NOTICES,
+            "notices over their bound"
+        );
     }
 
     fn publish_meta(&mut self) {
@@ -616,13 +695,16 @@ impl Membership {
             self.timer_seq += 1;
             self.timers.insert((now + after, self.timer_seq), timer);
         }
-        if let Some((_, new)) = effects
-            .renamed
-            .iter()
-            .find(|(_, new)| new.node == self.local.node)
+        if let Some(new) = effects.rejoined
+            && new.node == self.local.node
+            && new.generation > self.local.generation
         {
-            // foca renewed our identity after a false "down": keep the row in step.
-            self.local = *new;
+            // foca renewed our identity after a false "down": keep the row in step. The
+            // caller persists the new generation before the datagrams carrying it leave.
+            self.local = new;
+            if let Some(own) = self.table.get_mut(&new.node) {
+                own.generation = new.generation;
+            }
         }
         self.sync_table(now);
     }
@@ -640,6 +722,16 @@ impl Membership {
             };
             match self.table.get_mut(&id.node) {
                 None => {
+                    if self.table.len() >= MAX_MEMBERS {
+                        let room =
+                            make_room(&mut self.table, &self.neighbours, self.local.node, id.node);
+                        // Pushed out or refused, one id is counted.
+                        self.refused_members
+                            .record("members", room.unwrap_or(id.node));
+                        if room.is_none() {
+                            continue;
+                        }
+                    }
                     self.table.insert(
                         id.node,
                         MemberView {
@@ -685,9 +777,17 @@ impl Membership {
                 }
             }
         }
-        let fresh = std::mem::take(&mut self.meta.borrow_mut().fresh);
+        let fresh = self.meta.borrow_mut().take_fresh(now);
         for notice in fresh {
             self.apply_notice(notice);
+        }
+        {
+            // Metadata of nodes no longer in the table makes room for members' metadata.
+            let mut meta = self.meta.borrow_mut();
+            if meta.meta.len() >= MAX_MEMBERS {
+                let table = &self.table;
+                meta.meta.retain(|node, _| table.contains_key(node));
+            }
         }
         let meta = self.meta.borrow();
         for (node, view) in &mut self.table {
@@ -705,6 +805,34 @@ impl Membership {
         );
         self.check_invariants();
     }
+}
+
+/// At [`MAX_MEMBERS`], whether `node` may still get a row: only a direct neighbour, in place
+/// of the member least likely to matter (dead before suspect before alive, never heard from
+/// directly before heard from, longest in that state first), which is returned. Never this
+/// node's own row or another neighbour's.
+fn make_room(
+    table: &mut BTreeMap<u64, MemberView>,
+    neighbours: &BTreeSet<u64>,
+    local: u64,
+    node: u64,
+) -> Option<u64> {
+    if !neighbours.contains(&node) {
+        return None;
+    }
+    let rank = |state: MemberState| match state {
+        MemberState::Dead => 0,
+        MemberState::Suspect => 1,
+        MemberState::Alive => 2,
+    };
+    let victim = table
+        .values()
+        .filter(|v| v.node != local && !neighbours.contains(&v.node))
+        .min_by_key(|v| (rank(v.state), v.last_seen.is_some(), v.since, v.node))
+        .map(|v| v.node);
+    let victim = victim?;
+    table.remove(&victim);
+    Some(victim)
 }
 
 mod dissemination;

@@ -9,14 +9,20 @@
 //! ([`dial_plan::DialPlan::poll_dials`]) go to shards, then routing frames and a new forwarding
 //! table, then membership datagrams and events; then the loop sleeps until the next deadline or
 //! input.
+//!
+//! The loop does no disk write per event: writes are staged and committed together at most
+//! [`persist::FLUSH_INTERVAL`] later ([`persist`]), and only answers that promise durability
+//! flush first. Join keys are checked on a bounded worker thread ([`join_check`]), never here.
 
 pub mod dial_plan;
+pub mod join_check;
 pub mod lifecycle;
 pub mod lsdb;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod paths;
+pub mod persist;
 pub mod routing;
 pub mod types;
 
@@ -41,10 +47,12 @@ use tokio::sync::oneshot;
 pub use self::routing::{RoutingConfig, RoutingSnapshot};
 use self::{
     dial_plan::{DialPlan, DialVerdict, Origin},
+    join_check::{JOIN_CHECK_QUEUE, JoinChecker, JoinVerdict},
     lifecycle::{EVICTED_REASON, LEFT_REASON, Lifecycle, LifecycleRequest, STOPPED_REASON},
     membership::{Membership, MembershipConfig, NodeMeta},
     mesh::{MeshEvent, MeshEventKind, MeshSnapshot},
     metrics::{LinkCounters, LinkMeters},
+    persist::Store,
     routing::Routing,
 };
 use crate::storage::{ControlDb, PeerRecord, now_ms};
@@ -102,6 +110,7 @@ enum ControlInput {
     Shard(ControlEvent),
     Request(ControlRequest),
     Metrics(Vec<meshd_shards::stats::SessionSnapshot>),
+    JoinVerdict(JoinVerdict),
     Timer,
     Stop,
 }
@@ -149,9 +158,10 @@ pub struct ControlThread {
 }
 
 impl ControlThread {
-    /// Starts the thread.
+    /// Starts the thread (and its join-check worker).
     pub fn start(setup: ControlSetup) -> std::io::Result<Self> {
         let (stop_tx, stop_rx) = oneshot::channel();
+        let join_checks = JoinChecker::start(JOIN_CHECK_QUEUE, join_check::key_matches)?;
         let thread = thread::Builder::new()
             .name("control".into())
             .spawn(move || {
@@ -165,7 +175,7 @@ impl ControlThread {
                         return;
                     }
                 };
-                runtime.block_on(run(setup, stop_rx));
+                runtime.block_on(run(setup, stop_rx, join_checks));
             })?;
         Ok(Self {
             stop: Some(stop_tx),
@@ -185,7 +195,13 @@ impl ControlThread {
 }
 
 struct Control {
-    db: ControlDb,
+    store: Store,
+    /// The highest identity generation known to be durable; a renewal above it is written
+    /// before any datagram carries it.
+    durable_generation: u32,
+    join_checks: JoinChecker,
+    /// Joins refused because the join-check queue was full.
+    joins_refused_busy: u64,
     shards: Arc<[ShardHandle]>,
     plan: DialPlan,
     rng: StdRng,
@@ -199,7 +215,11 @@ struct Control {
     lifecycle: Lifecycle,
 }
 
-async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
+async fn run(
+    setup: ControlSetup,
+    mut stop: oneshot::Receiver<()>,
+    (join_checks, mut join_verdicts): (JoinChecker, tokio::sync::mpsc::Receiver<JoinVerdict>),
+) {
     let now = Instant::now();
     let mut plan = DialPlan::new(setup.reconnect_min, setup.reconnect_max);
     for addr in &setup.config_peers {
@@ -231,7 +251,10 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         Err(e) => tracing::error!(error = %e, "could not read known peers"),
     }
     let mut control = Control {
-        db: setup.db,
+        store: Store::new(setup.db),
+        durable_generation: setup.generation,
+        join_checks,
+        joins_refused_busy: 0,
         shards: setup.shards,
         plan,
         rng: StdRng::from_entropy(),
@@ -244,7 +267,7 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         mesh_events: setup.mesh_events,
         lifecycle: Lifecycle::new(setup.mesh_record, &setup.configured_mesh_id),
     };
-    match control.db.evicted() {
+    match control.store.db().evicted() {
         Ok(evicted) => control.membership.set_evicted(evicted),
         Err(e) => tracing::error!(error = %e, "could not read evicted nodes"),
     }
@@ -262,7 +285,10 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
         control.drain_membership().await;
         control.drain_lifecycle().await;
         control.start_due_dials().await;
+        // Here, not only on the timer: a steady stream of inputs must not starve the flush.
+        control.store.flush_if_due(Instant::now());
         let deadline = [
+            control.store.deadline(),
             control.lifecycle.deadline(),
             control.plan.next_deadline(),
             control.routing.poll_timeout(),
@@ -275,6 +301,7 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
             event = events.pop() => event.map_or(ControlInput::Stop, ControlInput::Shard),
             request = requests.pop() => request.map_or(ControlInput::Stop, ControlInput::Request),
             Some(snapshots) = metrics_rx.recv() => ControlInput::Metrics(snapshots),
+            Some(verdict) = join_verdicts.recv() => ControlInput::JoinVerdict(verdict),
             _ = metrics_tick.tick() => {
                 control.request_metrics(metrics_tx.clone());
                 ControlInput::Timer
@@ -286,6 +313,9 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
             ControlInput::Shard(event) => control.handle_event(event),
             ControlInput::Request(request) => control.handle_request(request).await,
             ControlInput::Metrics(snapshots) => control.handle_metrics(snapshots),
+            ControlInput::JoinVerdict(verdict) => {
+                control.handle_join_verdict(Instant::now(), verdict);
+            }
             ControlInput::Timer => {
                 let now = Instant::now();
                 control.routing.handle_timeout(now);
@@ -295,7 +325,14 @@ async fn run(setup: ControlSetup, mut stop: oneshot::Receiver<()>) {
             ControlInput::Stop => break,
         }
     }
-    tracing::debug!("control loop stopped");
+    if let Err(e) = control.store.flush() {
+        tracing::error!(error = %e, staged = control.store.staged(), "control database: staged writes lost at stop");
+    }
+    tracing::debug!(
+        joins_refused_busy = control.joins_refused_busy,
+        failed_commits = control.store.failed_commits(),
+        "control loop stopped"
+    );
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -332,6 +369,7 @@ impl Control {
 
     /// Sends membership datagrams (routed like data) and publishes membership events.
     async fn drain_membership(&mut self) {
+        self.persist_generation();
         while let Some((to, payload)) = self.membership.poll_transmit() {
             if !self
                 .send_frame(to, FrameType::Gossip, TrafficClass::System, payload)
@@ -341,17 +379,28 @@ impl Control {
             }
         }
         while let Some(membership_event) = self.membership.poll_event() {
+            let now = Instant::now();
             match membership_event {
                 membership::MembershipEvent::Evicted(node) => {
-                    if let Err(e) = self.db.set_evicted(node, true) {
-                        tracing::error!(node, error = %e, "could not record an eviction");
-                    }
+                    self.store.stage(now, |batch| {
+                        batch.set_evicted(node, true);
+                        batch.remove_peer(node);
+                    });
                     self.cut_off(node);
                 }
                 membership::MembershipEvent::Admitted(node) => {
-                    if let Err(e) = self.db.set_evicted(node, false) {
-                        tracing::error!(node, error = %e, "could not record a readmission");
-                    }
+                    let linked = self.linked.contains_key(&node);
+                    self.store.stage(now, |batch| {
+                        batch.set_evicted(node, false);
+                        // It joined again, perhaps with a new key; a link already up pinned
+                        // the key it has now.
+                        if !linked {
+                            batch.remove_peer(node);
+                        }
+                    });
+                }
+                membership::MembershipEvent::Left(node) => {
+                    self.store.stage(now, |batch| batch.remove_peer(node));
                 }
                 _ => {}
             }
@@ -484,9 +533,8 @@ impl Control {
                     listen_addr: peer.listen_addr.clone(),
                     last_seen_ms: now_ms(),
                 };
-                if let Err(e) = self.db.upsert_peer(peer.node_id, &record) {
-                    tracing::error!(peer = peer.node_id, error = %e, "could not record peer");
-                }
+                self.store
+                    .stage(now, |batch| batch.upsert_peer(peer.node_id, record));
             }
             ControlEvent::LinkDown { guest: true, .. } => {
                 // Its LinkUp was ignored too; the peer's member link (if any) is separate.
@@ -546,9 +594,7 @@ impl Control {
                 );
                 match (&verdict, &result) {
                     (DialVerdict::Linked { newly_added: true }, _) => {
-                        if let Err(e) = self.db.add_dial_target(addr) {
-                            tracing::error!(%addr, error = %e, "could not save dial target");
-                        }
+                        self.store.stage(now, |batch| batch.add_dial_target(addr));
                     }
                     (DialVerdict::Retry(delay), Err(error)) => {
                         tracing::debug!(%addr, %error, ?delay, "dial failed; retrying");
@@ -556,6 +602,10 @@ impl Control {
                     _ => {}
                 }
                 if let Some(waiters) = self.waiting_adds.remove(&addr) {
+                    // AddSession's answer promises the target survives a restart.
+                    if let Err(e) = self.store.flush() {
+                        tracing::error!(%addr, error = %e, "could not save dial target");
+                    }
                     for waiter in waiters {
                         let _ = waiter.send(result.clone().map(|peer| (peer, addr)));
                     }
@@ -581,7 +631,9 @@ impl Control {
             ControlRequest::ForgetTarget { addr } => {
                 self.waiting_adds.remove(&addr);
                 if self.plan.linked_peer(addr).is_none() && self.plan.remove(addr) {
-                    let _ = self.db.remove_dial_target(addr);
+                    let now = Instant::now();
+                    self.store
+                        .stage(now, |batch| batch.remove_dial_target(addr));
                 }
             }
             ControlRequest::Mesh { reply } => {
@@ -623,6 +675,10 @@ impl Control {
             }
             ControlRequest::DropSession { peer, reply } => {
                 self.forget_peer(peer);
+                // The answer promises the peer is not re-dialed, after a restart too.
+                if let Err(e) = self.store.flush() {
+                    tracing::error!(peer, error = %e, "could not forget the peer's dial targets");
+                }
                 let shard = owner_shard(peer, self.shards.len());
                 let (tx, rx) = futures::channel::oneshot::channel();
                 let input = ShardInput::DropPeer {
@@ -643,9 +699,38 @@ impl Control {
     }
 
     fn forget_peer(&mut self, peer: u64) {
+        let now = Instant::now();
         for (addr, persisted) in self.plan.remove_peer(peer) {
-            if persisted && let Err(e) = self.db.remove_dial_target(addr) {
-                tracing::error!(%addr, error = %e, "could not forget dial target");
+            if persisted {
+                self.store
+                    .stage(now, |batch| batch.remove_dial_target(addr));
+            }
+        }
+    }
+
+    /// Membership renewed this node's identity (it refuted a false "down"): the new
+    /// generation is made durable before any datagram carries it, so a restart always takes a
+    /// higher one. Renewals are rare (one per false "down"), so this one write is synchronous.
+    fn persist_generation(&mut self) {
+        let generation = self.membership.local().generation;
+        if generation <= self.durable_generation {
+            return;
+        }
+        match self
+            .store
+            .commit_now(|batch| batch.raise_generation(generation))
+        {
+            Ok(()) => {
+                tracing::info!(generation, "identity renewed; generation recorded");
+                self.durable_generation = generation;
+            }
+            // Left to the staged writes' retry (every flush interval): the datagrams go out
+            // meanwhile, as membership must answer to stay alive.
+            Err(e) => {
+                tracing::error!(generation, error = %e, "could not record a renewed generation");
+                self.store
+                    .stage(Instant::now(), |batch| batch.raise_generation(generation));
+                self.durable_generation = generation;
             }
         }
     }

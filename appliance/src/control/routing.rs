@@ -8,6 +8,12 @@
 //!                   ──► Fib (Arc) ──ShardInput::Fib──► every shard;  RoutingSnapshot ──► api
 //! ```
 //! Everything here is synchronous; the control loop feeds it inputs and drains its outputs.
+//!
+//! Bounds: ids and addresses arrive in LSAs that any member writes, so the tables kept beside
+//! the LSDB follow it: listen addresses only of origins the LSDB holds (or neighbours), at most
+//! [`MAX_LISTEN_ADDRS`]; known ids (what makes a destination `PENDING_NODE` rather than
+//! `UNDELIVERABLE`) at most [`MAX_KNOWN_IDS`], past which ids neither remembered from the
+//! control database, nor neighbours, nor held in the LSDB are forgotten.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -28,10 +34,24 @@ use meshd_shards::{
 use prost::Message;
 
 use super::{
-    lsdb::{FloodMessage, Lsdb, LsdbConfig},
+    lsdb::{FloodMessage, Lsdb, LsdbConfig, MAX_ORIGINS},
     paths::{CostWeights, Route, Topology, routing_table},
-    types::{Adjacency, LinkMetrics, Lsa},
+    types::{Adjacency, LinkMetrics, Lsa, Refusals},
 };
+
+/// The most listen addresses kept: one per origin the LSDB can hold. An address of an origin
+/// the LSDB refused is not kept either.
+pub const MAX_LISTEN_ADDRS: usize = MAX_ORIGINS;
+
+/// The most ids known as nodes of the mesh. The api's own known-nodes view holds 65 536 ids
+/// and rebuilds itself from this set, so a larger set would be cut there anyway; 16 times the
+/// LSDB bound keeps recently expired origins known (`PENDING_NODE` while they may come back)
+/// through many rounds of an invented-id flood.
+pub const MAX_KNOWN_IDS: usize = 65_536;
+
+/// Ids remembered from the control database at start; the rest of [`MAX_KNOWN_IDS`] is left
+/// for what the mesh shows at run time.
+const MAX_REMEMBERED_IDS: usize = MAX_KNOWN_IDS / 2;
 
 /// What the api shows of routing (GetRoutingTable, GetTopology, broadcast targets).
 #[derive(Clone, Debug, Default)]
@@ -98,6 +118,10 @@ pub struct Routing {
     listen_addrs: HashMap<u64, String>,
     neighbors: BTreeMap<u64, (String, bool)>,
     known: HashSet<u64>,
+    /// Peers from the control database: never forgotten while the node runs.
+    remembered: HashSet<u64>,
+    refused_addrs: Refusals,
+    forgotten_ids: Refusals,
     recompute_at: Option<Instant>,
     epoch: u64,
     snapshot: Arc<RoutingSnapshot>,
@@ -115,6 +139,9 @@ impl Routing {
             listen_addrs: HashMap::new(),
             neighbors: BTreeMap::new(),
             known: HashSet::new(),
+            remembered: HashSet::new(),
+            refused_addrs: Refusals::default(),
+            forgotten_ids: Refusals::default(),
             recompute_at: Some(now),
             epoch: 0,
             snapshot: Arc::new(RoutingSnapshot {
@@ -126,13 +153,21 @@ impl Routing {
 
     /// Nodes remembered from earlier runs count as known (PENDING_NODE, not UNDELIVERABLE).
     pub fn remember(&mut self, nodes: impl IntoIterator<Item = u64>) {
-        self.known.extend(nodes);
+        for node in nodes {
+            if self.remembered.len() >= MAX_REMEMBERED_IDS {
+                self.forgotten_ids.record("remembered ids", node);
+                continue;
+            }
+            self.remembered.insert(node);
+            self.known.insert(node);
+        }
     }
 
     /// A direct link came up.
     pub fn handle_link_up(&mut self, now: Instant, peer: u64, addr: SocketAddr, listen_addr: &str) {
         self.neighbors.insert(peer, (addr.to_string(), true));
-        if !listen_addr.is_empty() {
+        if is_listen_addr(listen_addr) {
+            // A neighbour's address is always kept (it is bounded by links, not by LSAs).
             self.listen_addrs.insert(peer, listen_addr.to_owned());
         }
         self.known.insert(peer);
@@ -160,11 +195,11 @@ impl Routing {
         let Ok(message) = RoutingMessage::decode(payload.as_ref()) else {
             return false;
         };
+        let mut listen = None;
         let flood = match message.body {
-            Some(routing_message::Body::Lsa(lsa)) => {
-                if !lsa.listen_addr.is_empty() && lsa.origin != 0 && lsa.origin != self.local {
-                    self.listen_addrs
-                        .insert(lsa.origin, lsa.listen_addr.clone());
+            Some(routing_message::Body::Lsa(mut lsa)) => {
+                if is_listen_addr(&lsa.listen_addr) && lsa.origin != 0 && lsa.origin != self.local {
+                    listen = Some((lsa.origin, lsa.seq, std::mem::take(&mut lsa.listen_addr)));
                 }
                 let age = Duration::from_millis(lsa.age_ms);
                 FloodMessage::Lsa {
@@ -179,13 +214,44 @@ impl Routing {
             None => return false,
         };
         self.lsdb.handle_message(now, from, flood);
+        // Only the address of an LSA the database kept: a refused origin leaves no trace.
+        if let Some((origin, seq, addr)) = listen
+            && self.lsdb.get(origin).is_some_and(|held| held.seq == seq)
+        {
+            self.note_listen_addr(origin, addr);
+        }
         self.after_input(now);
         true
     }
 
-    /// Membership says `node` left or was evicted: its LSA goes now, not at max age.
+    fn note_listen_addr(&mut self, origin: u64, addr: String) {
+        let full = self.listen_addrs.len() >= MAX_LISTEN_ADDRS;
+        if full && !self.listen_addrs.contains_key(&origin) {
+            // Addresses of origins that left the LSDB make room first.
+            self.prune_listen_addrs();
+            if self.listen_addrs.len() >= MAX_LISTEN_ADDRS {
+                self.refused_addrs.record("listen addresses", origin);
+                return;
+            }
+        }
+        self.listen_addrs.insert(origin, addr);
+    }
+
+    fn prune_listen_addrs(&mut self) {
+        let lsdb = &self.lsdb;
+        let neighbors = &self.neighbors;
+        self.listen_addrs
+            .retain(|id, _| neighbors.contains_key(id) || lsdb.get(*id).is_some());
+    }
+
+    /// Membership says `node` left or was evicted: its LSA goes now, not at max age, and with
+    /// it its address and, unless linked now, its neighbour entry.
     pub fn handle_member_gone(&mut self, now: Instant, node: u64) {
         self.lsdb.purge(node);
+        self.listen_addrs.remove(&node);
+        if self.neighbors.get(&node).is_some_and(|(_, up)| !*up) {
+            self.neighbors.remove(&node);
+        }
         self.after_input(now);
     }
 
@@ -250,6 +316,9 @@ impl Routing {
             self.config.k_paths,
         );
         self.known.extend(self.lsdb.lsas().map(|l| l.origin));
+        if self.known.len() > MAX_KNOWN_IDS {
+            self.forget_known_ids();
+        }
         let entries = fib_entries(&table);
         let mut routes = Vec::with_capacity(table.len());
         for (destination, route) in &table {
@@ -301,6 +370,31 @@ impl Routing {
         Arc::new(fib)
     }
 
+    /// Past [`MAX_KNOWN_IDS`]: keeps remembered ids, neighbours and origins in the LSDB, and
+    /// forgets ids only seen in LSAs that have since expired.
+    fn forget_known_ids(&mut self) {
+        let before = self.known.len();
+        let (lsdb, neighbors, remembered) = (&self.lsdb, &self.neighbors, &self.remembered);
+        self.known.retain(|id| {
+            remembered.contains(id) || neighbors.contains_key(id) || lsdb.get(*id).is_some()
+        });
+        let forgotten = before - self.known.len();
+        self.forgotten_ids
+            .record_many("known ids", forgotten as u64);
+        self.prune_listen_addrs();
+    }
+
+    /// Ids known as nodes of the mesh.
+    pub fn known_ids(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Listen addresses refused at [`MAX_LISTEN_ADDRS`] and ids forgotten at
+    /// [`MAX_KNOWN_IDS`].
+    pub fn refusals(&self) -> (u64, u64) {
+        (self.refused_addrs.count(), self.forgotten_ids.count())
+    }
+
     /// The latest view for the api.
     pub fn snapshot(&self) -> Arc<RoutingSnapshot> {
         Arc::clone(&self.snapshot)
@@ -315,6 +409,12 @@ impl Routing {
     pub fn is_linked(&self, peer: u64) -> bool {
         self.neighbors.get(&peer).is_some_and(|(_, up)| *up)
     }
+}
+
+/// A listen address worth keeping: a socket address (which also bounds its length). Anything
+/// else ("" behind NAT, or junk) is not dialable.
+fn is_listen_addr(addr: &str) -> bool {
+    addr.len() <= 64 && addr.parse::<SocketAddr>().is_ok()
 }
 
 fn fib_entries(table: &BTreeMap<u64, Route>) -> HashMap<u64, FibEntry> {
@@ -382,5 +482,113 @@ fn lsa_from_msg(msg: LsaMsg) -> Lsa {
                 }
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RoutingConfig {
+        RoutingConfig {
+            k_paths: 1,
+            debounce: Duration::from_millis(20),
+            weights: CostWeights::default(),
+            class_weights: Vec::new(),
+            lsdb: LsdbConfig {
+                max_age: Duration::from_secs(10),
+                ..LsdbConfig::default()
+            },
+        }
+    }
+
+    fn lsa_frame(origin: u64, listen_addr: String) -> Bytes {
+        let lsa = LsaMsg {
+            age_ms: 0,
+            origin,
+            seq: 1,
+            adjacencies: Vec::new(),
+            listen_addr,
+        };
+        RoutingMessage {
+            body: Some(routing_message::Body::Lsa(lsa)),
+        }
+        .encode_to_vec()
+        .into()
+    }
+
+    #[test]
+    fn invented_ids_never_grow_known_ids_or_listen_addresses_past_their_bounds() {
+        let t0 = Instant::now();
+        let mut routing = Routing::new(1, "127.0.0.1:7001".into(), config(), t0);
+        routing.remember([50, 51]);
+        let link: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        routing.handle_link_up(t0, 2, link, "127.0.0.1:7002");
+        let mut now = t0;
+        let mut next = 1_000_000u64;
+        // Neighbour 2 floods rounds of invented origins with addresses; each round ages out
+        // before the next, so over the rounds far more ids pass than either bound.
+        let rounds = MAX_KNOWN_IDS / MAX_ORIGINS + 4;
+        for _ in 0..rounds {
+            for _ in 0..MAX_ORIGINS {
+                let addr = format!(
+                    "10.{}.{}.{}:7000",
+                    (next >> 16) & 255,
+                    (next >> 8) & 255,
+                    next & 255
+                );
+                assert!(routing.handle_frame(now, 2, &lsa_frame(next, addr)));
+                next += 1;
+            }
+            // An address that is no address is not kept, however long.
+            routing.handle_frame(now, 2, &lsa_frame(next, "x".repeat(10_000)));
+            next += 1;
+            while routing.poll_transmit().is_some() {}
+            now += Duration::from_millis(30);
+            routing.handle_timeout(now);
+            assert!(routing.poll_fib(now).is_some());
+            assert!(
+                routing.known_ids() <= MAX_KNOWN_IDS,
+                "{}",
+                routing.known_ids()
+            );
+            assert!(routing.listen_addrs().len() <= MAX_LISTEN_ADDRS);
+            now += Duration::from_secs(11);
+            routing.handle_timeout(now);
+        }
+        assert!(next - 1_000_000 > MAX_KNOWN_IDS as u64);
+        let (_, forgotten) = routing.refusals();
+        assert!(forgotten > 0, "the known-id bound was reached");
+        for kept in [2, 50, 51] {
+            assert!(routing.known.contains(&kept), "{kept} forgotten");
+        }
+        assert_eq!(
+            routing.listen_addrs().get(&2).map(String::as_str),
+            Some("127.0.0.1:7002"),
+            "the neighbour's address is kept"
+        );
+        assert!(
+            routing.listen_addrs().values().all(|a| a.len() <= 64),
+            "only socket addresses"
+        );
+    }
+
+    #[test]
+    fn a_departed_member_leaves_no_address_or_stale_neighbour_behind() {
+        let t0 = Instant::now();
+        let mut routing = Routing::new(1, String::new(), config(), t0);
+        let link: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        routing.handle_link_up(t0, 2, link, "127.0.0.1:7002");
+        routing.handle_link_up(t0, 3, link, "127.0.0.1:7003");
+        routing.handle_frame(t0, 2, &lsa_frame(9, "127.0.0.1:7009".into()));
+        routing.handle_link_down(t0, 3);
+        for gone in [3, 9] {
+            routing.handle_member_gone(t0, gone);
+        }
+        let mut addrs: Vec<u64> = routing.listen_addrs().keys().copied().collect();
+        addrs.sort_unstable();
+        assert_eq!(addrs, vec![2]);
+        assert!(!routing.neighbors.contains_key(&3));
+        assert!(routing.is_linked(2));
     }
 }

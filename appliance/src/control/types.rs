@@ -34,3 +34,46 @@ pub struct Lsa {
     /// Adjacencies sorted by neighbor id, no duplicates, never `origin` itself.
     pub adjacencies: Vec<Adjacency>,
 }
+
+/// Counts what a bounded table refused (or pushed out) and warns at the 1st, 2nd, 4th, 8th …
+/// refusal: an operator learns that a bound is being hit and how often, and a flood of invented
+/// ids costs a logarithmic number of log lines, not one each. No clock needed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Refusals {
+    count: u64,
+}
+
+impl Refusals {
+    /// One refusal of `id` by the table `what`.
+    pub fn record(&mut self, what: &'static str, id: u64) {
+        self.count += 1;
+        if self.count.is_power_of_two() {
+            tracing::warn!(
+                table = what,
+                id,
+                refused = self.count,
+                "table full: entry dropped (this warning repeats at every power of two)"
+            );
+        }
+    }
+
+    /// `n` refusals at once (a table pruned in one go).
+    pub fn record_many(&mut self, what: &'static str, n: u64) {
+        let before = self.count;
+        self.count = self.count.saturating_add(n);
+        // A power of two lies in (before, count] exactly when the bit length grew.
+        let bits = |x: u64| u64::BITS - x.leading_zeros();
+        if bits(self.count) > bits(before) {
+            tracing::warn!(
+                table = what,
+                refused = self.count,
+                "table full: entries dropped (this warning repeats at every power of two)"
+            );
+        }
+    }
+
+    /// Refusals so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}

@@ -1,17 +1,20 @@
 //! JoinMesh, both sides: the joiner dials a member as a guest and sends `Join`; the member
 //! checks policy, CRITICAL and the key and answers `JoinAnswer`; the joiner stores the mesh and
 //! links again as a member, or goes back to its previous mesh id with nothing stored.
+//!
+//! The member checks the key on the join-check worker (`control::join_check`), never on the
+//! control thread; while the worker's queue is full a join is refused at once with
+//! [`BUSY_REASON`]. The verdict comes back as an input of the control loop, which checks the
+//! mesh again (it may have changed meanwhile) before it answers.
 
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use argon2::{
-    Argon2,
-    password_hash::{PasswordHash, PasswordVerifier},
+use meshd_proto::link::{
+    JoinAnswer, JoinPolicy, JoinRefusal, JoinRequest, MemberAddr, MeshConfig, MeshRecord,
 };
-use meshd_proto::link::{JoinAnswer, JoinPolicy, JoinRefusal, JoinRequest, MemberAddr, MeshRecord};
 use meshd_shards::{command::DialError, frame::FrameType};
 use prost::Message;
 
@@ -19,10 +22,26 @@ use super::{ACTIVE, JOIN_DIAL_BASE, LifecycleError, PendingJoin, Reply, ShardCom
 use crate::{
     control::{
         Control,
+        join_check::{JoinCheck, JoinVerdict, Submitted},
         membership::{MemberState, Notice, NoticeKind},
     },
     storage::now_ms,
 };
+
+/// The refusal of a join that arrives while the member's join-check queue is full. The joiner
+/// gets it as a failed JoinMesh and may simply try again.
+pub const BUSY_REASON: &str =
+    "this member is busy checking other join keys; retry in a moment (or through another member)";
+
+fn refusal(refusal: JoinRefusal, reason: &str) -> JoinAnswer {
+    JoinAnswer {
+        accepted: false,
+        reason: reason.to_owned(),
+        refusal: refusal as u32,
+        mesh: None,
+        members: Vec::new(),
+    }
+}
 
 impl Control {
     pub(super) fn start_join(
@@ -130,78 +149,140 @@ impl Control {
     }
 
     fn answer_join(&mut self, now: Instant, from: u64, payload: &[u8]) {
-        let refuse = |refusal: JoinRefusal, reason: &str| JoinAnswer {
-            accepted: false,
-            reason: reason.to_owned(),
-            refusal: refusal as u32,
-            mesh: None,
-            members: Vec::new(),
+        let Ok(request) = JoinRequest::decode(payload) else {
+            let answer = refusal(JoinRefusal::Unspecified, "malformed join request");
+            return self.send_join_answer(from, answer);
         };
-        let answer = match (
-            JoinRequest::decode(payload),
-            self.lifecycle.config().cloned(),
-        ) {
-            (Err(_), _) => refuse(JoinRefusal::Unspecified, "malformed join request"),
-            (_, None) => refuse(
-                JoinRefusal::NoMesh,
-                "this node's mesh was configured, not seeded: it admits no joins",
-            ),
-            (Ok(request), Some(config)) => {
-                let policy =
-                    JoinPolicy::try_from(config.join_policy as i32).unwrap_or(JoinPolicy::Closed);
-                if let Some(reason) = self.critical_reason() {
-                    refuse(
-                        JoinRefusal::Critical,
-                        &format!("the mesh is CRITICAL ({reason})"),
-                    )
-                } else if self.lifecycle.is_stopped() {
-                    refuse(JoinRefusal::Closed, "this member is stopped")
-                } else if policy == JoinPolicy::Closed {
-                    refuse(JoinRefusal::Closed, "the mesh is CLOSED")
-                } else if policy == JoinPolicy::KeyRequired
-                    && !key_matches(&config.join_key_hash, &request.join_key)
-                {
-                    refuse(JoinRefusal::BadKey, "wrong or missing join key")
-                } else {
-                    let members = self
-                        .membership
-                        .members()
-                        .filter(|m| m.state != MemberState::Dead)
-                        .map(|m| MemberAddr {
-                            node_id: m.node,
-                            listen_addr: self
-                                .routing
-                                .listen_addrs()
-                                .get(&m.node)
-                                .cloned()
-                                .unwrap_or_default(),
-                        })
-                        .collect();
-                    if self.membership.is_evicted(from) {
-                        // Joining again lifts an eviction.
-                        if let Err(e) = self.db.set_evicted(from, false) {
-                            tracing::error!(node = from, error = %e, "could not record a readmission");
-                        }
-                        let notice = Notice {
-                            node: from,
-                            seq: now_ms(),
-                            kind: NoticeKind::Admitted,
-                        };
-                        self.membership.publish_notice(now, notice);
-                    } else {
-                        self.membership.readmit(from);
-                    }
-                    JoinAnswer {
-                        accepted: true,
-                        reason: String::new(),
-                        refusal: 0,
-                        mesh: Some(config),
-                        members,
-                    }
-                }
+        let config = match self.join_gate() {
+            Ok(config) => config,
+            Err((kind, reason)) => return self.send_join_answer(from, refusal(kind, &reason)),
+        };
+        let policy = JoinPolicy::try_from(config.join_policy as i32).unwrap_or(JoinPolicy::Closed);
+        if policy != JoinPolicy::KeyRequired {
+            let answer = self.admit(now, from, config);
+            return self.send_join_answer(from, answer);
+        }
+        let check = JoinCheck {
+            from,
+            hash: config.join_key_hash,
+            key: request.join_key,
+        };
+        match self.join_checks.submit(check) {
+            Submitted::Queued => {}
+            Submitted::Busy => {
+                self.joins_refused_busy += 1;
+                let answer = refusal(JoinRefusal::Unspecified, BUSY_REASON);
+                self.send_join_answer(from, answer);
             }
+            Submitted::Stopped => {
+                let answer = refusal(JoinRefusal::Unspecified, "this member is stopping");
+                self.send_join_answer(from, answer);
+            }
+        }
+    }
+
+    /// The key of `verdict.from`'s join was checked: answer it, unless the mesh changed while
+    /// the key was being checked.
+    pub(in crate::control) fn handle_join_verdict(&mut self, now: Instant, verdict: JoinVerdict) {
+        let from = verdict.from;
+        let answer = match self.join_gate() {
+            Err((kind, reason)) => refusal(kind, &reason),
+            Ok(config) if config.join_key_hash != verdict.hash => refusal(
+                JoinRefusal::Unspecified,
+                "the mesh changed while the key was checked; retry",
+            ),
+            Ok(_) if !verdict.matches => refusal(JoinRefusal::BadKey, "wrong or missing join key"),
+            Ok(config) => self.admit(now, from, config),
         };
-        tracing::info!(node = from, accepted = answer.accepted, reason = %answer.reason, "join request answered");
+        self.send_join_answer(from, answer);
+    }
+
+    /// Whether this member admits joins at all now: its mesh config, or why not.
+    fn join_gate(&self) -> Result<MeshConfig, (JoinRefusal, String)> {
+        let Some(config) = self.lifecycle.config().cloned() else {
+            return Err((
+                JoinRefusal::NoMesh,
+                "this node's mesh was configured, not seeded: it admits no joins".into(),
+            ));
+        };
+        let policy = JoinPolicy::try_from(config.join_policy as i32).unwrap_or(JoinPolicy::Closed);
+        if let Some(reason) = self.critical_reason() {
+            Err((
+                JoinRefusal::Critical,
+                format!("the mesh is CRITICAL ({reason})"),
+            ))
+        } else if self.lifecycle.is_stopped() {
+            Err((JoinRefusal::Closed, "this member is stopped".into()))
+        } else if policy == JoinPolicy::Closed {
+            Err((JoinRefusal::Closed, "the mesh is CLOSED".into()))
+        } else {
+            Ok(config)
+        }
+    }
+
+    /// Admits `from`: readmits it if it was evicted, forgets the peer row of its earlier life
+    /// (it may come back with a new key), and lists the members it can link with.
+    fn admit(&mut self, now: Instant, from: u64, config: MeshConfig) -> JoinAnswer {
+        let members = self
+            .membership
+            .members()
+            .filter(|m| m.state != MemberState::Dead)
+            .map(|m| MemberAddr {
+                node_id: m.node,
+                listen_addr: self
+                    .routing
+                    .listen_addrs()
+                    .get(&m.node)
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let readmitted = self.membership.is_evicted(from);
+        // A joiner is a guest, not a linked member: its peer row is of an earlier life, and
+        // the link it makes as a member pins whatever key it has now.
+        if readmitted {
+            // Lifting an eviction is promised to the joiner: durable before the answer.
+            let durable = self.store.commit_now(|batch| {
+                batch.remove_peer(from);
+                batch.set_evicted(from, false);
+            });
+            if let Err(e) = durable {
+                tracing::error!(node = from, error = %e, "could not record a readmission");
+                return refusal(
+                    JoinRefusal::Unspecified,
+                    "this member cannot write its database; try another member",
+                );
+            }
+        } else {
+            self.store.stage(now, |batch| batch.remove_peer(from));
+        }
+        if readmitted {
+            // Joining again lifts an eviction.
+            let notice = Notice {
+                node: from,
+                seq: now_ms(),
+                kind: NoticeKind::Admitted,
+            };
+            self.membership.publish_notice(now, notice);
+        } else {
+            self.membership.readmit(from);
+        }
+        JoinAnswer {
+            accepted: true,
+            reason: String::new(),
+            refusal: 0,
+            mesh: Some(config),
+            members,
+        }
+    }
+
+    fn send_join_answer(&mut self, from: u64, answer: JoinAnswer) {
+        // A flood of refusals is logged at debug level; admissions always are.
+        if answer.accepted {
+            tracing::info!(node = from, "join request accepted");
+        } else {
+            tracing::debug!(node = from, reason = %answer.reason, "join request refused");
+        }
         self.lifecycle.commands.push(ShardCommand::Send {
             dst: from,
             frame_type: FrameType::JoinAnswer,
@@ -247,12 +328,13 @@ impl Control {
         let Some(pending) = self.lifecycle.pending_join.take() else {
             return;
         };
-        let saved = self
-            .db
-            .save_mesh(&record, true)
-            .and_then(|()| self.db.add_dial_target(pending.addr));
+        let addr = pending.addr;
+        let saved = self.store.commit_now(|batch| {
+            batch.save_mesh(record.clone(), true);
+            batch.add_dial_target(addr);
+        });
         if let Err(e) = saved {
-            let _ = self.db.clear_mesh();
+            // Nothing was written: the batch is one transaction.
             self.switch_mesh(pending.previous_mesh, "join failed");
             let _ = pending
                 .reply
@@ -269,12 +351,4 @@ impl Control {
         );
         let _ = pending.reply.send(Ok(()));
     }
-}
-
-fn key_matches(hash: &str, key: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|parsed| {
-        Argon2::default()
-            .verify_password(key.as_bytes(), &parsed)
-            .is_ok()
-    })
 }

@@ -220,7 +220,8 @@ fn an_lsa_seq_beyond_the_maximum_is_dropped_and_never_wraps_the_own_seq() {
     assert_eq!(db.get(1).map(|l| l.seq), Some(2), "own seq unmoved");
     assert!(drain(&mut db).is_empty(), "nothing acked or flooded");
 
-    // An own copy at the very top is accepted once; the next origination stays there.
+    // An own copy at the very top is too far ahead to be an earlier life's: ignored, and the
+    // own LSA keeps moving.
     let top = Lsa {
         origin: 1,
         seq: MAX_LSA_SEQ,
@@ -234,9 +235,9 @@ fn an_lsa_seq_beyond_the_maximum_is_dropped_and_never_wraps_the_own_seq() {
             age: Duration::ZERO,
         },
     );
-    assert_eq!(db.get(1).map(|l| l.seq), Some(MAX_LSA_SEQ));
+    assert_eq!(db.get(1).map(|l| l.seq), Some(2));
     db.handle_link_down(t0, 2);
-    assert_eq!(db.get(1).map(|l| l.seq), Some(MAX_LSA_SEQ));
+    assert_eq!(db.get(1).map(|l| l.seq), Some(3));
 }
 
 #[test]
@@ -311,6 +312,68 @@ fn a_purged_lsa_is_gone_at_once_and_the_own_lsa_cannot_be_purged() {
     assert!(db.get(9).is_none() && db.take_changed());
     db.purge(1);
     assert!(db.get(1).is_some());
+}
+
+#[test]
+fn a_flood_of_invented_origins_stops_at_the_bound_and_never_pushes_out_own_or_neighbours() {
+    let t0 = Instant::now();
+    let mut db = Lsdb::new(1, config(), t0);
+    db.handle_link_up(t0, 2, metrics(100));
+    db.handle_link_up(t0, 3, metrics(100));
+    let adjacency = |neighbor| Adjacency {
+        neighbor,
+        metrics: metrics(100),
+    };
+    let lsa = |origin, seq, adjacencies| FloodMessage::Lsa {
+        lsa: Lsa {
+            origin,
+            seq,
+            adjacencies,
+        },
+        age: Duration::ZERO,
+    };
+    db.handle_message(t0, 3, lsa(3, 1, vec![adjacency(1)]));
+    // Neighbour 2 floods origins it invented, each with a link back to itself.
+    let flood = MAX_ORIGINS as u64 + 1000;
+    let mut last = t0;
+    for i in 0..flood {
+        last = t0 + Duration::from_micros(i);
+        db.handle_message(last, 2, lsa(1_000_000 + i, 1, vec![adjacency(2)]));
+        let out = drain(&mut db);
+        // Kept or refused, every copy is acknowledged: the sender stops retransmitting.
+        assert!(out.contains(&(
+            2,
+            FloodMessage::Ack {
+                origin: 1_000_000 + i,
+                seq: 1
+            }
+        )));
+    }
+    assert_eq!(db.lsas().count(), MAX_ORIGINS);
+    assert!(db.get(1).is_some() && db.get(3).is_some());
+    let kept = MAX_ORIGINS as u64 - 2;
+    assert_eq!(db.refused_origins(), flood - kept);
+    assert!(db.get(1_000_000 + kept).is_none(), "refused once full");
+    // The neighbour's own LSA still gets in, in place of the invented origin closest to expiry.
+    db.handle_message(last, 2, lsa(2, 1, vec![adjacency(1)]));
+    assert!(db.get(2).is_some());
+    assert!(
+        db.get(1_000_000).is_none(),
+        "the oldest invented origin made room"
+    );
+    assert_eq!(db.lsas().count(), MAX_ORIGINS);
+    // A neighbour's LSA naming more neighbours than anyone has is cut to the bound.
+    let many = (10..10 + 3 * MAX_ADJACENCIES as u64)
+        .map(adjacency)
+        .collect();
+    db.handle_message(last, 3, lsa(3, 2, many));
+    let kept_adjacencies = &db.get(3).unwrap().adjacencies;
+    assert_eq!(kept_adjacencies.len(), MAX_ADJACENCIES);
+    assert_eq!(
+        kept_adjacencies[0].neighbor, 10,
+        "the lowest ids, as on every node"
+    );
+    db.check_invariants();
 }
 
 #[test]

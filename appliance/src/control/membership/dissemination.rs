@@ -2,12 +2,34 @@
 //! left), each keeping only the newest per node so stale news stops spreading.
 #![forbid(unsafe_code)]
 
-use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
+use std::{
+    cell::RefCell,
+    collections::BTreeMap,
+    rc::Rc,
+    time::{Duration, Instant},
+};
 
 use foca::{BroadcastHandler, Invalidates};
 use serde::{Deserialize, Serialize};
 
-use super::{MemberId, NodeMeta};
+use super::{MAX_MEMBERS, MemberId, NodeMeta};
+use crate::control::types::Refusals;
+
+/// The most notices remembered. A notice is kept only to recognise a late copy of old news;
+/// real meshes issue a handful (an eviction or a departure now and then), so 4096 is far above
+/// honest use and bounds what a member inventing notices about invented ids can make every node
+/// keep. At the bound a notice about a node that never published metadata (no member ever
+/// heard of it) is refused, neither kept nor passed on, so a flood dies out instead of
+/// circling between members that each forgot part of it; one about a node that did publish
+/// metadata takes the place of the oldest notice.
+pub const MAX_NOTICES: usize = 4096;
+
+/// How long a notice is remembered after it arrived. A notice spreads in seconds (each member
+/// passes it on at most `max_transmissions` times, piggybacked on gossip every 200 ms); ten
+/// minutes is long past the last honest copy, and ageing out keeps the table small between
+/// floods. What a notice decided is not forgotten with it: evictions live in the evicted set and
+/// the control database.
+pub const NOTICE_TTL: Duration = Duration::from_secs(600);
 
 pub(super) type MetaTable = Rc<RefCell<Disseminated>>;
 
@@ -45,9 +67,55 @@ pub(super) enum Gossiped {
 #[derive(Default)]
 pub(super) struct Disseminated {
     pub(super) meta: BTreeMap<u64, NodeMeta>,
-    pub(super) notices: BTreeMap<u64, Notice>,
+    /// The newest notice about each node and when it arrived (`None` until the membership
+    /// core, which knows the time, takes it as fresh).
+    pub(super) notices: BTreeMap<u64, (Notice, Option<Instant>)>,
     /// Notices not yet applied to the member table.
-    pub(super) fresh: Vec<Notice>,
+    fresh: Vec<Notice>,
+    pub(super) refused_meta: Refusals,
+    pub(super) dropped_notices: Refusals,
+}
+
+impl Disseminated {
+    /// The notices that arrived since the last call, stamped with their arrival time.
+    pub(super) fn take_fresh(&mut self, now: Instant) -> Vec<Notice> {
+        for notice in &self.fresh {
+            if let Some((_, arrived)) = self.notices.get_mut(&notice.node) {
+                arrived.get_or_insert(now);
+            }
+        }
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// Forgets notices older than [`NOTICE_TTL`].
+    pub(super) fn age_notices(&mut self, now: Instant) {
+        self.notices.retain(|_, (_, arrived)| {
+            arrived.is_none_or(|at| now.saturating_duration_since(at) < NOTICE_TTL)
+        });
+    }
+
+    /// Whether a notice about `node` may be kept; at [`MAX_NOTICES`] only one about a node
+    /// with metadata, in place of the oldest notice.
+    fn make_room_for_notice(&mut self, node: u64) -> bool {
+        if self.notices.len() < MAX_NOTICES || self.notices.contains_key(&node) {
+            return true;
+        }
+        if !self.meta.contains_key(&node) {
+            self.dropped_notices.record("notices", node);
+            return false;
+        }
+        // Unstamped ones arrived in this very call: newest of all.
+        let oldest = self
+            .notices
+            .iter()
+            .min_by_key(|(node, (_, arrived))| (arrived.is_none(), *arrived, **node))
+            .map(|(node, _)| *node);
+        if let Some(oldest) = oldest {
+            self.notices.remove(&oldest);
+            self.dropped_notices.record("notices", oldest);
+        }
+        true
+    }
 }
 
 /// Keeps the newest metadata and notices of every node and tells foca what is worth spreading.
@@ -94,6 +162,12 @@ impl BroadcastHandler<MemberId> for MetaHandler {
                 {
                     return Ok(None);
                 }
+                if table.meta.len() >= MAX_MEMBERS && !table.meta.contains_key(&meta.node) {
+                    // Not kept, not spread; the membership core prunes metadata of nodes that
+                    // left the table, and a member republishes its own.
+                    table.refused_meta.record("metadata", meta.node);
+                    return Ok(None);
+                }
                 let key = MetaKey {
                     node: meta.node,
                     seq: meta.seq,
@@ -106,11 +180,14 @@ impl BroadcastHandler<MemberId> for MetaHandler {
                 if table
                     .notices
                     .get(&notice.node)
-                    .is_some_and(|known| known.seq >= notice.seq)
+                    .is_some_and(|(known, _)| known.seq >= notice.seq)
                 {
                     return Ok(None);
                 }
-                table.notices.insert(notice.node, notice);
+                if !table.make_room_for_notice(notice.node) {
+                    return Ok(None);
+                }
+                table.notices.insert(notice.node, (notice, None));
                 table.fresh.push(notice);
                 Ok(Some(MetaKey {
                     node: notice.node,

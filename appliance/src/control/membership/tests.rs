@@ -386,3 +386,150 @@ fn an_eviction_reaches_every_member_and_the_evicted_node_is_kept_out() {
             .all(|(_, m)| m.member(9).is_none())
     );
 }
+
+/// Drains a membership's output, returning its datagrams.
+fn datagrams(m: &mut Membership) -> Vec<(u64, Bytes)> {
+    while m.poll_event().is_some() {}
+    std::iter::from_fn(|| m.poll_transmit()).collect()
+}
+
+#[test]
+fn a_flood_of_invented_members_stops_at_the_bound_and_never_pushes_out_own_or_neighbours() {
+    let now = Instant::now();
+    let config = MembershipConfig::default();
+    let mut m = Membership::new(1, 1, &config, 7, meta(1), now);
+    let mut neighbour = Membership::new(2, 1, &config, 8, meta(2), now);
+    m.handle_link_up(now, 2);
+    neighbour.handle_link_up(now, 1);
+    for (_, data) in datagrams(&mut neighbour) {
+        m.handle_data(now, 2, &data);
+    }
+    datagrams(&mut m);
+    assert_eq!(m.member(2).map(|v| v.state), Some(MemberState::Alive));
+    // Ids nobody runs announce themselves: each costs node 1 a member row.
+    let flood = MAX_MEMBERS as u64 + 500;
+    for id in 10_000..10_000 + flood {
+        let mut rogue = Membership::new(id, 1, &config, id, meta(id), now);
+        rogue.handle_link_up(now, 1);
+        for (_, data) in datagrams(&mut rogue) {
+            m.handle_data(now, id, &data);
+        }
+        datagrams(&mut m);
+    }
+    m.check_invariants();
+    assert_eq!(m.census().total, MAX_MEMBERS);
+    assert!(m.member(1).is_some() && m.member(2).is_some());
+    let (refused, _, _) = m.refusals();
+    assert!(refused >= 500, "{refused}");
+    // A new direct neighbour still gets in, in place of an invented member.
+    let mut late = Membership::new(3, 1, &config, 9, meta(3), now);
+    m.handle_link_up(now, 3);
+    late.handle_link_up(now, 1);
+    for (_, data) in datagrams(&mut late) {
+        m.handle_data(now, 3, &data);
+    }
+    assert!(m.member(3).is_some(), "a neighbour is never refused");
+    assert!(m.member(2).is_some());
+    assert_eq!(m.census().total, MAX_MEMBERS);
+    m.check_invariants();
+}
+
+#[test]
+fn a_flood_of_invented_notices_is_capped_and_aged_out_and_real_news_still_applies() {
+    let mut sim = Sim::new(8, 0.0, MembershipConfig::default());
+    sim.bootstrap(3);
+    // Nodes 2 and 3 spread evictions of ids nobody ever saw, more than either may keep.
+    let flood = MAX_NOTICES as u64 * 3 / 4;
+    for i in 0..flood {
+        for source in [2, 3] {
+            let now = sim.now;
+            let notice = Notice {
+                node: source * 1_000_000 + i,
+                seq: 1,
+                kind: NoticeKind::Evicted,
+            };
+            sim.nodes
+                .get_mut(&source)
+                .unwrap()
+                .publish_notice(now, notice);
+            sim.settle(source);
+        }
+        sim.run_for(Duration::from_millis(2));
+    }
+    sim.run_for(Duration::from_secs(5));
+    let one = &sim.nodes[&1];
+    one.check_invariants();
+    assert!(one.meta.borrow().notices.len() <= MAX_NOTICES);
+    assert!(one.evicted().count() <= MAX_NOTICES);
+    let (_, _, refused) = one.refusals();
+    assert!(refused > 0, "the bound was reached");
+    // News about a real member is never refused.
+    let now = sim.now;
+    let real = Notice {
+        node: 3,
+        seq: 2,
+        kind: NoticeKind::Evicted,
+    };
+    sim.nodes.get_mut(&2).unwrap().publish_notice(now, real);
+    sim.settle(2);
+    let start = sim.now;
+    while !sim.nodes[&1].is_evicted(3) {
+        sim.run_for(Duration::from_millis(100));
+        assert!(
+            sim.now - start < Duration::from_secs(10),
+            "eviction of 3 lost"
+        );
+    }
+    assert!(sim.nodes[&1].member(3).is_none());
+    // Notices age out; the decisions they carried stay.
+    // Once no member passes the flood on any more (a notice forgotten at the bound may come
+    // round again until then), every notice ages out.
+    let start = sim.now;
+    while sim
+        .nodes
+        .values()
+        .any(|m| m.foca.custom_broadcast_backlog() > 0)
+    {
+        sim.run_for(Duration::from_secs(1));
+        assert!(
+            sim.now - start < Duration::from_secs(1800),
+            "gossip never settles"
+        );
+    }
+    sim.run_for(NOTICE_TTL + Duration::from_secs(5));
+    assert!(sim.nodes[&1].meta.borrow().notices.is_empty());
+    assert!(sim.nodes[&1].is_evicted(3));
+}
+
+#[test]
+fn a_member_declared_down_while_alive_renews_its_generation_and_reports_it() {
+    let mut sim = Sim::new(9, 0.0, MembershipConfig::default());
+    sim.bootstrap(4);
+    // Freeze node 4: it hears nothing and says nothing until the others declare it dead.
+    let frozen = sim.nodes.remove(&4).unwrap();
+    let frozen_at = sim.now;
+    while !sim.everyone_sees(4, MemberState::Dead) {
+        sim.run_for(Duration::from_millis(100));
+        assert!(
+            sim.now - frozen_at < Duration::from_secs(30),
+            "not declared dead"
+        );
+    }
+    assert_eq!(frozen.local().generation, 1);
+    sim.nodes.insert(4, frozen);
+    sim.settle(4);
+    let thawed_at = sim.now;
+    while sim.nodes[&4].local().generation == 1 || !sim.everyone_sees(4, MemberState::Alive) {
+        sim.run_for(Duration::from_millis(100));
+        assert!(sim.now - thawed_at < Duration::from_secs(60), "no renewal");
+    }
+    let renewed = sim.nodes[&4].local().generation;
+    assert!(renewed > 1);
+    assert_eq!(sim.nodes[&4].member(4).map(|v| v.generation), Some(renewed));
+    assert!(
+        sim.nodes
+            .iter()
+            .filter(|(id, _)| **id != 4)
+            .all(|(_, m)| m.member(4).is_some_and(|v| v.generation == renewed))
+    );
+}

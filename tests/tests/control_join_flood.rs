@@ -1,0 +1,347 @@
+//! Join floods: 50 guest links that each send a wrong join key at the same moment. The member
+//! checks keys on its bounded join-check worker, refuses what does not fit in the queue with a
+//! "busy, retry" answer at once, and its control loop keeps serving gossip, routing and the
+//! api meanwhile: no member is ever suspected, and a right key gets in right after.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use ed25519_dalek::SigningKey;
+use meshd_proto::{
+    link::{
+        Auth, Hello, JoinAnswer, JoinMeshRequest, JoinPolicy, JoinRefusal, JoinRequest,
+        MemberState, MeshHealth, SeedMeshRequest,
+    },
+    mesh::GetRoutingTableRequest,
+};
+use meshd_shards::{
+    frame::{self, FrameReader, FrameType, Header, TrafficClass},
+    handshake::{PROTOCOL_VERSION, Role, sign_transcript, transcript_digest},
+    ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble},
+    tls,
+};
+use meshd_tests::{Cluster, Node, NodeSpec, exclusive, mesh_status, wait_for_mesh};
+use prost::Message as _;
+use rand::RngCore;
+use tungstenite::Message;
+
+const KEY: &str = "correct horse battery";
+const SETTLE: Duration = Duration::from_secs(20);
+const FLOOD: usize = 50;
+
+type Ws = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
+
+fn meshless(spec: NodeSpec) -> NodeSpec {
+    NodeSpec {
+        extra: "mesh_id = \"\"".into(),
+        ..spec
+    }
+}
+
+async fn join(node: &Node, via: &Node, key: &str) -> Result<(), tonic::Status> {
+    let addr = via.listen.expect("entry point listens").to_string();
+    let mut client = node
+        .mesh()
+        .await
+        .map_err(|e| tonic::Status::unknown(e.to_string()))?;
+    client
+        .join_mesh(JoinMeshRequest {
+            addr,
+            join_key: key.into(),
+            timeout_seconds: 10,
+        })
+        .await
+        .map(|_| ())
+}
+
+fn frame_bytes(node_id: u64, frame_type: FrameType, payload: &[u8]) -> Vec<u8> {
+    let header = Header::new(frame_type, TrafficClass::Control, node_id, 0);
+    let mut out = Vec::new();
+    frame::encode_into(&mut out, &header, payload, 1 << 20).expect("small frame");
+    out
+}
+
+/// What one read brought.
+enum Got {
+    Frame(FrameType, Vec<u8>),
+    /// Nothing within the socket's read timeout.
+    Idle,
+    /// The node closed the link, or the deadline passed.
+    Over,
+}
+
+fn read_frame(ws: &mut Ws, deadline: Instant) -> anyhow::Result<Got> {
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Binary(bytes)) => {
+                if let Some(Ok(frame)) = FrameReader::new(&bytes, 1 << 20).next() {
+                    return Ok(Got::Frame(frame.header.frame_type, frame.payload.to_vec()));
+                }
+            }
+            Ok(Message::Close(_)) => return Ok(Got::Over),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Got::Idle);
+            }
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                return Ok(Got::Over);
+            }
+            Err(e) => bail!("reading: {e}"),
+        }
+    }
+    Ok(Got::Over)
+}
+
+/// Dials `addr` as node `node_id` without a mesh, which a member accepts only as a guest, and
+/// completes the link handshake.
+fn guest_link(addr: SocketAddr, node_id: u64) -> anyhow::Result<Ws> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    tcp.set_read_timeout(Some(Duration::from_millis(50)))?;
+    tcp.write_all(&encode_preamble(node_id))?;
+    let mut theirs = [0u8; PREAMBLE_LEN];
+    tcp.read_exact(&mut theirs)?;
+    decode_preamble(&theirs).context("node sent no preamble")?;
+    let mut conn = rustls::ClientConnection::new(tls::client_config()?, tls::server_name())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    let exporter = conn.export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)?;
+    let stream = rustls::StreamOwned::new(conn, tcp);
+    let url = format!("wss://{}/mesh/v1", tls::SERVER_NAME);
+    let (mut ws, _) = match tungstenite::client(url.as_str(), stream) {
+        Ok(ok) => ok,
+        Err(tungstenite::HandshakeError::Interrupted(mid)) => match mid.handshake() {
+            Ok(ok) => ok,
+            Err(e) => bail!("websocket: {e}"),
+        },
+        Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
+    };
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
+    let key = SigningKey::from_bytes(&secret);
+    let mut nonce = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        mesh_id: String::new(),
+        node_id,
+        nonce: nonce.to_vec().into(),
+        public_key: key.verifying_key().to_bytes().to_vec().into(),
+        boot_id: 1,
+        listen_addr: String::new(),
+        software_version: "join-flood".into(),
+    };
+    let hello_bytes = hello.encode_to_vec();
+    ws.send(Message::Binary(
+        frame_bytes(node_id, FrameType::Hello, &hello_bytes).into(),
+    ))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut authenticated = false;
+    loop {
+        let (frame_type, payload) = match read_frame(&mut ws, deadline)? {
+            Got::Frame(frame_type, payload) => (frame_type, payload),
+            Got::Idle => continue,
+            Got::Over => bail!("node {node_id}: the guest link closed during the handshake"),
+        };
+        match frame_type {
+            FrameType::Refuse => bail!("node {node_id}: refused"),
+            FrameType::Hello => {
+                let digest = transcript_digest(&exporter, &hello_bytes, &payload);
+                let auth = Auth {
+                    signature: sign_transcript(&key, Role::Dialer, &digest).to_vec().into(),
+                };
+                ws.send(Message::Binary(
+                    frame_bytes(node_id, FrameType::Auth, &auth.encode_to_vec()).into(),
+                ))?;
+                authenticated = true;
+            }
+            // The member's first heartbeat: the link is up.
+            FrameType::Heartbeat if authenticated => return Ok(ws),
+            _ => {}
+        }
+    }
+}
+
+/// One flooding guest: links, waits for `go` (sending heartbeats so the link stays up), sends
+/// one `Join` with a wrong key and returns the answer.
+fn bad_join(
+    addr: SocketAddr,
+    node_id: u64,
+    ready: &AtomicUsize,
+    go: &AtomicBool,
+) -> anyhow::Result<Option<JoinAnswer>> {
+    let linked = guest_link(addr, node_id);
+    ready.fetch_add(1, Ordering::SeqCst);
+    let mut ws = linked?;
+    let beat = frame_bytes(node_id, FrameType::Heartbeat, &[]);
+    while !go.load(Ordering::SeqCst) {
+        ws.send(Message::Binary(beat.clone().into()))?;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let request = JoinRequest {
+        join_key: format!("wrong key {node_id}"),
+        name: String::new(),
+    };
+    ws.send(Message::Binary(
+        frame_bytes(node_id, FrameType::Join, &request.encode_to_vec()).into(),
+    ))?;
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut last_beat = Instant::now();
+    loop {
+        if last_beat.elapsed() > Duration::from_millis(30) {
+            let _ = ws.send(Message::Binary(beat.clone().into()));
+            last_beat = Instant::now();
+        }
+        match read_frame(&mut ws, deadline)? {
+            Got::Over => return Ok(None),
+            Got::Frame(FrameType::JoinAnswer, payload) => {
+                return Ok(Some(JoinAnswer::decode(payload.as_slice())?));
+            }
+            Got::Frame(..) | Got::Idle => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_flooded_with_bad_joins_keeps_its_mesh_healthy_and_refuses_the_excess_busy()
+-> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let cluster = Cluster::start(vec![
+        meshless(NodeSpec::listener(1)),
+        meshless(NodeSpec::listener(2)),
+        meshless(NodeSpec::listener(3)),
+        meshless(NodeSpec::listener(4)),
+    ])?;
+    cluster
+        .node(0)
+        .mesh()
+        .await?
+        .seed_mesh(SeedMeshRequest {
+            name: "flood".into(),
+            description: String::new(),
+            join_policy: JoinPolicy::KeyRequired as i32,
+            join_key: KEY.into(),
+        })
+        .await?;
+    join(cluster.node(1), cluster.node(0), KEY).await?;
+    join(cluster.node(2), cluster.node(0), KEY).await?;
+    let three = [0, 1, 2];
+    wait_for_mesh(&cluster, &three, "three alive members", SETTLE, |s| {
+        s.online_members == 3 && s.health() == MeshHealth::Healthy
+    })
+    .await?;
+
+    // 50 guests link to node 1 and, once all are up, send their wrong keys together.
+    let entry = cluster.node(0).listen.context("listens")?;
+    let ready = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(AtomicBool::new(false));
+    let guests: Vec<_> = (0..FLOOD as u64)
+        .map(|i| {
+            let (ready, go) = (Arc::clone(&ready), Arc::clone(&go));
+            std::thread::spawn(move || bad_join(entry, 1000 + i, &ready, &go))
+        })
+        .collect();
+    let linking = Instant::now();
+    while ready.load(Ordering::SeqCst) < FLOOD && linking.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    go.store(true, Ordering::SeqCst);
+    let flood_started = Instant::now();
+    println!(
+        "{} guest links up after {:?}; flood sent",
+        ready.load(Ordering::SeqCst),
+        linking.elapsed()
+    );
+
+    // While the answers come in (and a second after): every node sees every member alive,
+    // and node 1's control loop answers the api at once.
+    let mut slowest_control = Duration::ZERO;
+    let mut control = cluster.node(0).control().await?;
+    let mut views = 0;
+    while guests.iter().any(|g| !g.is_finished())
+        || flood_started.elapsed() < Duration::from_secs(1)
+    {
+        for &i in &three {
+            let asked = Instant::now();
+            let status = mesh_status(cluster.node(i)).await?;
+            if i == 0 {
+                slowest_control = slowest_control.max(asked.elapsed());
+            }
+            let unwell: Vec<_> = status
+                .members
+                .iter()
+                .filter(|m| m.state() != MemberState::Alive)
+                .map(|m| (m.node_id, m.state()))
+                .collect();
+            anyhow::ensure!(
+                status.online_members == 3 && unwell.is_empty(),
+                "node {} saw {unwell:?} during the flood:\n{}",
+                i + 1,
+                cluster.log_tails(0, 30)
+            );
+            views += 1;
+        }
+        let asked = Instant::now();
+        let table = control
+            .get_routing_table(GetRoutingTableRequest {})
+            .await?
+            .into_inner();
+        slowest_control = slowest_control.max(asked.elapsed());
+        anyhow::ensure!(!table.routes.is_empty(), "node 1 lost its routes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        anyhow::ensure!(
+            flood_started.elapsed() < Duration::from_secs(30),
+            "the flood is not answered"
+        );
+    }
+    let (mut bad_key, mut busy, mut unanswered) = (0, 0, 0);
+    for guest in guests {
+        match guest.join().expect("guest thread")? {
+            Some(answer) => {
+                assert!(!answer.accepted, "a wrong key got in: {answer:?}");
+                if answer.refusal == JoinRefusal::BadKey as u32 {
+                    bad_key += 1;
+                } else if answer.reason.contains("busy") {
+                    busy += 1;
+                } else {
+                    bail!("unexpected refusal {answer:?}");
+                }
+            }
+            None => unanswered += 1,
+        }
+    }
+    println!(
+        "{FLOOD} bad joins: {bad_key} checked and refused, {busy} refused busy, {unanswered} \
+         unanswered, in {:?}; {views} status views all healthy; slowest control answer on \
+         the flooded node {slowest_control:?}",
+        flood_started.elapsed()
+    );
+    assert_eq!(unanswered, 0, "every join is answered");
+    assert!(bad_key >= 1, "keys were checked");
+    assert!(busy >= 1, "the excess is refused busy, not queued");
+    assert!(
+        slowest_control < Duration::from_secs(1),
+        "the control loop stalled for {slowest_control:?}"
+    );
+
+    // Right after the flood a right key gets in.
+    join(cluster.node(3), cluster.node(0), KEY).await?;
+    wait_for_mesh(&cluster, &[0, 1, 2, 3], "four alive members", SETTLE, |s| {
+        s.online_members == 4 && s.health() == MeshHealth::Healthy
+    })
+    .await?;
+    Ok(())
+}
