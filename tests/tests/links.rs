@@ -181,7 +181,7 @@ async fn send_statuses_tell_unknown_unreachable_and_unsubscribed_destinations_ap
     // Once no route to node 2 is left anywhere, no copy can leave node 1: PENDING_NODE. (While
     // routes still point through node 3, a copy leaves and the answer is "outcome unknown".)
     let mut control1 = cluster.node(0).control().await?;
-    let deadline = std::time::Instant::now() + SETTLE;
+    let deadline = Instant::now() + SETTLE;
     while control1
         .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
         .await?
@@ -190,10 +190,7 @@ async fn send_statuses_tell_unknown_unreachable_and_unsubscribed_destinations_ap
         .iter()
         .any(|r| r.dst_node == 2)
     {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "route to 2 never withdrawn"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "route to 2 never withdrawn");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let reply = data1
