@@ -74,7 +74,7 @@
 //!
 //! Found by this suite (see each test):
 //! - `found_a_forged_own_lsa_at_max_seq_freezes_the_own_lsa` (fixed: `lsdb::MAX_OWN_SEQ_JUMP`).
-//! - `found_a_dense_forged_topology_stalls_route_recomputation` (`#[ignore]`d: still fails).
+//! - `found_a_dense_forged_topology_stalls_route_recomputation` (fixed: `paths::YEN_WORK_BUDGET`).
 //! - `found_a_refused_lsa_still_records_its_listen_address`,
 //!   `found_a_forged_update_sets_this_nodes_generation`,
 //!   `found_a_renewal_is_not_reflected_in_local`: failed on df7d45c, pass with the fixes in the
@@ -933,8 +933,8 @@ fn found_a_forged_own_lsa_at_max_seq_freezes_the_own_lsa() {
 /// {2, 100..500}, each listing every other (2's also lists 1), seq 5. A fix: a work budget for
 /// path computation (cap the degree or the candidate paths Yen explores, or compute k paths
 /// only for reachable destinations with a bound), or run it off the control thread.
+/// Fixed with a work budget for Yen (`paths::YEN_WORK_BUDGET`).
 #[test]
-#[ignore = "found by fuzzing: a member's dense forged topology (0.8 MB of LSAs) makes every route recomputation take ~0.7 s on the control thread"]
 fn found_a_dense_forged_topology_stalls_route_recomputation() {
     let t0 = Instant::now();
     let mut routing = Routing::new(LOCAL, String::new(), routing_config(), t0);

@@ -749,6 +749,10 @@ pub fn next_hop_weights(costs: &[f64]) -> Vec<u32> {
     out
 }
 
+/// Edge relaxations Yen's spur searches may cost in one routing table computation (a few
+/// milliseconds per traffic class); see [`routing_table`].
+pub const YEN_WORK_BUDGET: usize = 1_000_000;
+
 /// Routes from `local` to every other reachable node: the k shortest paths;
 /// next hops = the distinct first hops of those paths that are downstream
 /// (RFC 5286 §3.6: dist(N, D) < dist(local, D)), best first, the first hop of
@@ -758,7 +762,8 @@ pub fn next_hop_weights(costs: &[f64]) -> Vec<u32> {
 ///
 /// An unknown `local` or `k == 0` gives an empty table. The inequality must
 /// hold by more than [`TIE_TOLERANCE`]: a neighbour that is only "equal" after
-/// rounding might route back through us.
+/// rounding might route back through us. Yen's work is capped by [`YEN_WORK_BUDGET`]:
+/// past it, the remaining (farthest) destinations get their shortest path only.
 pub fn routing_table(
     topology: &Topology,
     weights: &CostWeights,
@@ -788,16 +793,34 @@ pub fn routing_table(
         from_neighbor.insert(n, search.dist.clone());
     }
 
-    for d in 0..topology.graph.node_count() {
-        if d == l || !from_local[d].is_finite() {
-            continue;
-        }
+    // Yen's spur searches cost about (k − 1) × path length Dijkstras per destination. A member
+    // can advertise a dense graph of invented nodes that makes that take seconds on the
+    // control thread, so the work is budgeted: destinations nearest first get k paths while
+    // the budget lasts, the rest their shortest path only. Same database, same order, same
+    // table on every node.
+    let edges = topology.graph.edge_count().max(1);
+    let mut budget = YEN_WORK_BUDGET;
+    let mut destinations: Vec<usize> = (0..topology.graph.node_count())
+        .filter(|&d| d != l && from_local[d].is_finite())
+        .collect();
+    destinations.sort_by(|&a, &b| {
+        from_local[a]
+            .total_cmp(&from_local[b])
+            .then_with(|| topology.id(a).cmp(&topology.id(b)))
+    });
+    for d in destinations {
         let mut first = Vec::new();
         tree_path(&local_tree, d, &mut first);
         if first.first() != Some(&l) {
             continue;
         }
-        let paths = yen_from(&mut search, first, k);
+        let work = (k.saturating_sub(1) * first.len()).saturating_mul(edges);
+        let paths = if work <= budget {
+            budget -= work;
+            yen_from(&mut search, first, k)
+        } else {
+            yen_from(&mut search, first, 1)
+        };
         let mut hops: Vec<(usize, f64)> = Vec::new();
         let mut backups: Vec<(usize, f64)> = Vec::new();
         for (index, (nodes, cost)) in paths.iter().enumerate() {
