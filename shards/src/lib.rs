@@ -14,6 +14,7 @@ pub mod handle;
 pub mod handshake;
 mod link;
 pub mod ownership;
+mod read_budget;
 pub mod ring;
 pub mod shard;
 pub mod stats;

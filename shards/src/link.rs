@@ -36,13 +36,14 @@ use crate::{
     command::{ApiEvent, ControlEvent, DialError},
     frame::{self, FrameReader, FrameType, Header, TrafficClass},
     handshake::{Expectation, Handshake, Outcome, PeerInfo, Role},
+    read_budget::ReadBudget,
     shard::{Shard, Wait},
     stats::LinkStats,
     tls,
 };
 
 /// The WebSocket of an established link.
-pub(crate) type LinkSocket = WebSocketStream<TlsStream<TcpStream>>;
+pub(crate) type LinkSocket = WebSocketStream<ReadBudget<TlsStream<TcpStream>>>;
 
 /// Why a link ended.
 #[derive(Debug)]
@@ -291,7 +292,7 @@ pub(crate) async fn set_up(
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(config.max_message_bytes()))
         .max_frame_size(Some(config.max_message_bytes()));
-    let (socket, exporter) = match role {
+    let (socket, exporter, budget) = match role {
         Role::Dialer => {
             let connector = TlsConnector::from(std::sync::Arc::clone(&config.tls_client));
             let tls = connector
@@ -304,14 +305,12 @@ pub(crate) async fn set_up(
                 .export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)
                 .map_err(|e| DialError::Setup(format!("TLS exporter: {e}")))?;
             let url = format!("wss://{}/mesh/v1", tls::SERVER_NAME);
-            let (socket, _) = async_tungstenite::client_async_with_config(
-                url,
-                TlsStream::Client(tls),
-                Some(ws_config),
-            )
-            .await
-            .map_err(|e| DialError::Setup(format!("WebSocket: {e}")))?;
-            (socket, exporter)
+            let (budgeted, budget) = ReadBudget::new(TlsStream::Client(tls));
+            let (socket, _) =
+                async_tungstenite::client_async_with_config(url, budgeted, Some(ws_config))
+                    .await
+                    .map_err(|e| DialError::Setup(format!("WebSocket: {e}")))?;
+            (socket, exporter, budget)
         }
         Role::Acceptor => {
             let acceptor = TlsAcceptor::from(std::sync::Arc::clone(&config.tls_server));
@@ -324,16 +323,17 @@ pub(crate) async fn set_up(
                 .1
                 .export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)
                 .map_err(|e| DialError::Setup(format!("TLS exporter: {e}")))?;
-            let socket = async_tungstenite::accept_async_with_config(
-                TlsStream::Server(tls),
-                Some(ws_config),
-            )
-            .await
-            .map_err(|e| DialError::Setup(format!("WebSocket: {e}")))?;
-            (socket, exporter)
+            let (budgeted, budget) = ReadBudget::new(TlsStream::Server(tls));
+            let socket = async_tungstenite::accept_async_with_config(budgeted, Some(ws_config))
+                .await
+                .map_err(|e| DialError::Setup(format!("WebSocket: {e}")))?;
+            (socket, exporter, budget)
         }
     };
-    handshake(shard, socket, role, peer_hint, exporter).await
+    let established = handshake(shard, socket, role, peer_hint, exporter).await?;
+    // Proven: from here on the WebSocket's own (data) limit applies.
+    budget.set(None);
+    Ok(established)
 }
 
 async fn handshake(

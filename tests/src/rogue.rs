@@ -144,10 +144,12 @@ impl RogueLink {
     }
 }
 
-fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcome, Option<Ws>)> {
+/// TCP, preamble, TLS and the WebSocket upgrade: a socket ready for the link handshake, and
+/// the TLS exporter value the handshake signs.
+fn open_ws(addr: SocketAddr, node_id: u64) -> anyhow::Result<(Ws, [u8; 32])> {
     let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     tcp.set_read_timeout(Some(Duration::from_millis(100)))?;
-    tcp.write_all(&encode_preamble(options.node_id))?;
+    tcp.write_all(&encode_preamble(node_id))?;
     let mut theirs = [0u8; PREAMBLE_LEN];
     tcp.read_exact(&mut theirs)?;
     decode_preamble(&theirs).context("node sent no preamble")?;
@@ -160,7 +162,7 @@ fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcom
     let exporter = conn.export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)?;
     let stream = rustls::StreamOwned::new(conn, tcp);
     let url = format!("wss://{}/mesh/v1", tls::SERVER_NAME);
-    let (mut ws, _) = match tungstenite::client(url.as_str(), stream) {
+    let (ws, _) = match tungstenite::client(url.as_str(), stream) {
         Ok(ok) => ok,
         Err(tungstenite::HandshakeError::Interrupted(mid)) => match mid.handshake() {
             Ok(ok) => ok,
@@ -171,6 +173,83 @@ fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcom
         },
         Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
     };
+    Ok((ws, exporter))
+}
+
+/// Opens a link socket as node `node_id` and, before any handshake message, starts one
+/// WebSocket message that claims `claimed` bytes and sends `sent` of them without finishing
+/// it. Returns the connection (hold it to keep the node's buffers) or `None` when the node
+/// closed it before everything was written.
+pub fn unfinished_message(
+    addr: SocketAddr,
+    node_id: u64,
+    claimed: u64,
+    sent: usize,
+) -> anyhow::Result<Option<HeldSocket>> {
+    let (mut ws, _) = open_ws(addr, node_id)?;
+    let socket = ws.get_mut();
+    socket
+        .get_mut()
+        .set_write_timeout(Some(Duration::from_secs(2)))?;
+    // FIN + binary; masked (client frames must be); 64-bit length; mask key 0.
+    let mut header = vec![0x82u8, 0x80 | 127];
+    header.extend_from_slice(&claimed.to_be_bytes());
+    header.extend_from_slice(&[0u8; 4]);
+    if socket.write_all(&header).is_err() {
+        return Ok(None);
+    }
+    let chunk = vec![0x5au8; 16 * 1024];
+    let mut written = 0;
+    while written < sent {
+        let n = chunk.len().min(sent - written);
+        if socket
+            .write_all(&chunk[..n])
+            .and_then(|()| socket.flush())
+            .is_err()
+        {
+            return Ok(None);
+        }
+        written += n;
+    }
+    Ok(Some(HeldSocket(ws)))
+}
+
+/// A connection kept open until dropped.
+pub struct HeldSocket(Ws);
+
+impl HeldSocket {
+    /// Whether the node closes the connection within `limit`.
+    pub fn closed_by_node_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            match self.0.get_mut().read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+impl Drop for HeldSocket {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .get_mut()
+            .get_mut()
+            .shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcome, Option<Ws>)> {
+    let (mut ws, exporter) = open_ws(addr, options.node_id)?;
 
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);

@@ -256,3 +256,59 @@ async fn two_shards_cross_forwarding_at_saturation_keep_flowing() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Before its handshake a peer has proven nothing, so it must not make the node buffer a
+/// data-sized WebSocket message (megabytes). 48 connections each start a message claiming
+/// 4 MiB and send 2 MiB of it: the node stops reading each one at the handshake's read budget
+/// (64 KiB) and closes it, so its memory grows by a few MiB, not by 96.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_peers_cannot_make_a_node_buffer_megabytes() -> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let cluster = Cluster::start(vec![NodeSpec::listener(1)])?;
+    let node = cluster.node(0);
+    let addr = node.listen.expect("listens");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = node.rss_bytes().unwrap_or(0);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let done_rx = std::sync::Arc::new(std::sync::Mutex::new(done_rx));
+    let mut threads = Vec::new();
+    for i in 0..48u64 {
+        let done_rx = std::sync::Arc::clone(&done_rx);
+        threads.push(std::thread::spawn(move || {
+            let held = meshd_tests::rogue::unfinished_message(addr, 100 + i, 4 << 20, 2 << 20);
+            // Hold the connection until the memory has been measured.
+            let _ = done_rx
+                .lock()
+                .map(|rx| rx.recv_timeout(Duration::from_secs(10)));
+            held.map(|held| match held {
+                // The node closed it while it was still being written.
+                None => true,
+                Some(mut socket) => socket.closed_by_node_within(Duration::from_secs(4)),
+            })
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = node.rss_bytes().unwrap_or(0);
+    drop(done_tx);
+    let mut closed = 0;
+    for thread in threads {
+        if thread.join().expect("rogue thread")? {
+            closed += 1;
+        }
+    }
+    let grown = after.saturating_sub(before);
+    println!(
+        "48 unfinished 4 MiB messages before any handshake: node grew {} KiB, closed {closed} of 48",
+        grown >> 10
+    );
+    assert!(
+        grown < 32 << 20,
+        "the node buffered {} MiB for unauthenticated peers",
+        grown >> 20
+    );
+    assert_eq!(
+        closed, 48,
+        "every over-budget connection is closed by the node"
+    );
+    Ok(())
+}
