@@ -396,10 +396,18 @@ impl Shard {
                     PushError::Full(_) => RouteError::Congested,
                     PushError::Closed(_) => RouteError::LinkClosed,
                 }),
-                Wait::Upto(limit) => match link::timeout(limit, ring.push(forwarded)).await {
-                    Some(Ok(())) => Ok(()),
-                    Some(Err(_)) => Err(RouteError::LinkClosed),
-                    None => Err(RouteError::Congested),
+                // A timer only when the ring is actually full: arming one per frame costs more
+                // than the hand-over itself.
+                Wait::Upto(limit) => match ring.try_push(forwarded) {
+                    Ok(()) => Ok(()),
+                    Err(PushError::Closed(_)) => Err(RouteError::LinkClosed),
+                    Err(PushError::Full(forwarded)) => {
+                        match link::timeout(limit, ring.push(forwarded)).await {
+                            Some(Ok(())) => Ok(()),
+                            Some(Err(_)) => Err(RouteError::LinkClosed),
+                            None => Err(RouteError::Congested),
+                        }
+                    }
                 },
             };
         }
