@@ -57,7 +57,7 @@ pub enum RogueOutcome {
     Accepted,
 }
 
-type Ws = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
+pub type Ws = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
 
 fn frame_bytes(options: &RogueOptions, frame_type: FrameType, payload: &[u8]) -> Vec<u8> {
     let header = Header::new(frame_type, TrafficClass::Control, options.node_id, 0);
@@ -146,7 +146,7 @@ impl RogueLink {
 
 /// TCP, preamble, TLS and the WebSocket upgrade: a socket ready for the link handshake, and
 /// the TLS exporter value the handshake signs.
-fn open_ws(addr: SocketAddr, node_id: u64) -> anyhow::Result<(Ws, [u8; 32])> {
+pub fn open_ws(addr: SocketAddr, node_id: u64) -> anyhow::Result<(Ws, [u8; 32])> {
     let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     tcp.set_read_timeout(Some(Duration::from_millis(100)))?;
     tcp.write_all(&encode_preamble(node_id))?;

@@ -4,8 +4,7 @@
 //! api meanwhile: no member is ever suspected, and a right key gets in right after.
 
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -25,10 +24,12 @@ use meshd_proto::{
 use meshd_shards::{
     frame::{self, FrameReader, FrameType, Header, TrafficClass},
     handshake::{PROTOCOL_VERSION, Role, sign_transcript, transcript_digest},
-    ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble},
-    tls,
 };
-use meshd_tests::{Cluster, Node, NodeSpec, exclusive, mesh_status, wait_for_mesh};
+use meshd_tests::{
+    Cluster, Node, NodeSpec, exclusive, mesh_status,
+    rogue::{Ws, open_ws},
+    wait_for_mesh,
+};
 use prost::Message as _;
 use rand::RngCore;
 use tungstenite::Message;
@@ -36,8 +37,6 @@ use tungstenite::Message;
 const KEY: &str = "correct horse battery";
 const SETTLE: Duration = Duration::from_secs(20);
 const FLOOD: usize = 50;
-
-type Ws = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
 
 fn meshless(spec: NodeSpec) -> NodeSpec {
     NodeSpec {
@@ -108,27 +107,7 @@ fn read_frame(ws: &mut Ws, deadline: Instant) -> anyhow::Result<Got> {
 /// Dials `addr` as node `node_id` without a mesh, which a member accepts only as a guest, and
 /// completes the link handshake.
 fn guest_link(addr: SocketAddr, node_id: u64) -> anyhow::Result<Ws> {
-    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    tcp.set_read_timeout(Some(Duration::from_millis(50)))?;
-    tcp.write_all(&encode_preamble(node_id))?;
-    let mut theirs = [0u8; PREAMBLE_LEN];
-    tcp.read_exact(&mut theirs)?;
-    decode_preamble(&theirs).context("node sent no preamble")?;
-    let mut conn = rustls::ClientConnection::new(tls::client_config()?, tls::server_name())?;
-    while conn.is_handshaking() {
-        conn.complete_io(&mut tcp)?;
-    }
-    let exporter = conn.export_keying_material([0u8; 32], tls::EXPORTER_LABEL, None)?;
-    let stream = rustls::StreamOwned::new(conn, tcp);
-    let url = format!("wss://{}/mesh/v1", tls::SERVER_NAME);
-    let (mut ws, _) = match tungstenite::client(url.as_str(), stream) {
-        Ok(ok) => ok,
-        Err(tungstenite::HandshakeError::Interrupted(mid)) => match mid.handshake() {
-            Ok(ok) => ok,
-            Err(e) => bail!("websocket: {e}"),
-        },
-        Err(tungstenite::HandshakeError::Failure(e)) => bail!("websocket: {e}"),
-    };
+    let (mut ws, exporter) = open_ws(addr, node_id)?;
     let mut secret = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut secret);
     let key = SigningKey::from_bytes(&secret);
