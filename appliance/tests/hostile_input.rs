@@ -1696,7 +1696,10 @@ proptest! {
                 ..Data::default()
             }),
     ) {
-        let frame = DeliveryReports { reports };
+        let frame = DeliveryReports {
+            reports,
+            ..DeliveryReports::default()
+        };
         prop_assert_eq!(DeliveryReports::decode(frame.encode_to_vec().as_slice()), Ok(frame));
         prop_assert_eq!(AppAck::decode(ack.encode_to_vec().as_slice()), Ok(ack));
         prop_assert_eq!(Data::decode(data.encode_to_vec().as_slice()), Ok(data));
@@ -1747,7 +1750,11 @@ proptest! {
                 prop::sample::select(vec![7u64, 8, 9, 10]),
                 prop_oneof![
                     prop::collection::vec(arb_report(), 0..24).prop_map(|reports| {
-                        DeliveryReports { reports }.encode_to_vec()
+                        DeliveryReports {
+                            reports,
+                            ..DeliveryReports::default()
+                        }
+                        .encode_to_vec()
                     }),
                     prop::collection::vec(any::<u8>(), 0..256),
                 ],

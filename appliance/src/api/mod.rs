@@ -136,11 +136,12 @@ impl KnownNodes {
         if self.nodes.len() + fresh.len() > KNOWN_NODES_LIMIT {
             self.nodes.clear();
         }
-        self.generations = mesh
-            .members
-            .iter()
-            .map(|m| (m.node, m.generation))
-            .collect();
+        // Membership's view refreshes what reports taught; past the bound the map restarts.
+        if self.generations.len() > KNOWN_NODES_LIMIT {
+            self.generations.clear();
+        }
+        self.generations
+            .extend(mesh.members.iter().map(|m| (m.node, m.generation)));
         self.nodes.extend(fresh);
         self.refreshed = Some(Instant::now());
     }
@@ -502,6 +503,11 @@ impl ApiState {
                     tracing::debug!(src, "dropped an undecodable delivery report");
                     return;
                 };
+                if batch.generation != 0 {
+                    // The destination's own word on its current life: later waiting sends'
+                    // first copies are addressed to it (see `recent.rs`).
+                    self.known_nodes().generations.insert(src, batch.generation);
+                }
                 let applied = reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
                 if applied.skipped > 0 {
                     tracing::debug!(src, ?applied, "skipped report runs outside what is tracked");
@@ -731,9 +737,11 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         closing: AtomicBool::new(false),
     });
     let events = setup.events;
+    let setup_generation = setup.generation;
     let pump_state = Arc::clone(&state);
     let pump = tokio::spawn(async move {
         let mut reports = ReportBatch::default();
+        reports.generation = setup_generation;
         loop {
             let event = if reports.is_empty() {
                 events.pop().await

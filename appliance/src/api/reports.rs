@@ -57,6 +57,8 @@ pub(crate) struct ReportBatch {
     max_runs: usize,
     next_seq: u64,
     dropped: u64,
+    /// This node's generation, said in every frame (see `DeliveryReports.generation`).
+    pub(crate) generation: u32,
 }
 
 impl Default for ReportBatch {
@@ -86,6 +88,7 @@ impl ReportBatch {
             max_runs: max_runs.max(1),
             next_seq: 0,
             dropped: 0,
+            generation: 0,
         }
     }
 
@@ -161,10 +164,11 @@ impl ReportBatch {
     /// call; other sources go on.
     pub(crate) fn flush(&mut self, max_payload: usize, sink: &mut impl ReportSink) {
         let (mut runs_sent, mut verdicts_sent) = (0, 0);
+        let generation = self.generation;
         self.by_source.retain(|&(source, class), runs| {
             let mut done = 0;
             while done < runs.len() && sink.ready(source) {
-                let (n, payload) = encode_chunk(&runs[done..], max_payload);
+                let (n, payload) = encode_chunk(&runs[done..], max_payload, generation);
                 if !sink.send(source, class, payload) {
                     break;
                 }
@@ -201,8 +205,11 @@ impl ReportBatch {
 
 /// The first runs of `runs` (at least one) that fit in `max_payload` bytes, encoded; and how
 /// many they are.
-fn encode_chunk(runs: &[Run], max_payload: usize) -> (usize, Vec<u8>) {
-    let mut chunk = DeliveryReports::default();
+fn encode_chunk(runs: &[Run], max_payload: usize, generation: u32) -> (usize, Vec<u8>) {
+    let mut chunk = DeliveryReports {
+        generation,
+        ..DeliveryReports::default()
+    };
     let mut size = 0;
     for run in runs {
         let report = run.report();
@@ -521,6 +528,7 @@ mod tests {
         let long = format!("x{}", "é".repeat(10_000));
         let frame = DeliveryReports {
             reports: vec![peer_report(1000, 10, long.clone())],
+            ..DeliveryReports::default()
         };
         let applied = apply_reports(&mut tracker, 7, frame, 1);
         assert_eq!(applied.changed, 10);
@@ -547,7 +555,15 @@ mod tests {
         let detail = "z".repeat(300);
         reports.extend((0..10_000).map(|_| peer_report(0, u32::MAX, detail.clone())));
         let started = std::time::Instant::now();
-        let applied = apply_reports(&mut tracker, 7, DeliveryReports { reports }, 1);
+        let applied = apply_reports(
+            &mut tracker,
+            7,
+            DeliveryReports {
+                reports,
+                ..DeliveryReports::default()
+            },
+            1,
+        );
         assert_eq!(applied.walked, 100, "each tracked id walked once");
         assert_eq!(applied.changed, 100);
         assert_eq!(applied.skipped, 2 + 9_999);
@@ -556,6 +572,7 @@ mod tests {
         let mut tracker = tracker_for(7, 100);
         let frame = DeliveryReports {
             reports: vec![peer_report(0, u32::MAX, String::new())],
+            ..DeliveryReports::default()
         };
         assert_eq!(apply_reports(&mut tracker, 8, frame, 1).changed, 0);
         assert_eq!(tracker.get(1000).unwrap().0.status, MessageStatus::Queued);
