@@ -505,8 +505,12 @@ impl ApiState {
                 };
                 if batch.generation != 0 {
                     // The destination's own word on its current life: later waiting sends'
-                    // first copies are addressed to it (see `recent.rs`).
-                    self.known_nodes().generations.insert(src, batch.generation);
+                    // first copies are addressed to it (see `recent.rs`). Only for nodes this
+                    // node sends to (known), so invented sources cannot grow the map.
+                    let mut known = self.known_nodes();
+                    if known.nodes.contains(&src) {
+                        known.generations.insert(src, batch.generation);
+                    }
                 }
                 let applied = reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
                 if applied.skipped > 0 {

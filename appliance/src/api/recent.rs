@@ -37,6 +37,11 @@ pub(crate) const MAX_OPEN_PER_SOURCE: u64 = 1 << 16;
 /// Windows kept at once (sender sessions seen lately).
 pub(crate) const MAX_SESSIONS: usize = 1 << 14;
 
+/// Verdict bytes held by all windows together. Sessions × open seqs alone would allow 1 GiB
+/// (a peer can name sessions and seqs freely); past this, copies that would grow a window are
+/// answered busy (not delivered, sent again later).
+pub(crate) const MAX_TOTAL_VERDICTS: usize = 16 << 20;
+
 /// A window idle this long can be dropped: the longest a waiting send retransmits is its
 /// timeout, capped at [`MAX_WAIT_SECONDS`], so no copy of its session can still come.
 pub(crate) const IDLE_EVICTION: Duration = Duration::from_secs(MAX_WAIT_SECONDS + 60);
@@ -146,6 +151,8 @@ struct Window {
 /// Open windows, per (source, session).
 pub(crate) struct RecentDeliveries {
     windows: HashMap<(u64, u64), Window>,
+    /// Sum of the windows' `verdicts` lengths.
+    total: usize,
     /// This node's life, as the mesh knows it.
     generation: u32,
 }
@@ -154,6 +161,7 @@ impl RecentDeliveries {
     pub(crate) fn new(generation: u32) -> Self {
         Self {
             windows: HashMap::new(),
+            total: 0,
             generation,
         }
     }
@@ -178,9 +186,9 @@ impl RecentDeliveries {
         if copy.floor > window.floor {
             let settled = copy.floor - window.floor;
             let len = window.verdicts.len() as u64;
-            window
-                .verdicts
-                .drain(..usize::try_from(settled.min(len)).unwrap_or(usize::MAX));
+            let gone = usize::try_from(settled.min(len)).unwrap_or(usize::MAX);
+            window.verdicts.drain(..gone);
+            self.total -= gone;
             window.floor = copy.floor;
         }
         if copy.seq < window.floor {
@@ -198,6 +206,11 @@ impl RecentDeliveries {
             .and_then(Verdict::from_code)
         {
             return Decision::Answer(earlier);
+        }
+        if index >= window.verdicts.len()
+            && self.total + (index + 1 - window.verdicts.len()) > MAX_TOTAL_VERDICTS
+        {
+            return Decision::Answer(Verdict::Busy);
         }
         if copy.attempt > 1 && copy.dst_generation != self.generation {
             self.set(key, index, Verdict::Unknown);
@@ -223,6 +236,10 @@ impl RecentDeliveries {
     fn set(&mut self, key: (u64, u64), index: usize, verdict: Verdict) {
         if let Some(window) = self.windows.get_mut(&key) {
             if index >= window.verdicts.len() {
+                if self.total + (index + 1 - window.verdicts.len()) > MAX_TOTAL_VERDICTS {
+                    return;
+                }
+                self.total += index + 1 - window.verdicts.len();
                 window.verdicts.resize(index + 1, 0);
             }
             window.verdicts[index] = verdict as u8;
@@ -242,7 +259,9 @@ impl RecentDeliveries {
             .map(|(key, _)| *key);
         match idle {
             Some(key) => {
-                self.windows.remove(&key);
+                if let Some(gone) = self.windows.remove(&key) {
+                    self.total -= gone.verdicts.len();
+                }
                 true
             }
             None => false,
@@ -345,6 +364,29 @@ mod tests {
             Decision::Deliver
         );
         assert!(recent.windows.values().all(|w| w.verdicts.len() <= 1));
+    }
+
+    #[test]
+    fn verdict_memory_is_bounded_across_all_windows() {
+        let t = Instant::now();
+        let mut recent = RecentDeliveries::new(3);
+        // Each session opens the farthest seq it may: without the total bound 16 384 of them
+        // would hold 1 GiB.
+        let far = MAX_OPEN_PER_SOURCE - 1;
+        let mut busy = 0;
+        for session in 0..1_000u64 {
+            let c = Arrival {
+                session,
+                ..copy(1 + far, 1, 1)
+            };
+            match recent.check(c, t) {
+                Decision::Deliver => recent.record(c, Verdict::Delivered),
+                Decision::Answer(Verdict::Busy) => busy += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(recent.total <= MAX_TOTAL_VERDICTS);
+        assert!(busy > 0, "the bound was reached and held");
     }
 
     #[test]
