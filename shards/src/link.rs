@@ -606,23 +606,22 @@ pub(crate) async fn run(
     };
 
     let write_timeout = config.write_timeout;
+    // When the write in progress started. A peer that stops reading fills its TCP window and
+    // the write never completes; the heartbeat loop (already awake every interval) ends the
+    // link past the deadline, which frees every sender waiting on this outbox. No timer is
+    // armed per write.
+    let writing_since: Cell<Option<Instant>> = Cell::new(None);
     let writer = async {
         loop {
             match outbox.take().await {
                 Take::Batch(batch, frames) => {
                     let len = batch.len();
-                    // A peer that stops reading fills its TCP window and this write never
-                    // completes; past the deadline the link is closed, which frees every
-                    // sender waiting on this outbox.
-                    let sent = timeout(
-                        write_timeout,
-                        sink.send(Message::Binary(Bytes::from(batch))),
-                    )
-                    .await;
+                    writing_since.set(Some(Instant::now()));
+                    let sent = sink.send(Message::Binary(Bytes::from(batch))).await;
+                    writing_since.set(None);
                     match sent {
-                        Some(Ok(())) => stats.on_sent(len, frames),
-                        Some(Err(e)) => return LinkEnd::Broken(e.to_string()),
-                        None => return LinkEnd::Stalled(write_timeout),
+                        Ok(()) => stats.on_sent(len, frames),
+                        Err(e) => return LinkEnd::Broken(e.to_string()),
                     }
                 }
                 Take::Closed(reason) => {
@@ -638,6 +637,12 @@ pub(crate) async fn run(
         let silence_limit = interval * config.heartbeat_misses;
         loop {
             glommio::timer::sleep(interval).await;
+            if writing_since
+                .get()
+                .is_some_and(|since| since.elapsed() > write_timeout)
+            {
+                return LinkEnd::Stalled(write_timeout);
+            }
             if let Some(silent_for) = gate.silent_for(&stats)
                 && silent_for > silence_limit
             {

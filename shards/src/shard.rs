@@ -557,7 +557,10 @@ async fn shard_main(
     {
         let shard = Rc::clone(&shard);
         glommio::spawn_local(async move {
-            let wait = Wait::Upto(shard.config.write_timeout);
+            // Longer than the write deadline plus the heartbeat tick that enforces it: a send
+            // stuck behind a peer that stopped reading is freed by that link's closing, not
+            // dropped just before it.
+            let wait = Wait::Upto(shard.config.write_timeout + shard.config.heartbeat_interval * 2);
             while let Some(input) = send.pop().await {
                 match input {
                     ShardInput::Send(outgoing) => send_frame(&shard, outgoing, wait).await,
