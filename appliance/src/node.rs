@@ -13,8 +13,9 @@ use std::{io::Write, sync::Arc, thread, time::Duration};
 
 use anyhow::Context;
 use meshd_shards::{
+    command::{ApiEvent, ControlEvent, EVENT_RING_BYTES},
     handshake::LocalHello,
-    ring::ring,
+    ring::{ring, weighed_ring},
     shard::{ShardConfig, Shards},
     tls::{self, TlsIdentity},
 };
@@ -62,8 +63,9 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     let mesh_id = start_mesh_id(mesh_record.as_ref(), &config.mesh_id);
 
     let capacity = config.runtime.ring_capacity;
-    let (control_events_tx, control_events_rx) = ring(capacity);
-    let (api_events_tx, api_events_rx) = ring(capacity);
+    let (control_events_tx, control_events_rx) =
+        weighed_ring(capacity, EVENT_RING_BYTES, ControlEvent::weight);
+    let (api_events_tx, api_events_rx) = weighed_ring(capacity, EVENT_RING_BYTES, ApiEvent::weight);
     let (control_requests_tx, control_requests_rx) = ring(capacity);
 
     let shard_config = ShardConfig {
@@ -151,6 +153,10 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         node_id: identity.node_id,
         listener: grpc_listener,
         shards: shard_inputs,
+        congestion: shards.congestion(),
+        congestion_wait: Duration::from_millis(
+            config.network.write_timeout_ms + 2 * config.network.heartbeat_ms,
+        ),
         control: control_requests_tx,
         events: api_events_rx,
         max_payload_bytes: config.network.max_payload_bytes,

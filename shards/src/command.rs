@@ -179,6 +179,21 @@ pub enum ControlEvent {
     },
 }
 
+impl ControlEvent {
+    /// The bytes it weighs on the control ring: what a peer chose the size of.
+    pub fn weight(&self) -> usize {
+        match self {
+            Self::Routing { payload, .. }
+            | Self::Join { payload, .. }
+            | Self::Gossip { payload, .. } => payload.len(),
+            Self::LinkDown {
+                reason, goodbye, ..
+            } => reason.len() + goodbye.as_ref().map_or(0, String::len),
+            Self::LinkUp { .. } | Self::DialDone { .. } => 0,
+        }
+    }
+}
+
 /// Why a dial failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DialError {
@@ -220,3 +235,17 @@ pub enum ApiEvent {
         known: bool,
     },
 }
+
+impl ApiEvent {
+    /// The bytes it weighs on the api ring.
+    pub fn weight(&self) -> usize {
+        match self {
+            Self::Frame { payload, .. } => payload.len(),
+            Self::SendFailed { .. } => 0,
+        }
+    }
+}
+
+/// Payload bytes the rings from the shards to the control and api threads may hold, whatever
+/// their item capacity (see `ring::weighed_ring`).
+pub const EVENT_RING_BYTES: usize = 4 << 20;

@@ -15,80 +15,22 @@
 //! reading delays at most its own shard's sends, for at most that deadline; it never stops
 //! control inputs, heartbeats or forwarding to other peers.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, AtomicUsize, Ordering},
-};
-
-use event_listener::{Event, listener};
-
 use crate::{
     command::ShardInput,
     frame::FrameType,
-    ring::{Consumer, Producer, PushError, ring},
+    ring::{Consumer, Producer, PushError, weighed_ring},
 };
 
-/// Payload bytes a data lane (send or fwd) may hold, whatever its item capacity: 4096 items of
+/// Payload bytes each of a shard's rings may hold, whatever its item capacity: 4096 items of
 /// 64 KiB would be 256 MiB and a second of queueing at link speed; this is a few milliseconds.
 pub const DATA_LANE_BYTES: usize = 4 << 20;
 
-/// The byte gauge of one data lane, shared by its producers and its consumer.
-struct LaneBytes {
-    queued: AtomicUsize,
-    room: Event,
-    closed: AtomicBool,
-}
-
-impl LaneBytes {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            queued: AtomicUsize::new(0),
-            room: Event::new(),
-            closed: AtomicBool::new(false),
-        })
-    }
-
-    fn has_room(&self) -> bool {
-        self.queued.load(Ordering::Acquire) < DATA_LANE_BYTES
-    }
-
-    fn release(&self, bytes: usize) {
-        if bytes > 0 {
-            self.queued.fetch_sub(bytes, Ordering::AcqRel);
-            self.room.notify(usize::MAX);
-        }
-    }
-}
-
-/// The payload bytes an input weighs on its lane.
+/// The payload bytes an input weighs on its ring.
 fn weight(input: &ShardInput) -> usize {
     match input {
         ShardInput::Send(outgoing) => outgoing.payload.len(),
         ShardInput::Forward(forwarded) => forwarded.payload.len(),
         _ => 0,
-    }
-}
-
-/// The consuming end of a data lane: pops give their bytes back to the lane's gauge.
-pub(crate) struct DataLane {
-    ring: Consumer<ShardInput>,
-    bytes: Arc<LaneBytes>,
-}
-
-impl DataLane {
-    /// The next input; `None` once every producer is gone.
-    pub(crate) async fn pop(&self) -> Option<ShardInput> {
-        let input = self.ring.pop().await?;
-        self.bytes.release(weight(&input));
-        Some(input)
-    }
-}
-
-impl Drop for DataLane {
-    fn drop(&mut self) {
-        // Producers waiting for byte room must learn that none will come.
-        self.bytes.closed.store(true, Ordering::Release);
-        self.bytes.room.notify(usize::MAX);
     }
 }
 
@@ -120,41 +62,27 @@ pub struct ShardHandle {
     ctl: Producer<ShardInput>,
     send: Producer<ShardInput>,
     fwd: Producer<ShardInput>,
-    send_bytes: Arc<LaneBytes>,
-    fwd_bytes: Arc<LaneBytes>,
 }
 
 /// The consuming side, owned by the shard thread.
 pub(crate) struct ShardRings {
     pub(crate) ctl: Consumer<ShardInput>,
-    pub(crate) send: DataLane,
-    pub(crate) fwd: DataLane,
+    pub(crate) send: Consumer<ShardInput>,
+    pub(crate) fwd: Consumer<ShardInput>,
 }
 
-/// Creates the rings of one shard, each holding at most `capacity` inputs.
+/// Creates the rings of one shard, each holding at most `capacity` inputs and
+/// [`DATA_LANE_BYTES`] of payload.
 pub(crate) fn shard_rings(capacity: usize) -> (ShardHandle, ShardRings) {
-    let (ctl, ctl_rx) = ring(capacity);
-    let (send, send_rx) = ring(capacity);
-    let (fwd, fwd_rx) = ring(capacity);
-    let (send_bytes, fwd_bytes) = (LaneBytes::new(), LaneBytes::new());
+    let (ctl, ctl_rx) = weighed_ring(capacity, DATA_LANE_BYTES, weight);
+    let (send, send_rx) = weighed_ring(capacity, DATA_LANE_BYTES, weight);
+    let (fwd, fwd_rx) = weighed_ring(capacity, DATA_LANE_BYTES, weight);
     (
-        ShardHandle {
-            ctl,
-            send,
-            fwd,
-            send_bytes: Arc::clone(&send_bytes),
-            fwd_bytes: Arc::clone(&fwd_bytes),
-        },
+        ShardHandle { ctl, send, fwd },
         ShardRings {
             ctl: ctl_rx,
-            send: DataLane {
-                ring: send_rx,
-                bytes: send_bytes,
-            },
-            fwd: DataLane {
-                ring: fwd_rx,
-                bytes: fwd_bytes,
-            },
+            send: send_rx,
+            fwd: fwd_rx,
         },
     )
 }
@@ -168,62 +96,19 @@ impl ShardHandle {
         }
     }
 
-    fn bytes(&self, lane: Lane) -> Option<&LaneBytes> {
-        match lane {
-            Lane::Ctl => None,
-            Lane::Send => Some(&self.send_bytes),
-            Lane::Fwd => Some(&self.fwd_bytes),
-        }
-    }
-
-    /// Pushes without waiting; hands the input back when its ring (items, or bytes for the
-    /// data lanes) is full or the shard stopped.
+    /// Pushes without waiting; hands the input back when its ring (items or bytes) is full or
+    /// the shard stopped.
     pub fn try_push(&self, input: ShardInput) -> Result<(), PushError<ShardInput>> {
-        let lane = lane_of(&input);
-        let ring = self.lane(lane);
-        let Some(bytes) = self.bytes(lane) else {
-            return ring.try_push(input);
-        };
-        if bytes.closed.load(Ordering::Acquire) {
-            return Err(PushError::Closed(input));
-        }
-        if !bytes.has_room() {
-            return Err(PushError::Full(input));
-        }
-        let w = weight(&input);
-        bytes.queued.fetch_add(w, Ordering::AcqRel);
-        ring.try_push(input).inspect_err(|_| bytes.release(w))
+        self.lane(lane_of(&input)).try_push(input)
     }
 
-    /// Pushes, waiting while the input's ring is full (items, or bytes for the data lanes).
-    /// Returns the input only if the shard has stopped.
+    /// Pushes, waiting while the input's ring is full (items or bytes). Returns the input only
+    /// if the shard has stopped.
     ///
     /// Callers on the api and control threads may wait here: the ctl ring's consumer never
     /// blocks, and the send ring's waits end within the write deadline (see the module docs).
     pub async fn push(&self, input: ShardInput) -> Result<(), ShardInput> {
-        let lane = lane_of(&input);
-        let ring = self.lane(lane);
-        let Some(bytes) = self.bytes(lane) else {
-            return ring.push(input).await;
-        };
-        loop {
-            if bytes.closed.load(Ordering::Acquire) {
-                return Err(input);
-            }
-            if bytes.has_room() {
-                break;
-            }
-            listener!(bytes.room => room);
-            // Re-check after registering, or a release in between would be missed.
-            if bytes.has_room() || bytes.closed.load(Ordering::Acquire) {
-                continue;
-            }
-            room.await;
-        }
-        // One input may take the gauge past the bound; the next one waits.
-        let w = weight(&input);
-        bytes.queued.fetch_add(w, Ordering::AcqRel);
-        ring.push(input).await.inspect_err(|_| bytes.release(w))
+        self.lane(lane_of(&input)).push(input).await
     }
 
     /// Inputs waiting in the send ring (data this node originates): a congestion signal.
@@ -304,7 +189,7 @@ mod tests {
         assert!(matches!(handle.try_push(big(1)), Err(PushError::Full(_))));
         // Items of no weight travel on the ctl lane, unaffected.
         handle.try_push(ShardInput::Shutdown).unwrap();
-        let popped = futures_lite::future::block_on(rings.send.pop());
+        let popped = rings.send.try_pop();
         assert!(popped.is_some());
         handle.try_push(big(1)).unwrap();
         drop(rings);

@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod command;
+pub mod congestion;
 pub mod fib;
 pub mod frame;
 pub mod handle;

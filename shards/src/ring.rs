@@ -9,7 +9,13 @@
 //!
 //! Runtime-agnostic on purpose: the same ring connects a glommio shard to the tokio api thread.
 //!
-//! **Invariant:** the capacity never changes; a push on a full ring either hands the item back
+//! A ring is bounded twice: in items (the slots of the array) and, for items that carry
+//! payloads, in bytes ([`weighed_ring`]): 4096 slots of 64 KiB messages would be 256 MiB and a
+//! second of queueing, so the byte bound is the one that bites for data. One item may take the
+//! byte gauge past its bound (so an item bigger than the bound still passes an empty ring); the
+//! next push then finds the ring full.
+//!
+//! **Invariant:** the bounds never change; a push on a full ring either hands the item back
 //! ([`Producer::try_push`]) or waits for room ([`Producer::push`]). Nothing is dropped silently.
 //! **Invariant:** exactly one [`Consumer`] exists per ring (it is not `Clone`).
 
@@ -29,6 +35,10 @@ use event_listener::{Event, listener};
 
 struct Shared<T> {
     queue: ArrayQueue<T>,
+    /// Bytes of the items in the ring, as `weigh` counts them.
+    queued_bytes: AtomicUsize,
+    max_bytes: usize,
+    weigh: fn(&T) -> usize,
     consumer_waker: AtomicWaker,
     room: Event,
     n_producers: AtomicUsize,
@@ -72,15 +82,36 @@ impl<T> fmt::Display for PushError<T> {
     }
 }
 
-/// Creates a ring holding at most `capacity` items.
+fn weightless<T>(_: &T) -> usize {
+    0
+}
+
+/// Creates a ring holding at most `capacity` items, of no weight (the byte bound never bites).
 ///
 /// # Panics
 /// If `capacity` is 0: a zero-capacity ring could never carry anything, so it is a bug in the
 /// caller's configuration validation.
 pub fn ring<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
+    weighed_ring(capacity, usize::MAX, weightless)
+}
+
+/// Creates a ring holding at most `capacity` items and about `max_bytes` of them as `weigh`
+/// counts (one item may go past the byte bound; see the module docs).
+///
+/// # Panics
+/// If `capacity` or `max_bytes` is 0 (a bug in the caller's configuration validation).
+pub fn weighed_ring<T>(
+    capacity: usize,
+    max_bytes: usize,
+    weigh: fn(&T) -> usize,
+) -> (Producer<T>, Consumer<T>) {
     assert!(capacity > 0, "ring capacity must be positive");
+    assert!(max_bytes > 0, "ring byte bound must be positive");
     let shared = Arc::new(Shared {
         queue: ArrayQueue::new(capacity),
+        queued_bytes: AtomicUsize::new(0),
+        max_bytes,
+        weigh,
         consumer_waker: AtomicWaker::new(),
         room: Event::new(),
         n_producers: AtomicUsize::new(1),
@@ -97,15 +128,29 @@ pub fn ring<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
 impl<T> Producer<T> {
     /// Pushes without waiting; hands the item back when the ring is full or closed.
     pub fn try_push(&self, item: T) -> Result<(), PushError<T>> {
-        if !self.shared.consumer_alive.load(Ordering::Acquire) {
+        let shared = &*self.shared;
+        if !shared.consumer_alive.load(Ordering::Acquire) {
             return Err(PushError::Closed(item));
         }
-        match self.shared.queue.push(item) {
+        if shared.queued_bytes.load(Ordering::Acquire) >= shared.max_bytes {
+            return Err(PushError::Full(item));
+        }
+        // Counted before the push, so the consumer never releases bytes not yet added.
+        let weight = (shared.weigh)(&item);
+        if weight > 0 {
+            shared.queued_bytes.fetch_add(weight, Ordering::AcqRel);
+        }
+        match shared.queue.push(item) {
             Ok(()) => {
-                self.shared.consumer_waker.wake();
+                shared.consumer_waker.wake();
                 Ok(())
             }
-            Err(item) => Err(PushError::Full(item)),
+            Err(item) => {
+                if weight > 0 {
+                    shared.queued_bytes.fetch_sub(weight, Ordering::AcqRel);
+                }
+                Err(PushError::Full(item))
+            }
         }
     }
 
@@ -141,6 +186,11 @@ impl<T> Producer<T> {
         self.shared.queue.is_empty()
     }
 
+    /// Bytes waiting in the ring (0 for a ring of weightless items).
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Acquire)
+    }
+
     /// Whether the consumer has stopped.
     pub fn is_closed(&self) -> bool {
         !self.shared.consumer_alive.load(Ordering::Acquire)
@@ -168,11 +218,17 @@ impl<T> Drop for Producer<T> {
 impl<T> Consumer<T> {
     /// Pops without waiting.
     pub fn try_pop(&self) -> Option<T> {
-        let item = self.shared.queue.pop();
-        if item.is_some() {
-            self.shared.room.notify(1);
+        let shared = &*self.shared;
+        let item = shared.queue.pop()?;
+        let weight = (shared.weigh)(&item);
+        if weight > 0 {
+            shared.queued_bytes.fetch_sub(weight, Ordering::AcqRel);
+            // Freed bytes may make room for several small items: wake every waiter.
+            shared.room.notify(usize::MAX);
+        } else {
+            shared.room.notify(1);
         }
-        item
+        Some(item)
     }
 
     /// Waits for the next item; `None` once every producer is gone and the ring is drained.
@@ -208,6 +264,11 @@ impl<T> Consumer<T> {
     pub fn capacity(&self) -> usize {
         self.shared.queue.capacity()
     }
+
+    /// Bytes waiting in the ring (0 for a ring of weightless items).
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Acquire)
+    }
 }
 
 impl<T> Drop for Consumer<T> {
@@ -233,6 +294,27 @@ mod tests {
         assert_eq!(rx.try_pop(), Some(1));
         tx.try_push(3).unwrap();
         assert_eq!(rx.capacity(), 2);
+    }
+
+    #[test]
+    fn a_weighed_ring_is_bounded_in_bytes_and_pops_give_them_back() {
+        let (tx, rx) = weighed_ring::<Vec<u8>>(4096, 100, Vec::len);
+        // One item may take the gauge past the bound; after it the ring is full.
+        tx.try_push(vec![0; 99]).unwrap();
+        tx.try_push(vec![0; 50]).unwrap();
+        assert!(matches!(tx.try_push(vec![0; 1]), Err(PushError::Full(_))));
+        assert_eq!(tx.queued_bytes(), 149);
+        assert_eq!(rx.try_pop().map(|v| v.len()), Some(99));
+        tx.try_push(vec![0; 1]).unwrap();
+        assert_eq!(rx.queued_bytes(), 51);
+        // A waiting producer is woken by the bytes a pop frees, not only by a slot.
+        tx.try_push(vec![0; 60]).unwrap();
+        let waiter = thread::spawn(move || futures_lite::future::block_on(tx.push(vec![0; 5])));
+        thread::sleep(std::time::Duration::from_millis(20));
+        while rx.try_pop().is_some() {}
+        waiter.join().unwrap().unwrap();
+        assert_eq!(rx.try_pop().map(|v| v.len()), Some(5));
+        assert_eq!(rx.queued_bytes(), 0);
     }
 
     #[test]

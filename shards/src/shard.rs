@@ -16,6 +16,7 @@
 //! restarted, seen by its boot id).
 
 mod connect;
+mod parked;
 
 use std::{
     cell::{Cell, RefCell},
@@ -39,6 +40,7 @@ use bytes::Bytes;
 
 use crate::{
     command::{ApiEvent, ControlEvent, Forwarded, Outgoing, ShardInput},
+    congestion::Congestion,
     fib::{Fib, Spread, flow_key},
     frame::{FrameType, Header},
     handle::{ShardHandle, ShardRings, shard_rings},
@@ -130,6 +132,7 @@ pub enum StartError {
 /// Running shards: their inbound rings and threads.
 pub struct Shards {
     inputs: Vec<ShardHandle>,
+    congestion: Arc<Congestion>,
     threads: Vec<thread::JoinHandle<()>>,
     listen_addr: Option<SocketAddr>,
 }
@@ -145,6 +148,7 @@ impl Shards {
         let (inputs, consumers): (Vec<_>, Vec<_>) =
             (0..n).map(|_| shard_rings(config.ring_capacity)).unzip();
         let handshakes = Arc::new(AtomicUsize::new(0));
+        let congestion = Arc::new(Congestion::default());
         let config = Arc::new(config);
         let (ready_tx, ready_rx) =
             mpsc::channel::<(usize, Result<Option<SocketAddr>, StartError>)>();
@@ -156,6 +160,7 @@ impl Shards {
             let peers = inputs.clone();
             let ready_tx = ready_tx.clone();
             let handshakes = Arc::clone(&handshakes);
+            let congestion = Arc::clone(&congestion);
             let placement = if config.pin_cores {
                 Placement::Fixed(shard_id % num_cpus())
             } else {
@@ -172,6 +177,7 @@ impl Shards {
                         control_tx,
                         api_tx,
                         handshakes,
+                        congestion,
                     };
                     shard_main(shard_id, config, wiring, ready_tx).await;
                 })
@@ -201,6 +207,7 @@ impl Shards {
         }
         Ok(Self {
             inputs,
+            congestion,
             threads,
             listen_addr,
         })
@@ -209,6 +216,12 @@ impl Shards {
     /// The inbound ring of every shard, indexed by shard id.
     pub fn inputs(&self) -> &[ShardHandle] {
         &self.inputs
+    }
+
+    /// Bytes parked per destination on every shard: the api holds back a congested
+    /// destination's callers (see `congestion`).
+    pub fn congestion(&self) -> Arc<Congestion> {
+        Arc::clone(&self.congestion)
     }
 
     /// The ring of the shard that owns `peer`.
@@ -267,6 +280,8 @@ pub(crate) struct Shard {
     round_robin: Cell<u64>,
     /// The mesh this node belongs to now ("" = none yet); starts as `config.local.mesh_id`.
     mesh_id: RefCell<String>,
+    /// Frames of the send task waiting for a congested destination.
+    parked: parked::Parked,
 }
 
 /// Why a frame could not be handed on.
@@ -472,6 +487,7 @@ struct Wiring {
     control_tx: Producer<ControlEvent>,
     api_tx: Producer<ApiEvent>,
     handshakes: Arc<AtomicUsize>,
+    congestion: Arc<Congestion>,
 }
 
 async fn shard_main(
@@ -486,6 +502,7 @@ async fn shard_main(
         control_tx,
         api_tx,
         handshakes,
+        congestion,
     } = wiring;
     let n = config.n_shards.max(1);
     let known: HashSet<u64> = config
@@ -517,6 +534,7 @@ async fn shard_main(
         fib: RefCell::new(Arc::new(Fib::empty())),
         round_robin: Cell::new(0),
         mesh_id: RefCell::new(config.local.mesh_id.clone()),
+        parked: parked::Parked::new(congestion),
     });
 
     let listener = match config.listen {
@@ -554,22 +572,7 @@ async fn shard_main(
     // The send and fwd tasks may wait (on outboxes, whose writers have deadlines); the ctl
     // loop below never waits on anything but its ring (see `handle`).
     let ShardRings { ctl, send, fwd } = inbound;
-    {
-        let shard = Rc::clone(&shard);
-        glommio::spawn_local(async move {
-            // Longer than the write deadline plus the heartbeat tick that enforces it: a send
-            // stuck behind a peer that stopped reading is freed by that link's closing, not
-            // dropped just before it.
-            let wait = Wait::Upto(shard.config.write_timeout + shard.config.heartbeat_interval * 2);
-            while let Some(input) = send.pop().await {
-                match input {
-                    ShardInput::Send(outgoing) => send_frame(&shard, outgoing, wait).await,
-                    other => handle_misrouted(&shard, other),
-                }
-            }
-        })
-        .detach();
-    }
+    glommio::spawn_local(parked::send_task(Rc::clone(&shard), send)).detach();
     {
         let shard = Rc::clone(&shard);
         glommio::spawn_local(async move {
@@ -602,7 +605,7 @@ async fn shard_main(
                 ))
                 .detach();
             }
-            ShardInput::Send(outgoing) => send_frame(&shard, outgoing, Wait::Control).await,
+            ShardInput::Send(outgoing) => send_control_frame(&shard, outgoing).await,
             ShardInput::Forward(forwarded) => {
                 // Not sent here by `ShardHandle`; served without waiting all the same.
                 let result = shard
@@ -712,7 +715,8 @@ fn handle_misrouted(shard: &Shard, input: ShardInput) {
     shard.count_drop("misrouted_input");
 }
 
-async fn send_frame(shard: &Rc<Shard>, outgoing: Outgoing, wait: Wait) {
+/// The header of a frame this node originates.
+fn send_header(shard: &Shard, outgoing: &Outgoing) -> Header {
     let mut header = Header::new(
         outgoing.frame_type,
         outgoing.traffic_class,
@@ -721,21 +725,33 @@ async fn send_frame(shard: &Rc<Shard>, outgoing: Outgoing, wait: Wait) {
     );
     header.seq = outgoing.msg_id;
     header.stream_id = outgoing.flow;
-    if let Err(error) = shard.route(header, outgoing.payload, 1, wait).await {
-        shard.count_drop(error.kind());
-        if outgoing.frame_type == FrameType::Data {
-            let dst = outgoing.dst;
-            let known = shard.known.borrow().contains(&dst) || shard.fib.borrow().is_known(dst);
-            let event = ApiEvent::SendFailed {
-                msg_id: outgoing.msg_id,
-                dst,
-                known,
-            };
-            // Never waits on the api thread (which may be waiting on this shard's send ring):
-            // a lost failure report leaves the status at QUEUED, and waiting sends time out.
-            if shard.api_tx.try_push(event).is_err() {
-                shard.count_drop("send_failure_report_lost");
-            }
+    header
+}
+
+/// Counts a frame this node could not send, and tells the api of a lost `Data` frame.
+fn report_send_failure(shard: &Shard, outgoing: &Outgoing, error: &RouteError) {
+    shard.count_drop(error.kind());
+    if outgoing.frame_type == FrameType::Data {
+        let dst = outgoing.dst;
+        let known = shard.known.borrow().contains(&dst) || shard.fib.borrow().is_known(dst);
+        let event = ApiEvent::SendFailed {
+            msg_id: outgoing.msg_id,
+            dst,
+            known,
+        };
+        // Never waits on the api thread (which may be waiting on this shard's send ring):
+        // a lost failure report leaves the status at QUEUED, and waiting sends time out.
+        if shard.api_tx.try_push(event).is_err() {
+            shard.count_drop("send_failure_report_lost");
         }
+    }
+}
+
+/// A control-plane frame from the ctl loop: never waits.
+async fn send_control_frame(shard: &Rc<Shard>, mut outgoing: Outgoing) {
+    let header = send_header(shard, &outgoing);
+    let payload = std::mem::take(&mut outgoing.payload);
+    if let Err(error) = shard.route(header, payload, 1, Wait::Control).await {
+        report_send_failure(shard, &outgoing, &error);
     }
 }

@@ -25,7 +25,8 @@ fn request(dst: u64, mode: SendMode, payload: Vec<u8>) -> SendRequest {
 /// Node 1 runs one shard (so the rogue's link and node 2's share every queue there is) and a
 /// 1 s write deadline. A rogue completes the handshake, then sends heartbeats and never reads,
 /// while node 1 is asked to send it 64 KiB messages. Node 1 → node 2 waiting sends must keep
-/// being delivered throughout, and the rogue's link must be cut for not reading.
+/// being delivered throughout, without waiting behind the rogue's frames, and the rogue's link
+/// must be cut for not reading.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_never_reads_is_cut_off_while_other_traffic_keeps_flowing() -> anyhow::Result<()>
 {
@@ -105,9 +106,11 @@ async fn a_peer_that_never_reads_is_cut_off_while_other_traffic_keeps_flowing() 
         "{sent} sends to node 2 delivered while the rogue stopped reading; longest gap {} ms",
         longest.as_millis()
     );
-    // Sends behind a frame waiting for the rogue's outbox wait at most the write deadline.
+    // Frames for the rogue are parked per destination, so sends to node 2 never queue behind
+    // them: the gap stays well under the 1 s write deadline (with head-of-line blocking on the
+    // shard's send ring it was the deadline plus a heartbeat tick, ~1.25 s).
     assert!(
-        longest < Duration::from_millis(2500),
+        longest < Duration::from_millis(600),
         "node 2's traffic stalled for {longest:?}; log:\n{}",
         n1.log_tail(30)
     );

@@ -174,7 +174,7 @@ pub(crate) async fn submit(
             .update(msg_id, Some(local), verdict_update(verdict));
         for target in targets.into_iter().filter(|t| *t != local) {
             state
-                .send_frame(
+                .hand_over(
                     target,
                     FrameType::Data,
                     class,

@@ -36,6 +36,7 @@ use meshd_proto::{
 };
 use meshd_shards::{
     command::{ApiEvent, Outgoing, ShardInput},
+    congestion::Congestion,
     frame::{FrameType, TrafficClass},
     handle::ShardHandle,
     ownership::owner_shard,
@@ -87,6 +88,10 @@ impl Subscriber {
 pub(crate) struct ApiState {
     pub(crate) node_id: u64,
     pub(crate) shards: Arc<[ShardHandle]>,
+    /// Bytes the shards hold parked per destination (a destination that stops reading).
+    congestion: Arc<Congestion>,
+    /// How long a send to a congested destination waits before it is handed over anyway.
+    congestion_wait: Duration,
     pub(crate) control: Producer<ControlRequest>,
     pub(crate) max_payload_bytes: usize,
     pub(crate) subscriber_queue: usize,
@@ -237,8 +242,29 @@ impl ApiState {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hands a frame to the shard that owns the link to `dst`, waiting while its ring is full.
+    /// Hands a frame to the shard that owns the link to `dst`, waiting while `dst` is congested
+    /// (at most `congestion_wait`: only this destination's callers wait) and while the
+    /// shard's ring is full.
     pub(crate) async fn send_frame(
+        &self,
+        dst: u64,
+        frame_type: FrameType,
+        traffic_class: TrafficClass,
+        msg_id: u64,
+        flow: u128,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        if self.congestion.is_congested(dst) {
+            let _ =
+                tokio::time::timeout(self.congestion_wait, self.congestion.until_clear(dst)).await;
+        }
+        self.hand_over(dst, frame_type, traffic_class, msg_id, flow, payload)
+            .await
+    }
+
+    /// Hands a frame to the shard that owns the link to `dst`, waiting only while its ring is
+    /// full: a broadcast's copy for a congested node is parked there, not waited for.
+    pub(crate) async fn hand_over(
         &self,
         dst: u64,
         frame_type: FrameType,
@@ -657,6 +683,11 @@ pub struct ApiSetup {
     pub listener: std::net::TcpListener,
     /// Every shard's ring.
     pub shards: Arc<[ShardHandle]>,
+    /// The shards' parked bytes per destination.
+    pub congestion: Arc<Congestion>,
+    /// How long a send to a congested destination waits for it to drain (the shards' own
+    /// patience with a parked frame).
+    pub congestion_wait: Duration,
     /// Requests to the control thread.
     pub control: Producer<ControlRequest>,
     /// Frames for this node, from the shards.
@@ -724,6 +755,8 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
     let state = Arc::new(ApiState {
         node_id: setup.node_id,
         shards: setup.shards,
+        congestion: setup.congestion,
+        congestion_wait: setup.congestion_wait,
         control: setup.control,
         max_payload_bytes: setup.max_payload_bytes,
         subscriber_queue: setup.subscriber_queue,
