@@ -281,7 +281,9 @@ pub(crate) struct Shard {
     /// The mesh this node belongs to now ("" = none yet); starts as `config.local.mesh_id`.
     mesh_id: RefCell<String>,
     /// Frames of the send task waiting for a congested destination.
-    parked: parked::Parked,
+    parked_sends: parked::Parked<Outgoing>,
+    /// Frames of the fwd task waiting for a congested next hop.
+    parked_forwards: parked::Parked<Forwarded>,
 }
 
 /// Why a frame could not be handed on.
@@ -438,22 +440,38 @@ impl Shard {
         .map_err(outbox_error)
     }
 
-    /// A frame another shard routed to a peer of this shard (the fwd task). Waits at most the
-    /// relay wait for room; a re-route never waits, so two fwd tasks never wait on each other.
-    async fn forward(&self, forwarded: Forwarded) {
-        let outbox = self
-            .links
+    /// A frame another shard routed to a peer of this shard, without waiting. Hands it back
+    /// when the next hop's outbox is full (the fwd task parks it); a failure is counted.
+    fn forward_now(&self, forwarded: Forwarded) -> Result<(), Option<Forwarded>> {
+        let outbox = self.open_outbox(forwarded.next_hop);
+        let Some(outbox) = outbox else {
+            return Err(Some(forwarded));
+        };
+        match outbox.try_push(&forwarded.header, &forwarded.payload) {
+            Ok(()) => Ok(()),
+            Err(OutboxError::Full) => Err(Some(forwarded)),
+            Err(error) => {
+                self.count_drop(outbox_error(error).kind());
+                Err(None)
+            }
+        }
+    }
+
+    fn open_outbox(&self, peer: u64) -> Option<Rc<Outbox>> {
+        self.links
             .borrow()
-            .get(&forwarded.next_hop)
+            .get(&peer)
             .filter(|l| !l.outbox.is_closing())
-            .map(|l| Rc::clone(&l.outbox));
+            .map(|l| Rc::clone(&l.outbox))
+    }
+
+    /// A frame another shard routed to a peer of this shard (the fwd task's drainer). Waits at
+    /// most `limit` for room; a re-route never waits, so two fwd tasks never wait on each other.
+    async fn forward(&self, forwarded: Forwarded, limit: Duration) {
+        let outbox = self.open_outbox(forwarded.next_hop);
         let result = match outbox {
             Some(outbox) => outbox
-                .push(
-                    &forwarded.header,
-                    &forwarded.payload,
-                    self.config.relay_wait(),
-                )
+                .push(&forwarded.header, &forwarded.payload, limit)
                 .await
                 .map_err(outbox_error),
             // The next hop went down after the other shard chose it: re-route once more.
@@ -534,7 +552,8 @@ async fn shard_main(
         fib: RefCell::new(Arc::new(Fib::empty())),
         round_robin: Cell::new(0),
         mesh_id: RefCell::new(config.local.mesh_id.clone()),
-        parked: parked::Parked::new(congestion),
+        parked_sends: parked::Parked::new(Some(congestion)),
+        parked_forwards: parked::Parked::new(None),
     });
 
     let listener = match config.listen {
@@ -573,18 +592,7 @@ async fn shard_main(
     // loop below never waits on anything but its ring (see `handle`).
     let ShardRings { ctl, send, fwd } = inbound;
     glommio::spawn_local(parked::send_task(Rc::clone(&shard), send)).detach();
-    {
-        let shard = Rc::clone(&shard);
-        glommio::spawn_local(async move {
-            while let Some(input) = fwd.pop().await {
-                match input {
-                    ShardInput::Forward(forwarded) => shard.forward(forwarded).await,
-                    other => handle_misrouted(&shard, other),
-                }
-            }
-        })
-        .detach();
-    }
+    glommio::spawn_local(parked::fwd_task(Rc::clone(&shard), fwd)).detach();
 
     while let Some(input) = ctl.pop().await {
         match input {

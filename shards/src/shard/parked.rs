@@ -1,4 +1,4 @@
-//! The send task and its per-destination parking: no destination holds up another.
+//! The send and fwd tasks and their parking: no destination (or next hop) holds up another.
 //!
 //! The send task tries each frame without waiting. A frame whose next hop has no room is
 //! parked in its destination's queue, and a drainer task for that destination waits for room
@@ -22,7 +22,7 @@ use event_listener::{Event, listener};
 
 use super::{RouteError, Shard, Wait, handle_misrouted, report_send_failure, send_header};
 use crate::{
-    command::{Outgoing, ShardInput},
+    command::{Forwarded, Outgoing, ShardInput},
     congestion::Congestion,
     ring::Consumer,
 };
@@ -30,16 +30,43 @@ use crate::{
 /// Bytes parked on one shard, all destinations together, before the send task waits.
 pub(crate) const MAX_PARKED_BYTES: usize = 16 << 20;
 
-/// The parked frames of one shard.
-pub(crate) struct Parked {
-    queues: RefCell<HashMap<u64, VecDeque<(Outgoing, Instant)>>>,
-    bytes: Cell<usize>,
-    room: Event,
-    congestion: Arc<Congestion>,
+/// What a parking lot holds: frames keyed by the queue they wait in.
+pub(crate) trait Parkable {
+    /// The queue: the destination (send task) or the next hop (fwd task).
+    fn key(&self) -> u64;
+    /// Payload bytes.
+    fn weight(&self) -> usize;
 }
 
-impl Parked {
-    pub(crate) fn new(congestion: Arc<Congestion>) -> Self {
+impl Parkable for Outgoing {
+    fn key(&self) -> u64 {
+        self.dst
+    }
+    fn weight(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+impl Parkable for Forwarded {
+    fn key(&self) -> u64 {
+        self.next_hop
+    }
+    fn weight(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// The parked frames of one of a shard's tasks.
+pub(crate) struct Parked<T> {
+    queues: RefCell<HashMap<u64, VecDeque<(T, Instant)>>>,
+    bytes: Cell<usize>,
+    room: Event,
+    /// Published for the api (send task only).
+    congestion: Option<Arc<Congestion>>,
+}
+
+impl<T: Parkable> Parked<T> {
+    pub(crate) fn new(congestion: Option<Arc<Congestion>>) -> Self {
         Self {
             queues: RefCell::new(HashMap::new()),
             bytes: Cell::new(0),
@@ -48,40 +75,41 @@ impl Parked {
         }
     }
 
-    /// Whether `dst` has a queue (possibly empty while its drainer sends the last frame).
-    fn holds(&self, dst: u64) -> bool {
-        self.queues.borrow().contains_key(&dst)
+    /// Whether `key` has a queue (possibly empty while its drainer sends the last frame).
+    fn holds(&self, key: u64) -> bool {
+        self.queues.borrow().contains_key(&key)
     }
 
-    /// Appends a frame; returns whether the destination's queue is new (needs a drainer).
-    fn park(&self, outgoing: Outgoing, deadline: Instant) -> bool {
-        let (dst, weight) = (outgoing.dst, outgoing.payload.len());
+    /// Appends a frame; returns whether its queue is new (needs a drainer).
+    fn park(&self, item: T, deadline: Instant) -> bool {
+        let (key, weight) = (item.key(), item.weight());
         self.bytes.set(self.bytes.get() + weight);
-        self.congestion.park(dst, weight);
+        if let Some(congestion) = &self.congestion {
+            congestion.park(key, weight);
+        }
         let mut queues = self.queues.borrow_mut();
-        let fresh = !queues.contains_key(&dst);
-        queues
-            .entry(dst)
-            .or_default()
-            .push_back((outgoing, deadline));
+        let fresh = !queues.contains_key(&key);
+        queues.entry(key).or_default().push_back((item, deadline));
         fresh
     }
 
-    /// The destination's next frame; `None` (and the queue is gone) once it is empty.
-    fn next(&self, dst: u64) -> Option<(Outgoing, Instant)> {
+    /// The queue's next frame; `None` (and the queue is gone) once it is empty.
+    fn next(&self, key: u64) -> Option<(T, Instant)> {
         let mut queues = self.queues.borrow_mut();
-        let queue = queues.get_mut(&dst)?;
+        let queue = queues.get_mut(&key)?;
         let next = queue.pop_front();
         if next.is_none() {
-            queues.remove(&dst);
+            queues.remove(&key);
         }
         next
     }
 
-    fn release(&self, dst: u64, weight: usize) {
+    fn release(&self, key: u64, weight: usize) {
         let before = self.bytes.get();
         self.bytes.set(before - weight);
-        self.congestion.release(dst, weight);
+        if let Some(congestion) = &self.congestion {
+            congestion.release(key, weight);
+        }
         if before >= MAX_PARKED_BYTES && before - weight < MAX_PARKED_BYTES {
             self.room.notify(usize::MAX);
         }
@@ -109,8 +137,8 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
             handle_misrouted(&shard, input);
             continue;
         };
-        if shard.parked.holds(outgoing.dst) {
-            shard.parked.park(outgoing, Instant::now() + patience);
+        if shard.parked_sends.holds(outgoing.dst) {
+            shard.parked_sends.park(outgoing, Instant::now() + patience);
         } else {
             let header = send_header(&shard, &outgoing);
             match shard
@@ -120,20 +148,20 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
                 Ok(()) => {}
                 Err(RouteError::Congested) => {
                     let dst = outgoing.dst;
-                    if shard.parked.park(outgoing, Instant::now() + patience) {
-                        glommio::spawn_local(drain(Rc::clone(&shard), dst)).detach();
+                    if shard.parked_sends.park(outgoing, Instant::now() + patience) {
+                        glommio::spawn_local(drain_sends(Rc::clone(&shard), dst)).detach();
                     }
                 }
                 Err(error) => report_send_failure(&shard, &outgoing, &error),
             }
         }
-        shard.parked.until_room().await;
+        shard.parked_sends.until_room().await;
     }
 }
 
 /// Sends one destination's parked frames in order, each waiting for room until its deadline.
-async fn drain(shard: Rc<Shard>, dst: u64) {
-    while let Some((mut outgoing, deadline)) = shard.parked.next(dst) {
+async fn drain_sends(shard: Rc<Shard>, dst: u64) {
+    while let Some((mut outgoing, deadline)) = shard.parked_sends.next(dst) {
         let weight = outgoing.payload.len();
         let limit = deadline
             .saturating_duration_since(Instant::now())
@@ -141,9 +169,52 @@ async fn drain(shard: Rc<Shard>, dst: u64) {
         let header = send_header(&shard, &outgoing);
         let payload = std::mem::take(&mut outgoing.payload);
         let result = shard.route(header, payload, 1, Wait::Upto(limit)).await;
-        shard.parked.release(dst, weight);
+        shard.parked_sends.release(dst, weight);
         if let Err(error) = result {
             report_send_failure(&shard, &outgoing, &error);
         }
+    }
+}
+
+/// The fwd task: frames another shard routed to a next hop of this one. Same parking, keyed by
+/// the next hop, each frame waiting at most the relay wait.
+pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
+    let patience = shard.config.relay_wait();
+    while let Some(input) = fwd.pop().await {
+        let ShardInput::Forward(forwarded) = input else {
+            handle_misrouted(&shard, input);
+            continue;
+        };
+        if shard.parked_forwards.holds(forwarded.next_hop) {
+            shard
+                .parked_forwards
+                .park(forwarded, Instant::now() + patience);
+        } else {
+            let next_hop = forwarded.next_hop;
+            match shard.forward_now(forwarded) {
+                Ok(()) => {}
+                Err(Some(forwarded)) => {
+                    if shard
+                        .parked_forwards
+                        .park(forwarded, Instant::now() + patience)
+                    {
+                        glommio::spawn_local(drain_forwards(Rc::clone(&shard), next_hop)).detach();
+                    }
+                }
+                Err(None) => {}
+            }
+        }
+        shard.parked_forwards.until_room().await;
+    }
+}
+
+async fn drain_forwards(shard: Rc<Shard>, next_hop: u64) {
+    while let Some((forwarded, deadline)) = shard.parked_forwards.next(next_hop) {
+        let weight = forwarded.payload.len();
+        let limit = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        shard.forward(forwarded, limit).await;
+        shard.parked_forwards.release(next_hop, weight);
     }
 }
