@@ -8,12 +8,14 @@
 //! ```
 //!
 //! **Invariant (the wait-for graph has no cycle):** the ctl task never awaits anything but its
-//! ring; the fwd task awaits only its own shard's link outboxes; the send task awaits its own
-//! outboxes and other shards' fwd rings. An outbox waits only on its writer, and a writer's
-//! wait on the socket has a deadline (`network.write_timeout_ms`) after which the link is
-//! closed. So every chain of waits ends at a socket with a deadline, and a peer that stops
-//! reading delays at most its own shard's sends, for at most that deadline; it never stops
-//! control inputs, heartbeats or forwarding to other peers.
+//! ring; the send and fwd tasks never await one destination: a frame whose next hop has no room
+//! is parked per destination (per next hop for fwd) and drained by a task of its own
+//! (`shard::parked`), and they wait only when everything their shard parked passes a bound. A
+//! drainer awaits its own shard's outboxes or another shard's fwd ring, each frame until its
+//! deadline. An outbox waits only on its writer, and a writer's wait on the socket has a
+//! deadline (`network.write_timeout_ms`) after which the link is closed. So every chain of
+//! waits ends at a socket with a deadline, and a peer that stops reading delays only the frames
+//! for it; it never stops control inputs, heartbeats or traffic to other peers.
 
 use crate::{
     command::ShardInput,

@@ -38,12 +38,16 @@ pub(crate) trait Parkable {
     fn weight(&self) -> usize;
 }
 
+/// What a parked frame costs besides its payload (the queue entry, the frame's header), so
+/// that tiny frames cannot park without limit.
+const PARKED_OVERHEAD: usize = 128;
+
 impl Parkable for Outgoing {
     fn key(&self) -> u64 {
         self.dst
     }
     fn weight(&self) -> usize {
-        self.payload.len()
+        self.payload.len() + PARKED_OVERHEAD
     }
 }
 
@@ -52,7 +56,7 @@ impl Parkable for Forwarded {
         self.next_hop
     }
     fn weight(&self) -> usize {
-        self.payload.len()
+        self.payload.len() + PARKED_OVERHEAD
     }
 }
 
@@ -162,7 +166,7 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
 /// Sends one destination's parked frames in order, each waiting for room until its deadline.
 async fn drain_sends(shard: Rc<Shard>, dst: u64) {
     while let Some((mut outgoing, deadline)) = shard.parked_sends.next(dst) {
-        let weight = outgoing.payload.len();
+        let weight = outgoing.weight();
         let limit = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
@@ -210,11 +214,88 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
 
 async fn drain_forwards(shard: Rc<Shard>, next_hop: u64) {
     while let Some((forwarded, deadline)) = shard.parked_forwards.next(next_hop) {
-        let weight = forwarded.payload.len();
+        let weight = forwarded.weight();
         let limit = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         shard.forward(forwarded, limit).await;
         shard.parked_forwards.release(next_hop, weight);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{congestion::PER_DESTINATION_BYTES, frame::FrameType, frame::TrafficClass};
+
+    fn frame(dst: u64, msg_id: u64, bytes: usize) -> Outgoing {
+        Outgoing {
+            dst,
+            frame_type: FrameType::Data,
+            traffic_class: TrafficClass::Client,
+            msg_id,
+            flow: 0,
+            payload: Bytes::from(vec![0; bytes]),
+        }
+    }
+
+    #[test]
+    fn each_destination_keeps_its_order_and_its_queue_until_drained() {
+        let congestion = Arc::new(Congestion::default());
+        let parked = Parked::new(Some(Arc::clone(&congestion)));
+        let at = Instant::now();
+        assert!(
+            parked.park(frame(1, 10, 100), at),
+            "first frame needs a drainer"
+        );
+        assert!(!parked.park(frame(1, 11, 100), at));
+        assert!(
+            parked.park(frame(2, 20, 100), at),
+            "another destination, another drainer"
+        );
+        assert_eq!(congestion.parked(1), 2 * (100 + PARKED_OVERHEAD));
+
+        let (first, _) = parked.next(1).unwrap();
+        assert_eq!(first.msg_id, 10);
+        // While the drainer sends its last frame the queue stays, so newcomers join it.
+        let (second, _) = parked.next(1).unwrap();
+        assert_eq!(second.msg_id, 11);
+        assert!(parked.holds(1));
+        assert!(!parked.park(frame(1, 12, 100), at));
+        assert_eq!(parked.next(1).unwrap().0.msg_id, 12);
+        assert!(parked.next(1).is_none());
+        assert!(
+            !parked.holds(1),
+            "an empty queue is gone once its drainer saw it empty"
+        );
+        for frame in [first, second] {
+            parked.release(1, frame.weight());
+        }
+        parked.release(1, 100 + PARKED_OVERHEAD);
+        assert_eq!(congestion.parked(1), 0);
+        assert!(parked.holds(2));
+    }
+
+    #[test]
+    fn the_task_waits_only_past_the_shard_bound_and_the_api_sees_a_congested_destination() {
+        let congestion = Arc::new(Congestion::default());
+        let parked = Parked::new(Some(Arc::clone(&congestion)));
+        let at = Instant::now();
+        futures_lite::future::block_on(parked.until_room());
+        let big = PER_DESTINATION_BYTES;
+        parked.park(frame(7, 1, big), at);
+        assert!(congestion.is_congested(7));
+        // With the overhead of each frame, sixteen of 1 MiB pass the 16 MiB bound.
+        for i in 0..(MAX_PARKED_BYTES / big - 1) as u64 {
+            parked.park(frame(8 + i, 1, big), at);
+        }
+        let waiting = futures_lite::future::poll_once(parked.until_room());
+        assert!(futures_lite::future::block_on(waiting).is_none());
+        let (frame, _) = parked.next(7).unwrap();
+        parked.release(7, frame.weight());
+        assert!(!congestion.is_congested(7));
+        futures_lite::future::block_on(parked.until_room());
     }
 }
