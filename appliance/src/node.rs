@@ -13,7 +13,7 @@ use std::{io::Write, sync::Arc, thread, time::Duration};
 
 use anyhow::Context;
 use meshd_shards::{
-    command::{ApiEvent, ControlEvent, EVENT_RING_BYTES},
+    command::{ApiEvent, ApiLanes, ControlEvent, EVENT_RING_BYTES},
     handshake::LocalHello,
     ring::{ring, weighed_ring},
     shard::{ShardConfig, Shards},
@@ -66,6 +66,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     let (control_events_tx, control_events_rx) =
         weighed_ring(capacity, EVENT_RING_BYTES, ControlEvent::weight);
     let (api_events_tx, api_events_rx) = weighed_ring(capacity, EVENT_RING_BYTES, ApiEvent::weight);
+    let (api_verdicts_tx, api_verdicts_rx) =
+        weighed_ring(capacity, EVENT_RING_BYTES, ApiEvent::weight);
     let (control_requests_tx, control_requests_rx) = ring(capacity);
 
     let shard_config = ShardConfig {
@@ -93,7 +95,11 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         io_memory_bytes: config.runtime.io_memory_bytes,
         known_peers,
     };
-    let shards = Shards::start(shard_config, control_events_tx, api_events_tx)?;
+    let api_lanes = ApiLanes {
+        data: api_events_tx,
+        verdicts: api_verdicts_tx,
+    };
+    let shards = Shards::start(shard_config, control_events_tx, api_lanes)?;
     let shard_inputs: Arc<[_]> = shards.inputs().to_vec().into();
 
     let grpc_listener = std::net::TcpListener::bind(resolved.grpc_listen).with_context(|| {
@@ -159,6 +165,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         ),
         control: control_requests_tx,
         events: api_events_rx,
+        verdicts: api_verdicts_rx,
         max_payload_bytes: config.network.max_payload_bytes,
         subscriber_queue: config.grpc.subscriber_queue,
         tracked_messages: config.grpc.tracked_messages,

@@ -249,3 +249,29 @@ impl ApiEvent {
 /// Payload bytes the rings from the shards to the control and api threads may hold, whatever
 /// their item capacity (see `ring::weighed_ring`).
 pub const EVENT_RING_BYTES: usize = 4 << 20;
+
+/// The two rings from the shards to the api thread. Data waits for subscribers (backpressure
+/// that a flooding peer can hold for as long as it floods); verdicts on this node's own sends
+/// (delivery reports, application acks, send failures) are handled at once and never wait
+/// behind data, so one peer's flood cannot stall another peer's link reader on its way to the
+/// api, nor hide a send failure.
+#[derive(Clone)]
+pub struct ApiLanes {
+    /// `Data` frames for this node's subscribers.
+    pub data: crate::ring::Producer<ApiEvent>,
+    /// Everything else.
+    pub verdicts: crate::ring::Producer<ApiEvent>,
+}
+
+impl ApiLanes {
+    /// The lane an event travels on.
+    pub fn lane(&self, event: &ApiEvent) -> &crate::ring::Producer<ApiEvent> {
+        match event {
+            ApiEvent::Frame {
+                frame_type: FrameType::Data,
+                ..
+            } => &self.data,
+            _ => &self.verdicts,
+        }
+    }
+}

@@ -592,7 +592,8 @@ pub(crate) async fn run(
                             traffic_class: header.traffic_class,
                             payload,
                         };
-                        if gate.hold(shard.api_tx.push(event)).await.is_err() {
+                        let lane = shard.api_tx.lane(&event);
+                        if gate.hold(lane.push(event)).await.is_err() {
                             return LinkEnd::Closed("api thread stopped".into());
                         }
                     }

@@ -39,7 +39,7 @@ use rustls::{ClientConfig, ServerConfig};
 use bytes::Bytes;
 
 use crate::{
-    command::{ApiEvent, ControlEvent, Forwarded, Outgoing, ShardInput},
+    command::{ApiEvent, ApiLanes, ControlEvent, Forwarded, Outgoing, ShardInput},
     congestion::Congestion,
     fib::{Fib, Spread, flow_key},
     frame::{FrameType, Header},
@@ -142,7 +142,7 @@ impl Shards {
     pub fn start(
         config: ShardConfig,
         control_tx: Producer<ControlEvent>,
-        api_tx: Producer<ApiEvent>,
+        api_tx: ApiLanes,
     ) -> Result<Self, StartError> {
         let n = config.n_shards.max(1);
         let (inputs, consumers): (Vec<_>, Vec<_>) =
@@ -263,7 +263,7 @@ struct LinkEntry {
 pub(crate) struct Shard {
     pub(crate) shard_id: usize,
     pub(crate) config: Arc<ShardConfig>,
-    pub(crate) api_tx: Producer<ApiEvent>,
+    pub(crate) api_tx: ApiLanes,
     pub(crate) epoch: Instant,
     control_tx: Producer<ControlEvent>,
     peers: Vec<ShardHandle>,
@@ -503,7 +503,7 @@ struct Wiring {
     inbound: ShardRings,
     peers: Vec<ShardHandle>,
     control_tx: Producer<ControlEvent>,
-    api_tx: Producer<ApiEvent>,
+    api_tx: ApiLanes,
     handshakes: Arc<AtomicUsize>,
     congestion: Arc<Congestion>,
 }
@@ -747,9 +747,11 @@ fn report_send_failure(shard: &Shard, outgoing: &Outgoing, error: &RouteError) {
             dst,
             known,
         };
-        // Never waits on the api thread (which may be waiting on this shard's send ring):
-        // a lost failure report leaves the status at QUEUED, and waiting sends time out.
-        if shard.api_tx.try_push(event).is_err() {
+        // Never waits on the api thread (which may be waiting on this shard's send ring). The
+        // verdicts ring is drained by a task that never waits, so it is full only under a
+        // storm of reports; a lost failure report leaves the status at QUEUED, and waiting
+        // sends settle "outcome unknown".
+        if shard.api_tx.verdicts.try_push(event).is_err() {
             shard.count_drop("send_failure_report_lost");
         }
     }

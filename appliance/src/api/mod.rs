@@ -690,8 +690,10 @@ pub struct ApiSetup {
     pub congestion_wait: Duration,
     /// Requests to the control thread.
     pub control: Producer<ControlRequest>,
-    /// Frames for this node, from the shards.
+    /// `Data` frames for this node, from the shards.
     pub events: Consumer<ApiEvent>,
+    /// Delivery reports, application acks and send failures, from the shards.
+    pub verdicts: Consumer<ApiEvent>,
     /// Largest frame payload.
     pub max_payload_bytes: usize,
     /// Per-subscriber queue.
@@ -774,7 +776,17 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         closing: AtomicBool::new(false),
     });
     let events = setup.events;
+    let verdicts = setup.verdicts;
     let setup_generation = setup.generation;
+    // Verdicts on this node's sends never wait behind data for subscribers: handling one
+    // never awaits, so this task drains its ring at CPU speed.
+    let verdict_state = Arc::clone(&state);
+    let verdict_pump = tokio::spawn(async move {
+        let mut unused = ReportBatch::default();
+        while let Some(event) = verdicts.pop().await {
+            verdict_state.handle_event(event, &mut unused).await;
+        }
+    });
     let pump_state = Arc::clone(&state);
     let pump = tokio::spawn(async move {
         let mut reports = ReportBatch::default();
@@ -883,6 +895,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         }
     }
     pump.abort();
+    verdict_pump.abort();
 }
 
 /// How long open gRPC calls may take to finish once shut-down begins.
