@@ -1,11 +1,15 @@
-//! Data this node originates that waits for a congested destination, as every thread sees it.
+//! Data this node originates that has not left its shard yet, per destination, as every
+//! thread sees it: bytes are added when the api hands a frame to a shard's send ring
+//! ([`crate::handle::ShardHandle`]) and released when the frame leaves the send task (into an
+//! outbox or another shard's fwd ring) or fails.
 //!
 //! A shard's send task never waits on one destination: a frame whose next hop has no room is
 //! parked in that destination's queue on the shard (`shard::parked`), and the frames after it
 //! for other destinations go on. The api thread reads this gauge before it hands a shard the
-//! next frame for a destination: past [`PER_DESTINATION_BYTES`] parked, the caller waits
-//! (backpressure to `core` for that destination only) until the queue drains or the wait limit
-//! passes. So a peer that stops reading slows the callers sending to it, and nobody else.
+//! next frame for a destination: past [`PER_DESTINATION_BYTES`] in flight, the caller waits
+//! (backpressure to `core` for that destination only) until some leave or the wait limit
+//! passes. So a peer that stops reading slows the callers sending to it, and nobody else, and
+//! no destination has more than about that much queued on its way out of this node.
 //!
 //! Destinations share [`SLOTS`] counters by hash: two destinations in one slot may hold each
 //! other's callers back, never lose anything; the shard's own per-destination queues are exact.
@@ -17,10 +21,10 @@ use event_listener::{Event, listener};
 /// Counters, a power of two.
 pub const SLOTS: usize = 4096;
 
-/// Bytes parked for one destination before the api holds back that destination's callers.
+/// Bytes in flight to one destination before the api holds back that destination's callers.
 pub const PER_DESTINATION_BYTES: usize = 1 << 20;
 
-/// The node-wide gauge of parked bytes per destination.
+/// The node-wide gauge of bytes in flight per destination.
 pub struct Congestion {
     slots: Box<[AtomicUsize]>,
     drained: Event,
@@ -41,17 +45,17 @@ fn slot(dst: u64) -> usize {
 }
 
 impl Congestion {
-    /// Bytes parked for `dst` (and any destination sharing its slot).
-    pub fn parked(&self, dst: u64) -> usize {
+    /// Bytes in flight to `dst` (and any destination sharing its slot).
+    pub fn in_flight(&self, dst: u64) -> usize {
         self.slots[slot(dst)].load(Ordering::Acquire)
     }
 
     /// Whether `dst`'s callers should wait before handing over more.
     pub fn is_congested(&self, dst: u64) -> bool {
-        self.parked(dst) >= PER_DESTINATION_BYTES
+        self.in_flight(dst) >= PER_DESTINATION_BYTES
     }
 
-    pub(crate) fn park(&self, dst: u64, bytes: usize) {
+    pub(crate) fn add(&self, dst: u64, bytes: usize) {
         self.slots[slot(dst)].fetch_add(bytes, Ordering::AcqRel);
     }
 
@@ -86,7 +90,7 @@ mod tests {
     #[test]
     fn a_waiting_caller_is_released_when_its_destination_drains() {
         let congestion = std::sync::Arc::new(Congestion::default());
-        congestion.park(7, PER_DESTINATION_BYTES);
+        congestion.add(7, PER_DESTINATION_BYTES);
         assert!(congestion.is_congested(7));
         assert!(!congestion.is_congested(8) || slot(7) == slot(8));
         let waiter = {
@@ -97,7 +101,7 @@ mod tests {
         assert!(!waiter.is_finished());
         congestion.release(7, 1);
         waiter.join().unwrap();
-        assert_eq!(congestion.parked(7), PER_DESTINATION_BYTES - 1);
+        assert_eq!(congestion.in_flight(7), PER_DESTINATION_BYTES - 1);
     }
 
     #[test]

@@ -17,8 +17,11 @@
 //! waits ends at a socket with a deadline, and a peer that stops reading delays only the frames
 //! for it; it never stops control inputs, heartbeats or traffic to other peers.
 
+use std::sync::Arc;
+
 use crate::{
     command::ShardInput,
+    congestion::Congestion,
     frame::FrameType,
     ring::{Consumer, Producer, PushError, weighed_ring},
 };
@@ -64,6 +67,10 @@ pub struct ShardHandle {
     ctl: Producer<ShardInput>,
     send: Producer<ShardInput>,
     fwd: Producer<ShardInput>,
+    /// Bytes of the send lane per destination, until the send task is done with them.
+    sends: Arc<Congestion>,
+    /// Bytes of the fwd lane per next hop, until the fwd task is done with them.
+    forwards: Arc<Congestion>,
 }
 
 /// The consuming side, owned by the shard thread.
@@ -74,13 +81,24 @@ pub(crate) struct ShardRings {
 }
 
 /// Creates the rings of one shard, each holding at most `capacity` inputs and
-/// [`DATA_LANE_BYTES`] of payload.
-pub(crate) fn shard_rings(capacity: usize) -> (ShardHandle, ShardRings) {
+/// [`DATA_LANE_BYTES`] of payload; the send lane's bytes are counted per destination in `sends`,
+/// the fwd lane's per next hop in `forwards`.
+pub(crate) fn shard_rings(
+    capacity: usize,
+    sends: Arc<Congestion>,
+    forwards: Arc<Congestion>,
+) -> (ShardHandle, ShardRings) {
     let (ctl, ctl_rx) = weighed_ring(capacity, DATA_LANE_BYTES, weight);
     let (send, send_rx) = weighed_ring(capacity, DATA_LANE_BYTES, weight);
     let (fwd, fwd_rx) = weighed_ring(capacity, DATA_LANE_BYTES, weight);
     (
-        ShardHandle { ctl, send, fwd },
+        ShardHandle {
+            ctl,
+            send,
+            fwd,
+            sends,
+            forwards,
+        },
         ShardRings {
             ctl: ctl_rx,
             send: send_rx,
@@ -101,7 +119,33 @@ impl ShardHandle {
     /// Pushes without waiting; hands the input back when its ring (items or bytes) is full or
     /// the shard stopped.
     pub fn try_push(&self, input: ShardInput) -> Result<(), PushError<ShardInput>> {
-        self.lane(lane_of(&input)).try_push(input)
+        let lane = lane_of(&input);
+        let counted = self.count(lane, &input);
+        self.lane(lane)
+            .try_push(input)
+            .inspect_err(|_| Self::uncount(counted))
+    }
+
+    /// Adds a data input's bytes to its gauge (released by the shard's send or fwd task);
+    /// returns what to take back if the push fails.
+    fn count(&self, lane: Lane, input: &ShardInput) -> Option<(&Congestion, u64, usize)> {
+        let counted = match (lane, input) {
+            (Lane::Send, ShardInput::Send(outgoing)) => {
+                (&*self.sends, outgoing.dst, outgoing.payload.len())
+            }
+            (Lane::Fwd, ShardInput::Forward(forwarded)) => {
+                (&*self.forwards, forwarded.next_hop, forwarded.payload.len())
+            }
+            _ => return None,
+        };
+        counted.0.add(counted.1, counted.2);
+        Some(counted)
+    }
+
+    fn uncount(counted: Option<(&Congestion, u64, usize)>) {
+        if let Some((gauge, key, bytes)) = counted {
+            gauge.release(key, bytes);
+        }
     }
 
     /// Pushes, waiting while the input's ring is full (items or bytes). Returns the input only
@@ -110,7 +154,12 @@ impl ShardHandle {
     /// Callers on the api and control threads may wait here: the ctl ring's consumer never
     /// blocks, and the send ring's waits end within the write deadline (see the module docs).
     pub async fn push(&self, input: ShardInput) -> Result<(), ShardInput> {
-        self.lane(lane_of(&input)).push(input).await
+        let lane = lane_of(&input);
+        let counted = self.count(lane, &input);
+        self.lane(lane)
+            .push(input)
+            .await
+            .inspect_err(|_| Self::uncount(counted))
     }
 
     /// Inputs waiting in the send ring (data this node originates): a congestion signal.
@@ -160,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_full_send_ring_does_not_block_control_inputs() {
-        let (handle, rings) = shard_rings(1);
+        let (handle, rings) = shard_rings(1, Arc::default(), Arc::default());
         handle.try_push(outgoing(FrameType::Data)).unwrap();
         assert!(matches!(
             handle.try_push(outgoing(FrameType::Data)),
@@ -184,7 +233,7 @@ mod tests {
 
     #[test]
     fn a_data_lane_is_bounded_in_bytes_and_pops_give_them_back() {
-        let (handle, rings) = shard_rings(4096);
+        let (handle, rings) = shard_rings(4096, Arc::default(), Arc::default());
         // One input may take the gauge past the bound; after it the lane is full.
         handle.try_push(big(DATA_LANE_BYTES - 1)).unwrap();
         handle.try_push(big(64 << 10)).unwrap();

@@ -145,10 +145,18 @@ impl Shards {
         api_tx: ApiLanes,
     ) -> Result<Self, StartError> {
         let n = config.n_shards.max(1);
-        let (inputs, consumers): (Vec<_>, Vec<_>) =
-            (0..n).map(|_| shard_rings(config.ring_capacity)).unzip();
-        let handshakes = Arc::new(AtomicUsize::new(0));
         let congestion = Arc::new(Congestion::default());
+        let forwards = Arc::new(Congestion::default());
+        let (inputs, consumers): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| {
+                shard_rings(
+                    config.ring_capacity,
+                    Arc::clone(&congestion),
+                    Arc::clone(&forwards),
+                )
+            })
+            .unzip();
+        let handshakes = Arc::new(AtomicUsize::new(0));
         let config = Arc::new(config);
         let (ready_tx, ready_rx) =
             mpsc::channel::<(usize, Result<Option<SocketAddr>, StartError>)>();
@@ -161,6 +169,7 @@ impl Shards {
             let ready_tx = ready_tx.clone();
             let handshakes = Arc::clone(&handshakes);
             let congestion = Arc::clone(&congestion);
+            let forwards = Arc::clone(&forwards);
             let placement = if config.pin_cores {
                 Placement::Fixed(shard_id % num_cpus())
             } else {
@@ -178,6 +187,7 @@ impl Shards {
                         api_tx,
                         handshakes,
                         congestion,
+                        forwards,
                     };
                     shard_main(shard_id, config, wiring, ready_tx).await;
                 })
@@ -218,7 +228,7 @@ impl Shards {
         &self.inputs
     }
 
-    /// Bytes parked per destination on every shard: the api holds back a congested
+    /// Bytes on their way out per destination on every shard: the api holds back a congested
     /// destination's callers (see `congestion`).
     pub fn congestion(&self) -> Arc<Congestion> {
         Arc::clone(&self.congestion)
@@ -280,6 +290,10 @@ pub(crate) struct Shard {
     round_robin: Cell<u64>,
     /// The mesh this node belongs to now ("" = none yet); starts as `config.local.mesh_id`.
     mesh_id: RefCell<String>,
+    /// Bytes of the send lane per destination (released once a frame leaves the send task).
+    congestion: Arc<Congestion>,
+    /// Bytes of the fwd lanes per next hop (released once a frame leaves its fwd task).
+    forwards: Arc<Congestion>,
     /// Frames of the send task waiting for a congested destination.
     parked_sends: parked::Parked<Outgoing>,
     /// Frames of the fwd task waiting for a congested next hop.
@@ -409,23 +423,40 @@ impl Shard {
             });
             let ring = &self.peers[owner];
             return match wait {
-                Wait::Never | Wait::Control => ring.try_push(forwarded).map_err(|e| match e {
-                    PushError::Full(_) => RouteError::Congested,
-                    PushError::Closed(_) => RouteError::LinkClosed,
-                }),
-                // A timer only when the ring is actually full: arming one per frame costs more
-                // than the hand-over itself.
-                Wait::Upto(limit) => match ring.try_push(forwarded) {
-                    Ok(()) => Ok(()),
-                    Err(PushError::Closed(_)) => Err(RouteError::LinkClosed),
-                    Err(PushError::Full(forwarded)) => {
-                        match link::timeout(limit, ring.push(forwarded)).await {
-                            Some(Ok(())) => Ok(()),
-                            Some(Err(_)) => Err(RouteError::LinkClosed),
-                            None => Err(RouteError::Congested),
+                Wait::Never | Wait::Control => {
+                    if self.forwards.is_congested(next) {
+                        return Err(RouteError::Congested);
+                    }
+                    ring.try_push(forwarded).map_err(|e| match e {
+                        PushError::Full(_) => RouteError::Congested,
+                        PushError::Closed(_) => RouteError::LinkClosed,
+                    })
+                }
+                // A timer only when the ring is actually full or the next hop congested:
+                // arming one per frame costs more than the hand-over itself.
+                Wait::Upto(limit) => {
+                    let deadline = Instant::now() + limit;
+                    if self.forwards.is_congested(next) {
+                        // Hop-by-hop backpressure per next hop: this waits for that hop's own
+                        // frames to leave its shard, never behind another hop's.
+                        let clear = self.forwards.until_clear(next);
+                        if link::timeout(limit, clear).await.is_none() {
+                            return Err(RouteError::Congested);
                         }
                     }
-                },
+                    match ring.try_push(forwarded) {
+                        Ok(()) => Ok(()),
+                        Err(PushError::Closed(_)) => Err(RouteError::LinkClosed),
+                        Err(PushError::Full(forwarded)) => {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            match link::timeout(left, ring.push(forwarded)).await {
+                                Some(Ok(())) => Ok(()),
+                                Some(Err(_)) => Err(RouteError::LinkClosed),
+                                None => Err(RouteError::Congested),
+                            }
+                        }
+                    }
+                }
             };
         }
         let outbox = self.links.borrow().get(&next).map(|l| Rc::clone(&l.outbox));
@@ -506,6 +537,7 @@ struct Wiring {
     api_tx: ApiLanes,
     handshakes: Arc<AtomicUsize>,
     congestion: Arc<Congestion>,
+    forwards: Arc<Congestion>,
 }
 
 async fn shard_main(
@@ -521,6 +553,7 @@ async fn shard_main(
         api_tx,
         handshakes,
         congestion,
+        forwards,
     } = wiring;
     let n = config.n_shards.max(1);
     let known: HashSet<u64> = config
@@ -552,8 +585,10 @@ async fn shard_main(
         fib: RefCell::new(Arc::new(Fib::empty())),
         round_robin: Cell::new(0),
         mesh_id: RefCell::new(config.local.mesh_id.clone()),
-        parked_sends: parked::Parked::new(Some(congestion)),
-        parked_forwards: parked::Parked::new(None),
+        congestion,
+        forwards,
+        parked_sends: parked::Parked::new(),
+        parked_forwards: parked::Parked::new(),
     });
 
     let listener = match config.listen {

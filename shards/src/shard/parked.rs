@@ -4,17 +4,16 @@
 //! parked in its destination's queue, and a drainer task for that destination waits for room
 //! (at most until the frame's deadline) while the send task goes on with frames for everyone
 //! else. Frames for a destination that has a queue join it, so each destination's frames still
-//! leave in the order they came. Parked bytes are published in the node-wide
-//! [`Congestion`](crate::congestion::Congestion) gauge, where the api holds back the callers of
-//! a congested destination; the shard's own bound ([`MAX_PARKED_BYTES`]) makes the send task
-//! wait only when everything parked together is that large (overload of the whole shard; the
-//! drainers' deadlines end that wait).
+//! leave in the order they came. The send task releases each frame's bytes from the node-wide
+//! [`Congestion`](crate::congestion::Congestion) gauge once it left (or failed), where the api
+//! holds back the callers of a destination with too much in flight; the shard's own bound
+//! ([`MAX_PARKED_BYTES`]) makes a task wait only when everything it parked together is that
+//! large (overload of the whole shard; the drainers' deadlines end that wait).
 
 use std::{
     cell::{Cell, RefCell},
     collections::{HashMap, VecDeque},
     rc::Rc,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,7 +22,6 @@ use event_listener::{Event, listener};
 use super::{RouteError, Shard, Wait, handle_misrouted, report_send_failure, send_header};
 use crate::{
     command::{Forwarded, Outgoing, ShardInput},
-    congestion::Congestion,
     ring::Consumer,
 };
 
@@ -65,17 +63,14 @@ pub(crate) struct Parked<T> {
     queues: RefCell<HashMap<u64, VecDeque<(T, Instant)>>>,
     bytes: Cell<usize>,
     room: Event,
-    /// Published for the api (send task only).
-    congestion: Option<Arc<Congestion>>,
 }
 
 impl<T: Parkable> Parked<T> {
-    pub(crate) fn new(congestion: Option<Arc<Congestion>>) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             queues: RefCell::new(HashMap::new()),
             bytes: Cell::new(0),
             room: Event::new(),
-            congestion,
         }
     }
 
@@ -88,9 +83,6 @@ impl<T: Parkable> Parked<T> {
     fn park(&self, item: T, deadline: Instant) -> bool {
         let (key, weight) = (item.key(), item.weight());
         self.bytes.set(self.bytes.get() + weight);
-        if let Some(congestion) = &self.congestion {
-            congestion.park(key, weight);
-        }
         let mut queues = self.queues.borrow_mut();
         let fresh = !queues.contains_key(&key);
         queues.entry(key).or_default().push_back((item, deadline));
@@ -108,12 +100,9 @@ impl<T: Parkable> Parked<T> {
         next
     }
 
-    fn release(&self, key: u64, weight: usize) {
+    fn release(&self, weight: usize) {
         let before = self.bytes.get();
         self.bytes.set(before - weight);
-        if let Some(congestion) = &self.congestion {
-            congestion.release(key, weight);
-        }
         if before >= MAX_PARKED_BYTES && before - weight < MAX_PARKED_BYTES {
             self.room.notify(usize::MAX);
         }
@@ -145,18 +134,22 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
             shard.parked_sends.park(outgoing, Instant::now() + patience);
         } else {
             let header = send_header(&shard, &outgoing);
+            let (dst, bytes) = (outgoing.dst, outgoing.payload.len());
             match shard
                 .route(header, outgoing.payload.clone(), 1, Wait::Never)
                 .await
             {
-                Ok(()) => {}
+                Ok(()) => shard.congestion.release(dst, bytes),
                 Err(RouteError::Congested) => {
                     let dst = outgoing.dst;
                     if shard.parked_sends.park(outgoing, Instant::now() + patience) {
                         glommio::spawn_local(drain_sends(Rc::clone(&shard), dst)).detach();
                     }
                 }
-                Err(error) => report_send_failure(&shard, &outgoing, &error),
+                Err(error) => {
+                    shard.congestion.release(dst, bytes);
+                    report_send_failure(&shard, &outgoing, &error);
+                }
             }
         }
         shard.parked_sends.until_room().await;
@@ -172,8 +165,10 @@ async fn drain_sends(shard: Rc<Shard>, dst: u64) {
             .max(Duration::from_millis(1));
         let header = send_header(&shard, &outgoing);
         let payload = std::mem::take(&mut outgoing.payload);
+        let bytes = payload.len();
         let result = shard.route(header, payload, 1, Wait::Upto(limit)).await;
-        shard.parked_sends.release(dst, weight);
+        shard.parked_sends.release(weight);
+        shard.congestion.release(dst, bytes);
         if let Err(error) = result {
             report_send_failure(&shard, &outgoing, &error);
         }
@@ -194,9 +189,9 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
                 .parked_forwards
                 .park(forwarded, Instant::now() + patience);
         } else {
-            let next_hop = forwarded.next_hop;
+            let (next_hop, bytes) = (forwarded.next_hop, forwarded.payload.len());
             match shard.forward_now(forwarded) {
-                Ok(()) => {}
+                Ok(()) => shard.forwards.release(next_hop, bytes),
                 Err(Some(forwarded)) => {
                     if shard
                         .parked_forwards
@@ -205,7 +200,7 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
                         glommio::spawn_local(drain_forwards(Rc::clone(&shard), next_hop)).detach();
                     }
                 }
-                Err(None) => {}
+                Err(None) => shard.forwards.release(next_hop, bytes),
             }
         }
         shard.parked_forwards.until_room().await;
@@ -218,8 +213,10 @@ async fn drain_forwards(shard: Rc<Shard>, next_hop: u64) {
         let limit = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
+        let bytes = forwarded.payload.len();
         shard.forward(forwarded, limit).await;
-        shard.parked_forwards.release(next_hop, weight);
+        shard.parked_forwards.release(weight);
+        shard.forwards.release(next_hop, bytes);
     }
 }
 
@@ -228,7 +225,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::{congestion::PER_DESTINATION_BYTES, frame::FrameType, frame::TrafficClass};
+    use crate::frame::{FrameType, TrafficClass};
 
     fn frame(dst: u64, msg_id: u64, bytes: usize) -> Outgoing {
         Outgoing {
@@ -243,8 +240,7 @@ mod tests {
 
     #[test]
     fn each_destination_keeps_its_order_and_its_queue_until_drained() {
-        let congestion = Arc::new(Congestion::default());
-        let parked = Parked::new(Some(Arc::clone(&congestion)));
+        let parked = Parked::new();
         let at = Instant::now();
         assert!(
             parked.park(frame(1, 10, 100), at),
@@ -255,13 +251,11 @@ mod tests {
             parked.park(frame(2, 20, 100), at),
             "another destination, another drainer"
         );
-        assert_eq!(congestion.parked(1), 2 * (100 + PARKED_OVERHEAD));
+        assert_eq!(parked.bytes.get(), 3 * (100 + PARKED_OVERHEAD));
 
-        let (first, _) = parked.next(1).unwrap();
-        assert_eq!(first.msg_id, 10);
+        assert_eq!(parked.next(1).unwrap().0.msg_id, 10);
         // While the drainer sends its last frame the queue stays, so newcomers join it.
-        let (second, _) = parked.next(1).unwrap();
-        assert_eq!(second.msg_id, 11);
+        assert_eq!(parked.next(1).unwrap().0.msg_id, 11);
         assert!(parked.holds(1));
         assert!(!parked.park(frame(1, 12, 100), at));
         assert_eq!(parked.next(1).unwrap().0.msg_id, 12);
@@ -270,32 +264,23 @@ mod tests {
             !parked.holds(1),
             "an empty queue is gone once its drainer saw it empty"
         );
-        for frame in [first, second] {
-            parked.release(1, frame.weight());
-        }
-        parked.release(1, 100 + PARKED_OVERHEAD);
-        assert_eq!(congestion.parked(1), 0);
         assert!(parked.holds(2));
     }
 
     #[test]
-    fn the_task_waits_only_past_the_shard_bound_and_the_api_sees_a_congested_destination() {
-        let congestion = Arc::new(Congestion::default());
-        let parked = Parked::new(Some(Arc::clone(&congestion)));
+    fn the_task_waits_only_past_the_shard_bound() {
+        let parked = Parked::new();
         let at = Instant::now();
         futures_lite::future::block_on(parked.until_room());
-        let big = PER_DESTINATION_BYTES;
-        parked.park(frame(7, 1, big), at);
-        assert!(congestion.is_congested(7));
+        let big = 1 << 20;
         // With the overhead of each frame, sixteen of 1 MiB pass the 16 MiB bound.
-        for i in 0..(MAX_PARKED_BYTES / big - 1) as u64 {
-            parked.park(frame(8 + i, 1, big), at);
+        for i in 0..(MAX_PARKED_BYTES / big) as u64 {
+            parked.park(frame(7 + i, 1, big), at);
         }
         let waiting = futures_lite::future::poll_once(parked.until_room());
         assert!(futures_lite::future::block_on(waiting).is_none());
         let (frame, _) = parked.next(7).unwrap();
-        parked.release(7, frame.weight());
-        assert!(!congestion.is_congested(7));
+        parked.release(frame.weight());
         futures_lite::future::block_on(parked.until_room());
     }
 }
