@@ -69,6 +69,58 @@ fn rings(c: &mut Criterion) {
             elapsed
         });
     });
+    // The queue alone, both sides spinning (no wake-ups): what a ring item costs in the
+    // structure meshd uses (crossbeam's bounded MPMC `ArrayQueue`) against the design card's
+    // alternative, rtrb's single-producer single-consumer ring.
+    group.bench_function("queue_only_array_queue_pipelined", |b| {
+        b.iter_custom(|iters| {
+            let queue = std::sync::Arc::new(crossbeam_queue::ArrayQueue::<u64>::new(4096));
+            let rx = std::sync::Arc::clone(&queue);
+            let consumer = thread::spawn(move || {
+                let mut n = 0;
+                while n < iters {
+                    if rx.pop().is_some() {
+                        n += 1;
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            let start = Instant::now();
+            for i in 0..iters {
+                let mut item = i;
+                while let Err(back) = queue.push(item) {
+                    item = back;
+                    std::hint::spin_loop();
+                }
+            }
+            consumer.join().unwrap();
+            start.elapsed()
+        });
+    });
+    group.bench_function("queue_only_rtrb_pipelined", |b| {
+        b.iter_custom(|iters| {
+            let (mut tx, mut rx) = rtrb::RingBuffer::<u64>::new(4096);
+            let consumer = thread::spawn(move || {
+                let mut n = 0;
+                while n < iters {
+                    if rx.pop().is_ok() {
+                        n += 1;
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            let start = Instant::now();
+            for i in 0..iters {
+                while tx.push(i).is_err() {
+                    std::hint::spin_loop();
+                }
+            }
+            consumer.join().unwrap();
+            start.elapsed()
+        });
+    });
     group.finish();
 }
 

@@ -24,7 +24,7 @@ use std::{
     future::poll_fn,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering, fence},
     },
     task::Poll,
 };
@@ -40,6 +40,9 @@ struct Shared<T> {
     max_bytes: usize,
     weigh: fn(&T) -> usize,
     consumer_waker: AtomicWaker,
+    /// Set by the consumer before it sleeps: producers wake it only then, so a busy consumer
+    /// costs a producer one load per push instead of a read-modify-write on the waker.
+    consumer_sleeping: AtomicBool,
     room: Event,
     n_producers: AtomicUsize,
     consumer_alive: AtomicBool,
@@ -113,6 +116,7 @@ pub fn weighed_ring<T>(
         max_bytes,
         weigh,
         consumer_waker: AtomicWaker::new(),
+        consumer_sleeping: AtomicBool::new(false),
         room: Event::new(),
         n_producers: AtomicUsize::new(1),
         consumer_alive: AtomicBool::new(true),
@@ -142,7 +146,12 @@ impl<T> Producer<T> {
         }
         match shared.queue.push(item) {
             Ok(()) => {
-                shared.consumer_waker.wake();
+                // Pairs with the consumer's fence between announcing sleep and re-checking:
+                // either it sees this item or this push sees it sleeping.
+                fence(Ordering::SeqCst);
+                if shared.consumer_sleeping.load(Ordering::Relaxed) {
+                    shared.consumer_waker.wake();
+                }
                 Ok(())
             }
             Err(item) => {
@@ -234,12 +243,19 @@ impl<T> Consumer<T> {
     /// Waits for the next item; `None` once every producer is gone and the ring is drained.
     pub async fn pop(&self) -> Option<T> {
         poll_fn(|cx| {
+            let shared = &*self.shared;
             if let Some(item) = self.try_pop() {
+                if shared.consumer_sleeping.load(Ordering::Relaxed) {
+                    shared.consumer_sleeping.store(false, Ordering::Relaxed);
+                }
                 return Poll::Ready(Some(item));
             }
-            self.shared.consumer_waker.register(cx.waker());
-            // Re-check after registering: a push that happened in between woke nobody.
+            shared.consumer_waker.register(cx.waker());
+            shared.consumer_sleeping.store(true, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            // Re-check after announcing: a push that happened in between woke nobody.
             if let Some(item) = self.try_pop() {
+                shared.consumer_sleeping.store(false, Ordering::Relaxed);
                 return Poll::Ready(Some(item));
             }
             if self.shared.n_producers.load(Ordering::Acquire) == 0 {
