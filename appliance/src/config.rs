@@ -20,6 +20,17 @@ use figment::{
 use meshd_shards::frame::TrafficClass;
 use serde::{Deserialize, Serialize};
 
+/// Text that must never reach a log: its `Debug` is redacted.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// A validated node configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +45,14 @@ pub struct Config {
     /// `JoinMesh`; a seeded or joined mesh (kept in the data directory) wins over this key.
     #[serde(default = "default_mesh_id")]
     pub mesh_id: String,
+    /// The secret of the configured mesh (64 hex digits): whoever holds it is a member (see
+    /// `meshd_shards::credential`). Set it from the environment (`MESHD_MESH_SECRET`) or use
+    /// `mesh_secret_file`; it is never printed. Not needed for a seeded or joined mesh.
+    #[serde(default, skip_serializing)]
+    pub mesh_secret: Option<SecretText>,
+    /// A file holding the mesh secret (64 hex digits), readable by meshd only.
+    #[serde(default)]
+    pub mesh_secret_file: Option<PathBuf>,
     /// Peer links.
     #[serde(default)]
     pub network: NetworkConfig,
@@ -349,6 +368,8 @@ pub struct Resolved {
     pub grpc_listen: SocketAddr,
     /// Shard threads.
     pub n_shards: usize,
+    /// The configured mesh's secret, from `mesh_secret` or `mesh_secret_file`.
+    pub mesh_secret: Option<[u8; meshd_shards::credential::SECRET_LEN]>,
 }
 
 impl Config {
@@ -398,6 +419,7 @@ impl Config {
                 "use the mesh's id, or \"\" to seed or join one later",
             ));
         }
+        let mesh_secret = self.mesh_secret()?;
         let net = &self.network;
         let listen = match &net.listen {
             Some(text) if !text.is_empty() => Some(parse_addr("network.listen", text)?),
@@ -622,7 +644,48 @@ impl Config {
             peers,
             grpc_listen,
             n_shards,
+            mesh_secret,
         })
+    }
+
+    /// The configured mesh secret, parsed (the text itself never appears in an error).
+    fn mesh_secret(&self) -> Result<Option<[u8; 32]>, ConfigError> {
+        use meshd_shards::credential::parse_secret;
+        const FIX: &str = "give 64 hex digits (`meshd init --mesh-secret-file PATH` writes a \
+                           new one; every node of the mesh needs the same one)";
+        // An empty value (`MESHD_MESH_SECRET=`) means none.
+        let text = self
+            .mesh_secret
+            .as_ref()
+            .map(|t| t.0.as_str())
+            .filter(|t| !t.trim().is_empty());
+        match (text, &self.mesh_secret_file) {
+            (Some(_), Some(_)) => Err(invalid(
+                "mesh_secret",
+                "is set together with mesh_secret_file",
+                "keep one of the two",
+            )),
+            (Some(text), None) => parse_secret(text)
+                .map(Some)
+                .ok_or_else(|| invalid("mesh_secret", "is not 64 hex digits", FIX)),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "mesh_secret_file",
+                        format!("cannot be read ({}): {e}", path.display()),
+                        "point it at a readable file holding the mesh secret",
+                    )
+                })?;
+                parse_secret(&text).map(Some).ok_or_else(|| {
+                    invalid(
+                        "mesh_secret_file",
+                        format!("{} does not hold 64 hex digits", path.display()),
+                        FIX,
+                    )
+                })
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// Heartbeat interval.

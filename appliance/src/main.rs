@@ -32,6 +32,11 @@ enum Command {
         /// The node id the platform assigned (default: MESH_ROUTING_ID, else random).
         #[arg(long, env = "MESH_ROUTING_ID")]
         node_id: Option<u64>,
+        /// Also write a new mesh secret (64 hex digits) to this file, readable by its owner
+        /// only, unless it exists: give the same file to every node of a configured mesh
+        /// (`mesh_secret_file`).
+        #[arg(long)]
+        mesh_secret_file: Option<PathBuf>,
     },
     /// Seed, join, stop, start, leave or evict through a running node (its gRPC port).
     Mesh {
@@ -47,6 +52,30 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+}
+
+/// Writes a new random mesh secret to `path` (0600), leaving an existing file alone.
+fn write_new_secret(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut secret = [0u8; meshd_shards::credential::SECRET_LEN];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut file) => {
+            writeln!(file, "{}", meshd_shards::credential::format_secret(&secret))?;
+            println!("wrote a new mesh secret to {}", path.display());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            println!("{} exists; kept as it is", path.display());
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot write {}: {e}", path.display())),
+    }
 }
 
 fn init_logging(level: &str) {
@@ -102,8 +131,18 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
-        Command::Init { data_dir, node_id } => {
+        Command::Init {
+            data_dir,
+            node_id,
+            mesh_secret_file,
+        } => {
             init_logging("info");
+            if let Some(path) = mesh_secret_file
+                && let Err(e) = write_new_secret(&path)
+            {
+                eprintln!("meshd: {e:#}");
+                return ExitCode::FAILURE;
+            }
             ControlDb::open(&data_dir)
                 .and_then(|db| db.load_or_create_identity(node_id.unwrap_or(0)))
                 .map(|(identity, created)| {

@@ -26,7 +26,7 @@ use crate::{
     config::{Config, Resolved},
     control::{
         ControlSetup, ControlThread, RoutingConfig,
-        lifecycle::start_mesh_id,
+        lifecycle::{issue_credential, mesh_secret_for, start_mesh_id},
         lsdb::LsdbConfig,
         membership::{MembershipConfig, NodeMeta},
         mesh::MESH_EVENT_BACKLOG,
@@ -61,6 +61,23 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     // A seeded or joined mesh, stored in the control database, wins over `mesh_id` in the config.
     let mesh_record = db.mesh().context("reading the stored mesh")?;
     let mesh_id = start_mesh_id(mesh_record.as_ref(), &config.mesh_id);
+    // Membership needs the mesh's credential, never only its name.
+    let mesh_secret = mesh_secret_for(
+        &mesh_id,
+        mesh_record.as_ref(),
+        &config.mesh_id,
+        resolved.mesh_secret,
+    );
+    if !mesh_id.is_empty() && mesh_secret.is_none() {
+        anyhow::bail!(
+            "mesh_id = {mesh_id:?} is configured but no mesh secret is: set mesh_secret_file (or \
+             MESHD_MESH_SECRET) to the mesh's secret, 64 hex digits (`meshd init --mesh-secret-file PATH` \
+             writes a new one), or set mesh_id = \"\" to seed or join a mesh"
+        );
+    }
+    let public_key = identity.signing_key.verifying_key().to_bytes();
+    let (certificate, authority) =
+        issue_credential(mesh_secret, &mesh_id, identity.node_id, public_key);
 
     let capacity = config.runtime.ring_capacity;
     let (control_events_tx, control_events_rx) =
@@ -77,6 +94,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             boot_id: rand::thread_rng().next_u64(),
             listen_addr: resolved.listen.map(|a| a.to_string()).unwrap_or_default(),
             software_version: env!("CARGO_PKG_VERSION").into(),
+            certificate,
+            authority,
         },
         signing_key: identity.signing_key.clone(),
         tls_server,
@@ -154,6 +173,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         mesh_events: mesh_events.clone(),
         mesh_record,
         configured_mesh_id: config.mesh_id.clone(),
+        configured_secret: resolved.mesh_secret,
+        public_key,
     })?;
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,

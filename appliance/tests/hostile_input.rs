@@ -1467,6 +1467,7 @@ fn arb_mesh_config() -> impl Strategy<Value = MeshConfig> {
                 join_policy,
                 join_key_hash,
                 created_ms,
+                mesh_secret: Default::default(),
             },
         )
 }

@@ -47,6 +47,14 @@ pub enum ShardInput {
         /// Goodbye reason sent to every peer.
         reason: String,
     },
+    /// This node's certificate (issued or renewed) and the authority it checks peers against;
+    /// sent before a `SetMesh` that needs them, and whenever the certificate is renewed.
+    SetCredential {
+        /// An encoded `NodeCertificate`; empty without a mesh.
+        certificate: Vec<u8>,
+        /// The mesh authority's public key; `None` without a mesh.
+        authority: Option<[u8; 32]>,
+    },
     /// Close the link to `peer` with a goodbye; answers whether there was one.
     DropPeer {
         /// The peer.

@@ -23,7 +23,10 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use meshd_proto::link::{Auth, Hello, Refuse, RefuseReason};
 use prost::Message;
 
-use crate::frame::{self, FrameType, Header, TrafficClass};
+use crate::{
+    credential,
+    frame::{self, FrameType, Header, TrafficClass},
+};
 
 /// The link protocol version this build speaks. 2: DeliveryReport frames carry batched runs
 /// (`meshd.v1.DeliveryReports`).
@@ -75,6 +78,11 @@ pub struct LocalHello {
     pub listen_addr: String,
     /// `CARGO_PKG_VERSION` of the running binary.
     pub software_version: String,
+    /// This node's certificate from its mesh's authority (empty without a mesh).
+    pub certificate: Vec<u8>,
+    /// The public key of this node's mesh authority: peers' certificates are checked against
+    /// it. `None` only without a mesh (a joiner, whose links are guest links).
+    pub authority: Option<[u8; 32]>,
 }
 
 /// What the shell knows about the peer before the handshake starts.
@@ -82,8 +90,10 @@ pub struct LocalHello {
 pub struct Expectation {
     /// Node id the peer announced in the pre-TLS preamble; its Hello must agree.
     pub node_id_hint: Option<u64>,
-    /// Public key this node has seen for that id before (trust on first use).
+    /// Public key this node has seen for that id before.
     pub pinned_key: Option<[u8; 32]>,
+    /// This node's clock (Unix milliseconds), for certificate validity.
+    pub now_ms: u64,
 }
 
 /// The authenticated peer.
@@ -134,6 +144,7 @@ pub struct Handshake {
     expectation: Expectation,
     node_id: u64,
     mesh_id: String,
+    authority: Option<[u8; 32]>,
     local_hello_bytes: Vec<u8>,
     peer_hello_bytes: Vec<u8>,
     state: State,
@@ -163,6 +174,7 @@ impl Handshake {
             boot_id: local.boot_id,
             listen_addr: local.listen_addr.clone(),
             software_version: local.software_version.clone(),
+            certificate: local.certificate.clone().into(),
         };
         let local_hello_bytes = hello.encode_to_vec();
         let mut this = Self {
@@ -172,6 +184,7 @@ impl Handshake {
             expectation,
             node_id: local.node_id,
             mesh_id: local.mesh_id.clone(),
+            authority: local.authority,
             local_hello_bytes: local_hello_bytes.clone(),
             peer_hello_bytes: Vec::new(),
             state: State::AwaitHello,
@@ -273,9 +286,10 @@ impl Handshake {
             (false, false, _) => false,
         };
         if !guest && hello.mesh_id != self.mesh_id {
+            // Never this node's own mesh id: a refusal must not teach a stranger what to claim.
             let detail = format!(
-                "peer belongs to mesh {:?}, this node to mesh {:?}",
-                hello.mesh_id, self.mesh_id
+                "peer claims mesh {:?}, which is not this node's",
+                hello.mesh_id
             );
             return self.refuse(RefuseReason::RefuseMeshId, detail);
         }
@@ -309,6 +323,23 @@ impl Handshake {
                 hello.node_id
             );
             return self.refuse(RefuseReason::RefuseKeyMismatch, detail);
+        }
+        if !guest {
+            // Before anything about the peer is kept: the mesh authority must vouch for this
+            // id holding this key. The Auth that follows proves the peer holds it now.
+            let Some(authority) = self.authority else {
+                let detail = "this node holds no credential of its mesh".to_owned();
+                return self.refuse(RefuseReason::RefuseNoCredential, detail);
+            };
+            let claim = credential::Claim {
+                mesh_id: &self.mesh_id,
+                node_id: hello.node_id,
+                public_key: &public_key,
+                now_ms: self.expectation.now_ms,
+            };
+            if let Err(error) = credential::verify(&authority, &hello.certificate, claim) {
+                return self.refuse(RefuseReason::RefuseNoCredential, error.to_string());
+            }
         }
         if hello.nonce.len() != 32 {
             return self.refuse(
@@ -454,13 +485,39 @@ mod tests {
         SigningKey::from_bytes(&[seed; 32])
     }
 
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn authority() -> credential::MeshAuthority {
+        credential::MeshAuthority::from_secret(&[9; 32])
+    }
+
+    /// Node `node_id` of `mesh`, certified by the test mesh authority (none for mesh "").
     fn local(node_id: u64, mesh: &str) -> LocalHello {
+        let (certificate, authority) = if mesh.is_empty() {
+            (Vec::new(), None)
+        } else {
+            let public = key(node_id as u8).verifying_key().to_bytes();
+            let authority = authority();
+            (
+                authority.issue(mesh, node_id, public, NOW),
+                Some(authority.public_key()),
+            )
+        };
         LocalHello {
             mesh_id: mesh.into(),
             node_id,
             boot_id: node_id * 100,
             listen_addr: String::new(),
             software_version: "test".into(),
+            certificate,
+            authority,
+        }
+    }
+
+    fn expect_nothing() -> Expectation {
+        Expectation {
+            now_ms: NOW,
+            ..Expectation::default()
         }
     }
 
@@ -473,7 +530,7 @@ mod tests {
             key(id as u8),
             [7; 32],
             nonce,
-            Expectation::default(),
+            expect_nothing(),
         )
     }
 
@@ -503,6 +560,7 @@ mod tests {
             exporter_a,
             [11; 32],
             Expectation {
+                now_ms: NOW,
                 node_id_hint: Some(2),
                 pinned_key: None,
             },
@@ -513,7 +571,7 @@ mod tests {
             key(2),
             exporter_b,
             [22; 32],
-            Expectation::default(),
+            expect_nothing(),
         );
         (a, b)
     }
@@ -561,6 +619,78 @@ mod tests {
         let mut y = machine(Role::Acceptor, 2, "");
         exchange(&mut x, &mut y);
         assert!(matches!(x.outcome(), Some(Outcome::Refused { .. })));
+    }
+
+    /// Runs `intruder` (dialing) against an honest member of mesh "m"; returns the member's
+    /// outcome.
+    fn against_member(intruder: LocalHello, intruder_key: SigningKey) -> Outcome {
+        let mut intruder = Handshake::new(
+            Role::Dialer,
+            &intruder,
+            intruder_key,
+            [7; 32],
+            [3; 32],
+            expect_nothing(),
+        );
+        let mut member = machine(Role::Acceptor, 2, "m");
+        exchange(&mut intruder, &mut member);
+        member.outcome().cloned().expect("the member decided")
+    }
+
+    #[test]
+    fn the_right_mesh_id_without_the_mesh_credential_is_refused() {
+        let refused_for_credential = |outcome: Outcome| match outcome {
+            Outcome::Refused {
+                reason: RefuseReason::RefuseNoCredential,
+                detail,
+                by_peer: false,
+            } => assert!(!detail.contains("m\""), "{detail}"),
+            other => panic!("expected a credential refusal, got {other:?}"),
+        };
+        // No certificate at all.
+        let mut bare = local(5, "m");
+        bare.certificate.clear();
+        refused_for_credential(against_member(bare, key(5)));
+        // A certificate from another authority (a mesh of the same name elsewhere).
+        let mut foreign = local(5, "m");
+        let public = key(5).verifying_key().to_bytes();
+        foreign.certificate =
+            credential::MeshAuthority::from_secret(&[1; 32]).issue("m", 5, public, NOW);
+        refused_for_credential(against_member(foreign, key(5)));
+        // Another node's genuine certificate, claimed with the intruder's own key.
+        let mut squatter = local(5, "m");
+        squatter.certificate = local(3, "m").certificate;
+        squatter.node_id = 3;
+        refused_for_credential(against_member(squatter, key(5)));
+        // Genuine id and certificate, but without the key it certifies: the Auth fails.
+        let mut thief = local(3, "m");
+        thief.node_id = 3;
+        match against_member(thief, key(5)) {
+            Outcome::Refused { reason, .. } => assert!(
+                matches!(
+                    reason,
+                    RefuseReason::RefuseNoCredential | RefuseReason::RefuseBadSignature
+                ),
+                "{reason:?}"
+            ),
+            other => panic!("a stolen certificate must not link: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refusal_never_names_this_nodes_mesh() {
+        let outcome = against_member(local(5, "guess"), key(5));
+        match outcome {
+            Outcome::Refused {
+                reason: RefuseReason::RefuseMeshId,
+                detail,
+                ..
+            } => {
+                assert!(detail.contains("guess"), "{detail}");
+                assert!(!detail.contains("\"m\""), "{detail}");
+            }
+            other => panic!("expected a mesh id refusal, got {other:?}"),
+        }
     }
 
     #[test]
@@ -615,6 +745,7 @@ mod tests {
             [0; 32],
             [1; 32],
             Expectation {
+                now_ms: NOW,
                 node_id_hint: Some(99),
                 pinned_key: None,
             },
@@ -625,7 +756,7 @@ mod tests {
             key(2),
             [0; 32],
             [2; 32],
-            Expectation::default(),
+            expect_nothing(),
         );
         exchange(&mut a, &mut b);
         assert!(matches!(
@@ -647,6 +778,7 @@ mod tests {
             [0; 32],
             [1; 32],
             Expectation {
+                now_ms: NOW,
                 node_id_hint: Some(2),
                 pinned_key: Some(key(9).verifying_key().to_bytes()),
             },
@@ -657,7 +789,7 @@ mod tests {
             key(2),
             [0; 32],
             [2; 32],
-            Expectation::default(),
+            expect_nothing(),
         );
         exchange(&mut a, &mut b);
         assert!(matches!(

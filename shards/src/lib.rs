@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod command;
 pub mod congestion;
+pub mod credential;
 pub mod fib;
 pub mod frame;
 pub mod handle;

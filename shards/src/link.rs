@@ -345,9 +345,13 @@ async fn handshake(
 ) -> Result<(LinkSocket, PeerInfo), DialError> {
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     let expectation = Expectation {
         node_id_hint: Some(peer_hint),
         pinned_key: shard.pinned_key(peer_hint),
+        now_ms,
     };
     let local_hello = shard.local_hello();
     let mut machine = Handshake::new(

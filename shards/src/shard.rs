@@ -290,6 +290,8 @@ pub(crate) struct Shard {
     round_robin: Cell<u64>,
     /// The mesh this node belongs to now ("" = none yet); starts as `config.local.mesh_id`.
     mesh_id: RefCell<String>,
+    /// This node's certificate and its mesh authority's public key (see `credential`).
+    credential: RefCell<(Vec<u8>, Option<[u8; 32]>)>,
     /// Bytes of the send lane per destination (released once a frame leaves the send task).
     congestion: Arc<Congestion>,
     /// Bytes of the fwd lanes per next hop (released once a frame leaves its fwd task).
@@ -353,10 +355,13 @@ impl Shard {
         owner_shard(peer, self.config.n_shards.max(1))
     }
 
-    /// This node's Hello fields with the current mesh id.
+    /// This node's Hello fields with the current mesh id and credential.
     pub(crate) fn local_hello(&self) -> LocalHello {
         let mut hello = self.config.local.clone();
         hello.mesh_id = self.mesh_id.borrow().clone();
+        let (certificate, authority) = self.credential.borrow().clone();
+        hello.certificate = certificate;
+        hello.authority = authority;
         hello
     }
 
@@ -585,6 +590,10 @@ async fn shard_main(
         fib: RefCell::new(Arc::new(Fib::empty())),
         round_robin: Cell::new(0),
         mesh_id: RefCell::new(config.local.mesh_id.clone()),
+        credential: RefCell::new((
+            config.local.certificate.clone(),
+            config.local.authority,
+        )),
         congestion,
         forwards,
         parked_sends: parked::Parked::new(),
@@ -673,6 +682,14 @@ async fn shard_main(
                     let _ = outbox.push_now(&header, &payload);
                     outbox.close(reason.clone());
                 }
+            }
+            ShardInput::SetCredential {
+                certificate,
+                authority,
+            } => {
+                // New handshakes present and check these; links already up stay (they were
+                // checked when they were set up).
+                *shard.credential.borrow_mut() = (certificate, authority);
             }
             ShardInput::DropPeer {
                 peer,

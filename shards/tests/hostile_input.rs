@@ -475,13 +475,19 @@ fn key(node: u64) -> SigningKey {
     SigningKey::from_bytes(&[node as u8; 32])
 }
 
+/// The clock both machines run at (certificate validity).
+const NOW_MS: u64 = 1_800_000_000_000;
+
 fn local(node: u64) -> LocalHello {
+    let authority = meshd_shards::credential::MeshAuthority::from_secret(&[9; 32]);
     LocalHello {
         mesh_id: MESH.into(),
         node_id: node,
         boot_id: node * 100,
         listen_addr: format!("10.0.0.{node}:7000"),
         software_version: "test".into(),
+        certificate: authority.issue(MESH, node, key(node).verifying_key().to_bytes(), NOW_MS),
+        authority: Some(authority.public_key()),
     }
 }
 
@@ -496,8 +502,12 @@ fn machine(role: Role) -> Handshake {
         Role::Dialer => Expectation {
             node_id_hint: Some(peer),
             pinned_key: Some(key(peer).verifying_key().to_bytes()),
+            now_ms: NOW_MS,
         },
-        Role::Acceptor => Expectation::default(),
+        Role::Acceptor => Expectation {
+            now_ms: NOW_MS,
+            ..Expectation::default()
+        },
     };
     Handshake::new(
         role,
@@ -695,7 +705,8 @@ fn arb_hello() -> impl Strategy<Value = Hello> {
                 public_key: public_key.into(),
                 boot_id,
                 listen_addr: text.clone(),
-                software_version: text,
+                software_version: text.clone(),
+                certificate: text.into_bytes().into(),
             },
         )
 }
@@ -895,6 +906,7 @@ fn found_a_refusal_of_a_long_escaped_mesh_id_is_never_sent() {
         boot_id: 100,
         listen_addr: String::new(),
         software_version: "test".into(),
+        certificate: Default::default(),
     };
     let payload = hello.encode_to_vec();
     assert!(

@@ -136,6 +136,7 @@ pub struct Node {
     pub listen: Option<SocketAddr>,
     child: Option<Child>,
     peers: Vec<SocketAddr>,
+    mesh_secret: [u8; 32],
 }
 
 /// A set of nodes in one temporary directory.
@@ -143,6 +144,7 @@ pub struct Cluster {
     /// The nodes, in spec order.
     pub nodes: Vec<Node>,
     dir: tempfile::TempDir,
+    mesh_secret: [u8; 32],
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -161,6 +163,7 @@ impl Cluster {
         let mut cluster = Self {
             nodes: Vec::new(),
             dir,
+            mesh_secret: rand::random(),
         };
         for spec in specs {
             cluster.add(spec)?;
@@ -206,10 +209,17 @@ impl Cluster {
             child: None,
             peers,
             spec,
+            mesh_secret: self.mesh_secret,
         };
         node.start()?;
         self.nodes.push(node);
         Ok(index)
+    }
+
+    /// The secret of the configured mesh every node of this cluster is given: what a rogue
+    /// needs to pass for a member (and lacks when a test says so).
+    pub fn mesh_secret(&self) -> [u8; 32] {
+        self.mesh_secret
     }
 
     /// Node `i`.
@@ -253,6 +263,11 @@ impl Node {
             }
             (top, tables)
         };
+        // Every node gets the cluster's secret; it only counts for the configured mesh id.
+        text.push_str(&format!(
+            "mesh_secret = \"{}\"\n",
+            meshd_shards::credential::format_secret(&self.mesh_secret)
+        ));
         for line in top {
             text.push_str(line);
             text.push('\n');

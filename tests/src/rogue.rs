@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
 use meshd_proto::link::{Auth, Hello, Refuse, RefuseReason};
 use meshd_shards::{
+    credential::MeshAuthority,
     frame::{self, FrameReader, FrameType, Header, TrafficClass},
     handshake::{PROTOCOL_VERSION, Role, sign_transcript, transcript_digest},
     ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble},
@@ -33,6 +34,11 @@ pub struct RogueOptions {
     pub frame_version: u8,
     /// Sign the transcript with a key other than the one in the Hello.
     pub bad_signature: bool,
+    /// The mesh secret, if the rogue has it: it then certifies its own id and key. Without
+    /// it the Hello carries no certificate.
+    pub mesh_secret: Option<[u8; 32]>,
+    /// A certificate to present instead (captured from another node, or forged).
+    pub certificate: Option<Vec<u8>>,
 }
 
 impl RogueOptions {
@@ -44,6 +50,16 @@ impl RogueOptions {
             protocol_version: PROTOCOL_VERSION,
             frame_version: frame::FRAME_VERSION,
             bad_signature: false,
+            mesh_secret: None,
+            certificate: None,
+        }
+    }
+
+    /// An honest member of mesh `mesh_id`, holding its secret.
+    pub fn member(node_id: u64, mesh_id: &str, mesh_secret: [u8; 32]) -> Self {
+        Self {
+            mesh_secret: Some(mesh_secret),
+            ..Self::honest(node_id, mesh_id)
         }
     }
 }
@@ -256,6 +272,22 @@ fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcom
     let key = SigningKey::from_bytes(&secret);
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
+    let public_key = key.verifying_key().to_bytes();
+    let certificate = match (&options.certificate, options.mesh_secret) {
+        (Some(certificate), _) => certificate.clone(),
+        (None, Some(secret)) => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64;
+            MeshAuthority::from_secret(&secret).issue(
+                &options.mesh_id,
+                options.node_id,
+                public_key,
+                now_ms,
+            )
+        }
+        (None, None) => Vec::new(),
+    };
     let hello = Hello {
         protocol_version: options.protocol_version,
         mesh_id: options.mesh_id.clone(),
@@ -265,6 +297,7 @@ fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcom
         boot_id: 1,
         listen_addr: String::new(),
         software_version: "rogue".into(),
+        certificate: certificate.into(),
     };
     let hello_bytes = hello.encode_to_vec();
     ws.send(Message::Binary(

@@ -122,6 +122,7 @@ fn guest_link(addr: SocketAddr, node_id: u64) -> anyhow::Result<Ws> {
         boot_id: 1,
         listen_addr: String::new(),
         software_version: "join-flood".into(),
+        certificate: Default::default(),
     };
     let hello_bytes = hello.encode_to_vec();
     ws.send(Message::Binary(

@@ -10,6 +10,7 @@ use meshd_proto::{
         SendMode, SendRequest, SubscribeRequest,
     },
 };
+use meshd_shards::credential::MeshAuthority;
 use meshd_tests::{
     Cluster, NodeSpec, exclusive,
     rogue::{self, RogueOptions, RogueOutcome},
@@ -350,24 +351,57 @@ async fn a_frozen_peer_is_declared_down_by_missed_heartbeats_and_relinks_when_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshakes_with_a_wrong_mesh_a_bad_signature_or_an_old_version_are_refused()
+async fn handshakes_without_the_mesh_credential_or_with_a_wrong_mesh_a_bad_signature_or_an_old_version_are_refused()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
-    let cluster = Cluster::start(vec![NodeSpec::listener(1)])?;
+    let cluster = Cluster::start(vec![NodeSpec::listener(1), NodeSpec::listener(2)])?;
     let node = cluster.node(0);
     let addr = node.listen.expect("listens");
+    let secret = cluster.mesh_secret();
 
     let outcome = tokio::task::spawn_blocking(move || {
-        rogue::handshake(addr, &RogueOptions::honest(50, "default"))
+        rogue::handshake(addr, &RogueOptions::member(50, "default", secret))
     })
     .await??;
     assert_eq!(
         outcome,
         RogueOutcome::Accepted,
-        "the rogue client itself speaks the protocol"
+        "the rogue client itself speaks the protocol, and holds the mesh secret here"
     );
 
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let elsewhere = MeshAuthority::from_secret(&[0x5a; 32]);
+    let stranger_key = [9u8; 32];
     let cases = [
+        // The right mesh id is no longer enough: this used to be accepted.
+        (
+            RogueOptions::honest(55, "default"),
+            RefuseReason::RefuseNoCredential,
+        ),
+        // A certificate from another authority (a mesh of the same name elsewhere).
+        (
+            RogueOptions {
+                certificate: Some(elsewhere.issue("default", 56, stranger_key, now_ms)),
+                ..RogueOptions::honest(56, "default")
+            },
+            RefuseReason::RefuseNoCredential,
+        ),
+        // Node 2's id with a genuine certificate of node 2 (as if captured): the rogue does
+        // not hold the key it certifies.
+        (
+            RogueOptions {
+                certificate: Some(MeshAuthority::from_secret(&secret).issue(
+                    "default",
+                    2,
+                    stranger_key,
+                    now_ms,
+                )),
+                ..RogueOptions::honest(2, "default")
+            },
+            RefuseReason::RefuseNoCredential,
+        ),
         (
             RogueOptions::honest(51, "another-mesh"),
             RefuseReason::RefuseMeshId,
@@ -375,7 +409,7 @@ async fn handshakes_with_a_wrong_mesh_a_bad_signature_or_an_old_version_are_refu
         (
             RogueOptions {
                 bad_signature: true,
-                ..RogueOptions::honest(52, "default")
+                ..RogueOptions::member(52, "default", secret)
             },
             RefuseReason::RefuseBadSignature,
         ),
@@ -415,7 +449,9 @@ async fn handshakes_with_a_wrong_mesh_a_bad_signature_or_an_old_version_are_refu
     // The node logged each refusal and still serves its api.
     let log = node.log();
     assert!(
-        log.contains("RefuseMeshId") && log.contains("RefuseBadSignature"),
+        log.contains("RefuseMeshId")
+            && log.contains("RefuseBadSignature")
+            && log.contains("RefuseNoCredential"),
         "{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
@@ -578,5 +614,68 @@ fn a_bad_config_is_refused_at_start_with_the_key_and_a_fix() -> anyhow::Result<(
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("runtime.shards"), "{stderr}");
+    Ok(())
+}
+
+/// Admission across real processes: a `meshd` configured with the right mesh id but another
+/// secret dials a member and is refused every time; a node with the secret links at once; a
+/// node with no secret at all does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_mesh_secret_cannot_link_whatever_mesh_id_it_claims()
+-> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let other_secret = meshd_shards::credential::format_secret(&[0x42; 32]);
+    let mut cluster = Cluster::start(vec![
+        NodeSpec::listener(1),
+        NodeSpec::listener(2)
+            .dialing(vec![0])
+            .with_env("MESHD_MESH_SECRET", &other_secret),
+    ])?;
+    let outsider_dials = Instant::now();
+    cluster.add(NodeSpec::listener(3).dialing(vec![0, 1]))?;
+    cluster.node(0).wait_for_peers(&[3], SETTLE).await?;
+    let member_linked = outsider_dials.elapsed();
+    // Give the outsider many re-dials (backoff 50 ms .. 1 s) in both directions.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (i, node) in [(0, 1), (2, 3)] {
+        let peers: Vec<u64> = cluster
+            .node(i)
+            .sessions()
+            .await?
+            .iter()
+            .map(|s| s.peer_node_id)
+            .collect();
+        assert!(!peers.contains(&2), "node {node} linked the outsider: {peers:?}");
+    }
+    let outsider: Vec<u64> = cluster
+        .node(1)
+        .sessions()
+        .await?
+        .iter()
+        .map(|s| s.peer_node_id)
+        .collect();
+    assert!(outsider.is_empty(), "the outsider has links: {outsider:?}");
+    let log = cluster.node(0).log();
+    let refusals = log.matches("RefuseNoCredential").count();
+    println!(
+        "member 3 linked in {} ms; node 1 refused the outsider {refusals} times in 3 s",
+        member_linked.as_millis()
+    );
+    assert!(refusals >= 2, "{}", cluster.log_tails(0, 20));
+    // The refusal the outsider got names nothing of the member's.
+    let outsider_log = cluster.node(1).log();
+    assert!(outsider_log.contains("no certificate") || outsider_log.contains("certificate"));
+
+    // No secret at all: the node does not start, and says what to do.
+    let mut without = NodeSpec::listener(4).with_env("MESHD_MESH_SECRET", "");
+    without.extra = "mesh_id = \"default\"".into();
+    match cluster.add(without) {
+        Ok(_) => panic!("a node with a mesh id and no secret started"),
+        Err(e) => {
+            let message = format!("{e:#}");
+            println!("a node without a secret: {message}");
+            assert!(message.contains("no mesh secret"), "{message}");
+        }
+    }
     Ok(())
 }

@@ -40,9 +40,10 @@ async fn a_peer_that_never_reads_is_cut_off_while_other_traffic_keeps_flowing() 
     let (n1, n2) = (cluster.node(0), cluster.node(1));
     n1.wait_for_peers(&[2], SETTLE).await?;
     let addr = n1.listen.expect("node 1 listens");
+    let secret = cluster.mesh_secret();
 
     let rogue = tokio::task::spawn_blocking(move || {
-        let mut link = RogueLink::connect(addr, &RogueOptions::honest(50, "default"))?;
+        let mut link = RogueLink::connect(addr, &RogueOptions::member(50, "default", secret))?;
         anyhow::Ok(link.heartbeat_without_reading(Duration::from_millis(50), SETTLE * 2))
     });
     n1.wait_for_peers(&[2, 50], SETTLE).await?;

@@ -103,3 +103,33 @@ fn shards_accept_auto_a_number_or_a_numeric_string() {
     runtime.shards = ShardCount::Count(0);
     assert!(runtime.shard_count().is_err());
 }
+
+#[test]
+fn a_mesh_secret_is_64_hex_digits_from_one_place_and_never_echoed() {
+    let mut config = base();
+    config.mesh_secret = Some(SecretText("ab".repeat(32)));
+    assert_eq!(config.validate().unwrap().mesh_secret, Some([0xab; 32]));
+
+    config.mesh_secret = Some(SecretText("not-a-secret-but-long-enough".into()));
+    assert_eq!(format!("{:?}", config.mesh_secret), "Some(<redacted>)");
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("mesh_secret") && error.contains("fix:"), "{error}");
+    assert!(!error.contains("not-a-secret"), "the text is never echoed: {error}");
+
+    config.mesh_secret = Some(SecretText(String::new()));
+    assert_eq!(config.validate().unwrap().mesh_secret, None, "empty means none");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.secret");
+    std::fs::write(&file, format!("{}\n", "cd".repeat(32))).unwrap();
+    let mut config = base();
+    config.mesh_secret_file = Some(file.clone());
+    assert_eq!(config.validate().unwrap().mesh_secret, Some([0xcd; 32]));
+    config.mesh_secret = Some(SecretText("ab".repeat(32)));
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("mesh_secret_file"), "{error}");
+    let mut config = base();
+    config.mesh_secret_file = Some(dir.path().join("missing"));
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("mesh_secret_file") && error.contains("fix:"), "{error}");
+}

@@ -26,7 +26,12 @@ use argon2::{
 };
 use bytes::Bytes;
 use meshd_proto::link::{JoinPolicy, MeshConfig, MeshRecord};
-use meshd_shards::{command::ShardInput, frame::FrameType};
+use meshd_shards::{
+    command::ShardInput,
+    credential::{MeshAuthority, SECRET_LEN},
+    frame::FrameType,
+};
+use rand::RngCore;
 use tokio::sync::oneshot;
 
 use super::{
@@ -159,6 +164,8 @@ pub(super) struct PendingJoin {
 
 /// What the lifecycle asks of the shards, drained in order by the control loop.
 pub(super) enum ShardCommand {
+    /// Issue this node's certificate for the current mesh and hand it to every shard.
+    Credential,
     SetMesh {
         mesh_id: String,
         reason: String,
@@ -188,16 +195,47 @@ pub(super) struct Lifecycle {
     pub(super) pending_join: Option<PendingJoin>,
     next_join_dial: u64,
     pub(super) commands: Vec<ShardCommand>,
+    /// `mesh_id` and the mesh secret from the config (used when no mesh is stored).
+    pub(super) configured_mesh_id: String,
+    pub(super) configured_secret: Option<[u8; SECRET_LEN]>,
+    /// This node, as its certificates name it.
+    pub(super) local: u64,
+    pub(super) public_key: [u8; 32],
+    /// When this node last issued itself a certificate.
+    issued_at: Option<Instant>,
 }
 
 impl Lifecycle {
-    /// The state at start: the stored record wins over the configured mesh id.
-    pub(super) fn new(record: Option<MeshRecord>, configured_mesh_id: &str) -> Self {
+    /// The state at start: the stored record wins over the configured mesh id. The shards
+    /// start with a certificate issued by `node.rs`; the first renewal is an hour later.
+    pub(super) fn new(
+        record: Option<MeshRecord>,
+        configured_mesh_id: &str,
+        configured_secret: Option<[u8; SECRET_LEN]>,
+        local: u64,
+        public_key: [u8; 32],
+    ) -> Self {
         let mesh_id = start_mesh_id(record.as_ref(), configured_mesh_id);
         Self {
             record,
             mesh_id,
+            configured_mesh_id: configured_mesh_id.to_owned(),
+            configured_secret,
+            local,
+            public_key,
+            issued_at: Some(Instant::now()),
             ..Self::default()
+        }
+    }
+
+    /// Queues a fresh certificate for the shards once the last one is an hour old.
+    pub(super) fn renew_credential_if_due(&mut self, now: Instant) {
+        if self
+            .issued_at
+            .is_none_or(|at| now.duration_since(at) >= CREDENTIAL_RENEWAL)
+        {
+            self.issued_at = Some(now);
+            self.commands.push(ShardCommand::Credential);
         }
     }
 
@@ -222,6 +260,50 @@ pub fn start_mesh_id(record: Option<&MeshRecord>, configured: &str) -> String {
         .and_then(|r| r.config.as_ref())
         .map_or_else(|| configured.to_owned(), |c| c.mesh_id.clone())
 }
+
+/// The secret of `mesh_id`: the stored mesh's if it is that one, else the configured one if
+/// `mesh_id` is the configured mesh; `None` for no mesh ("").
+pub fn mesh_secret_for(
+    mesh_id: &str,
+    record: Option<&MeshRecord>,
+    configured_mesh_id: &str,
+    configured_secret: Option<[u8; SECRET_LEN]>,
+) -> Option<[u8; SECRET_LEN]> {
+    if mesh_id.is_empty() {
+        return None;
+    }
+    if let Some(config) = record.and_then(|r| r.config.as_ref())
+        && config.mesh_id == mesh_id
+    {
+        return <[u8; SECRET_LEN]>::try_from(config.mesh_secret.as_ref()).ok();
+    }
+    (mesh_id == configured_mesh_id)
+        .then_some(configured_secret)
+        .flatten()
+}
+
+/// This node's certificate in `mesh_id` and the authority it checks peers against, issued now
+/// from the mesh secret; nothing without one.
+pub fn issue_credential(
+    secret: Option<[u8; SECRET_LEN]>,
+    mesh_id: &str,
+    node_id: u64,
+    public_key: [u8; 32],
+) -> (Vec<u8>, Option<[u8; 32]>) {
+    match secret {
+        Some(secret) => {
+            let authority = MeshAuthority::from_secret(&secret);
+            (
+                authority.issue(mesh_id, node_id, public_key, now_ms()),
+                Some(authority.public_key()),
+            )
+        }
+        None => (Vec::new(), None),
+    }
+}
+
+/// How often a node issues itself a fresh certificate (each is valid for a day).
+pub(super) const CREDENTIAL_RENEWAL: Duration = Duration::from_secs(3600);
 
 fn hash_key(key: &str) -> Result<String, LifecycleError> {
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
@@ -323,6 +405,8 @@ impl Control {
             JoinPolicy::KeyRequired => hash_key(key)?,
             _ => String::new(),
         };
+        let mut mesh_secret = [0u8; SECRET_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut mesh_secret);
         let record = MeshRecord {
             config: Some(MeshConfig {
                 mesh_id: ulid::Ulid::new().to_string(),
@@ -331,6 +415,7 @@ impl Control {
                 join_policy: policy as u32,
                 join_key_hash,
                 created_ms: now_ms(),
+                mesh_secret: mesh_secret.to_vec().into(),
             }),
             state: ACTIVE,
         };
@@ -343,8 +428,9 @@ impl Control {
             .map(|c| c.mesh_id.clone())
             .unwrap_or_default();
         tracing::info!(%mesh_id, "seeded a new mesh");
-        self.switch_mesh(mesh_id, "mesh changed");
+        // The record first: the switch issues this node's certificate from its secret.
         self.lifecycle.record = Some(record);
+        self.switch_mesh(mesh_id, "mesh changed");
         Ok(())
     }
 
@@ -455,10 +541,24 @@ impl Control {
 
     fn switch_mesh(&mut self, mesh_id: String, reason: &str) {
         self.lifecycle.mesh_id = mesh_id.clone();
+        self.lifecycle.commands.push(ShardCommand::Credential);
         self.lifecycle.commands.push(ShardCommand::SetMesh {
             mesh_id,
             reason: reason.to_owned(),
         });
+    }
+
+    /// This node's credential for the mesh it is in now (see [`issue_credential`]).
+    fn current_credential(&mut self, now: Instant) -> (Vec<u8>, Option<[u8; 32]>) {
+        let lifecycle = &mut self.lifecycle;
+        lifecycle.issued_at = Some(now);
+        let secret = mesh_secret_for(
+            &lifecycle.mesh_id,
+            lifecycle.record.as_ref(),
+            &lifecycle.configured_mesh_id,
+            lifecycle.configured_secret,
+        );
+        issue_credential(secret, &lifecycle.mesh_id, lifecycle.local, lifecycle.public_key)
     }
 
     /// Sends what the lifecycle queued to the shards, in order.
@@ -466,6 +566,17 @@ impl Control {
         let commands = std::mem::take(&mut self.lifecycle.commands);
         for command in commands {
             let (shard, input) = match command {
+                ShardCommand::Credential => {
+                    let (certificate, authority) = self.current_credential(Instant::now());
+                    for shard in self.shards.iter() {
+                        let input = ShardInput::SetCredential {
+                            certificate: certificate.clone(),
+                            authority,
+                        };
+                        let _ = shard.push(input).await;
+                    }
+                    continue;
+                }
                 ShardCommand::SetMesh { mesh_id, reason } => {
                     for shard in self.shards.iter() {
                         let input = ShardInput::SetMesh {

@@ -149,6 +149,10 @@ pub struct ControlSetup {
     pub mesh_record: Option<meshd_proto::link::MeshRecord>,
     /// `mesh_id` from the config, used when there is no stored mesh.
     pub configured_mesh_id: String,
+    /// The configured mesh's secret.
+    pub configured_secret: Option<[u8; 32]>,
+    /// This node's Ed25519 public key (what its certificates certify).
+    pub public_key: [u8; 32],
 }
 
 /// The running control thread.
@@ -265,7 +269,13 @@ async fn run(
         last_metrics: now,
         membership,
         mesh_events: setup.mesh_events,
-        lifecycle: Lifecycle::new(setup.mesh_record, &setup.configured_mesh_id),
+        lifecycle: Lifecycle::new(
+            setup.mesh_record,
+            &setup.configured_mesh_id,
+            setup.configured_secret,
+            setup.local,
+            setup.public_key,
+        ),
     };
     match control.store.db().evicted() {
         Ok(evicted) => control.membership.set_evicted(evicted),
@@ -318,6 +328,7 @@ async fn run(
             }
             ControlInput::Timer => {
                 let now = Instant::now();
+                control.lifecycle.renew_credential_if_due(now);
                 control.routing.handle_timeout(now);
                 control.membership.handle_timeout(now);
                 control.handle_join_timeout(now);

@@ -346,10 +346,16 @@ fn register(
     let local = shard.config.local.node_id;
     let mut links = shard.links.borrow_mut();
     if let Some(existing) = links.get(&peer.node_id) {
-        let peer_restarted = existing.peer.boot_id != peer.boot_id;
-        let same_direction = existing.dialer == dialer;
-        let preferred_dialer = local.min(peer.node_id);
-        let replace = peer_restarted || same_direction || dialer == preferred_dialer;
+        // A guest's id is only a claim (no certificate vouches for it): it never displaces a
+        // member's link, and a member's link always displaces a guest's.
+        let replace = if peer.guest != existing.peer.guest {
+            !peer.guest
+        } else {
+            let peer_restarted = existing.peer.boot_id != peer.boot_id;
+            let same_direction = existing.dialer == dialer;
+            let preferred_dialer = local.min(peer.node_id);
+            peer_restarted || same_direction || dialer == preferred_dialer
+        };
         if !replace {
             return false;
         }
@@ -357,11 +363,15 @@ fn register(
         let _ = existing.outbox.push_now(&header, &payload);
         existing.outbox.close("replaced by a newer link".into());
     }
-    shard.known.borrow_mut().insert(peer.node_id);
-    shard
-        .pinned
-        .borrow_mut()
-        .insert(peer.node_id, peer.public_key);
+    if !peer.guest {
+        // Only certified members are remembered; a guest's key is never pinned, so a guest
+        // claiming a member's id cannot lock that member out.
+        shard.known.borrow_mut().insert(peer.node_id);
+        shard
+            .pinned
+            .borrow_mut()
+            .insert(peer.node_id, peer.public_key);
+    }
     links.insert(
         peer.node_id,
         LinkEntry {

@@ -308,9 +308,13 @@ impl Control {
             }
         };
         let config = match (answer.accepted, answer.mesh) {
-            (true, Some(config)) if !config.mesh_id.is_empty() => config,
+            (true, Some(config)) if !config.mesh_id.is_empty() && config.mesh_secret.len() == 32 => {
+                config
+            }
             (true, _) => {
-                return self.fail_join(LifecycleError::Refused("answer without a mesh".into()));
+                return self.fail_join(LifecycleError::Refused(
+                    "answer without a mesh and its credential".into(),
+                ));
             }
             (false, _) => {
                 let error = if answer.refusal == JoinRefusal::BadKey as u32 {
