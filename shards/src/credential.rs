@@ -125,7 +125,11 @@ pub struct Claim<'a> {
 }
 
 /// Checks an encoded certificate against the mesh authority's public key and the claim.
-pub fn verify(authority: &[u8; 32], certificate: &[u8], claim: Claim<'_>) -> Result<(), CredentialError> {
+pub fn verify(
+    authority: &[u8; 32],
+    certificate: &[u8],
+    claim: Claim<'_>,
+) -> Result<(), CredentialError> {
     if certificate.is_empty() {
         return Err(CredentialError::Missing);
     }
@@ -133,13 +137,18 @@ pub fn verify(authority: &[u8; 32], certificate: &[u8], claim: Claim<'_>) -> Res
         return Err(CredentialError::Malformed);
     }
     let cert = NodeCertificate::decode(certificate).map_err(|_| CredentialError::Malformed)?;
-    let signature = <[u8; 64]>::try_from(cert.signature.as_ref())
-        .map_err(|_| CredentialError::Malformed)?;
-    let authority = VerifyingKey::from_bytes(authority).map_err(|_| CredentialError::WrongAuthority)?;
+    let signature =
+        <[u8; 64]>::try_from(cert.signature.as_ref()).map_err(|_| CredentialError::Malformed)?;
+    let authority =
+        VerifyingKey::from_bytes(authority).map_err(|_| CredentialError::WrongAuthority)?;
     authority
-        .verify(&signed_bytes(&cert.body), &Signature::from_bytes(&signature))
+        .verify(
+            &signed_bytes(&cert.body),
+            &Signature::from_bytes(&signature),
+        )
         .map_err(|_| CredentialError::WrongAuthority)?;
-    let body = CertificateBody::decode(cert.body.as_ref()).map_err(|_| CredentialError::Malformed)?;
+    let body =
+        CertificateBody::decode(cert.body.as_ref()).map_err(|_| CredentialError::Malformed)?;
     if body.mesh_id != claim.mesh_id
         || body.node_id != claim.node_id
         || body.public_key.as_ref() != claim.public_key
@@ -194,17 +203,44 @@ mod tests {
         let cert = authority.issue("m", 5, key, NOW);
         let public = authority.public_key();
         assert_eq!(verify(&public, &cert, claim(&key, 5)), Ok(()));
-        assert_eq!(verify(&public, &cert, claim(&key, 6)), Err(CredentialError::Mismatch));
-        assert_eq!(verify(&public, &cert, claim(&[2; 32], 5)), Err(CredentialError::Mismatch));
-        let other_mesh = Claim { mesh_id: "n", ..claim(&key, 5) };
-        assert_eq!(verify(&public, &cert, other_mesh), Err(CredentialError::Mismatch));
+        assert_eq!(
+            verify(&public, &cert, claim(&key, 6)),
+            Err(CredentialError::Mismatch)
+        );
+        assert_eq!(
+            verify(&public, &cert, claim(&[2; 32], 5)),
+            Err(CredentialError::Mismatch)
+        );
+        let other_mesh = Claim {
+            mesh_id: "n",
+            ..claim(&key, 5)
+        };
+        assert_eq!(
+            verify(&public, &cert, other_mesh),
+            Err(CredentialError::Mismatch)
+        );
         let other = MeshAuthority::from_secret(&[8; 32]).public_key();
-        assert_eq!(verify(&other, &cert, claim(&key, 5)), Err(CredentialError::WrongAuthority));
-        assert_eq!(verify(&public, &[], claim(&key, 5)), Err(CredentialError::Missing));
-        assert_eq!(verify(&public, &[1, 2, 3], claim(&key, 5)), Err(CredentialError::Malformed));
-        let late = Claim { now_ms: NOW + CERTIFICATE_LIFETIME_MS + 2 * CLOCK_SKEW_MS, ..claim(&key, 5) };
+        assert_eq!(
+            verify(&other, &cert, claim(&key, 5)),
+            Err(CredentialError::WrongAuthority)
+        );
+        assert_eq!(
+            verify(&public, &[], claim(&key, 5)),
+            Err(CredentialError::Missing)
+        );
+        assert_eq!(
+            verify(&public, &[1, 2, 3], claim(&key, 5)),
+            Err(CredentialError::Malformed)
+        );
+        let late = Claim {
+            now_ms: NOW + CERTIFICATE_LIFETIME_MS + 2 * CLOCK_SKEW_MS,
+            ..claim(&key, 5)
+        };
         assert_eq!(verify(&public, &cert, late), Err(CredentialError::Expired));
-        let early = Claim { now_ms: NOW - 3 * CLOCK_SKEW_MS, ..claim(&key, 5) };
+        let early = Claim {
+            now_ms: NOW - 3 * CLOCK_SKEW_MS,
+            ..claim(&key, 5)
+        };
         assert_eq!(verify(&public, &cert, early), Err(CredentialError::Expired));
     }
 
@@ -212,7 +248,8 @@ mod tests {
     fn a_tampered_body_fails_the_signature() {
         let authority = MeshAuthority::from_secret(&[7; 32]);
         let key = [1u8; 32];
-        let mut cert = NodeCertificate::decode(authority.issue("m", 5, key, NOW).as_slice()).unwrap();
+        let mut cert =
+            NodeCertificate::decode(authority.issue("m", 5, key, NOW).as_slice()).unwrap();
         let mut body = CertificateBody::decode(cert.body.as_ref()).unwrap();
         body.node_id = 6;
         cert.body = body.encode_to_vec().into();

@@ -673,7 +673,9 @@ mod tests {
                 ),
                 "{reason:?}"
             ),
-            other => panic!("a stolen certificate must not link: {other:?}"),
+            other @ Outcome::Established(_) => {
+                panic!("a stolen certificate must not link: {other:?}")
+            }
         }
     }
 

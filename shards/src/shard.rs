@@ -590,10 +590,7 @@ async fn shard_main(
         fib: RefCell::new(Arc::new(Fib::empty())),
         round_robin: Cell::new(0),
         mesh_id: RefCell::new(config.local.mesh_id.clone()),
-        credential: RefCell::new((
-            config.local.certificate.clone(),
-            config.local.authority,
-        )),
+        credential: RefCell::new((config.local.certificate.clone(), config.local.authority)),
         congestion,
         forwards,
         parked_sends: parked::Parked::new(),

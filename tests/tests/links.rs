@@ -645,7 +645,10 @@ async fn a_node_without_the_mesh_secret_cannot_link_whatever_mesh_id_it_claims()
             .iter()
             .map(|s| s.peer_node_id)
             .collect();
-        assert!(!peers.contains(&2), "node {node} linked the outsider: {peers:?}");
+        assert!(
+            !peers.contains(&2),
+            "node {node} linked the outsider: {peers:?}"
+        );
     }
     let outsider: Vec<u64> = cluster
         .node(1)

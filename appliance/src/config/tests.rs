@@ -113,11 +113,21 @@ fn a_mesh_secret_is_64_hex_digits_from_one_place_and_never_echoed() {
     config.mesh_secret = Some(SecretText("not-a-secret-but-long-enough".into()));
     assert_eq!(format!("{:?}", config.mesh_secret), "Some(<redacted>)");
     let error = config.validate().unwrap_err().to_string();
-    assert!(error.contains("mesh_secret") && error.contains("fix:"), "{error}");
-    assert!(!error.contains("not-a-secret"), "the text is never echoed: {error}");
+    assert!(
+        error.contains("mesh_secret") && error.contains("fix:"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("not-a-secret"),
+        "the text is never echoed: {error}"
+    );
 
     config.mesh_secret = Some(SecretText(String::new()));
-    assert_eq!(config.validate().unwrap().mesh_secret, None, "empty means none");
+    assert_eq!(
+        config.validate().unwrap().mesh_secret,
+        None,
+        "empty means none"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mesh.secret");
@@ -131,5 +141,8 @@ fn a_mesh_secret_is_64_hex_digits_from_one_place_and_never_echoed() {
     let mut config = base();
     config.mesh_secret_file = Some(dir.path().join("missing"));
     let error = config.validate().unwrap_err().to_string();
-    assert!(error.contains("mesh_secret_file") && error.contains("fix:"), "{error}");
+    assert!(
+        error.contains("mesh_secret_file") && error.contains("fix:"),
+        "{error}"
+    );
 }

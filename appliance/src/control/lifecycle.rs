@@ -558,7 +558,12 @@ impl Control {
             &lifecycle.configured_mesh_id,
             lifecycle.configured_secret,
         );
-        issue_credential(secret, &lifecycle.mesh_id, lifecycle.local, lifecycle.public_key)
+        issue_credential(
+            secret,
+            &lifecycle.mesh_id,
+            lifecycle.local,
+            lifecycle.public_key,
+        )
     }
 
     /// Sends what the lifecycle queued to the shards, in order.

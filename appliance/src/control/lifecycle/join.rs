@@ -308,7 +308,9 @@ impl Control {
             }
         };
         let config = match (answer.accepted, answer.mesh) {
-            (true, Some(config)) if !config.mesh_id.is_empty() && config.mesh_secret.len() == 32 => {
+            (true, Some(config))
+                if !config.mesh_id.is_empty() && config.mesh_secret.len() == 32 =>
+            {
                 config
             }
             (true, _) => {
