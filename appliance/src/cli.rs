@@ -1,7 +1,11 @@
 //! `meshd mesh …`: the operator's side of the mesh lifecycle, a gRPC client of a running node's
 //! `meshd.v1.MeshService`.
 
-use std::time::Duration;
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
@@ -38,17 +42,20 @@ pub enum MeshAction {
         /// Join policy.
         #[arg(long, value_enum, default_value = "key-required")]
         policy: Policy,
-        /// Join key (KEY_REQUIRED; at least 8 bytes). Stored only as an argon2 hash.
-        #[arg(long, env = "MESHD_JOIN_KEY", default_value = "")]
-        key: String,
+        /// File holding the join key (KEY_REQUIRED; at least 8 bytes; `-` reads standard
+        /// input). Or set MESHD_JOIN_KEY. Never on the command line, where `ps` shows it.
+        /// Stored only as an argon2 hash.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Join the mesh of the node whose link listener is at ADDR.
     Join {
         /// IP:port of a member's link listener.
         addr: String,
-        /// The mesh's join key.
-        #[arg(long, env = "MESHD_JOIN_KEY", default_value = "")]
-        key: String,
+        /// File holding the mesh's join key (`-` reads standard input). Or set
+        /// MESHD_JOIN_KEY. Never on the command line.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Close every link with a goodbye and stop dialing (membership stays persisted).
     Stop,
@@ -82,8 +89,9 @@ pub fn run(grpc: &str, action: MeshAction) -> anyhow::Result<()> {
                 name,
                 description,
                 policy,
-                key,
+                key_file,
             } => {
+                let key = join_key(key_file.as_deref())?;
                 let join_policy = match policy {
                     Policy::Open => JoinPolicy::Open,
                     Policy::KeyRequired => JoinPolicy::KeyRequired,
@@ -97,7 +105,8 @@ pub fn run(grpc: &str, action: MeshAction) -> anyhow::Result<()> {
                 };
                 client.seed_mesh(request).await?
             }
-            MeshAction::Join { addr, key } => {
+            MeshAction::Join { addr, key_file } => {
+                let key = join_key(key_file.as_deref())?;
                 let request = JoinMeshRequest {
                     addr,
                     join_key: key,
@@ -123,6 +132,31 @@ pub fn run(grpc: &str, action: MeshAction) -> anyhow::Result<()> {
         print_status(&status.into_inner());
         Ok(())
     })
+}
+
+/// The join key from `--key-file` (`-`: standard input) or `MESHD_JOIN_KEY`, without its
+/// trailing newline; "" when neither is given (an OPEN mesh needs none).
+fn join_key(file: Option<&Path>) -> anyhow::Result<String> {
+    let mut key = match file {
+        Some(path) if path == Path::new("-") => {
+            let mut key = String::new();
+            std::io::stdin()
+                .read_to_string(&mut key)
+                .context("reading the join key from standard input")?;
+            key
+        }
+        Some(path) => std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read the join key from {}; fix: --key-file PATH",
+                path.display()
+            )
+        })?,
+        None => std::env::var("MESHD_JOIN_KEY").unwrap_or_default(),
+    };
+    while key.ends_with('\n') || key.ends_with('\r') {
+        key.pop();
+    }
+    Ok(key)
 }
 
 fn print_status(status: &MeshStatus) {

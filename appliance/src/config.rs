@@ -109,8 +109,19 @@ pub struct NetworkConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
-    /// Plaintext gRPC address (`IP:port`).
+    /// gRPC address (`IP:port`). Plaintext without credentials is allowed on loopback only
+    /// (where `core` runs); any other address needs TLS and a token.
     pub listen: String,
+    /// PEM certificate chain the api serves TLS with.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub tls_key_file: Option<PathBuf>,
+    /// File holding the bearer token every call must carry (`authorization: Bearer <token>`),
+    /// at least 16 characters. Or `MESHD_GRPC__TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// The bearer token itself (from the environment; never printed).
+    #[serde(skip_serializing)]
+    pub token: Option<SecretText>,
     /// Messages buffered per `Subscribe` stream before deliveries to it fail.
     pub subscriber_queue: usize,
     /// Sent messages whose status is remembered for `QueryMessageStatus` and acks.
@@ -305,6 +316,10 @@ impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50056".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            token_file: None,
+            token: None,
             subscriber_queue: 4096,
             tracked_messages: 100_000,
             default_timeout_seconds: 30,
@@ -366,6 +381,10 @@ pub struct Resolved {
     pub peers: Vec<SocketAddr>,
     /// Parsed `grpc.listen`.
     pub grpc_listen: SocketAddr,
+    /// PEM certificate chain and key for the api's TLS.
+    pub grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// The api's bearer token.
+    pub grpc_token: Option<String>,
     /// Shard threads.
     pub n_shards: usize,
     /// The configured mesh's secret, from `mesh_secret` or `mesh_secret_file`.
@@ -494,6 +513,7 @@ impl Config {
             ));
         }
         let grpc_listen = parse_addr("grpc.listen", &self.grpc.listen)?;
+        let (grpc_tls, grpc_token) = self.grpc_security(grpc_listen)?;
         if self.grpc.subscriber_queue == 0 {
             return Err(invalid(
                 "grpc.subscriber_queue",
@@ -643,9 +663,77 @@ impl Config {
             listen,
             peers,
             grpc_listen,
+            grpc_tls,
+            grpc_token,
             n_shards,
             mesh_secret,
         })
+    }
+
+    /// The api's TLS identity and token; refuses an address off loopback without both.
+    #[allow(clippy::type_complexity)]
+    fn grpc_security(
+        &self,
+        listen: SocketAddr,
+    ) -> Result<(Option<(Vec<u8>, Vec<u8>)>, Option<String>), ConfigError> {
+        let read = |key: &'static str, path: &Path| {
+            std::fs::read(path).map_err(|e| {
+                invalid(
+                    key,
+                    format!("cannot be read ({}): {e}", path.display()),
+                    "point it at a readable file",
+                )
+            })
+        };
+        let grpc = &self.grpc;
+        let tls = match (&grpc.tls_cert_file, &grpc.tls_key_file) {
+            (Some(cert), Some(key)) => Some((
+                read("grpc.tls_cert_file", cert)?,
+                read("grpc.tls_key_file", key)?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "grpc.tls_cert_file",
+                    "is set without grpc.tls_key_file, or the other way round",
+                    "set both (PEM files) or neither",
+                ));
+            }
+        };
+        let from_env = grpc.token.as_ref().map(|t| t.0.trim().to_owned());
+        let token = match (from_env.filter(|t| !t.is_empty()), &grpc.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "grpc.token",
+                    "is set together with grpc.token_file",
+                    "keep one of the two",
+                ));
+            }
+            (Some(token), None) => Some(token),
+            (None, Some(path)) => Some(
+                String::from_utf8_lossy(&read("grpc.token_file", path)?)
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid(
+                "grpc.token",
+                "is shorter than 16 characters",
+                "use a long random token, e.g. `openssl rand -hex 32`",
+            ));
+        }
+        if !listen.ip().is_loopback() && (tls.is_none() || token.is_none()) {
+            return Err(invalid(
+                "grpc.listen",
+                format!("{listen} is reachable from other hosts, but the api has no TLS and token"),
+                "listen on 127.0.0.1 (core runs on this host), or set grpc.tls_cert_file, \
+                 grpc.tls_key_file and grpc.token_file (clients send `authorization: Bearer \
+                 <token>`)",
+            ));
+        }
+        Ok((tls, token))
     }
 
     /// The configured mesh secret, parsed (the text itself never appears in an error).

@@ -193,6 +193,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         default_timeout_seconds: config.grpc.default_timeout_seconds,
         generation,
         mesh_events,
+        tls: resolved.grpc_tls.clone(),
+        token: resolved.grpc_token.clone(),
     })?;
 
     let listen = shards

@@ -706,6 +706,44 @@ pub struct ApiSetup {
     pub generation: u32,
     /// Mesh events from the control thread (each WatchMeshEvents call subscribes).
     pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
+    /// PEM certificate chain and key to serve TLS with.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// The bearer token every call must carry.
+    pub token: Option<String>,
+}
+
+/// Checks `authorization: Bearer <token>` on every call when a token is configured.
+#[derive(Clone)]
+struct TokenCheck(Option<Arc<str>>);
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let Some(token) = &self.0 else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong bearer token (metadata `authorization: Bearer <token>`)",
+            ))
+        }
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ (a token is guessed byte
+/// by byte otherwise).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The running api thread.
@@ -776,6 +814,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         closing: AtomicBool::new(false),
     });
     let events = setup.events;
+    let (tls, token) = (setup.tls, setup.token);
     let verdicts = setup.verdicts;
     let setup_generation = setup.generation;
     // Verdicts on this node's sends never wait behind data for subscribers: handling one
@@ -860,7 +899,22 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
     );
     let (stopping_tx, stopping) = oneshot::channel::<()>();
     let shutdown_state = Arc::clone(&state);
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &tls {
+        let config = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        builder = match builder.tls_config(config) {
+            Ok(builder) => builder,
+            Err(e) => {
+                tracing::error!(error = %e, "gRPC TLS configuration unusable; api not served");
+                return;
+            }
+        };
+    }
+    let server = builder
+        .layer(tonic::service::InterceptorLayer::new(TokenCheck(
+            token.map(Arc::from),
+        )))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(data)
