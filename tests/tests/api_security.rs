@@ -20,8 +20,14 @@ async fn an_api_reachable_from_other_hosts_needs_tls_and_a_token() -> anyhow::Re
     let refused = Cluster::start(vec![
         NodeSpec::listener(1).with_env("MESHD_GRPC__LISTEN", "0.0.0.0:0"),
     ]);
-    let error = format!("{:#}", refused.err().expect("an open plaintext api was served"));
-    println!("plaintext api on 0.0.0.0: {}", error.lines().last().unwrap_or_default());
+    let error = format!(
+        "{:#}",
+        refused.err().expect("an open plaintext api was served")
+    );
+    println!(
+        "plaintext api on 0.0.0.0: {}",
+        error.lines().last().unwrap_or_default()
+    );
     assert!(error.contains("grpc.listen"), "{error}");
 
     // With TLS and a token.
@@ -67,15 +73,17 @@ async fn an_api_reachable_from_other_hosts_needs_tls_and_a_token() -> anyhow::Re
         .await?;
     // TLS without the token, and with a wrong one: UNAUTHENTICATED.
     for given in [None, Some("Bearer not-the-token-at-all-0000000")] {
-        let mut client =
-            MeshControlClient::with_interceptor(tls.clone(), move |mut request: tonic::Request<()>| {
+        let mut client = MeshControlClient::with_interceptor(
+            tls.clone(),
+            move |mut request: tonic::Request<()>| {
                 if let Some(value) = given {
                     request
                         .metadata_mut()
                         .insert("authorization", value.parse().expect("ascii"));
                 }
                 Ok(request)
-            });
+            },
+        );
         let status = client
             .get_sessions(GetSessionsRequest {})
             .await
@@ -91,7 +99,10 @@ async fn an_api_reachable_from_other_hosts_needs_tls_and_a_token() -> anyhow::Re
             .insert("authorization", value.parse().expect("ascii"));
         Ok(request)
     });
-    let sessions = client.get_sessions(GetSessionsRequest {}).await?.into_inner();
+    let sessions = client
+        .get_sessions(GetSessionsRequest {})
+        .await?
+        .into_inner();
     println!("with the token: {} sessions", sessions.sessions.len());
     Ok(())
 }
