@@ -8,8 +8,10 @@
 //!
 //! **Boundary:** gRPC lives only on this thread.
 
+mod auth;
 mod control;
 mod data;
+mod known;
 mod mesh;
 mod recent;
 mod reports;
@@ -47,6 +49,8 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use self::{
+    auth::TokenCheck,
+    known::{DstSeqs, KNOWN_NODES_REFRESH, KnownNodes, WaitingSeqs},
     recent::{Arrival, Decision, RecentDeliveries, Verdict},
     reports::{ReportBatch, ReportSink},
     tracker::{MessageTracker, StatusUpdate},
@@ -105,71 +109,6 @@ pub(crate) struct ApiState {
     /// Set once shut-down begins: no new `Subscribe` stream is opened after the open ones
     /// were ended.
     closing: AtomicBool,
-}
-
-/// How old the api's view of the mesh's nodes may be before a send to a node missing from it
-/// asks the control thread again. Sends to known nodes never ask.
-const KNOWN_NODES_REFRESH: Duration = Duration::from_millis(100);
-
-/// Nodes the view keeps across refreshes; past this it restarts from the control thread's
-/// current view, so ids that come and go cannot grow it without limit.
-const KNOWN_NODES_LIMIT: usize = 1 << 16;
-
-/// Every node this node has seen belong to the mesh, as of `refreshed`.
-#[derive(Default)]
-struct KnownNodes {
-    nodes: HashSet<u64>,
-    /// Members' generations (their current life), as of `refreshed`.
-    generations: HashMap<u64, u32>,
-    refreshed: Option<Instant>,
-}
-
-impl KnownNodes {
-    /// Adds what the control thread knows now. Nodes seen before are kept (a member that left
-    /// is still "known", as the shards' forwarding table counts it: PENDING_NODE, not
-    /// UNDELIVERABLE), up to the limit.
-    fn absorb(&mut self, routing: &RoutingSnapshot, mesh: &MeshSnapshot) {
-        let fresh: Vec<u64> = routing
-            .routes
-            .iter()
-            .map(|r| r.destination)
-            .chain(routing.neighbors.iter().map(|n| n.node_id))
-            .chain(routing.nodes.iter().copied())
-            .chain(mesh.members.iter().map(|m| m.node))
-            .chain(mesh.evicted.iter().copied())
-            .collect();
-        if self.nodes.len() + fresh.len() > KNOWN_NODES_LIMIT {
-            self.nodes.clear();
-        }
-        // Membership's view refreshes what reports taught; past the bound the map restarts.
-        if self.generations.len() > KNOWN_NODES_LIMIT {
-            self.generations.clear();
-        }
-        self.generations
-            .extend(mesh.members.iter().map(|m| (m.node, m.generation)));
-        self.nodes.extend(fresh);
-        self.refreshed = Some(Instant::now());
-    }
-}
-
-/// This session's numbering of waiting sends per destination (see `recent.rs`): the next seq
-/// and the open ones, whose lowest is the floor every copy carries.
-struct WaitingSeqs {
-    /// Random per start of the api: a restarted sender is a new session.
-    session: u64,
-    per_dst: HashMap<u64, DstSeqs>,
-}
-
-#[derive(Default)]
-struct DstSeqs {
-    next: u64,
-    open: std::collections::BTreeSet<u64>,
-}
-
-impl DstSeqs {
-    fn floor(&self) -> u64 {
-        self.open.first().copied().unwrap_or(self.next.max(1))
-    }
 }
 
 impl ApiState {
@@ -710,40 +649,6 @@ pub struct ApiSetup {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// The bearer token every call must carry.
     pub token: Option<String>,
-}
-
-/// Checks `authorization: Bearer <token>` on every call when a token is configured.
-#[derive(Clone)]
-struct TokenCheck(Option<Arc<str>>);
-
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        let Some(token) = &self.0 else {
-            return Ok(request);
-        };
-        let given = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(
-                "missing or wrong bearer token (metadata `authorization: Bearer <token>`)",
-            ))
-        }
-    }
-}
-
-/// Equality whose time does not depend on where the inputs differ (a token is guessed byte
-/// by byte otherwise).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The running api thread.
