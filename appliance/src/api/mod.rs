@@ -18,7 +18,7 @@ mod reports;
 pub mod tracker;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
