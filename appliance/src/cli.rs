@@ -56,6 +56,10 @@ pub enum MeshAction {
         /// MESHD_JOIN_KEY. Never on the command line.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// The mesh authority (64 hex digits, `status` on any member shows it): the key is
+        /// sent only to a member that authority certified.
+        #[arg(long, default_value = "")]
+        authority: String,
     },
     /// Close every link with a goodbye and stop dialing (membership stays persisted).
     Stop,
@@ -105,12 +109,17 @@ pub fn run(grpc: &str, action: MeshAction) -> anyhow::Result<()> {
                 };
                 client.seed_mesh(request).await?
             }
-            MeshAction::Join { addr, key_file } => {
+            MeshAction::Join {
+                addr,
+                key_file,
+                authority,
+            } => {
                 let key = join_key(key_file.as_deref())?;
                 let request = JoinMeshRequest {
                     addr,
                     join_key: key,
                     timeout_seconds: 30,
+                    mesh_authority: authority,
                 };
                 client.join_mesh(request).await?
             }
@@ -179,6 +188,9 @@ fn print_status(status: &MeshStatus) {
         status.online_members,
         status.total_members
     );
+    if !status.mesh_authority.is_empty() {
+        println!("  authority {}", status.mesh_authority);
+    }
     for m in &status.members {
         let state = match m.state() {
             MemberState::Alive => "alive",

@@ -340,6 +340,23 @@ impl Handshake {
             if let Err(error) = credential::verify(&authority, &hello.certificate, claim) {
                 return self.refuse(RefuseReason::RefuseNoCredential, error.to_string());
             }
+        } else if self.mesh_id.is_empty()
+            && let Some(authority) = self.authority
+        {
+            // A joiner that was told the mesh's authority: the member must be certified by it
+            // before the join key is sent over this link.
+            let claim = credential::Claim {
+                mesh_id: &hello.mesh_id,
+                node_id: hello.node_id,
+                public_key: &public_key,
+                now_ms: self.expectation.now_ms,
+            };
+            if let Err(error) = credential::verify(&authority, &hello.certificate, claim) {
+                let detail = format!(
+                    "the member is not vouched for by the expected mesh authority: {error}"
+                );
+                return self.refuse(RefuseReason::RefuseNoCredential, detail);
+            }
         }
         if hello.nonce.len() != 32 {
             return self.refuse(
@@ -676,6 +693,38 @@ mod tests {
             other @ Outcome::Established(_) => {
                 panic!("a stolen certificate must not link: {other:?}")
             }
+        }
+    }
+
+    #[test]
+    fn a_joiner_pinned_to_an_authority_links_only_to_a_member_it_certified() {
+        let joiner_pinned_to = |authority: [u8; 32]| {
+            let mut joiner = local(1, "");
+            joiner.authority = Some(authority);
+            let mut joiner = Handshake::new(
+                Role::Dialer,
+                &joiner,
+                key(1),
+                [7; 32],
+                [3; 32],
+                expect_nothing(),
+            );
+            let mut member = machine(Role::Acceptor, 2, "m");
+            exchange(&mut joiner, &mut member);
+            joiner.outcome().cloned().expect("the joiner decided")
+        };
+        match joiner_pinned_to(authority().public_key()) {
+            Outcome::Established(peer) => assert!(peer.guest && peer.node_id == 2),
+            other @ Outcome::Refused { .. } => panic!("the right authority must link: {other:?}"),
+        }
+        let elsewhere = credential::MeshAuthority::from_secret(&[1; 32]).public_key();
+        match joiner_pinned_to(elsewhere) {
+            Outcome::Refused {
+                reason: RefuseReason::RefuseNoCredential,
+                by_peer: false,
+                ..
+            } => {}
+            other => panic!("an impostor member must be refused: {other:?}"),
         }
     }
 

@@ -56,6 +56,7 @@ async fn join(node: &Node, via: &Node, key: &str) -> Result<(), tonic::Status> {
             addr,
             join_key: key.into(),
             timeout_seconds: 10,
+            ..JoinMeshRequest::default()
         })
         .await
         .map(|_| ())

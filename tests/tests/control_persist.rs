@@ -42,6 +42,7 @@ async fn seed_and_join(cluster: &Cluster, n: usize) -> anyhow::Result<()> {
                 addr: entry.clone(),
                 join_key: String::new(),
                 timeout_seconds: 10,
+                ..JoinMeshRequest::default()
             })
             .await?;
     }

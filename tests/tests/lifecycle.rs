@@ -21,6 +21,16 @@ fn meshless(spec: NodeSpec) -> NodeSpec {
 }
 
 async fn join(node: &Node, via: &Node, key: &str) -> Result<MeshStatus, tonic::Status> {
+    join_pinned(node, via, key, "").await
+}
+
+/// A join that sends the key only to a member certified by `authority` (hex; "" = any).
+async fn join_pinned(
+    node: &Node,
+    via: &Node,
+    key: &str,
+    authority: &str,
+) -> Result<MeshStatus, tonic::Status> {
     let addr = via.listen.expect("entry point listens").to_string();
     let mut client = node
         .mesh()
@@ -31,6 +41,7 @@ async fn join(node: &Node, via: &Node, key: &str) -> Result<MeshStatus, tonic::S
             addr,
             join_key: key.into(),
             timeout_seconds: 10,
+            mesh_authority: authority.into(),
         })
         .await
         .map(tonic::Response::into_inner)
@@ -74,9 +85,26 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
         .unwrap_err();
     assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
 
-    // Joins through three different entry points; 4 is behind NAT.
+    // A joiner that pins the mesh authority sends its key only to a member it certified: a
+    // wrong authority fails the join before any key leaves, and nothing is kept.
+    assert_eq!(seeded.mesh_authority.len(), 64, "{seeded:?}");
+    let impostor = join_pinned(cluster.node(1), cluster.node(0), KEY, &"ab".repeat(32))
+        .await
+        .unwrap_err();
+    println!("join pinned to another authority: {impostor:?}");
+    assert!(impostor.message().contains("vouched"), "{impostor:?}");
+    assert_eq!(mesh_status(cluster.node(1)).await?.mesh_id, "");
+
+    // Joins through three different entry points (the first pinned to the right authority);
+    // 4 is behind NAT.
     let started = Instant::now();
-    join(cluster.node(1), cluster.node(0), KEY).await?;
+    join_pinned(
+        cluster.node(1),
+        cluster.node(0),
+        KEY,
+        &seeded.mesh_authority,
+    )
+    .await?;
     join(cluster.node(2), cluster.node(1), KEY).await?;
     let joined = join(cluster.node(3), cluster.node(2), KEY).await?;
     assert_eq!(joined.mesh_id, seeded.mesh_id);
@@ -99,6 +127,7 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
             addr: "127.0.0.1:1".into(),
             join_key: KEY.into(),
             timeout_seconds: 5,
+            ..JoinMeshRequest::default()
         })
         .await
         .unwrap_err();

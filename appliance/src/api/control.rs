@@ -412,10 +412,19 @@ impl MeshService for ControlService {
         } else {
             r.timeout_seconds
         }));
+        let authority = match r.mesh_authority.trim() {
+            "" => None,
+            text => Some(meshd_shards::credential::parse_secret(text).ok_or_else(|| {
+                Status::invalid_argument(
+                    "mesh_authority is not 64 hex digits (MeshStatus.mesh_authority of a member)",
+                )
+            })?),
+        };
         self.lifecycle(
             |reply| LifecycleRequest::Join {
                 addr,
                 key: r.join_key,
+                authority,
                 timeout,
                 reply,
             },

@@ -32,6 +32,10 @@ pub(crate) fn mesh_status(mesh: &MeshSnapshot, routing: &RoutingSnapshot) -> Mes
     let config = mesh.mesh.clone().unwrap_or_default();
     MeshStatus {
         mesh_id: mesh.mesh_id.clone(),
+        mesh_authority: mesh
+            .authority
+            .map(|key| meshd_shards::credential::format_secret(&key))
+            .unwrap_or_default(),
         mesh_name: config.name,
         mesh_description: config.description,
         join_policy: config.join_policy as i32,

@@ -121,6 +121,8 @@ pub enum LifecycleRequest {
         addr: SocketAddr,
         /// Join key.
         key: String,
+        /// The mesh authority the member must be certified by before the key is sent.
+        authority: Option<[u8; 32]>,
         /// Give up after.
         timeout: Duration,
         /// Answer.
@@ -159,6 +161,8 @@ pub(super) struct PendingJoin {
     deadline: Instant,
     timeout: Duration,
     previous_mesh: String,
+    /// The authority the member must be certified by (JoinMeshRequest.mesh_authority).
+    authority: Option<[u8; 32]>,
     reply: Reply,
 }
 
@@ -226,6 +230,17 @@ impl Lifecycle {
             issued_at: Some(Instant::now()),
             ..Self::default()
         }
+    }
+
+    /// The public key of the current mesh's authority, if this node holds its secret.
+    pub(super) fn authority(&self) -> Option<[u8; 32]> {
+        mesh_secret_for(
+            &self.mesh_id,
+            self.record.as_ref(),
+            &self.configured_mesh_id,
+            self.configured_secret,
+        )
+        .map(|secret| MeshAuthority::from_secret(&secret).public_key())
     }
 
     /// Queues a fresh certificate for the shards once the last one is an hour old.
@@ -358,9 +373,10 @@ impl Control {
                     LifecycleRequest::Join {
                         addr,
                         key,
+                        authority,
                         timeout,
                         reply,
-                    } => self.start_join(now, addr, key, timeout, reply),
+                    } => self.start_join(now, addr, key, authority, timeout, reply),
                     LifecycleRequest::Stop { reply } => {
                         let _ = reply.send(self.stop_mesh());
                     }
@@ -548,10 +564,17 @@ impl Control {
         });
     }
 
-    /// This node's credential for the mesh it is in now (see [`issue_credential`]).
+    /// This node's credential for the mesh it is in now (see [`issue_credential`]). While a
+    /// join pinned to an authority is pending: no certificate, and that authority, so the
+    /// guest handshake checks the member's certificate before the key goes out.
     fn current_credential(&mut self, now: Instant) -> (Vec<u8>, Option<[u8; 32]>) {
         let lifecycle = &mut self.lifecycle;
         lifecycle.issued_at = Some(now);
+        if lifecycle.mesh_id.is_empty()
+            && let Some(pending) = &lifecycle.pending_join
+        {
+            return (Vec::new(), pending.authority);
+        }
         let secret = mesh_secret_for(
             &lifecycle.mesh_id,
             lifecycle.record.as_ref(),

@@ -108,6 +108,8 @@ pub struct MeshSnapshot {
     pub mesh_state: &'static str,
     /// Evicted nodes.
     pub evicted: Vec<u64>,
+    /// The mesh authority's public key, when the node holds its mesh's secret.
+    pub authority: Option<[u8; 32]>,
 }
 
 impl MeshSnapshot {
@@ -139,6 +141,7 @@ impl MeshSnapshot {
             mesh: None,
             mesh_state: "none",
             evicted: membership.evicted().collect(),
+            authority: None,
         }
     }
 }

@@ -651,7 +651,13 @@ impl Control {
                 let linked = |node| self.linked.contains_key(&node);
                 let mut snapshot = MeshSnapshot::of(&self.membership, linked, Instant::now());
                 snapshot.mesh_id = self.lifecycle.mesh_id.clone();
-                snapshot.mesh = self.lifecycle.config().cloned();
+                // Without the secret and the key's hash: a snapshot leaves the control thread.
+                snapshot.mesh = self.lifecycle.config().cloned().map(|mut config| {
+                    config.mesh_secret = Default::default();
+                    config.join_key_hash.clear();
+                    config
+                });
+                snapshot.authority = self.lifecycle.authority();
                 snapshot.mesh_state = match (&self.lifecycle.record, self.lifecycle.is_stopped()) {
                     (None, _) if self.lifecycle.mesh_id.is_empty() => "none",
                     (None, _) => "configured",

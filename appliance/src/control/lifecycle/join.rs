@@ -49,6 +49,7 @@ impl Control {
         now: Instant,
         addr: SocketAddr,
         key: String,
+        authority: Option<[u8; 32]>,
         timeout: Duration,
         reply: Reply,
     ) {
@@ -76,6 +77,7 @@ impl Control {
             deadline: now + timeout,
             timeout,
             previous_mesh,
+            authority,
             reply,
         });
     }
