@@ -324,37 +324,33 @@ impl Handshake {
             );
             return self.refuse(RefuseReason::RefuseKeyMismatch, detail);
         }
-        if !guest {
-            // Before anything about the peer is kept: the mesh authority must vouch for this
-            // id holding this key. The Auth that follows proves the peer holds it now.
+        // Before anything about the peer is kept, the mesh authority must vouch for this id
+        // holding this key (the Auth that follows proves the peer holds it now): on a member
+        // link always, on a guest link when this node is a joiner told the mesh's authority
+        // (the member must be certified before the join key goes out).
+        let check = if !guest {
             let Some(authority) = self.authority else {
                 let detail = "this node holds no credential of its mesh".to_owned();
                 return self.refuse(RefuseReason::RefuseNoCredential, detail);
             };
+            Some((authority, self.mesh_id.as_str(), ""))
+        } else if self.mesh_id.is_empty() {
+            self.authority.map(|authority| {
+                let context = "the member is not vouched for by the expected mesh authority: ";
+                (authority, hello.mesh_id.as_str(), context)
+            })
+        } else {
+            None
+        };
+        if let Some((authority, mesh_id, context)) = check {
             let claim = credential::Claim {
-                mesh_id: &self.mesh_id,
+                mesh_id,
                 node_id: hello.node_id,
                 public_key: &public_key,
                 now_ms: self.expectation.now_ms,
             };
             if let Err(error) = credential::verify(&authority, &hello.certificate, claim) {
-                return self.refuse(RefuseReason::RefuseNoCredential, error.to_string());
-            }
-        } else if self.mesh_id.is_empty()
-            && let Some(authority) = self.authority
-        {
-            // A joiner that was told the mesh's authority: the member must be certified by it
-            // before the join key is sent over this link.
-            let claim = credential::Claim {
-                mesh_id: &hello.mesh_id,
-                node_id: hello.node_id,
-                public_key: &public_key,
-                now_ms: self.expectation.now_ms,
-            };
-            if let Err(error) = credential::verify(&authority, &hello.certificate, claim) {
-                let detail = format!(
-                    "the member is not vouched for by the expected mesh authority: {error}"
-                );
+                let detail = format!("{context}{error}");
                 return self.refuse(RefuseReason::RefuseNoCredential, detail);
             }
         }

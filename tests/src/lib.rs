@@ -427,6 +427,16 @@ impl Node {
     }
 
     /// A `MeshControl` client.
+    /// A `Subscribe` stream of every message for this node (no filters).
+    pub async fn inbox(&self) -> anyhow::Result<tonic::Streaming<meshd_proto::mesh::Received>> {
+        Ok(self
+            .data()
+            .await?
+            .subscribe(meshd_proto::mesh::SubscribeRequest::default())
+            .await?
+            .into_inner())
+    }
+
     pub async fn control(&self) -> anyhow::Result<MeshControlClient<Channel>> {
         Ok(MeshControlClient::new(self.channel().await?))
     }

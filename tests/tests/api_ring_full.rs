@@ -27,7 +27,7 @@ use meshd_proto::{
     link::{MemberState, PublishBatch, PublishMessage},
     mesh::{
         GetRoutingTableRequest, GetSessionsRequest, MessageStatus, QueryMessageStatusRequest,
-        SendMode, SendRequest, SendResponse, SubscribeRequest,
+        SendMode, SendRequest, SendResponse,
     },
 };
 use meshd_shards::command::EVENT_RING_BYTES;
@@ -144,12 +144,7 @@ async fn prompt_reader(
     node: &Node,
     done: &Arc<AtomicBool>,
 ) -> anyhow::Result<(Arrivals, JoinHandle<anyhow::Result<()>>)> {
-    let mut inbox = node
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = node.inbox().await?;
     let arrivals = Arrivals::default();
     let (noted, done) = (Arc::clone(&arrivals), Arc::clone(done));
     let id = node.spec.node_id;
@@ -308,12 +303,7 @@ impl Flood {
     async fn start(a: &Node, b: &Node) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let read = Arc::new(AtomicU64::new(0));
-        let mut inbox = a
-            .data()
-            .await?
-            .subscribe(SubscribeRequest::default())
-            .await?
-            .into_inner();
+        let mut inbox = a.inbox().await?;
         let reader = {
             let (read, stop) = (Arc::clone(&read), Arc::clone(&stop));
             tokio::spawn(async move {

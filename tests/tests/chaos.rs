@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest, SubscribeRequest};
+use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest};
 use meshd_tests::{Cluster, NodeSpec, exclusive};
 use tokio_stream::StreamExt;
 
@@ -20,12 +20,7 @@ const SETTLE: Duration = Duration::from_secs(15);
 type Receipts = Arc<Mutex<HashMap<u64, Vec<Instant>>>>;
 
 async fn collect(node: &meshd_tests::Node, receipts: Receipts) -> anyhow::Result<()> {
-    let mut inbox = node
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = node.inbox().await?;
     tokio::spawn(async move {
         while let Some(Ok(message)) = inbox.next().await {
             receipts

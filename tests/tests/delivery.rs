@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest, SubscribeRequest};
+use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest};
 use meshd_tests::{Cluster, NodeSpec, exclusive};
 use tokio_stream::StreamExt;
 
@@ -50,13 +50,7 @@ async fn a_retransmission_to_a_restarted_destination_is_never_delivered_twice() 
     tokio::time::sleep(Duration::from_millis(400)).await;
     cluster.node_mut(1).kill();
     cluster.node_mut(1).start()?;
-    let mut inbox = cluster
-        .node(1)
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = cluster.node(1).inbox().await?;
 
     let started = Instant::now();
     let reply = sender.await??.into_inner();

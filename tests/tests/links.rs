@@ -7,7 +7,7 @@ use meshd_proto::{
     link::RefuseReason,
     mesh::{
         Ack, AddSessionRequest, DatabaseSyncRequest, DropSessionRequest, Header, MessageStatus,
-        SendMode, SendRequest, SubscribeRequest,
+        SendMode, SendRequest,
     },
 };
 use meshd_shards::credential::MeshAuthority;
@@ -61,18 +61,8 @@ async fn messages_flow_both_ways_between_linked_nodes_with_payload_headers_and_c
     n1.wait_for_peers(&[2, 3], SETTLE).await?;
     n3.wait_for_peers(&[1, 2], SETTLE).await?;
 
-    let mut inbox3 = n3
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
-    let mut inbox1 = n1
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox3 = n3.inbox().await?;
+    let mut inbox1 = n1.inbox().await?;
 
     // 1 → 3 travels over a link that node 3 (behind NAT) dialed.
     let reply = n1
@@ -242,13 +232,7 @@ async fn session_figures_move_with_traffic_and_heartbeats() -> anyhow::Result<()
     let cluster = triangle()?;
     let n1 = cluster.node(0);
     let before = n1.wait_for_peers(&[2, 3], SETTLE).await?;
-    let mut inbox = cluster
-        .node(1)
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = cluster.node(1).inbox().await?;
     let mut data = n1.data().await?;
     for i in 0..50 {
         data.send(send(2, i, SendMode::FireAndForget, false, &[1u8; 1000]))
@@ -558,13 +542,7 @@ async fn two_nodes_dialing_each_other_keep_exactly_one_link() -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // And the one link carries traffic.
-    let mut inbox = cluster
-        .node(1)
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = cluster.node(1).inbox().await?;
     let reply = cluster
         .node(0)
         .data()

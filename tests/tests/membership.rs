@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 
 use meshd_proto::{
     link::{MemberState, MeshEventKind, MeshHealth, WatchMeshEventsRequest},
-    mesh::{
-        GetConsensusStateRequest, MeshEventType, MeshStateEvent, SubscribeRequest,
-        TriggerConsensusCheckRequest,
-    },
+    mesh::{GetConsensusStateRequest, MeshEventType, MeshStateEvent, TriggerConsensusCheckRequest},
 };
 use meshd_tests::{Cluster, NodeSpec, exclusive, member_state, mesh_status, wait_for_mesh};
 use tokio_stream::StreamExt;
@@ -162,13 +159,7 @@ async fn a_state_event_reaches_every_subscriber_once() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut inboxes = Vec::new();
     for node in &cluster.nodes {
-        inboxes.push(
-            node.data()
-                .await?
-                .subscribe(SubscribeRequest::default())
-                .await?
-                .into_inner(),
-        );
+        inboxes.push(node.inbox().await?);
     }
     let event = MeshStateEvent {
         event_type: MeshEventType::MeshEventNodeJoined as i32,

@@ -4,10 +4,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use meshd_proto::{
-    link::{PublishBatch, PublishMessage},
-    mesh::SubscribeRequest,
-};
+use meshd_proto::link::{PublishBatch, PublishMessage};
 use meshd_tests::{Cluster, NodeSpec, exclusive};
 use tokio_stream::StreamExt;
 
@@ -52,13 +49,7 @@ async fn batches_arrive_once_in_order_through_a_relay_and_a_paused_subscriber_lo
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let mut inbox = cluster
-        .node(2)
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = cluster.node(2).inbox().await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut acks = cluster
         .node(0)

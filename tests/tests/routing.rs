@@ -19,7 +19,7 @@ use meshd_proto::{
     link::{EstablishFullLinksRequest, mesh_service_client::MeshServiceClient},
     mesh::{
         GetMessageMetricsRequest, GetRoutingTableRequest, GetTopologyRequest, MessageStatus,
-        QueryMessageStatusRequest, SendMode, SendRequest, SubscribeRequest,
+        QueryMessageStatusRequest, SendMode, SendRequest,
     },
 };
 use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
@@ -103,13 +103,7 @@ async fn nodes_behind_nat_talk_through_relays_and_traffic_moves_when_a_relay_die
 
     let routes_e = wait_for_routes(cluster.node(4), &[6], SETTLE).await?;
     assert_eq!(routes_e[&6], vec![1], "E reaches F only through A");
-    let mut inbox = cluster
-        .node(5)
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = cluster.node(5).inbox().await?;
     let mut data_e = cluster.node(4).data().await?;
     let reply = data_e
         .clone()
@@ -223,13 +217,7 @@ async fn a_broadcast_reaches_every_subscriber_once_the_senders_own_included() ->
     }
     let mut inboxes = Vec::new();
     for node in &cluster.nodes {
-        inboxes.push(
-            node.data()
-                .await?
-                .subscribe(SubscribeRequest::default())
-                .await?
-                .into_inner(),
-        );
+        inboxes.push(node.inbox().await?);
     }
     let e = cluster.node(4);
     let reply = e

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use meshd_proto::{
     link::{PublishBatch, PublishMessage, WatchMeshEventsRequest},
-    mesh::{MessageStatus, QueryMessageStatusRequest, SendMode, SendRequest, SubscribeRequest},
+    mesh::{MessageStatus, QueryMessageStatusRequest, SendMode, SendRequest},
 };
 use meshd_tests::{Cluster, NodeSpec, exclusive};
 use tokio_stream::StreamExt;
@@ -63,13 +63,7 @@ async fn sigterm_stops_a_node_within_seconds_even_with_open_streams() -> anyhow:
     cluster.node(1).wait_for_peers(&[1], SETTLE).await?;
 
     // Node 2 holds core's usual stream: a subscription.
-    let mut inbox = cluster
-        .node(1)
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = cluster.node(1).inbox().await?;
     let signalled = Instant::now();
     let clean = cluster.node_mut(1).stop();
     let took = signalled.elapsed();
@@ -94,13 +88,7 @@ async fn sigterm_stops_a_node_within_seconds_even_with_open_streams() -> anyhow:
         .watch_mesh_events(WatchMeshEventsRequest { node_ids: vec![] })
         .await?
         .into_inner();
-    let mut inbox = cluster
-        .node(0)
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox = cluster.node(0).inbox().await?;
     let signalled = Instant::now();
     let clean = cluster.node_mut(0).stop();
     let took = signalled.elapsed();

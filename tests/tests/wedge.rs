@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest, SubscribeRequest};
+use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest};
 use meshd_tests::{
     Cluster, NodeSpec, exclusive,
     rogue::{RogueLink, RogueOptions},
@@ -65,12 +65,7 @@ async fn a_peer_that_never_reads_is_cut_off_while_other_traffic_keeps_flowing() 
         statuses
     });
 
-    let mut inbox2 = n2
-        .data()
-        .await?
-        .subscribe(SubscribeRequest::default())
-        .await?
-        .into_inner();
+    let mut inbox2 = n2.inbox().await?;
     let mut client = n1.data().await?;
     let mut longest = Duration::ZERO;
     let mut last = Instant::now();
@@ -188,13 +183,7 @@ async fn two_shards_cross_forwarding_at_saturation_keep_flowing() -> anyhow::Res
     // own task so neither lets its queue fill while the other is read.
     let mut readers = Vec::new();
     for i in [1usize, 2] {
-        let mut inbox = cluster
-            .node(i)
-            .data()
-            .await?
-            .subscribe(SubscribeRequest::default())
-            .await?
-            .into_inner();
+        let mut inbox = cluster.node(i).inbox().await?;
         readers.push(tokio::spawn(async move {
             let mut next = 0u64;
             while next < BATCHES * PER_BATCH {

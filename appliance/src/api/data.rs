@@ -21,7 +21,10 @@ use meshd_proto::{
         SubscribeRequest, mesh_data_server::MeshData,
     },
 };
-use meshd_shards::frame::{FrameType, TrafficClass};
+use meshd_shards::{
+    command::Outgoing,
+    frame::{FrameType, TrafficClass},
+};
 use prost::Message;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
@@ -173,16 +176,15 @@ pub(crate) async fn submit(
             .tracker()
             .update(msg_id, Some(local), verdict_update(verdict));
         for target in targets.into_iter().filter(|t| *t != local) {
-            state
-                .hand_over(
-                    target,
-                    FrameType::Data,
-                    class,
-                    msg_id,
-                    flow,
-                    payload.clone(),
-                )
-                .await?;
+            let copy = Outgoing {
+                dst: target,
+                frame_type: FrameType::Data,
+                traffic_class: class,
+                msg_id,
+                flow,
+                payload: payload.clone(),
+            };
+            state.hand_over(copy).await?;
         }
         msg_id
     } else if request.dst_node == local {

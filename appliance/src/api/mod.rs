@@ -197,30 +197,22 @@ impl ApiState {
             let _ =
                 tokio::time::timeout(self.congestion_wait, self.congestion.until_clear(dst)).await;
         }
-        self.hand_over(dst, frame_type, traffic_class, msg_id, flow, payload)
-            .await
-    }
-
-    /// Hands a frame to the shard that owns the link to `dst`, waiting only while its ring is
-    /// full: a broadcast's copy for a congested node is parked there, not waited for.
-    pub(crate) async fn hand_over(
-        &self,
-        dst: u64,
-        frame_type: FrameType,
-        traffic_class: TrafficClass,
-        msg_id: u64,
-        flow: u128,
-        payload: Bytes,
-    ) -> Result<(), Status> {
-        let outgoing = Outgoing {
+        self.hand_over(Outgoing {
             dst,
             frame_type,
             traffic_class,
             msg_id,
             flow,
             payload,
-        };
-        self.shard_of(dst)
+        })
+        .await
+    }
+
+    /// Hands a frame to the shard that owns the link to its destination, waiting only while
+    /// that shard's ring is full: a broadcast's copy for a congested node is parked there, not
+    /// waited for.
+    pub(crate) async fn hand_over(&self, outgoing: Outgoing) -> Result<(), Status> {
+        self.shard_of(outgoing.dst)
             .push(ShardInput::Send(outgoing))
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))
