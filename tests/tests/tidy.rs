@@ -19,6 +19,7 @@ fn workspace() -> PathBuf {
 const PURE_CORES: &[&str] = &[
     "shards/src/frame.rs",
     "shards/src/handshake.rs",
+    "shards/src/credential.rs",
     "shards/src/ownership.rs",
     "shards/src/backoff.rs",
     "shards/src/fib.rs",
