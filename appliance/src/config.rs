@@ -53,6 +53,9 @@ pub struct Config {
     /// A file holding the mesh secret (64 hex digits), readable by meshd only.
     #[serde(default)]
     pub mesh_secret_file: Option<PathBuf>,
+    /// Tenants whose end-to-end encrypted messages this node seals and opens.
+    #[serde(default)]
+    pub tenants: Vec<String>,
     /// Peer links.
     #[serde(default)]
     pub network: NetworkConfig,
@@ -439,6 +442,17 @@ impl Config {
             ));
         }
         let mesh_secret = self.mesh_secret()?;
+        if let Some(bad) = self
+            .tenants
+            .iter()
+            .find(|t| t.is_empty() || t.len() > crate::api::tenant::MAX_TENANT_LEN)
+        {
+            return Err(invalid(
+                "tenants",
+                format!("{bad:?} is empty or longer than 128 bytes"),
+                "list tenant names of 1 to 128 bytes",
+            ));
+        }
         let net = &self.network;
         let listen = match &net.listen {
             Some(text) if !text.is_empty() => Some(parse_addr("network.listen", text)?),

@@ -76,6 +76,9 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         );
     }
     let public_key = identity.signing_key.verifying_key().to_bytes();
+    let tenant_keys: crate::api::SharedTenantKeys = Arc::new(std::sync::RwLock::new(
+        crate::api::tenant::TenantKeys::new(mesh_secret, config.tenants.iter().cloned()),
+    ));
     let (certificate, authority) =
         issue_credential(mesh_secret, &mesh_id, identity.node_id, public_key);
 
@@ -175,6 +178,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         configured_mesh_id: config.mesh_id.clone(),
         configured_secret: resolved.mesh_secret,
         public_key,
+        tenant_keys: Arc::clone(&tenant_keys),
     })?;
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,
@@ -193,6 +197,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         default_timeout_seconds: config.grpc.default_timeout_seconds,
         generation,
         mesh_events,
+        tenant_keys,
         tls: resolved.grpc_tls.clone(),
         token: resolved.grpc_token.clone(),
     })?;

@@ -34,6 +34,7 @@ const PURE_CORES: &[&str] = &[
     "appliance/src/api/tracker.rs",
     "appliance/src/api/recent.rs",
     "appliance/src/api/reports.rs",
+    "appliance/src/api/tenant.rs",
 ];
 
 const FORBIDDEN_IN_CORES: &[&str] = &[

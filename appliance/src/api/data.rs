@@ -31,6 +31,7 @@ use tonic::{Request, Response, Status, codegen::BoxStream};
 use super::{
     ApiState,
     recent::{MAX_WAIT_SECONDS, Verdict},
+    tenant::{MAX_TENANT_LEN, TENANT_HEADER},
     tracker::{MAX_OPEN_WAITING, StatusUpdate, ends_wait},
 };
 use crate::storage::now_ms;
@@ -101,11 +102,11 @@ pub(crate) async fn submit(
     let mode = SendMode::try_from(request.mode).map_err(|_| {
         Status::invalid_argument(format!("mode {} is not a SendMode", request.mode))
     })?;
-    if request.end_to_end_encrypt {
-        return Err(Status::unimplemented(
-            "end_to_end_encrypt arrives with tenant keys; send with it unset",
-        ));
-    }
+    let tenant = if request.end_to_end_encrypt {
+        Some(e2e_tenant(state, &request)?)
+    } else {
+        None
+    };
     for header in &request.headers {
         if header.key.is_empty() {
             return Err(Status::invalid_argument("a header has an empty key"));
@@ -131,7 +132,8 @@ pub(crate) async fn submit(
         payload: request.payload,
         ..Data::default()
     };
-    let encoded_len = data.encoded_len();
+    // Sealing adds the tag, the nonce, the day and the tenant's name.
+    let encoded_len = data.encoded_len() + tenant.as_ref().map_or(0, |t| 64 + t.len());
     if encoded_len > state.max_payload_bytes {
         return Err(Status::invalid_argument(format!(
             "message is {encoded_len} bytes with its headers; the limit is {} \
@@ -170,7 +172,15 @@ pub(crate) async fn submit(
             .tracker()
             .insert_broadcast(&targets, require_ack, queued);
         data.msg_id = msg_id;
-        let payload: Bytes = data.encode_to_vec().into();
+        let payload: Bytes = match &tenant {
+            // Local subscribers get the plaintext; every other node the sealed copy.
+            Some(tenant) => {
+                let mut wire = data.clone();
+                seal(state, &mut wire, tenant)?;
+                wire.encode_to_vec().into()
+            }
+            None => data.encode_to_vec().into(),
+        };
         let verdict = state.deliver_locally(local, &data).await;
         state
             .tracker()
@@ -209,6 +219,9 @@ pub(crate) async fn submit(
         let dst = request.dst_node;
         let msg_id = state.tracker().insert(dst, require_ack, queued);
         data.msg_id = msg_id;
+        if let Some(tenant) = &tenant {
+            seal(state, &mut data, tenant)?;
+        }
         let payload: Bytes = data.encode_to_vec().into();
         state
             .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
@@ -242,6 +255,14 @@ pub(crate) async fn submit(
         data.floor = floor;
         data.attempt = 1;
         data.dst_generation = state.generation_of(dst);
+        // Sealed once: every retransmitted copy carries the same ciphertext.
+        if let Some(tenant) = &tenant
+            && let Err(status) = seal(state, &mut data, tenant)
+        {
+            state.tracker().settle(msg_id, None);
+            state.close_waiting(dst, seq);
+            return Err(status);
+        }
         let payload: Bytes = data.encode_to_vec().into();
         let sent = state
             .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
@@ -319,6 +340,51 @@ fn status((status, detail): (MessageStatus, String)) -> StatusUpdate {
         detail: detail.into(),
         timestamp_ms: now_ms(),
     }
+}
+
+/// The tenant of an end-to-end encrypted send (its `tenant` header), once this node is known
+/// to hold that tenant's key; checked before the message is tracked.
+fn e2e_tenant(state: &ApiState, request: &SendRequest) -> Result<String, Status> {
+    let tenant = request
+        .headers
+        .iter()
+        .find(|h| h.key == TENANT_HEADER)
+        .and_then(|h| std::str::from_utf8(&h.value).ok())
+        .filter(|t| !t.is_empty() && t.len() <= MAX_TENANT_LEN)
+        .ok_or_else(|| {
+            Status::invalid_argument(
+                "end_to_end_encrypt needs a `tenant` header naming the tenant (1 to 128 bytes)",
+            )
+        })?;
+    state
+        .tenant_keys
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .serves(tenant)
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    Ok(tenant.to_owned())
+}
+
+/// Seals `data.payload` for `tenant` (its message id must be set).
+fn seal(state: &ApiState, data: &mut Data, tenant: &str) -> Result<(), Status> {
+    let sealed = state
+        .tenant_keys
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .seal(
+            tenant,
+            state.node_id,
+            data.msg_id,
+            now_ms(),
+            rand::random(),
+            &data.payload,
+        )
+        .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    data.payload = sealed.ciphertext.into();
+    data.tenant = tenant.to_owned();
+    data.key_epoch = sealed.epoch;
+    data.nonce = sealed.nonce.to_vec().into();
+    Ok(())
 }
 
 fn verdict_update(verdict: Verdict) -> StatusUpdate {

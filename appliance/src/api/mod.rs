@@ -15,6 +15,7 @@ mod known;
 mod mesh;
 mod recent;
 mod reports;
+pub mod tenant;
 pub mod tracker;
 
 use std::{
@@ -94,6 +95,7 @@ pub(crate) struct ApiState {
     pub(crate) shards: Arc<[ShardHandle]>,
     /// Bytes the shards hold parked per destination (a destination that stops reading).
     congestion: Arc<Congestion>,
+    pub(crate) tenant_keys: SharedTenantKeys,
     /// How long a send to a congested destination waits before it is handed over anyway.
     congestion_wait: Duration,
     pub(crate) control: Producer<ControlRequest>,
@@ -286,6 +288,34 @@ impl ApiState {
     }
 
     /// Offers a message to the matching local subscribers; returns the resulting status.
+    /// Delivers a message from another node, opening it first if it is end-to-end encrypted
+    /// (this is the only place its plaintext exists on this node).
+    async fn open_and_deliver(&self, src: u64, data: &mut Data) -> Verdict {
+        if !data.tenant.is_empty() {
+            let Ok(nonce) = <[u8; 24]>::try_from(data.nonce.as_ref()) else {
+                return Verdict::NoTenantKey;
+            };
+            let sealed = tenant::Sealed {
+                epoch: data.key_epoch,
+                nonce,
+                ciphertext: data.payload.to_vec(),
+            };
+            let opened = self
+                .tenant_keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .open(&data.tenant, src, data.msg_id, now_ms(), &sealed);
+            match opened {
+                Ok(plaintext) => data.payload = plaintext.into(),
+                Err(error) => {
+                    tracing::debug!(src, msg_id = data.msg_id, %error, "end-to-end message not opened");
+                    return Verdict::NoTenantKey;
+                }
+            }
+        }
+        self.deliver_locally(src, data).await
+    }
+
     pub(crate) async fn deliver_locally(&self, src: u64, data: &Data) -> Verdict {
         let received = Received {
             src_node: src,
@@ -420,14 +450,14 @@ impl ApiState {
                 payload,
                 traffic_class,
             } => {
-                let Ok(data) = Data::decode(payload) else {
+                let Ok(mut data) = Data::decode(payload) else {
                     tracing::debug!(src, "dropped an undecodable data frame");
                     return;
                 };
                 let msg_id = data.msg_id;
                 let verdict = if data.seq == 0 {
                     // Fire-and-forget or broadcast: never retransmitted, nothing to remember.
-                    self.deliver_locally(src, &data).await
+                    self.open_and_deliver(src, &mut data).await
                 } else {
                     let arrival = Arrival {
                         source: src,
@@ -442,7 +472,7 @@ impl ApiState {
                         Decision::Ignore => return,
                         Decision::Answer(verdict) => verdict,
                         Decision::Deliver => {
-                            let verdict = self.deliver_locally(src, &data).await;
+                            let verdict = self.open_and_deliver(src, &mut data).await;
                             self.recent().record(arrival, verdict);
                             verdict
                         }
@@ -606,6 +636,10 @@ impl ApiState {
     }
 }
 
+/// Tenant keys shared by the api (which seals and opens) and the control thread (which
+/// knows the mesh secret as it changes).
+pub type SharedTenantKeys = Arc<std::sync::RwLock<tenant::TenantKeys>>;
+
 /// What the api thread is started with.
 pub struct ApiSetup {
     /// This node's id.
@@ -637,6 +671,8 @@ pub struct ApiSetup {
     pub generation: u32,
     /// Mesh events from the control thread (each WatchMeshEvents call subscribes).
     pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
+    /// Tenant keys (the control thread renews their secret when the mesh changes).
+    pub tenant_keys: SharedTenantKeys,
     /// PEM certificate chain and key to serve TLS with.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// The bearer token every call must carry.
@@ -693,6 +729,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         node_id: setup.node_id,
         shards: setup.shards,
         congestion: setup.congestion,
+        tenant_keys: setup.tenant_keys,
         congestion_wait: setup.congestion_wait,
         control: setup.control,
         max_payload_bytes: setup.max_payload_bytes,

@@ -67,6 +67,9 @@ pub(crate) enum Verdict {
     Unknown = 5,
     /// No room to remember it (see the module bounds): not delivered; the sender tries again.
     Busy = 6,
+    /// End-to-end encrypted for a tenant this node does not serve, or not opening: not
+    /// delivered, and never will be here.
+    NoTenantKey = 7,
 }
 
 impl Verdict {
@@ -78,6 +81,7 @@ impl Verdict {
             4 => Some(Self::SubscribersFull),
             5 => Some(Self::Unknown),
             6 => Some(Self::Busy),
+            7 => Some(Self::NoTenantKey),
             _ => None,
         }
     }
@@ -87,7 +91,9 @@ impl Verdict {
         match self {
             Self::Delivered => MessageStatus::Delivered,
             Self::WaitingForAck => MessageStatus::WaitingForClientAck,
-            Self::NoSubscriber | Self::SubscribersFull => MessageStatus::PendingClient,
+            Self::NoSubscriber | Self::SubscribersFull | Self::NoTenantKey => {
+                MessageStatus::PendingClient
+            }
             Self::Unknown | Self::Busy => MessageStatus::Queued,
         }
     }
@@ -100,6 +106,10 @@ impl Verdict {
             Self::SubscribersFull => "every matching subscriber's queue is full",
             Self::Unknown => UNKNOWN_DETAIL,
             Self::Busy => BUSY_DETAIL,
+            Self::NoTenantKey => {
+                "end-to-end encrypted for a tenant the destination does not serve (its config \
+                 `tenants`), or the payload did not open"
+            }
         }
     }
 }

@@ -207,6 +207,8 @@ pub(super) struct Lifecycle {
     pub(super) public_key: [u8; 32],
     /// When this node last issued itself a certificate.
     issued_at: Option<Instant>,
+    /// The api's tenant keys: their secret is the current mesh's.
+    tenant_keys: crate::api::SharedTenantKeys,
 }
 
 impl Lifecycle {
@@ -218,6 +220,7 @@ impl Lifecycle {
         configured_secret: Option<[u8; SECRET_LEN]>,
         local: u64,
         public_key: [u8; 32],
+        tenant_keys: crate::api::SharedTenantKeys,
     ) -> Self {
         let mesh_id = start_mesh_id(record.as_ref(), configured_mesh_id);
         Self {
@@ -228,6 +231,7 @@ impl Lifecycle {
             local,
             public_key,
             issued_at: Some(Instant::now()),
+            tenant_keys,
             ..Self::default()
         }
     }
@@ -581,6 +585,11 @@ impl Control {
             &lifecycle.configured_mesh_id,
             lifecycle.configured_secret,
         );
+        lifecycle
+            .tenant_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set_secret(secret);
         issue_credential(
             secret,
             &lifecycle.mesh_id,

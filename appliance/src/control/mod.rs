@@ -153,6 +153,8 @@ pub struct ControlSetup {
     pub configured_secret: Option<[u8; 32]>,
     /// This node's Ed25519 public key (what its certificates certify).
     pub public_key: [u8; 32],
+    /// The api's tenant keys, whose secret follows the mesh.
+    pub tenant_keys: crate::api::SharedTenantKeys,
 }
 
 /// The running control thread.
@@ -275,6 +277,7 @@ async fn run(
             setup.configured_secret,
             setup.local,
             setup.public_key,
+            setup.tenant_keys,
         ),
     };
     match control.store.db().evicted() {
