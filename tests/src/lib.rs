@@ -427,6 +427,40 @@ impl Node {
     }
 
     /// A `MeshControl` client.
+    /// Waits until this node has a route to every node in `destinations`; returns its routes
+    /// (destination → next hops).
+    pub async fn wait_for_routes(
+        &self,
+        destinations: &[u64],
+        limit: Duration,
+    ) -> anyhow::Result<std::collections::BTreeMap<u64, Vec<u64>>> {
+        let deadline = Instant::now() + limit;
+        let mut control = self.control().await?;
+        loop {
+            let table = control
+                .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
+                .await?
+                .into_inner();
+            let routes: std::collections::BTreeMap<u64, Vec<u64>> = table
+                .routes
+                .into_iter()
+                .map(|r| (r.dst_node, r.next_hops))
+                .collect();
+            if destinations.iter().all(|d| routes.contains_key(d)) {
+                return Ok(routes);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {} has routes to {:?}, wanted {destinations:?}; log:\n{}",
+                    self.spec.node_id,
+                    routes.keys().collect::<Vec<_>>(),
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A `Subscribe` stream of every message for this node (no filters).
     pub async fn inbox(&self) -> anyhow::Result<tonic::Streaming<meshd_proto::mesh::Received>> {
         Ok(self

@@ -26,8 +26,8 @@ use std::{
 use meshd_proto::{
     link::{MemberState, PublishBatch, PublishMessage},
     mesh::{
-        GetRoutingTableRequest, GetSessionsRequest, MessageStatus, QueryMessageStatusRequest,
-        SendMode, SendRequest, SendResponse,
+        GetSessionsRequest, MessageStatus, QueryMessageStatusRequest, SendMode, SendRequest,
+        SendResponse,
     },
 };
 use meshd_shards::command::EVENT_RING_BYTES;
@@ -112,28 +112,6 @@ struct Sent {
 
 fn stop_requested(flag: &AtomicBool) -> bool {
     flag.load(Ordering::Relaxed)
-}
-
-/// Waits until `node` has a route to each of `to`.
-async fn wait_for_routes(node: &Node, to: &[u64]) -> anyhow::Result<()> {
-    let mut control = node.control().await?;
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let routes = control
-            .get_routing_table(GetRoutingTableRequest {})
-            .await?
-            .into_inner()
-            .routes;
-        if to.iter().all(|n| routes.iter().any(|r| r.dst_node == *n)) {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "node {} has no route to one of {to:?}",
-            node.spec.node_id
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 type Arrivals = Arc<Mutex<Vec<(u8, u32, Instant)>>>;
@@ -503,8 +481,8 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
         s.online_members == 4
     })
     .await?;
-    wait_for_routes(cluster.node(0), &[B, C, D]).await?;
-    wait_for_routes(cluster.node(3), &[B]).await?;
+    cluster.node(0).wait_for_routes(&[B, C, D], SETTLE).await?;
+    cluster.node(3).wait_for_routes(&[B], SETTLE).await?;
 
     // D's and B's subscribers, read promptly for the whole test.
     let all_done = Arc::new(AtomicBool::new(false));
@@ -895,7 +873,7 @@ async fn the_other_peers_link_into_a_node_with_a_full_api_ring_keeps_flowing() -
         s.online_members == 3
     })
     .await?;
-    wait_for_routes(cluster.node(2), &[B]).await?;
+    cluster.node(2).wait_for_routes(&[B], SETTLE).await?;
     let all_done = Arc::new(AtomicBool::new(false));
     let (arrivals_d, d_reader) = prompt_reader(cluster.node(2), &all_done).await?;
     let (arrivals_b, b_reader) = prompt_reader(cluster.node(1), &all_done).await?;

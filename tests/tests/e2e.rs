@@ -4,10 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use meshd_proto::mesh::{
-    GetRoutingTableRequest, Header, MessageStatus, SendMode, SendRequest, SendResponse,
-};
-use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
+use meshd_proto::mesh::{Header, MessageStatus, SendMode, SendRequest, SendResponse};
+use meshd_tests::{Cluster, NodeSpec, exclusive};
 use tokio_stream::StreamExt;
 
 const SETTLE: Duration = Duration::from_secs(10);
@@ -33,23 +31,6 @@ fn request(dst: u64, payload: Vec<u8>, tenant: Option<&str>) -> SendRequest {
             })
             .unwrap_or_default(),
         ..SendRequest::default()
-    }
-}
-
-async fn wait_for_route(node: &Node, to: u64) -> anyhow::Result<()> {
-    let mut control = node.control().await?;
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let routes = control
-            .get_routing_table(GetRoutingTableRequest {})
-            .await?
-            .into_inner()
-            .routes;
-        if routes.iter().any(|r| r.dst_node == to) {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "no route to {to}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -93,7 +74,7 @@ async fn an_encrypted_send_crosses_a_relay_as_ciphertext_only() -> anyhow::Resul
         serving(NodeSpec::behind_nat(3, vec![1]), "\"acme\""),
     ])?;
     let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
-    wait_for_route(a, 3).await?;
+    a.wait_for_routes(&[3], SETTLE).await?;
     let mut inbox = c.inbox().await?;
     let mut client = a.data().await?;
 
@@ -154,7 +135,7 @@ async fn a_node_without_the_tenant_key_says_so_and_nothing_is_delivered() -> any
         serving(NodeSpec::listener(2).dialing(vec![0]), "\"globex\""),
     ])?;
     let (a, b) = (cluster.node(0), cluster.node(1));
-    wait_for_route(a, 2).await?;
+    a.wait_for_routes(&[2], SETTLE).await?;
     let mut inbox = b.inbox().await?;
     let mut client = a.data().await?;
 

@@ -11,18 +11,18 @@
 //! E and F have no listener and no direct link: E → A → B|C → D → F.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     time::{Duration, Instant},
 };
 
 use meshd_proto::{
     link::{EstablishFullLinksRequest, mesh_service_client::MeshServiceClient},
     mesh::{
-        GetMessageMetricsRequest, GetRoutingTableRequest, GetTopologyRequest, MessageStatus,
-        QueryMessageStatusRequest, SendMode, SendRequest,
+        GetMessageMetricsRequest, GetTopologyRequest, MessageStatus, QueryMessageStatusRequest,
+        SendMode, SendRequest,
     },
 };
-use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
+use meshd_tests::{Cluster, NodeSpec, exclusive};
 use tokio_stream::StreamExt;
 
 const SETTLE: Duration = Duration::from_secs(15);
@@ -53,39 +53,6 @@ fn request(dst: u64, seq: u64, mode: SendMode) -> SendRequest {
     }
 }
 
-/// Waits until `node` has a route to every node in `destinations`.
-async fn wait_for_routes(
-    node: &Node,
-    destinations: &[u64],
-    limit: Duration,
-) -> anyhow::Result<BTreeMap<u64, Vec<u64>>> {
-    let deadline = Instant::now() + limit;
-    let mut control = node.control().await?;
-    loop {
-        let table = control
-            .get_routing_table(GetRoutingTableRequest {})
-            .await?
-            .into_inner();
-        let routes: BTreeMap<u64, Vec<u64>> = table
-            .routes
-            .into_iter()
-            .map(|r| (r.dst_node, r.next_hops))
-            .collect();
-        if destinations.iter().all(|d| routes.contains_key(d)) {
-            return Ok(routes);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!(
-                "node {} has routes to {:?}, wanted {destinations:?}; log:\n{}",
-                node.spec.node_id,
-                routes.keys().collect::<Vec<_>>(),
-                node.log_tail(20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_behind_nat_talk_through_relays_and_traffic_moves_when_a_relay_dies()
 -> anyhow::Result<()> {
@@ -94,14 +61,14 @@ async fn nodes_behind_nat_talk_through_relays_and_traffic_moves_when_a_relay_die
     let started = Instant::now();
     for node in &cluster.nodes {
         let others: Vec<u64> = (1..=6).filter(|id| *id != node.spec.node_id).collect();
-        wait_for_routes(node, &others, SETTLE).await?;
+        node.wait_for_routes(&others, SETTLE).await?;
     }
     println!(
         "6 processes: every node routes to every other after {:?}",
         started.elapsed()
     );
 
-    let routes_e = wait_for_routes(cluster.node(4), &[6], SETTLE).await?;
+    let routes_e = cluster.node(4).wait_for_routes(&[6], SETTLE).await?;
     assert_eq!(routes_e[&6], vec![1], "E reaches F only through A");
     let mut inbox = cluster.node(5).inbox().await?;
     let mut data_e = cluster.node(4).data().await?;
@@ -117,7 +84,7 @@ async fn nodes_behind_nat_talk_through_relays_and_traffic_moves_when_a_relay_die
     assert_eq!((got.src_node, got.dst_node, got.corr_id), (5, 6, 0));
 
     // Which of B and C does A use towards F? That relay dies mid-stream.
-    let routes_a = wait_for_routes(cluster.node(0), &[6], SETTLE).await?;
+    let routes_a = cluster.node(0).wait_for_routes(&[6], SETTLE).await?;
     let relay = routes_a[&6][0];
     assert!(relay == 2 || relay == 3, "A's next hop to F is {relay}");
     let relay_index = (relay - 1) as usize;
@@ -174,7 +141,7 @@ async fn nodes_behind_nat_talk_through_relays_and_traffic_moves_when_a_relay_die
     println!(
         "relay {relay} killed: longest gap in deliveries afterwards {worst_gap:?} (reroute time)"
     );
-    let routes_a = wait_for_routes(cluster.node(0), &[6], SETTLE).await?;
+    let routes_a = cluster.node(0).wait_for_routes(&[6], SETTLE).await?;
     assert_eq!(
         routes_a[&6],
         vec![if relay == 2 { 3 } else { 2 }],
@@ -213,7 +180,7 @@ async fn a_broadcast_reaches_every_subscriber_once_the_senders_own_included() ->
     let cluster = six_nodes()?;
     for node in &cluster.nodes {
         let others: Vec<u64> = (1..=6).filter(|id| *id != node.spec.node_id).collect();
-        wait_for_routes(node, &others, SETTLE).await?;
+        node.wait_for_routes(&others, SETTLE).await?;
     }
     let mut inboxes = Vec::new();
     for node in &cluster.nodes {
@@ -285,7 +252,7 @@ async fn topology_lists_neighbours_and_establish_full_links_dials_every_listener
     let _serial = exclusive().await;
     let cluster = six_nodes()?;
     let e = cluster.node(4);
-    wait_for_routes(e, &[1, 2, 3, 4, 6], SETTLE).await?;
+    e.wait_for_routes(&[1, 2, 3, 4, 6], SETTLE).await?;
     let topology = e
         .control()
         .await?
@@ -316,7 +283,7 @@ async fn topology_lists_neighbours_and_establish_full_links_dials_every_listener
     // loop-free alternates.
     let deadline = Instant::now() + SETTLE;
     loop {
-        let routes = wait_for_routes(e, &[6], SETTLE).await?;
+        let routes = e.wait_for_routes(&[6], SETTLE).await?;
         if routes[&6].first() == Some(&4) {
             break;
         }
