@@ -11,6 +11,7 @@
 mod auth;
 mod control;
 mod data;
+mod desk;
 mod known;
 mod mesh;
 mod recent;
@@ -21,40 +22,31 @@ pub mod tracker;
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicBool},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
-use meshd_proto::{
-    link::{AppAck, Data, DeliveryReports},
-    mesh::{
-        MessageStatus, Received, mesh_control_server::MeshControlServer,
-        mesh_data_server::MeshDataServer,
-    },
-};
+use meshd_proto::mesh::{mesh_control_server::MeshControlServer, mesh_data_server::MeshDataServer};
 use meshd_shards::{
     command::{ApiEvent, Outgoing, ShardInput},
     congestion::Congestion,
     frame::{FrameType, TrafficClass},
     handle::ShardHandle,
     ownership::owner_shard,
-    ring::{Consumer, Producer, PushError},
+    ring::{Consumer, Producer},
 };
-use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::Status;
 
 use self::{
     auth::TokenCheck,
+    desk::{MAX_EVENTS_PER_DRAIN, REPORT_RETRY, Subscriber},
     known::{DstSeqs, KNOWN_NODES_REFRESH, KnownNodes, WaitingSeqs},
-    recent::{Arrival, Decision, RecentDeliveries, Verdict},
-    reports::{ReportBatch, ReportSink},
-    tracker::{MessageTracker, StatusUpdate},
+    recent::RecentDeliveries,
+    reports::ReportBatch,
+    tracker::MessageTracker,
 };
 use crate::{
     control::{
@@ -63,31 +55,6 @@ use crate::{
     },
     storage::now_ms,
 };
-
-/// One `Subscribe` stream.
-struct Subscriber {
-    partition: u32,
-    qos_class: u32,
-    src_node: u64,
-    tx: mpsc::Sender<Result<Received, Status>>,
-    /// Set when the subscriber let a message wait [`SUBSCRIBER_WAIT`] in vain; cleared once
-    /// its queue is half empty again. A lagging subscriber is not waited for.
-    lagging: Arc<AtomicBool>,
-}
-
-/// How long a delivery waits for room in a full subscriber queue. The wait holds the node's
-/// inbound pipeline, so TCP pushes back on the senders instead of messages being dropped; a
-/// subscriber that stays full this long is marked lagging and misses messages
-/// (`PENDING_CLIENT`, "queue full") until it catches up.
-pub(crate) const SUBSCRIBER_WAIT: Duration = Duration::from_secs(1);
-
-impl Subscriber {
-    fn wants(&self, src: u64, partition: u32, qos_class: u32) -> bool {
-        (self.partition == 0 || self.partition == partition)
-            && (self.qos_class == 0 || self.qos_class == qos_class)
-            && (self.src_node == 0 || self.src_node == src)
-    }
-}
 
 /// State shared by the services (all on the api thread; the mutexes are never contended).
 pub(crate) struct ApiState {
@@ -285,354 +252,6 @@ impl ApiState {
             .iter()
             .map(|r| r.destination)
             .collect())
-    }
-
-    /// Offers a message to the matching local subscribers; returns the resulting status.
-    /// Delivers a message from another node, opening it first if it is end-to-end encrypted
-    /// (this is the only place its plaintext exists on this node).
-    async fn open_and_deliver(&self, src: u64, data: &mut Data) -> Verdict {
-        if !data.tenant.is_empty() {
-            let Ok(nonce) = <[u8; 24]>::try_from(data.nonce.as_ref()) else {
-                return Verdict::NoTenantKey;
-            };
-            let sealed = tenant::Sealed {
-                epoch: data.key_epoch,
-                nonce,
-                ciphertext: data.payload.to_vec(),
-            };
-            let opened = self
-                .tenant_keys
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .open(&data.tenant, src, data.msg_id, now_ms(), &sealed);
-            match opened {
-                Ok(plaintext) => data.payload = plaintext.into(),
-                Err(error) => {
-                    tracing::debug!(src, msg_id = data.msg_id, %error, "end-to-end message not opened");
-                    return Verdict::NoTenantKey;
-                }
-            }
-        }
-        self.deliver_locally(src, data).await
-    }
-
-    pub(crate) async fn deliver_locally(&self, src: u64, data: &Data) -> Verdict {
-        let received = Received {
-            src_node: src,
-            dst_node: self.node_id,
-            msg_id: data.msg_id,
-            corr_id: data.corr_id,
-            headers: data
-                .headers
-                .iter()
-                .map(|h| meshd_proto::mesh::Header {
-                    key: h.key.clone(),
-                    value: h.value.clone(),
-                })
-                .collect(),
-            payload: data.payload.clone(),
-            require_ack: data.require_ack,
-        };
-        let mut delivered = 0usize;
-        let mut full = 0usize;
-        // The common case (room in every queue) is served under the lock without waiting or
-        // allocating; only subscribers with a full queue are collected to be waited for.
-        let mut waiting = Vec::new();
-        {
-            let mut subscribers = self
-                .subscribers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut closed = false;
-            for s in subscribers
-                .iter()
-                .filter(|s| s.wants(src, data.partition, data.qos_class))
-            {
-                match s.tx.try_send(Ok(received.clone())) {
-                    Ok(()) => {
-                        delivered += 1;
-                        if s.tx.capacity() * 2 >= s.tx.max_capacity() {
-                            s.lagging.store(false, Ordering::Relaxed);
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
-                    Err(mpsc::error::TrySendError::Full(_))
-                        if s.lagging.load(Ordering::Relaxed) =>
-                    {
-                        full += 1;
-                    }
-                    Err(mpsc::error::TrySendError::Full(item)) => {
-                        waiting.push((s.tx.clone(), Arc::clone(&s.lagging), item));
-                    }
-                }
-            }
-            if closed {
-                subscribers.retain(|s| !s.tx.is_closed());
-            }
-        }
-        for (tx, lagging, item) in waiting {
-            match tokio::time::timeout(SUBSCRIBER_WAIT, tx.send(item)).await {
-                Ok(Ok(())) => delivered += 1,
-                Ok(Err(_)) => {}
-                Err(_) => {
-                    tracing::warn!(
-                        src,
-                        "a subscriber stayed full for {SUBSCRIBER_WAIT:?}; it misses messages until it catches up"
-                    );
-                    lagging.store(true, Ordering::Relaxed);
-                    full += 1;
-                }
-            }
-        }
-        match (delivered, full) {
-            (0, 0) => Verdict::NoSubscriber,
-            (0, _) => Verdict::SubscribersFull,
-            _ if data.require_ack => Verdict::WaitingForAck,
-            _ => Verdict::Delivered,
-        }
-    }
-
-    pub(crate) fn add_subscriber(
-        &self,
-        partition: u32,
-        qos_class: u32,
-        src_node: u64,
-    ) -> Result<mpsc::Receiver<Result<Received, Status>>, Status> {
-        let (tx, rx) = mpsc::channel(self.subscriber_queue);
-        let mut subscribers = self
-            .subscribers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Checked under the lock that `end_streams` takes, so no stream slips in after it.
-        if self.closing.load(Ordering::Relaxed) {
-            return Err(Status::unavailable("the node is shutting down"));
-        }
-        // Deliveries prune closed subscribers only when they meet one; this catches the rest.
-        subscribers.retain(|s| !s.tx.is_closed());
-        subscribers.push(Subscriber {
-            partition,
-            qos_class,
-            src_node,
-            tx,
-            lagging: Arc::default(),
-        });
-        Ok(rx)
-    }
-
-    /// Ends every `Subscribe` stream (shut-down): a graceful gRPC shut-down waits for open
-    /// streams, and `core` always holds one. Each gets a last UNAVAILABLE if its queue has
-    /// room; dropping its sender ends it either way.
-    fn end_streams(&self) {
-        let ended = {
-            let mut subscribers = self
-                .subscribers
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            self.closing.store(true, Ordering::Relaxed);
-            std::mem::take(&mut *subscribers)
-        };
-        for subscriber in &ended {
-            let _ = subscriber
-                .tx
-                .try_send(Err(Status::unavailable("the node is shutting down")));
-        }
-        if !ended.is_empty() {
-            tracing::info!(streams = ended.len(), "ended the open Subscribe streams");
-        }
-    }
-
-    /// Verdicts on Data frames go into `reports`, for [`Self::send_reports`].
-    async fn handle_event(&self, event: ApiEvent, reports: &mut ReportBatch) {
-        match event {
-            ApiEvent::Frame {
-                src,
-                frame_type: FrameType::Data,
-                payload,
-                traffic_class,
-            } => {
-                let Ok(mut data) = Data::decode(payload) else {
-                    tracing::debug!(src, "dropped an undecodable data frame");
-                    return;
-                };
-                let msg_id = data.msg_id;
-                let verdict = if data.seq == 0 {
-                    // Fire-and-forget or broadcast: never retransmitted, nothing to remember.
-                    self.open_and_deliver(src, &mut data).await
-                } else {
-                    let arrival = Arrival {
-                        source: src,
-                        session: data.src_session,
-                        seq: data.seq,
-                        floor: data.floor,
-                        attempt: data.attempt,
-                        dst_generation: data.dst_generation,
-                    };
-                    let decision = self.recent().check(arrival, Instant::now());
-                    match decision {
-                        Decision::Ignore => return,
-                        Decision::Answer(verdict) => verdict,
-                        Decision::Deliver => {
-                            let verdict = self.open_and_deliver(src, &mut data).await;
-                            self.recent().record(arrival, verdict);
-                            verdict
-                        }
-                    }
-                };
-                reports.push(src, traffic_class, msg_id, verdict);
-            }
-            ApiEvent::Frame {
-                src,
-                frame_type: FrameType::DeliveryReport,
-                payload,
-                ..
-            } => {
-                let Ok(batch) = DeliveryReports::decode(payload) else {
-                    tracing::debug!(src, "dropped an undecodable delivery report");
-                    return;
-                };
-                if batch.generation != 0 {
-                    // The destination's own word on its current life: later waiting sends'
-                    // first copies are addressed to it (see `recent.rs`). Only for nodes this
-                    // node sends to (known), so invented sources cannot grow the map.
-                    let mut known = self.known_nodes();
-                    if known.nodes.contains(&src) {
-                        known.generations.insert(src, batch.generation);
-                    }
-                }
-                let applied = reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
-                if applied.skipped > 0 {
-                    tracing::debug!(src, ?applied, "skipped report runs outside what is tracked");
-                }
-            }
-            ApiEvent::Frame {
-                src,
-                frame_type: FrameType::AppAck,
-                payload,
-                ..
-            } => {
-                let Ok(ack) = AppAck::decode(payload) else {
-                    return;
-                };
-                let status = if ack.success {
-                    MessageStatus::AckSuccess
-                } else {
-                    MessageStatus::AckFailure
-                };
-                self.tracker().update(
-                    ack.msg_id,
-                    Some(src),
-                    StatusUpdate {
-                        status,
-                        detail: reports::cap_detail(ack.message),
-                        timestamp_ms: now_ms(),
-                    },
-                );
-            }
-            ApiEvent::Frame {
-                src, frame_type, ..
-            } => {
-                tracing::debug!(
-                    src,
-                    ?frame_type,
-                    "api ignored a frame type it does not handle"
-                );
-            }
-            ApiEvent::SendFailed { msg_id, dst, known } => {
-                if self.tracker().note_failure(msg_id) {
-                    // An open waiting send: tried again until its time is up (another next
-                    // hop may come up); its final status is decided then.
-                    return;
-                }
-                let (status, detail) = if known {
-                    (
-                        MessageStatus::PendingNode,
-                        format!("node {dst} is known but not linked"),
-                    )
-                } else {
-                    (
-                        MessageStatus::Undeliverable,
-                        format!("node {dst} has never been part of this mesh"),
-                    )
-                };
-                self.tracker().update(
-                    msg_id,
-                    None,
-                    StatusUpdate {
-                        status,
-                        detail: detail.into(),
-                        timestamp_ms: now_ms(),
-                    },
-                );
-            }
-        }
-    }
-}
-
-/// Ring events handled per drain before the collected verdicts are sent (each Data frame
-/// adds one).
-const MAX_EVENTS_PER_DRAIN: usize = 4096;
-
-/// How soon reports that found no room in a shard's ring are offered again.
-const REPORT_RETRY: Duration = Duration::from_millis(5);
-
-/// The shards' rings as a [`ReportSink`]: pushes without waiting, and stops offering to a
-/// shard once its ring was full in this flush.
-struct ShardSink<'a> {
-    state: &'a ApiState,
-    full: Vec<bool>,
-}
-
-impl ReportSink for ShardSink<'_> {
-    fn ready(&mut self, source: u64) -> bool {
-        !self.full[owner_shard(source, self.full.len())]
-    }
-
-    fn send(&mut self, source: u64, class: TrafficClass, payload: Vec<u8>) -> bool {
-        let outgoing = Outgoing {
-            dst: source,
-            frame_type: FrameType::DeliveryReport,
-            traffic_class: class,
-            msg_id: 0,
-            flow: 0,
-            payload: payload.into(),
-        };
-        match self
-            .state
-            .shard_of(source)
-            .try_push(ShardInput::Send(outgoing))
-        {
-            Ok(()) => true,
-            Err(PushError::Full(_)) => {
-                let shard = owner_shard(source, self.full.len());
-                self.full[shard] = true;
-                false
-            }
-            // The shard stopped (shut-down): nothing will ever carry it, so it leaves the
-            // batch; waiting senders retransmit to the node's next life.
-            Err(PushError::Closed(_)) => true,
-        }
-    }
-}
-
-impl ApiState {
-    /// Offers every collected verdict to the shards, a frame per source and class, without
-    /// waiting: the shard may be waiting for room in the api ring, which this thread drains.
-    /// What does not fit stays in `reports` for the next call.
-    fn send_reports(&self, reports: &mut ReportBatch) {
-        let mut sink = ShardSink {
-            state: self,
-            full: vec![false; self.shards.len()],
-        };
-        reports.flush(self.max_payload_bytes, &mut sink);
-        let dropped = reports.take_dropped();
-        if dropped > 0 {
-            tracing::warn!(
-                dropped,
-                waiting = reports.len(),
-                "delivery reports found no room in the shards' rings for too long; dropped the \
-                 oldest (waiting senders retransmit and get the remembered verdict)"
-            );
-        }
     }
 }
 

@@ -49,15 +49,16 @@ pub enum TenantError {
     Forged,
 }
 
-/// What a sealed payload carries besides its ciphertext.
+/// What a sealed payload carries besides its ciphertext (owned when sealed, borrowed from the
+/// received frame when opened, so opening copies nothing but the plaintext).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sealed {
+pub struct Sealed<C = Vec<u8>> {
     /// The day whose key sealed it.
     pub epoch: u64,
     /// The nonce.
     pub nonce: [u8; 24],
     /// Ciphertext and tag.
-    pub ciphertext: Vec<u8>,
+    pub ciphertext: C,
 }
 
 /// The tenant keys of one node.
@@ -150,7 +151,7 @@ impl TenantKeys {
         src: u64,
         msg_id: u64,
         now_ms: u64,
-        sealed: &Sealed,
+        sealed: &Sealed<impl AsRef<[u8]>>,
     ) -> Result<Vec<u8>, TenantError> {
         let today = now_ms / EPOCH_MS;
         // Today's key, and yesterday's during the overlap; tomorrow's for a sender whose
@@ -164,7 +165,7 @@ impl TenantKeys {
             .decrypt(
                 XNonce::from_slice(&sealed.nonce),
                 Payload {
-                    msg: &sealed.ciphertext,
+                    msg: sealed.ciphertext.as_ref(),
                     aad: &aad,
                 },
             )
