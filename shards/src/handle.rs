@@ -61,6 +61,15 @@ pub(crate) fn lane_of(input: &ShardInput) -> Lane {
     }
 }
 
+/// Gives counted bytes back unless disarmed (see [`ShardHandle::push`]).
+struct Uncount<'a>(Option<(&'a Congestion, u64, usize)>);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        ShardHandle::uncount(self.0.take());
+    }
+}
+
 /// The producing side of one shard's rings. Cheap to clone; every thread holds one per shard.
 #[derive(Clone)]
 pub struct ShardHandle {
@@ -152,14 +161,21 @@ impl ShardHandle {
     /// if the shard has stopped.
     ///
     /// Callers on the api and control threads may wait here: the ctl ring's consumer never
-    /// blocks, and the send ring's waits end within the write deadline (see the module docs).
+    /// blocks, and the send and fwd tasks drain their rings without waiting on any one
+    /// destination (see the module docs).
+    ///
+    /// Cancel-safe for the gauges: a caller that gives up (a timeout, a cancelled gRPC call)
+    /// drops this future, and the bytes it counted are given back, or the destination would
+    /// look congested for ever.
     pub async fn push(&self, input: ShardInput) -> Result<(), ShardInput> {
         let lane = lane_of(&input);
-        let counted = self.count(lane, &input);
-        self.lane(lane)
-            .push(input)
-            .await
-            .inspect_err(|_| Self::uncount(counted))
+        let mut guard = Uncount(self.count(lane, &input));
+        let pushed = self.lane(lane).push(input).await;
+        if pushed.is_ok() {
+            // Now in the ring: the consuming task releases it.
+            guard.0 = None;
+        }
+        pushed
     }
 
     /// Inputs waiting in the send ring (data this node originates): a congestion signal.
@@ -229,6 +245,24 @@ mod tests {
             flow: 0,
             payload: Bytes::from(vec![0u8; bytes]),
         })
+    }
+
+    #[test]
+    fn a_push_given_up_on_gives_its_bytes_back_to_the_gauge() {
+        let sends = Arc::new(Congestion::default());
+        let (handle, rings) = shard_rings(1, Arc::clone(&sends), Arc::default());
+        handle.try_push(big(10)).unwrap();
+        assert_eq!(sends.in_flight(2), 10);
+        // The ring is full: the push waits, and its caller gives up (a timeout, a cancelled
+        // call) by dropping it.
+        let waiting = futures_lite::future::poll_once(handle.push(big(100)));
+        assert!(futures_lite::future::block_on(waiting).is_none());
+        assert_eq!(
+            sends.in_flight(2),
+            10,
+            "the abandoned push's bytes are given back"
+        );
+        drop(rings);
     }
 
     #[test]

@@ -415,7 +415,9 @@ impl Shard {
             .borrow()
             .next_hop_for(header.traffic_class, dst, spread, |peer| self.is_down(peer))
             .or_else(|| {
-                (!self.is_down(dst) && self.links.borrow().contains_key(&dst)).then_some(dst)
+                // A guest's id is only a claim: never a destination for mesh traffic.
+                let direct = self.links.borrow().get(&dst).is_some_and(|l| !l.peer.guest);
+                (!self.is_down(dst) && direct).then_some(dst)
             })
             .ok_or(RouteError::NoRoute)?;
         let owner = self.owner(next);

@@ -176,7 +176,10 @@ pub(crate) async fn submit(
             // Local subscribers get the plaintext; every other node the sealed copy.
             Some(tenant) => {
                 let mut wire = data.clone();
-                seal(state, &mut wire, tenant)?;
+                if let Err(status) = seal(state, &mut wire, tenant) {
+                    state.tracker().settle(msg_id, None);
+                    return Err(status);
+                }
                 wire.encode_to_vec().into()
             }
             None => data.encode_to_vec().into(),
@@ -219,8 +222,12 @@ pub(crate) async fn submit(
         let dst = request.dst_node;
         let msg_id = state.tracker().insert(dst, require_ack, queued);
         data.msg_id = msg_id;
-        if let Some(tenant) = &tenant {
-            seal(state, &mut data, tenant)?;
+        if let Some(tenant) = &tenant
+            && let Err(status) = seal(state, &mut data, tenant)
+        {
+            // The mesh changed since the tenant was checked: nothing was sent.
+            state.tracker().settle(msg_id, None);
+            return Err(status);
         }
         let payload: Bytes = data.encode_to_vec().into();
         state

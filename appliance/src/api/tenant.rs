@@ -156,7 +156,8 @@ impl TenantKeys {
         let today = now_ms / EPOCH_MS;
         // Today's key, and yesterday's during the overlap; tomorrow's for a sender whose
         // clock is ahead across midnight.
-        if sealed.epoch + 1 < today || sealed.epoch > today + 1 {
+        // The day is the peer's word: compared without arithmetic that could overflow.
+        if sealed.epoch.abs_diff(today) > 1 {
             return Err(TenantError::Epoch(sealed.epoch));
         }
         let cipher = self.cipher(tenant, sealed.epoch)?;
@@ -257,6 +258,15 @@ mod tests {
         assert_eq!(
             keys.open("acme", 1, 1, NOW + 2 * EPOCH_MS, &sealed),
             Err(TenantError::Epoch(sealed.epoch))
+        );
+        // The day comes from the wire: any value is refused, never overflowed on.
+        let hostile = Sealed {
+            epoch: u64::MAX,
+            ..sealed
+        };
+        assert_eq!(
+            keys.open("acme", 1, 1, NOW, &hostile),
+            Err(TenantError::Epoch(u64::MAX))
         );
     }
 }

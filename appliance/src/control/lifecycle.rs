@@ -577,6 +577,12 @@ impl Control {
         if lifecycle.mesh_id.is_empty()
             && let Some(pending) = &lifecycle.pending_join
         {
+            // A guest holds no mesh's keys, not even those of the mesh it left to join.
+            lifecycle
+                .tenant_keys
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .set_secret(None);
             return (Vec::new(), pending.authority);
         }
         let secret = mesh_secret_for(

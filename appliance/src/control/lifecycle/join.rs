@@ -303,6 +303,7 @@ impl Control {
         if pending.peer != Some(from) {
             return;
         }
+        let pinned = pending.authority;
         let answer = match JoinAnswer::decode(payload) {
             Ok(answer) => answer,
             Err(e) => {
@@ -313,6 +314,14 @@ impl Control {
             (true, Some(config))
                 if !config.mesh_id.is_empty() && config.mesh_secret.len() == 32 =>
             {
+                // A join pinned to an authority takes only that authority's mesh.
+                let secret = <[u8; 32]>::try_from(config.mesh_secret.as_ref()).unwrap_or_default();
+                let authority = meshd_shards::credential::MeshAuthority::from_secret(&secret);
+                if pinned.is_some_and(|pinned| pinned != authority.public_key()) {
+                    return self.fail_join(LifecycleError::Refused(
+                        "the answer's mesh is not the one of the pinned authority".into(),
+                    ));
+                }
                 config
             }
             (true, _) => {
