@@ -82,6 +82,9 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     let (certificate, authority) =
         issue_credential(mesh_secret, &mesh_id, identity.node_id, public_key);
 
+    // Pair keys for origin tags on routed frames: control publishes, shards open, the api
+    // and control seal.
+    let key_book = Arc::new(meshd_shards::origin::KeyBook::default());
     let capacity = config.runtime.ring_capacity;
     let (control_events_tx, control_events_rx) =
         weighed_ring(capacity, EVENT_RING_BYTES, ControlEvent::weight);
@@ -116,6 +119,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         ring_capacity: capacity,
         io_memory_bytes: config.runtime.io_memory_bytes,
         known_peers,
+        key_book: Arc::clone(&key_book),
     };
     let api_lanes = ApiLanes {
         data: api_events_tx,
@@ -178,6 +182,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         configured_mesh_id: config.mesh_id.clone(),
         configured_secret: resolved.mesh_secret,
         public_key,
+        signing_key: identity.signing_key.clone(),
+        key_book: Arc::clone(&key_book),
         tenant_keys: Arc::clone(&tenant_keys),
     })?;
     let api = ApiThread::start(ApiSetup {
@@ -198,6 +204,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         generation,
         mesh_events,
         tenant_keys,
+        key_book,
         tls: resolved.grpc_tls.clone(),
         token: resolved.grpc_token.clone(),
     })?;

@@ -462,6 +462,7 @@ fn arb_routing_message(max_adjacencies: usize) -> impl Strategy<Value = RoutingM
             adjacencies,
             listen_addr,
             age_ms,
+            ..LsaMsg::default()
         });
     prop_oneof![
         6 => lsa.prop_map(|lsa| RoutingMessage { body: Some(routing_message::Body::Lsa(lsa)) }),
@@ -498,6 +499,7 @@ fn honest_lsa(origin: u64, seq: u64, adjacencies: &[u64]) -> RoutingMessage {
                 .collect(),
             listen_addr: String::new(),
             age_ms: 0,
+            ..LsaMsg::default()
         })),
     }
 }
@@ -845,6 +847,7 @@ fn found_a_refused_lsa_still_records_its_listen_address() {
             adjacencies: Vec::new(),
             listen_addr: "203.0.113.9:7000".into(),
             age_ms: 0,
+            ..LsaMsg::default()
         })),
     };
     routing.handle_frame(t0, 7, &Bytes::from(forged.encode_to_vec()));
@@ -1015,11 +1018,7 @@ fn gossip_corpus() -> &'static [Datagram] {
         for tick in 0..80u64 {
             let now = t0 + Duration::from_millis(50 * tick);
             if tick == 20 {
-                let notice = Notice {
-                    node: 99,
-                    seq: 5,
-                    kind: NoticeKind::Evicted,
-                };
+                let notice = Notice::new(99, 5, NoticeKind::Evicted);
                 nodes.get_mut(&1).expect("node").publish_notice(now, notice);
             }
             if tick == 30 {
@@ -1269,7 +1268,7 @@ fn arb_broadcast() -> impl Strategy<Value = Broadcast> {
                 NoticeKind::Left
             ])
         )
-            .prop_map(|(node, seq, kind)| Broadcast::Notice(Notice { node, seq, kind })),
+            .prop_map(|(node, seq, kind)| Broadcast::Notice(Notice::new(node, seq, kind))),
     ]
 }
 

@@ -115,6 +115,16 @@ pub struct Outgoing {
     pub payload: Bytes,
 }
 
+impl Outgoing {
+    /// The header this frame leaves `local` with (ttl aside, what its origin tag covers).
+    pub fn header(&self, local: u64) -> Header {
+        let mut header = Header::new(self.frame_type, self.traffic_class, local, self.dst);
+        header.seq = self.msg_id;
+        header.stream_id = self.flow;
+        header
+    }
+}
+
 /// A routed frame handed to the shard that owns its next hop.
 #[derive(Debug)]
 pub struct Forwarded {

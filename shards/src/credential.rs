@@ -130,6 +130,38 @@ pub fn verify(
     certificate: &[u8],
     claim: Claim<'_>,
 ) -> Result<(), CredentialError> {
+    let certified = certified_key(
+        authority,
+        certificate,
+        claim.mesh_id,
+        claim.node_id,
+        claim.now_ms,
+    )?;
+    if certified.public_key != *claim.public_key {
+        return Err(CredentialError::Mismatch);
+    }
+    Ok(())
+}
+
+/// What a valid certificate says about its node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Certified {
+    /// The node's Ed25519 public key.
+    pub public_key: [u8; 32],
+    /// The end of the certificate's validity.
+    pub not_after_ms: u64,
+}
+
+/// The key an encoded certificate of the mesh authority vouches for, for node `node_id` of
+/// mesh `mesh_id` at `now_ms` (how LSAs and notices, signed by their origin, are checked by
+/// nodes that never linked with it).
+pub fn certified_key(
+    authority: &[u8; 32],
+    certificate: &[u8],
+    mesh_id: &str,
+    node_id: u64,
+    now_ms: u64,
+) -> Result<Certified, CredentialError> {
     if certificate.is_empty() {
         return Err(CredentialError::Missing);
     }
@@ -149,18 +181,20 @@ pub fn verify(
         .map_err(|_| CredentialError::WrongAuthority)?;
     let body =
         CertificateBody::decode(cert.body.as_ref()).map_err(|_| CredentialError::Malformed)?;
-    if body.mesh_id != claim.mesh_id
-        || body.node_id != claim.node_id
-        || body.public_key.as_ref() != claim.public_key
-    {
+    let public_key =
+        <[u8; 32]>::try_from(body.public_key.as_ref()).map_err(|_| CredentialError::Malformed)?;
+    if body.mesh_id != mesh_id || body.node_id != node_id {
         return Err(CredentialError::Mismatch);
     }
-    let early = claim.now_ms.saturating_add(CLOCK_SKEW_MS) < body.not_before_ms;
-    let late = claim.now_ms > body.not_after_ms.saturating_add(CLOCK_SKEW_MS);
+    let early = now_ms.saturating_add(CLOCK_SKEW_MS) < body.not_before_ms;
+    let late = now_ms > body.not_after_ms.saturating_add(CLOCK_SKEW_MS);
     if early || late {
         return Err(CredentialError::Expired);
     }
-    Ok(())
+    Ok(Certified {
+        public_key,
+        not_after_ms: body.not_after_ms,
+    })
 }
 
 /// Parses a mesh secret written as 64 hex digits.

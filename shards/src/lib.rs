@@ -15,6 +15,7 @@ pub mod frame;
 pub mod handle;
 pub mod handshake;
 mod link;
+pub mod origin;
 pub mod ownership;
 mod read_budget;
 pub mod ring;

@@ -585,7 +585,23 @@ pub(crate) async fn run(
                             }
                             continue;
                         }
-                        let payload = detach(&message, frame.payload);
+                        // Addressed here: its tag must prove its source before anything
+                        // else reads it (a relay or neighbour could have written any src).
+                        let opened = shard
+                            .keys
+                            .borrow_mut()
+                            .get(&shard.config.key_book)
+                            .open(&header, frame.payload)
+                            .map(|body| body.len());
+                        let body = match opened {
+                            Ok(len) => &frame.payload[..len],
+                            Err(error) => {
+                                stats.on_frame_dropped();
+                                shard.count_refused_source(header.src, error);
+                                continue;
+                            }
+                        };
+                        let payload = detach(&message, body);
                         if header.frame_type == FrameType::Gossip {
                             gate.hold(shard.emit_gossip(header.src, payload)).await;
                             continue;

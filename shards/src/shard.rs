@@ -46,6 +46,7 @@ use crate::{
     handle::{ShardHandle, ShardRings, shard_rings},
     handshake::{LocalHello, PeerInfo},
     link::{self, Outbox, OutboxError},
+    origin::{KeyBook, KeyCache, OpenError},
     ownership::owner_shard,
     ring::{Producer, PushError},
     stats::LinkStats,
@@ -88,6 +89,9 @@ pub struct ShardConfig {
     pub io_memory_bytes: usize,
     /// Peers this node has linked with before, and their keys (trust on first use).
     pub known_peers: Vec<(u64, [u8; 32])>,
+    /// Pair keys with every certified node, published by the control thread: routed frames
+    /// addressed here are opened with them (`origin`).
+    pub key_book: Arc<KeyBook>,
 }
 
 impl ShardConfig {
@@ -287,6 +291,8 @@ pub(crate) struct Shard {
     drops: RefCell<BTreeMap<&'static str, u64>>,
     stopping: Cell<bool>,
     fib: RefCell<Arc<Fib>>,
+    /// This thread's copy of the pair keys (`config.key_book`).
+    pub(crate) keys: RefCell<KeyCache>,
     round_robin: Cell<u64>,
     /// The mesh this node belongs to now ("" = none yet); starts as `config.local.mesh_id`.
     mesh_id: RefCell<String>,
@@ -349,6 +355,23 @@ impl Shard {
 
     pub(crate) fn count_drop(&self, kind: &'static str) {
         *self.drops.borrow_mut().entry(kind).or_insert(0) += 1;
+    }
+
+    /// A routed frame whose source was not proven: counted, and logged at the 1st, 2nd, 4th …
+    /// of its kind (a forger gets a logarithmic number of lines).
+    pub(crate) fn count_refused_source(&self, src: u64, error: OpenError) {
+        let kind = error.kind();
+        let mut drops = self.drops.borrow_mut();
+        let count = drops.entry(kind).or_insert(0);
+        *count += 1;
+        if count.is_power_of_two() {
+            tracing::warn!(
+                shard = self.shard_id,
+                claimed_src = src,
+                refused = *count,
+                "routed frame refused: {kind} (this warning repeats at every power of two)"
+            );
+        }
     }
 
     fn owner(&self, peer: u64) -> usize {
@@ -590,6 +613,7 @@ async fn shard_main(
         drops: RefCell::new(BTreeMap::new()),
         stopping: Cell::new(false),
         fib: RefCell::new(Arc::new(Fib::empty())),
+        keys: RefCell::new(KeyCache::default()),
         round_robin: Cell::new(0),
         mesh_id: RefCell::new(config.local.mesh_id.clone()),
         credential: RefCell::new((config.local.certificate.clone(), config.local.authority)),
@@ -776,15 +800,7 @@ fn handle_misrouted(shard: &Shard, input: ShardInput) {
 
 /// The header of a frame this node originates.
 fn send_header(shard: &Shard, outgoing: &Outgoing) -> Header {
-    let mut header = Header::new(
-        outgoing.frame_type,
-        outgoing.traffic_class,
-        shard.config.local.node_id,
-        outgoing.dst,
-    );
-    header.seq = outgoing.msg_id;
-    header.stream_id = outgoing.flow;
-    header
+    outgoing.header(shard.config.local.node_id)
 }
 
 /// Counts a frame this node could not send, and tells the api of a lost `Data` frame.

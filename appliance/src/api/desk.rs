@@ -361,7 +361,7 @@ impl ReportSink for ShardSink<'_> {
     }
 
     fn send(&mut self, source: u64, class: TrafficClass, payload: Vec<u8>) -> bool {
-        let outgoing = Outgoing {
+        let mut outgoing = Outgoing {
             dst: source,
             frame_type: FrameType::DeliveryReport,
             traffic_class: class,
@@ -369,6 +369,10 @@ impl ReportSink for ShardSink<'_> {
             flow: 0,
             payload: payload.into(),
         };
+        if !self.state.seal(&mut outgoing) {
+            // The source's key is gone (it left or was evicted): nobody to report to.
+            return true;
+        }
         match self
             .state
             .shard_of(source)

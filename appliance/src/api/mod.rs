@@ -34,6 +34,7 @@ use meshd_shards::{
     congestion::Congestion,
     frame::{FrameType, TrafficClass},
     handle::ShardHandle,
+    origin::{KeyBook, KeyCache},
     ownership::owner_shard,
     ring::{Consumer, Producer},
 };
@@ -63,6 +64,9 @@ pub(crate) struct ApiState {
     /// Bytes the shards hold parked per destination (a destination that stops reading).
     congestion: Arc<Congestion>,
     pub(crate) tenant_keys: SharedTenantKeys,
+    /// Pair keys for the origin tags of frames this node sends (`meshd_shards::origin`).
+    key_book: Arc<KeyBook>,
+    key_cache: Mutex<KeyCache>,
     /// How long a send to a congested destination waits before it is handed over anyway.
     congestion_wait: Duration,
     pub(crate) control: Producer<ControlRequest>,
@@ -180,11 +184,50 @@ impl ApiState {
     /// Hands a frame to the shard that owns the link to its destination, waiting only while
     /// that shard's ring is full: a broadcast's copy for a congested node is parked there, not
     /// waited for.
-    pub(crate) async fn hand_over(&self, outgoing: Outgoing) -> Result<(), Status> {
+    pub(crate) async fn hand_over(&self, mut outgoing: Outgoing) -> Result<(), Status> {
+        if !self.seal(&mut outgoing) {
+            // Without the destination's certified key no tag can be made, and it would
+            // refuse the frame: like a node not reachable yet.
+            if outgoing.frame_type == FrameType::Data
+                && !self.tracker().note_failure(outgoing.msg_id)
+            {
+                self.tracker().update(
+                    outgoing.msg_id,
+                    None,
+                    tracker::StatusUpdate {
+                        status: meshd_proto::mesh::MessageStatus::PendingNode,
+                        detail: format!(
+                            "no certified key of node {} yet: the frame could not be signed",
+                            outgoing.dst
+                        )
+                        .into(),
+                        timestamp_ms: now_ms(),
+                    },
+                );
+            }
+            return Ok(());
+        }
         self.shard_of(outgoing.dst)
             .push(ShardInput::Send(outgoing))
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))
+    }
+
+    /// Appends the origin tag its destination checks (`meshd_shards::origin`); false when no
+    /// pair key with the destination is held.
+    pub(crate) fn seal(&self, outgoing: &mut Outgoing) -> bool {
+        let header = outgoing.header(self.node_id);
+        let mut cache = self
+            .key_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match cache.get(&self.key_book).seal(&header, &outgoing.payload) {
+            Some(sealed) => {
+                outgoing.payload = sealed.into();
+                true
+            }
+            None => false,
+        }
     }
 
     /// The member table and mesh health.
@@ -292,6 +335,8 @@ pub struct ApiSetup {
     pub mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
     /// Tenant keys (the control thread renews their secret when the mesh changes).
     pub tenant_keys: SharedTenantKeys,
+    /// Pair keys published by the control thread.
+    pub key_book: Arc<KeyBook>,
     /// PEM certificate chain and key to serve TLS with.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// The bearer token every call must carry.
@@ -349,6 +394,8 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         shards: setup.shards,
         congestion: setup.congestion,
         tenant_keys: setup.tenant_keys,
+        key_book: setup.key_book,
+        key_cache: Mutex::new(KeyCache::default()),
         congestion_wait: setup.congestion_wait,
         control: setup.control,
         max_payload_bytes: setup.max_payload_bytes,

@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 
 use super::{
     Control,
+    lsa_auth::LsaCredential,
     membership::{Health, Notice, NoticeKind},
 };
 use crate::storage::now_ms;
@@ -207,6 +208,8 @@ pub(super) struct Lifecycle {
     pub(super) public_key: [u8; 32],
     /// When this node last issued itself a certificate.
     issued_at: Option<Instant>,
+    /// The mesh (id, authority) LSAs are signed and checked for now.
+    signing_mesh: Option<(String, [u8; 32])>,
     /// The api's tenant keys: their secret is the current mesh's.
     tenant_keys: crate::api::SharedTenantKeys,
 }
@@ -503,14 +506,10 @@ impl Control {
         let local = self.membership.local().node;
         // Tell the members before the links close: the notice goes out in this drain, ahead
         // of the goodbyes.
-        self.membership.publish_notice(
-            now,
-            Notice {
-                node: local,
-                seq: now_ms(),
-                kind: NoticeKind::Left,
-            },
-        );
+        let notice = self
+            .trust
+            .sign(Notice::new(local, now_ms(), NoticeKind::Left));
+        self.membership.publish_notice(now, notice);
         self.membership.leave(now);
         self.lifecycle.record = None;
         // The stored dial targets went with the mesh record; without this the links closing
@@ -538,14 +537,10 @@ impl Control {
                 batch.remove_peer(node);
             })
             .map_err(|e| LifecycleError::Storage(e.to_string()))?;
-        self.membership.publish_notice(
-            now,
-            Notice {
-                node,
-                seq: now_ms(),
-                kind: NoticeKind::Evicted,
-            },
-        );
+        let notice = self
+            .trust
+            .sign(Notice::new(node, now_ms(), NoticeKind::Evicted));
+        self.membership.publish_notice(now, notice);
         self.cut_off(node);
         Ok(())
     }
@@ -604,6 +599,27 @@ impl Control {
         )
     }
 
+    /// LSAs are signed with the node's certificate and checked against the mesh's authority;
+    /// keys learned under another mesh are forgotten when the mesh changes.
+    fn set_signing_credential(&mut self, certificate: &[u8], authority: Option<[u8; 32]>) {
+        let credential = authority
+            .filter(|_| !certificate.is_empty())
+            .map(|authority| LsaCredential {
+                mesh_id: self.lifecycle.mesh_id.clone(),
+                authority,
+                certificate: certificate.to_vec().into(),
+                key: self.signing_key.clone(),
+            });
+        let mesh = credential
+            .as_ref()
+            .map(|c| (c.mesh_id.clone(), c.authority));
+        if mesh != self.lifecycle.signing_mesh {
+            self.trust.reset();
+            self.lifecycle.signing_mesh = mesh;
+        }
+        self.lsa_auth.set_credential(credential);
+    }
+
     /// Sends what the lifecycle queued to the shards, in order.
     pub(super) async fn drain_lifecycle(&mut self) {
         let commands = std::mem::take(&mut self.lifecycle.commands);
@@ -611,6 +627,7 @@ impl Control {
             let (shard, input) = match command {
                 ShardCommand::Credential => {
                     let (certificate, authority) = self.current_credential(Instant::now());
+                    self.set_signing_credential(&certificate, authority);
                     for shard in self.shards.iter() {
                         let input = ShardInput::SetCredential {
                             certificate: certificate.clone(),

@@ -31,9 +31,10 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     num::{NonZeroU8, NonZeroUsize},
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -496,6 +497,16 @@ impl Membership {
         let mut effects = Effects::default();
         let result = self.foca.gossip(&mut effects);
         self.after(now, effects, result);
+    }
+
+    /// The certified keys notices are checked against (see `trust`).
+    pub fn set_keys(&mut self, keys: Arc<HashMap<u64, [u8; 32]>>) {
+        self.meta.borrow_mut().keys = Some(keys);
+    }
+
+    /// Notices refused as not authentic so far.
+    pub fn forged_notices(&self) -> u64 {
+        self.meta.borrow().forged_notices.count()
     }
 
     /// Nodes evicted earlier (from the control database): refused from the start.

@@ -17,6 +17,7 @@
 pub mod dial_plan;
 pub mod join_check;
 pub mod lifecycle;
+pub mod lsa_auth;
 pub mod lsdb;
 pub mod membership;
 pub mod mesh;
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod paths;
 pub mod persist;
 pub mod routing;
+pub mod trust;
 pub mod types;
 
 use std::{
@@ -49,11 +51,13 @@ use self::{
     dial_plan::{DialPlan, DialVerdict, Origin},
     join_check::{JOIN_CHECK_QUEUE, JoinChecker, JoinVerdict},
     lifecycle::{EVICTED_REASON, LEFT_REASON, Lifecycle, LifecycleRequest, STOPPED_REASON},
+    lsa_auth::LsaAuth,
     membership::{Membership, MembershipConfig, NodeMeta},
     mesh::{MeshEvent, MeshEventKind, MeshSnapshot},
     metrics::{LinkCounters, LinkMeters},
     persist::Store,
     routing::Routing,
+    trust::Trust,
 };
 use crate::storage::{ControlDb, PeerRecord, now_ms};
 
@@ -153,6 +157,10 @@ pub struct ControlSetup {
     pub configured_secret: Option<[u8; 32]>,
     /// This node's Ed25519 public key (what its certificates certify).
     pub public_key: [u8; 32],
+    /// This node's identity key: signs its LSAs and notices, derives pair keys.
+    pub signing_key: ed25519_dalek::SigningKey,
+    /// Where pair keys are published for the shards and the api.
+    pub key_book: Arc<meshd_shards::origin::KeyBook>,
     /// The api's tenant keys, whose secret follows the mesh.
     pub tenant_keys: crate::api::SharedTenantKeys,
 }
@@ -219,6 +227,10 @@ struct Control {
     membership: Membership,
     mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
     lifecycle: Lifecycle,
+    lsa_auth: LsaAuth,
+    trust: Trust,
+    /// This node's identity key (LSAs, notices).
+    signing_key: ed25519_dalek::SigningKey,
 }
 
 async fn run(
@@ -279,9 +291,27 @@ async fn run(
             setup.public_key,
             setup.tenant_keys,
         ),
+        lsa_auth: LsaAuth::new(setup.local),
+        trust: Trust::new(setup.local, setup.signing_key.clone(), setup.key_book),
+        signing_key: setup.signing_key,
     };
+    // The keys are in place before the first frame: notices are checked from the start.
+    if let Some(public) = control.trust.publish() {
+        control.membership.set_keys(public);
+    }
+    control
+        .lifecycle
+        .commands
+        .push(lifecycle::ShardCommand::Credential);
     match control.store.db().evicted() {
-        Ok(evicted) => control.membership.set_evicted(evicted),
+        Ok(evicted) => {
+            // Revoked: nothing signed by them is accepted.
+            for node in &evicted {
+                control.trust.revoke(*node);
+                control.lsa_auth.revoke(*node);
+            }
+            control.membership.set_evicted(evicted);
+        }
         Err(e) => tracing::error!(error = %e, "could not read evicted nodes"),
     }
     let events = setup.events;
@@ -366,7 +396,7 @@ impl Control {
         class: TrafficClass,
         payload: bytes::Bytes,
     ) -> bool {
-        let outgoing = meshd_shards::command::Outgoing {
+        let mut outgoing = meshd_shards::command::Outgoing {
             dst,
             frame_type,
             traffic_class: class,
@@ -374,6 +404,20 @@ impl Control {
             flow: 0,
             payload,
         };
+        if !frame_type.is_control() {
+            // A routed frame: its destination checks who sent it.
+            let header = outgoing.header(self.local());
+            match self.trust.seal(&header, &outgoing.payload) {
+                Some(sealed) => outgoing.payload = sealed.into(),
+                None => {
+                    tracing::debug!(
+                        dst,
+                        "no certified key of the destination yet; frame dropped"
+                    );
+                    return true;
+                }
+            }
+        }
         let shard = owner_shard(dst, self.shards.len());
         self.shards[shard]
             .push(ShardInput::Send(outgoing))
@@ -396,6 +440,8 @@ impl Control {
             let now = Instant::now();
             match membership_event {
                 membership::MembershipEvent::Evicted(node) => {
+                    self.trust.revoke(node);
+                    self.lsa_auth.revoke(node);
                     self.store.stage(now, |batch| {
                         batch.set_evicted(node, true);
                         batch.remove_peer(node);
@@ -403,6 +449,8 @@ impl Control {
                     self.cut_off(node);
                 }
                 membership::MembershipEvent::Admitted(node) => {
+                    self.trust.unrevoke(node);
+                    self.lsa_auth.unrevoke(node);
                     let linked = self.linked.contains_key(&node);
                     self.store.stage(now, |batch| {
                         batch.set_evicted(node, false);
@@ -414,6 +462,8 @@ impl Control {
                     });
                 }
                 membership::MembershipEvent::Left(node) => {
+                    self.trust.forget(node);
+                    self.lsa_auth.forget(node);
                     self.store.stage(now, |batch| batch.remove_peer(node));
                 }
                 _ => {}
@@ -441,7 +491,9 @@ impl Control {
     /// Sends queued routing frames to neighbours and publishes a new forwarding table when one
     /// is due.
     async fn drain_routing(&mut self) {
+        self.learn_keys();
         while let Some((to, payload)) = self.routing.poll_transmit() {
+            let payload = self.lsa_auth.attach(payload);
             if !self
                 .send_frame(to, FrameType::Routing, TrafficClass::Control, payload)
                 .await
@@ -455,6 +507,21 @@ impl Control {
                 let _ = shard.push(ShardInput::Fib(Arc::clone(&fib))).await;
             }
         }
+    }
+
+    /// Keys certified by LSAs since the last call go to the trusted keys, and changed keys
+    /// are published (shards, api, membership) before any frame that needs them.
+    fn learn_keys(&mut self) {
+        for (node, key) in self.lsa_auth.take_new_keys() {
+            self.trust.learn(node, key);
+        }
+        if let Some(public) = self.trust.publish() {
+            self.membership.set_keys(public);
+        }
+    }
+
+    fn local(&self) -> u64 {
+        self.membership.local().node
     }
 
     /// Asks every shard for its links' counters; the answer comes back as `Metrics`.
@@ -534,6 +601,8 @@ impl Control {
                     });
                     return;
                 }
+                // The handshake checked its certificate.
+                self.trust.learn(peer.node_id, peer.public_key);
                 self.linked.insert(peer.node_id, remote_addr);
                 self.plan.handle_link_up(peer.node_id);
                 self.routing
@@ -587,9 +656,19 @@ impl Control {
                 self.membership.handle_data(now, from, &payload);
             }
             ControlEvent::Routing { from, payload } => {
+                let routing = &self.routing;
+                let checked = self
+                    .lsa_auth
+                    .check(now_ms(), &payload, |origin| routing.lsa_seq(origin));
+                if let Err(refusal) = checked {
+                    tracing::debug!(peer = from, %refusal, "refused an LSA");
+                    return;
+                }
                 if !self.routing.handle_frame(now, from, &payload) {
                     tracing::debug!(peer = from, "dropped a malformed routing frame");
                 }
+                let routing = &self.routing;
+                self.lsa_auth.settle(|origin| routing.lsa_seq(origin));
             }
             ControlEvent::DialDone {
                 dial_id,

@@ -405,6 +405,11 @@ impl Routing {
         &self.listen_addrs
     }
 
+    /// The seq of the LSA of `origin` held in the database.
+    pub fn lsa_seq(&self, origin: u64) -> Option<u64> {
+        self.lsdb.get(origin).map(|lsa| lsa.seq)
+    }
+
     /// Whether `peer` has a live direct link.
     pub fn is_linked(&self, peer: u64) -> bool {
         self.neighbors.get(&peer).is_some_and(|(_, up)| *up)
@@ -459,6 +464,7 @@ fn lsa_to_msg(lsa: &Lsa, age: Duration, listen_addr: String) -> LsaMsg {
             })
             .collect(),
         listen_addr,
+        ..LsaMsg::default()
     }
 }
 
@@ -509,6 +515,7 @@ mod tests {
             seq: 1,
             adjacencies: Vec::new(),
             listen_addr,
+            ..LsaMsg::default()
         };
         RoutingMessage {
             body: Some(routing_message::Body::Lsa(lsa)),

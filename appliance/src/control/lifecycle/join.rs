@@ -260,11 +260,9 @@ impl Control {
         }
         if readmitted {
             // Joining again lifts an eviction.
-            let notice = Notice {
-                node: from,
-                seq: now_ms(),
-                kind: NoticeKind::Admitted,
-            };
+            let notice = self
+                .trust
+                .sign(Notice::new(from, now_ms(), NoticeKind::Admitted));
             self.membership.publish_notice(now, notice);
         } else {
             self.membership.readmit(from);

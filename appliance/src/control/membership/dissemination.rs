@@ -4,11 +4,13 @@
 
 use std::{
     cell::RefCell,
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use foca::{BroadcastHandler, Invalidates};
 use serde::{Deserialize, Serialize};
 
@@ -45,7 +47,9 @@ pub enum NoticeKind {
 }
 
 /// A notice about `node`; of two notices about one node the higher `seq` wins (callers use
-/// the decision's wall-clock time in ms).
+/// the decision's wall-clock time in ms). Signed by the member that decided (`issuer`): a node
+/// leaves only by its own word, and an eviction or admission names the member that made it,
+/// so no relay or neighbour can invent one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notice {
     /// The node concerned.
@@ -54,6 +58,67 @@ pub struct Notice {
     pub seq: u64,
     /// What was decided.
     pub kind: NoticeKind,
+    /// The member that decided (for `Left`, the node itself).
+    pub issuer: u64,
+    /// The issuer's Ed25519 signature (two halves: serde's arrays stop at 32).
+    pub signature: [[u8; 32]; 2],
+}
+
+const NOTICE_CONTEXT: &[u8] = b"meshd notice v1";
+
+impl Notice {
+    /// An unsigned notice (sign it with [`Self::signed`] before it leaves this node).
+    pub fn new(node: u64, seq: u64, kind: NoticeKind) -> Self {
+        Self {
+            node,
+            seq,
+            kind,
+            issuer: 0,
+            signature: [[0; 32]; 2],
+        }
+    }
+
+    /// This notice, issued and signed by `issuer` holding `key`.
+    pub fn signed(mut self, issuer: u64, key: &SigningKey) -> Self {
+        self.issuer = issuer;
+        let signature = key.sign(&self.signed_bytes()).to_bytes();
+        self.signature[0].copy_from_slice(&signature[..32]);
+        self.signature[1].copy_from_slice(&signature[32..]);
+        self
+    }
+
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut out = NOTICE_CONTEXT.to_vec();
+        out.extend_from_slice(&self.node.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.issuer.to_le_bytes());
+        out
+    }
+
+    /// Whether the issuer may make this decision and signed it with its certified key.
+    pub fn is_authentic(&self, keys: &HashMap<u64, [u8; 32]>) -> bool {
+        let issuer_may = match self.kind {
+            NoticeKind::Left => self.issuer == self.node,
+            NoticeKind::Evicted | NoticeKind::Admitted => {
+                self.issuer != self.node && self.issuer != 0
+            }
+        };
+        if !issuer_may {
+            return false;
+        }
+        let Some(key) = keys
+            .get(&self.issuer)
+            .and_then(|k| VerifyingKey::from_bytes(k).ok())
+        else {
+            return false;
+        };
+        let mut signature = [0u8; 64];
+        signature[..32].copy_from_slice(&self.signature[0]);
+        signature[32..].copy_from_slice(&self.signature[1]);
+        key.verify(&self.signed_bytes(), &Signature::from_bytes(&signature))
+            .is_ok()
+    }
 }
 
 /// What rides on foca's custom broadcasts.
@@ -74,6 +139,10 @@ pub(super) struct Disseminated {
     fresh: Vec<Notice>,
     pub(super) refused_meta: Refusals,
     pub(super) dropped_notices: Refusals,
+    /// Certified keys that notices are checked against; `None` only in simulations of the
+    /// protocol (the control thread sets them before its first datagram).
+    pub(super) keys: Option<Arc<HashMap<u64, [u8; 32]>>>,
+    pub(super) forged_notices: Refusals,
 }
 
 impl Disseminated {
@@ -177,6 +246,15 @@ impl BroadcastHandler<MemberId> for MetaHandler {
                 Ok(Some(key))
             }
             Gossiped::Notice(notice) => {
+                if let Some(keys) = &table.keys
+                    && !notice.is_authentic(keys)
+                {
+                    // Neither kept nor passed on: a forged decision dies at the first hop.
+                    table
+                        .forged_notices
+                        .record("notices (not authentic)", notice.node);
+                    return Ok(None);
+                }
                 if table
                     .notices
                     .get(&notice.node)

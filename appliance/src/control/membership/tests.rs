@@ -350,14 +350,31 @@ fn three_of_five_crashing_at_once_are_all_declared_dead_by_the_two_left() {
 fn an_eviction_reaches_every_member_and_the_evicted_node_is_kept_out() {
     let mut sim = Sim::new(6, 0.05, MembershipConfig::default());
     sim.bootstrap(12);
+    sign_everything(&mut sim);
+    let now = sim.now;
+    // A forged eviction of 2 (unsigned, and one signed by 4 in 3's name) spreads nowhere.
+    let forged = Notice::new(2, 1, NoticeKind::Evicted).signed(3, &keys(4));
+    sim.nodes.get_mut(&4).unwrap().publish_notice(now, forged);
+    sim.nodes
+        .get_mut(&4)
+        .unwrap()
+        .publish_notice(now, Notice::new(2, 2, NoticeKind::Evicted));
+    // Nobody may say another node left.
+    let left = Notice::new(5, 1, NoticeKind::Left).signed(4, &keys(4));
+    sim.nodes.get_mut(&4).unwrap().publish_notice(now, left);
+    sim.settle(4);
+    sim.run_for(Duration::from_secs(5));
+    for (id, node) in &sim.nodes {
+        assert!(!node.is_evicted(2), "node {id} took a forged eviction");
+        assert!(
+            node.forged_notices() > 0 || *id != 4,
+            "node {id} counted nothing"
+        );
+    }
     let now = sim.now;
     sim.nodes.get_mut(&3).unwrap().publish_notice(
         now,
-        Notice {
-            node: 9,
-            seq: 1,
-            kind: NoticeKind::Evicted,
-        },
+        Notice::new(9, 1, NoticeKind::Evicted).signed(3, &keys(3)),
     );
     sim.settle(3);
     let start = sim.now;
@@ -443,11 +460,7 @@ fn a_flood_of_invented_notices_is_capped_and_aged_out_and_real_news_still_applie
     for i in 0..flood {
         for source in [2, 3] {
             let now = sim.now;
-            let notice = Notice {
-                node: source * 1_000_000 + i,
-                seq: 1,
-                kind: NoticeKind::Evicted,
-            };
+            let notice = Notice::new(source * 1_000_000 + i, 1, NoticeKind::Evicted);
             sim.nodes
                 .get_mut(&source)
                 .unwrap()
@@ -465,11 +478,7 @@ fn a_flood_of_invented_notices_is_capped_and_aged_out_and_real_news_still_applie
     assert!(refused > 0, "the bound was reached");
     // News about a real member is never refused.
     let now = sim.now;
-    let real = Notice {
-        node: 3,
-        seq: 2,
-        kind: NoticeKind::Evicted,
-    };
+    let real = Notice::new(3, 2, NoticeKind::Evicted);
     sim.nodes.get_mut(&2).unwrap().publish_notice(now, real);
     sim.settle(2);
     let start = sim.now;
@@ -532,4 +541,23 @@ fn a_member_declared_down_while_alive_renews_its_generation_and_reports_it() {
             .filter(|(id, _)| **id != 4)
             .all(|(_, m)| m.member(4).is_some_and(|v| v.generation == renewed))
     );
+}
+
+/// Gives every simulated node the certified keys of all (node i holds key [i; 32]), so notices
+/// are checked as on a real node.
+fn sign_everything(sim: &mut Sim) {
+    let public: HashMap<u64, [u8; 32]> = sim
+        .nodes
+        .keys()
+        .map(|id| (*id, keys(*id).verifying_key().to_bytes()))
+        .collect();
+    let public = Arc::new(public);
+    for node in sim.nodes.values_mut() {
+        node.set_keys(Arc::clone(&public));
+    }
+}
+
+/// The identity key of simulated node `id`.
+fn keys(id: u64) -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[id as u8; 32])
 }
