@@ -121,18 +121,71 @@ pub fn handshake(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<Rog
 pub struct RogueLink {
     ws: Ws,
     options: RogueOptions,
+    key: SigningKey,
+    peer: Hello,
+    certificate: Vec<u8>,
 }
 
 impl RogueLink {
     /// Dials and completes the handshake; fails unless the node accepts.
     pub fn connect(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<Self> {
         match dial(addr, options)? {
-            (RogueOutcome::Accepted, Some(ws)) => Ok(Self {
+            (RogueOutcome::Accepted, Some((ws, key, peer, certificate))) => Ok(Self {
                 ws,
                 options: options.clone(),
+                key,
+                peer,
+                certificate,
             }),
             (outcome, _) => bail!("the node did not accept the rogue: {outcome:?}"),
         }
+    }
+
+    /// The rogue's identity key and the certificate it presented (a real one, for its own id).
+    pub fn identity(&self) -> (&SigningKey, &[u8]) {
+        (&self.key, &self.certificate)
+    }
+
+    /// The node's Hello (its id, key and certificate).
+    pub fn peer_hello(&self) -> &Hello {
+        &self.peer
+    }
+
+    /// The pair key the rogue (a certified member) really shares with the node it dialed: what
+    /// it tags its own routed frames with.
+    pub fn pair_key_with_peer(&self) -> anyhow::Result<[u8; 32]> {
+        let public = <[u8; 32]>::try_from(self.peer.public_key.as_ref())?;
+        meshd_shards::origin::pair_key(&self.key, self.options.node_id, self.peer.node_id, &public)
+            .context("the node's key gives no pair key")
+    }
+
+    /// Sends one frame exactly as given (any src, dst, type; the payload unchanged).
+    pub fn send_frame(&mut self, header: &Header, payload: &[u8]) -> anyhow::Result<()> {
+        let mut out = Vec::new();
+        frame::encode_into(&mut out, header, payload, 1 << 20)?;
+        self.ws.send(Message::Binary(out.into()))?;
+        Ok(())
+    }
+
+    /// One heartbeat, so the node keeps the link while the rogue is busy lying.
+    pub fn beat(&mut self) -> anyhow::Result<()> {
+        let beat = frame_bytes(&self.options, FrameType::Heartbeat, &[]);
+        self.ws.send(Message::Binary(beat.into()))?;
+        Ok(())
+    }
+
+    /// Reads whatever the node sent for up to `limit` (so its writes never back up), answering
+    /// nothing; false once the node closed the link.
+    pub fn drain(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match read_frame(&mut self.ws, deadline) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Instant::now() >= deadline,
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// Sends a heartbeat every `every` and never reads a byte, so the node's writes fill the
@@ -264,7 +317,12 @@ impl Drop for HeldSocket {
     }
 }
 
-fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcome, Option<Ws>)> {
+type Linked = (Ws, SigningKey, Hello, Vec<u8>);
+
+fn dial(
+    addr: SocketAddr,
+    options: &RogueOptions,
+) -> anyhow::Result<(RogueOutcome, Option<Linked>)> {
     let (mut ws, exporter) = open_ws(addr, options.node_id)?;
 
     let mut secret = [0u8; 32];
@@ -288,6 +346,7 @@ fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcom
         }
         (None, None) => Vec::new(),
     };
+    let presented = certificate.clone();
     let hello = Hello {
         protocol_version: options.protocol_version,
         mesh_id: options.mesh_id.clone(),
@@ -340,7 +399,8 @@ fn dial(addr: SocketAddr, options: &RogueOptions) -> anyhow::Result<(RogueOutcom
             }
             FrameType::Auth => {}
             FrameType::Heartbeat if peer_hello.is_some() => {
-                return Ok((RogueOutcome::Accepted, Some(ws)));
+                let peer = Hello::decode(peer_hello.as_deref().unwrap_or_default())?;
+                return Ok((RogueOutcome::Accepted, Some((ws, key, peer, presented))));
             }
             _ => {}
         }

@@ -615,8 +615,10 @@ impl Control {
             .map(|c| (c.mesh_id.clone(), c.authority));
         if mesh != self.lifecycle.signing_mesh {
             self.trust.reset();
+            self.membership.set_authority(mesh.clone());
             self.lifecycle.signing_mesh = mesh;
         }
+        self.trust.set_certificate(certificate);
         self.lsa_auth.set_credential(credential);
     }
 

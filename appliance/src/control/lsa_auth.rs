@@ -27,7 +27,7 @@ use meshd_proto::link::{LsaMsg, RoutingMessage, routing_message};
 use meshd_shards::credential::{self, CredentialError};
 use prost::Message;
 
-use super::{lsdb::MAX_ORIGINS, types::Refusals};
+use super::lsdb::MAX_ORIGINS;
 
 const LSA_CONTEXT: &[u8] = b"meshd lsa v1";
 
@@ -112,7 +112,7 @@ pub struct LsaAuth {
     own: Option<(u64, Bytes)>,
     revoked: HashSet<u64>,
     new_keys: Vec<(u64, [u8; 32])>,
-    refused: Refusals,
+    refused: u64,
 }
 
 impl LsaAuth {
@@ -163,7 +163,7 @@ impl LsaAuth {
 
     /// LSAs refused so far.
     pub fn refused(&self) -> u64 {
-        self.refused.count()
+        self.refused
     }
 
     /// Checks a routing frame before [`super::routing::Routing::handle_frame`] sees it. `held`
@@ -182,9 +182,18 @@ impl LsaAuth {
         else {
             return Ok(());
         };
+        let origin = lsa.origin;
         let result = self.check_lsa(now_ms, lsa, held);
         if let Err(refusal) = &result {
-            self.refused.record(refusal.kind(), 0);
+            self.refused += 1;
+            if self.refused.is_power_of_two() {
+                tracing::warn!(
+                    origin,
+                    refused = self.refused,
+                    "LSA refused: {} ({refusal}; this warning repeats at every power of two)",
+                    refusal.kind()
+                );
+            }
         }
         result
     }

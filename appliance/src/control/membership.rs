@@ -44,7 +44,7 @@ use rand09::{SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
 use self::dissemination::{Gossiped, MetaHandler, MetaTable};
-pub use self::dissemination::{MAX_NOTICES, NOTICE_TTL, Notice, NoticeKind};
+pub use self::dissemination::{MAX_NOTICES, NOTICE_TTL, Notice, NoticeKind, NoticeTrust};
 use super::types::Refusals;
 
 /// The most members (this node included) and metadata entries kept. meshd's scale target is a
@@ -501,12 +501,44 @@ impl Membership {
 
     /// The certified keys notices are checked against (see `trust`).
     pub fn set_keys(&mut self, keys: Arc<HashMap<u64, [u8; 32]>>) {
-        self.meta.borrow_mut().keys = Some(keys);
+        self.notice_trust().keys = keys;
+    }
+
+    /// The mesh and authority that vouch for issuers whose key is not held.
+    pub fn set_authority(&mut self, authority: Option<(String, [u8; 32])>) {
+        self.notice_trust().authority = authority;
+    }
+
+    /// The wall clock, for the validity of certificates in notices.
+    pub fn set_wall_clock(&mut self, now_ms: u64) {
+        if let Some(trust) = &mut self.meta.borrow_mut().trust {
+            trust.now_ms = now_ms;
+        }
+    }
+
+    fn notice_trust(&mut self) -> std::cell::RefMut<'_, NoticeTrust> {
+        let evicted = self.evicted.clone();
+        std::cell::RefMut::map(self.meta.borrow_mut(), |table| {
+            table.trust.get_or_insert_with(|| NoticeTrust {
+                revoked: evicted,
+                ..NoticeTrust::default()
+            })
+        })
+    }
+
+    fn set_revoked(&mut self, node: u64, revoked: bool) {
+        if let Some(trust) = &mut self.meta.borrow_mut().trust {
+            if revoked {
+                trust.revoked.insert(node);
+            } else {
+                trust.revoked.remove(&node);
+            }
+        }
     }
 
     /// Notices refused as not authentic so far.
     pub fn forged_notices(&self) -> u64 {
-        self.meta.borrow().forged_notices.count()
+        self.meta.borrow().forged_notices
     }
 
     /// Nodes evicted earlier (from the control database): refused from the start.
@@ -516,6 +548,7 @@ impl Membership {
                 self.evicted.insert(node);
                 self.removed.insert(node);
                 self.table.remove(&node);
+                self.set_revoked(node, true);
             }
         }
     }
@@ -534,6 +567,7 @@ impl Membership {
     pub fn readmit(&mut self, node: u64) {
         self.removed.remove(&node);
         self.evicted.remove(&node);
+        self.set_revoked(node, false);
     }
 
     fn apply_notice(&mut self, notice: Notice) {
@@ -557,11 +591,13 @@ impl Membership {
                 self.evicted.insert(node);
                 self.removed.insert(node);
                 self.table.remove(&node);
+                self.set_revoked(node, true);
                 self.events.push_back(MembershipEvent::Evicted(node));
             }
             NoticeKind::Admitted => {
                 self.evicted.remove(&node);
                 self.removed.remove(&node);
+                self.set_revoked(node, false);
                 self.events.push_back(MembershipEvent::Admitted(node));
             }
             NoticeKind::Left => {

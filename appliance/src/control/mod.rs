@@ -653,6 +653,7 @@ impl Control {
                 payload,
             } => self.handle_join_frame(now, from, frame_type, &payload),
             ControlEvent::Gossip { from, payload } => {
+                self.membership.set_wall_clock(now_ms());
                 self.membership.handle_data(now, from, &payload);
             }
             ControlEvent::Routing { from, payload } => {

@@ -33,6 +33,8 @@ pub struct Trust {
     revoked: HashSet<u64>,
     changed: bool,
     conflicts: Refusals,
+    /// This node's certificate, carried by the notices it signs.
+    certificate: Vec<u8>,
 }
 
 impl Trust {
@@ -47,6 +49,7 @@ impl Trust {
             revoked: HashSet::new(),
             changed: true,
             conflicts: Refusals::default(),
+            certificate: Vec::new(),
         };
         trust.reset();
         trust
@@ -130,7 +133,12 @@ impl Trust {
 
     /// `notice`, issued and signed by this node.
     pub fn sign(&self, notice: super::membership::Notice) -> super::membership::Notice {
-        notice.signed(self.local, &self.key)
+        notice.signed(self.local, &self.key, &self.certificate)
+    }
+
+    /// This node's current certificate (issued or renewed).
+    pub fn set_certificate(&mut self, certificate: &[u8]) {
+        self.certificate = certificate.to_vec();
     }
 
     /// Nodes with a certified key (this one included).

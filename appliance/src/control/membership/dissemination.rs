@@ -4,7 +4,7 @@
 
 use std::{
     cell::RefCell,
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
@@ -12,6 +12,7 @@ use std::{
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use foca::{BroadcastHandler, Invalidates};
+use meshd_shards::credential;
 use serde::{Deserialize, Serialize};
 
 use super::{MAX_MEMBERS, MemberId, NodeMeta};
@@ -50,7 +51,7 @@ pub enum NoticeKind {
 /// the decision's wall-clock time in ms). Signed by the member that decided (`issuer`): a node
 /// leaves only by its own word, and an eviction or admission names the member that made it,
 /// so no relay or neighbour can invent one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notice {
     /// The node concerned.
     pub node: u64,
@@ -62,6 +63,22 @@ pub struct Notice {
     pub issuer: u64,
     /// The issuer's Ed25519 signature (two halves: serde's arrays stop at 32).
     pub signature: [[u8; 32]; 2],
+    /// The issuer's certificate, so that a node that never held the issuer's key (one that
+    /// restarted after the issuer left) can still check the notice against the authority.
+    pub certificate: Vec<u8>,
+}
+
+/// What notices are checked against.
+#[derive(Clone, Debug, Default)]
+pub struct NoticeTrust {
+    /// Certified keys held now (see `control::trust`).
+    pub keys: Arc<HashMap<u64, [u8; 32]>>,
+    /// The mesh id and its authority's public key, for issuers whose key is not held.
+    pub authority: Option<(String, [u8; 32])>,
+    /// Wall clock in ms (certificate validity).
+    pub now_ms: u64,
+    /// Evicted nodes: they decide nothing.
+    pub revoked: BTreeSet<u64>,
 }
 
 const NOTICE_CONTEXT: &[u8] = b"meshd notice v1";
@@ -75,12 +92,15 @@ impl Notice {
             kind,
             issuer: 0,
             signature: [[0; 32]; 2],
+            certificate: Vec::new(),
         }
     }
 
-    /// This notice, issued and signed by `issuer` holding `key`.
-    pub fn signed(mut self, issuer: u64, key: &SigningKey) -> Self {
+    /// This notice, issued and signed by `issuer` holding `key`, vouched for by its
+    /// `certificate`.
+    pub fn signed(mut self, issuer: u64, key: &SigningKey, certificate: &[u8]) -> Self {
         self.issuer = issuer;
+        self.certificate = certificate.to_vec();
         let signature = key.sign(&self.signed_bytes()).to_bytes();
         self.signature[0].copy_from_slice(&signature[..32]);
         self.signature[1].copy_from_slice(&signature[32..]);
@@ -96,20 +116,34 @@ impl Notice {
         out
     }
 
-    /// Whether the issuer may make this decision and signed it with its certified key.
-    pub fn is_authentic(&self, keys: &HashMap<u64, [u8; 32]>) -> bool {
+    /// Whether the issuer may make this decision and signed it with its certified key (held,
+    /// or vouched for by the certificate the notice carries).
+    pub fn is_authentic(&self, trust: &NoticeTrust) -> bool {
         let issuer_may = match self.kind {
             NoticeKind::Left => self.issuer == self.node,
             NoticeKind::Evicted | NoticeKind::Admitted => {
                 self.issuer != self.node && self.issuer != 0
             }
         };
-        if !issuer_may {
+        if !issuer_may || trust.revoked.contains(&self.issuer) {
             return false;
         }
-        let Some(key) = keys
-            .get(&self.issuer)
-            .and_then(|k| VerifyingKey::from_bytes(k).ok())
+        let held = trust.keys.get(&self.issuer).copied();
+        let certified = || {
+            let (mesh_id, authority) = trust.authority.as_ref()?;
+            credential::certified_key(
+                authority,
+                &self.certificate,
+                mesh_id,
+                self.issuer,
+                trust.now_ms,
+            )
+            .ok()
+            .map(|c| c.public_key)
+        };
+        let Some(key) = held
+            .or_else(certified)
+            .and_then(|k| VerifyingKey::from_bytes(&k).ok())
         else {
             return false;
         };
@@ -139,10 +173,10 @@ pub(super) struct Disseminated {
     fresh: Vec<Notice>,
     pub(super) refused_meta: Refusals,
     pub(super) dropped_notices: Refusals,
-    /// Certified keys that notices are checked against; `None` only in simulations of the
-    /// protocol (the control thread sets them before its first datagram).
-    pub(super) keys: Option<Arc<HashMap<u64, [u8; 32]>>>,
-    pub(super) forged_notices: Refusals,
+    /// What notices are checked against; `None` only in simulations of the protocol (the
+    /// control thread sets it before its first datagram).
+    pub(super) trust: Option<NoticeTrust>,
+    pub(super) forged_notices: u64,
 }
 
 impl Disseminated {
@@ -246,13 +280,20 @@ impl BroadcastHandler<MemberId> for MetaHandler {
                 Ok(Some(key))
             }
             Gossiped::Notice(notice) => {
-                if let Some(keys) = &table.keys
-                    && !notice.is_authentic(keys)
+                if let Some(trust) = &table.trust
+                    && !notice.is_authentic(trust)
                 {
                     // Neither kept nor passed on: a forged decision dies at the first hop.
-                    table
-                        .forged_notices
-                        .record("notices (not authentic)", notice.node);
+                    table.forged_notices += 1;
+                    if table.forged_notices.is_power_of_two() {
+                        tracing::warn!(
+                            node = notice.node,
+                            issuer = notice.issuer,
+                            kind = ?notice.kind,
+                            refused = table.forged_notices,
+                            "notice refused: not authentic (this warning repeats at every power of two)"
+                        );
+                    }
                     return Ok(None);
                 }
                 if table
@@ -265,14 +306,93 @@ impl BroadcastHandler<MemberId> for MetaHandler {
                 if !table.make_room_for_notice(notice.node) {
                     return Ok(None);
                 }
-                table.notices.insert(notice.node, (notice, None));
-                table.fresh.push(notice);
-                Ok(Some(MetaKey {
+                let key = MetaKey {
                     node: notice.node,
                     seq: notice.seq,
                     notice: true,
-                }))
+                };
+                table.notices.insert(notice.node, (notice.clone(), None));
+                table.fresh.push(notice);
+                Ok(Some(key))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd_shards::credential::MeshAuthority;
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn key(id: u64) -> SigningKey {
+        SigningKey::from_bytes(&[id as u8; 32])
+    }
+
+    fn trust(authority: &MeshAuthority, held: &[u64]) -> NoticeTrust {
+        NoticeTrust {
+            keys: Arc::new(
+                held.iter()
+                    .map(|id| (*id, key(*id).verifying_key().to_bytes()))
+                    .collect(),
+            ),
+            authority: Some(("m".into(), authority.public_key())),
+            now_ms: NOW,
+            revoked: BTreeSet::new(),
+        }
+    }
+
+    fn certificate(authority: &MeshAuthority, id: u64) -> Vec<u8> {
+        authority.issue("m", id, key(id).verifying_key().to_bytes(), NOW)
+    }
+
+    #[test]
+    fn a_notice_is_checked_against_a_held_key_or_the_certificate_it_carries() {
+        let authority = MeshAuthority::from_secret(&[1; 32]);
+        let left =
+            Notice::new(3, 1, NoticeKind::Left).signed(3, &key(3), &certificate(&authority, 3));
+        // Key held.
+        assert!(left.is_authentic(&trust(&authority, &[3])));
+        // Key not held (the node left before this one started): the certificate vouches.
+        assert!(left.is_authentic(&trust(&authority, &[])));
+        // Certificate of another mesh's authority, or none, and no key held: refused.
+        let stranger = MeshAuthority::from_secret(&[2; 32]);
+        assert!(!left.is_authentic(&trust(&stranger, &[])));
+        let bare = Notice::new(3, 1, NoticeKind::Left).signed(3, &key(3), &[]);
+        assert!(!bare.is_authentic(&trust(&authority, &[])));
+        // Expired certificate.
+        let mut late = trust(&authority, &[]);
+        late.now_ms = NOW + 30 * 24 * 3600 * 1000;
+        assert!(!left.is_authentic(&late));
+        // A certificate for the issuer, a signature by somebody else.
+        let mut forged = left.clone();
+        forged.signature = Notice::new(3, 1, NoticeKind::Left)
+            .signed(3, &key(9), &[])
+            .signature;
+        assert!(!forged.is_authentic(&trust(&authority, &[])));
+        // Altered after signing.
+        let mut bumped = left.clone();
+        bumped.seq = u64::MAX;
+        assert!(!bumped.is_authentic(&trust(&authority, &[3])));
+    }
+
+    #[test]
+    fn only_a_node_says_it_left_and_nobody_evicts_itself_or_decides_once_revoked() {
+        let authority = MeshAuthority::from_secret(&[1; 32]);
+        let all = trust(&authority, &[3, 4]);
+        let left_for_another = Notice::new(3, 1, NoticeKind::Left).signed(4, &key(4), &[]);
+        assert!(!left_for_another.is_authentic(&all));
+        let self_eviction = Notice::new(4, 1, NoticeKind::Evicted).signed(4, &key(4), &[]);
+        assert!(!self_eviction.is_authentic(&all));
+        let eviction = Notice::new(3, 1, NoticeKind::Evicted).signed(4, &key(4), &[]);
+        assert!(eviction.is_authentic(&all));
+        let mut revoked = all.clone();
+        revoked.revoked.insert(4);
+        assert!(
+            !eviction.is_authentic(&revoked),
+            "an evicted node evicts nobody"
+        );
     }
 }

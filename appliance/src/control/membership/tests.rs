@@ -353,14 +353,14 @@ fn an_eviction_reaches_every_member_and_the_evicted_node_is_kept_out() {
     sign_everything(&mut sim);
     let now = sim.now;
     // A forged eviction of 2 (unsigned, and one signed by 4 in 3's name) spreads nowhere.
-    let forged = Notice::new(2, 1, NoticeKind::Evicted).signed(3, &keys(4));
+    let forged = Notice::new(2, 1, NoticeKind::Evicted).signed(3, &keys(4), &[]);
     sim.nodes.get_mut(&4).unwrap().publish_notice(now, forged);
     sim.nodes
         .get_mut(&4)
         .unwrap()
         .publish_notice(now, Notice::new(2, 2, NoticeKind::Evicted));
     // Nobody may say another node left.
-    let left = Notice::new(5, 1, NoticeKind::Left).signed(4, &keys(4));
+    let left = Notice::new(5, 1, NoticeKind::Left).signed(4, &keys(4), &[]);
     sim.nodes.get_mut(&4).unwrap().publish_notice(now, left);
     sim.settle(4);
     sim.run_for(Duration::from_secs(5));
@@ -374,7 +374,7 @@ fn an_eviction_reaches_every_member_and_the_evicted_node_is_kept_out() {
     let now = sim.now;
     sim.nodes.get_mut(&3).unwrap().publish_notice(
         now,
-        Notice::new(9, 1, NoticeKind::Evicted).signed(3, &keys(3)),
+        Notice::new(9, 1, NoticeKind::Evicted).signed(3, &keys(3), &[]),
     );
     sim.settle(3);
     let start = sim.now;
