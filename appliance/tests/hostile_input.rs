@@ -53,9 +53,10 @@
 //! - `join_payloads_decode_without_panic_or_amplification`: arbitrary bytes: no panic,
 //!   allocation bounded by the input.
 //! - `join_payloads_round_trip`: any valid value encodes and decodes to itself.
-//! - `a_join_key_hash_from_a_peer_costs_nothing_beyond_the_caps`: the mesh's argon2 hash
-//!   reaches a joiner in `JoinAnswer.mesh.join_key_hash` and is later checked against every
-//!   join request (`control::join_check::key_matches`); PHC strings with memory, time or lane
+//! - `a_join_key_hash_from_a_peer_costs_nothing_beyond_the_caps`: the mesh's argon2
+//!   parameters reach a joiner in the member's challenge (and every member in
+//!   `JoinAnswer.mesh.join_key_hash`), and the joiner derives its key exchange password from
+//!   them (`control::join_check::derive_password`); PHC strings with memory, time or lane
 //!   costs far beyond the caps (up to `u32::MAX`), arbitrary strings and mutated real hashes:
 //!   never a panic, never a match beyond the caps, refused within 100 ms and 64 KiB.
 //!   `a_cheap_join_key_hash_matches_exactly_its_key` is its positive control.
@@ -96,7 +97,6 @@ use bytes::Bytes;
 use meshd::{
     api::tracker::{MessageTracker, StatusUpdate},
     control::{
-        join_check::key_matches,
         lifecycle::start_mesh_id,
         lsdb::{FloodMessage, Lsdb, LsdbConfig, MAX_LSA_SEQ, MAX_OWN_SEQ_JUMP},
         membership::{MemberId, Membership, MembershipConfig, NodeMeta, Notice, NoticeKind},
@@ -1491,6 +1491,7 @@ fn arb_join_answer() -> impl Strategy<Value = JoinAnswer> {
             refusal,
             mesh,
             members,
+            ..JoinAnswer::default()
         })
 }
 
@@ -1515,7 +1516,9 @@ proptest! {
         let (record, allocated) = allocated_during(|| MeshRecord::decode(bytes.as_slice()));
         prop_assert!(allocated <= decode_budget(bytes.len()));
         if let Ok(request) = request {
-            prop_assert!(request.join_key.len() + request.name.len() <= bytes.len());
+            prop_assert!(
+                request.pake.len() + request.confirm.len() + request.name.len() <= bytes.len()
+            );
         }
         // What the joiner would store from an answer, and the mesh id it would start with.
         if let Ok(answer) = answer {
@@ -1534,8 +1537,12 @@ proptest! {
 
     #[test]
     fn join_payloads_round_trip(
-        request in (".{0,60}", ".{0,60}")
-            .prop_map(|(join_key, name)| JoinRequest { join_key, name }),
+        request in (".{0,60}", prop::collection::vec(any::<u8>(), 0..40))
+            .prop_map(|(name, pake)| JoinRequest {
+                name,
+                pake: pake.clone().into(),
+                confirm: pake.into(),
+            }),
         answer in arb_join_answer(),
     ) {
         let decoded = JoinRequest::decode(request.encode_to_vec().as_slice());
@@ -1543,6 +1550,15 @@ proptest! {
         let decoded = JoinAnswer::decode(answer.encode_to_vec().as_slice());
         prop_assert_eq!(decoded.as_ref(), Ok(&answer));
     }
+}
+
+/// Whether a joiner holding `key`, given the parameters of the mesh's `hash`, derives the
+/// password the member runs the key exchange with (what a join checks now).
+fn key_matches(hash: &str, key: &str) -> bool {
+    let Ok((params, password)) = meshd::control::lifecycle::pake::split_verifier(hash) else {
+        return false;
+    };
+    meshd::control::join_check::derive_password(&params, key).is_some_and(|p| p == password)
 }
 
 /// A PHC string for argon2id with the given costs; `salt` and `hash` are B64 (unpadded).

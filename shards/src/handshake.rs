@@ -285,14 +285,6 @@ impl Handshake {
             }
             (false, false, _) => false,
         };
-        if !guest && hello.mesh_id != self.mesh_id {
-            // Never this node's own mesh id: a refusal must not teach a stranger what to claim.
-            let detail = format!(
-                "peer claims mesh {:?}, which is not this node's",
-                hello.mesh_id
-            );
-            return self.refuse(RefuseReason::RefuseMeshId, detail);
-        }
         if hello.node_id == self.node_id || hello.node_id == 0 {
             let detail = format!(
                 "peer claims node id {}, which is not a peer id",
@@ -315,19 +307,12 @@ impl Handshake {
                 "public key is not 32 bytes".into(),
             );
         };
-        if let Some(pinned) = self.expectation.pinned_key
-            && pinned != public_key
-        {
-            let detail = format!(
-                "node {} presented a key other than the one on record",
-                hello.node_id
-            );
-            return self.refuse(RefuseReason::RefuseKeyMismatch, detail);
-        }
         // Before anything about the peer is kept, the mesh authority must vouch for this id
         // holding this key (the Auth that follows proves the peer holds it now): on a member
         // link always, on a guest link when this node is a joiner told the mesh's authority
-        // (the member must be certified before the join key goes out).
+        // (the member must be certified before the join key goes out). Checked against this
+        // node's own mesh id first, so that a stranger guessing mesh ids, or ids this node
+        // knows, gets the same refusal whatever it guessed: no oracle.
         let check = if !guest {
             let Some(authority) = self.authority else {
                 let detail = "this node holds no credential of its mesh".to_owned();
@@ -353,6 +338,23 @@ impl Handshake {
                 let detail = format!("{context}{error}");
                 return self.refuse(RefuseReason::RefuseNoCredential, detail);
             }
+        }
+        if !guest && hello.mesh_id != self.mesh_id {
+            // Certified for this mesh, yet claims another: a confused member, not a stranger.
+            let detail = format!(
+                "peer claims mesh {:?}, which is not this node's",
+                hello.mesh_id
+            );
+            return self.refuse(RefuseReason::RefuseMeshId, detail);
+        }
+        if let Some(pinned) = self.expectation.pinned_key
+            && pinned != public_key
+        {
+            let detail = format!(
+                "node {} presented a key other than the one on record",
+                hello.node_id
+            );
+            return self.refuse(RefuseReason::RefuseKeyMismatch, detail);
         }
         if hello.nonce.len() != 32 {
             return self.refuse(

@@ -86,6 +86,10 @@ pub(crate) const MAX_BATCH_BYTES: usize = 256 * 1024;
 /// link that cannot drain grows nothing.
 pub(crate) const CONTROL_ALLOWANCE_BYTES: usize = 64 * 1024;
 
+/// Join frames a guest link carries each way: the join request and the key proof one way, the
+/// challenge and the answer the other (`control::lifecycle::pake` in the appliance).
+const MAX_JOIN_FRAMES: u32 = 2;
+
 /// Frames waiting to be written to one link, batched into WebSocket messages.
 ///
 /// Senders encode straight into the open batch; the writer takes sealed batches first, then
@@ -522,10 +526,11 @@ pub(crate) async fn run(
                             shard.count_drop("join_off_guest_link");
                             continue;
                         }
-                        // One exchange per guest link: a joiner that wants to try again
-                        // dials again, and pays for a handshake each time.
+                        // One exchange per guest link (a request and a proof, a challenge
+                        // and an answer): a joiner that wants to try again dials again, and
+                        // pays for a handshake each time.
                         join_frames_seen += 1;
-                        if join_frames_seen > 1 {
+                        if join_frames_seen > MAX_JOIN_FRAMES {
                             shard.count_drop("join_repeated");
                             return LinkEnd::Closed("more than one join on a guest link".into());
                         }

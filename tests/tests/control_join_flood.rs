@@ -1,7 +1,8 @@
-//! Join floods: 50 guest links that each send a wrong join key at the same moment. The member
-//! checks keys on its bounded join-check worker, refuses what does not fit in the queue with a
-//! "busy, retry" answer at once, and its control loop keeps serving gossip, routing and the
-//! api meanwhile: no member is ever suspected, and a right key gets in right after.
+//! Join floods: 50 guest links that each start a join at the same moment and answer the
+//! member's key exchange with junk. The member holds at most `MAX_PENDING_EXCHANGES` exchanges
+//! open, refuses the excess with a "busy, retry" answer at once and every wrong proof with
+//! "wrong join key", and its control loop keeps serving gossip, routing and the api
+//! meanwhile: no member is ever suspected, and a right key gets in right after.
 
 use std::{
     net::SocketAddr,
@@ -156,8 +157,10 @@ fn guest_link(addr: SocketAddr, node_id: u64) -> anyhow::Result<Ws> {
     }
 }
 
-/// One flooding guest: links, waits for `go` (sending heartbeats so the link stays up), sends
-/// one `Join` with a wrong key and returns the answer.
+/// One flooding guest: links, waits for `go` (sending heartbeats so the link stays up),
+/// starts a join, holds the member's exchange open for half a second (so the flood's
+/// exchanges overlap), answers it with junk and returns the final answer (or the refusal of
+/// the start).
 fn bad_join(
     addr: SocketAddr,
     node_id: u64,
@@ -172,24 +175,45 @@ fn bad_join(
         ws.send(Message::Binary(beat.clone().into()))?;
         std::thread::sleep(Duration::from_millis(30));
     }
-    let request = JoinRequest {
-        join_key: format!("wrong key {node_id}"),
-        name: String::new(),
-    };
     ws.send(Message::Binary(
-        frame_bytes(node_id, FrameType::Join, &request.encode_to_vec()).into(),
+        frame_bytes(node_id, FrameType::Join, &JoinRequest::default().encode_to_vec()).into(),
     ))?;
-    let deadline = Instant::now() + Duration::from_secs(4);
+    let deadline = Instant::now() + Duration::from_secs(6);
     let mut last_beat = Instant::now();
+    let mut proof_due = None;
     loop {
         if last_beat.elapsed() > Duration::from_millis(30) {
             let _ = ws.send(Message::Binary(beat.clone().into()));
             last_beat = Instant::now();
         }
+        if proof_due.is_some_and(|at| Instant::now() >= at) {
+            proof_due = None;
+            let mut junk = [0u8; 33];
+            rand::thread_rng().fill_bytes(&mut junk);
+            let proof = JoinRequest {
+                pake: junk.to_vec().into(),
+                confirm: vec![0u8; 32].into(),
+                ..JoinRequest::default()
+            };
+            ws.send(Message::Binary(
+                frame_bytes(node_id, FrameType::Join, &proof.encode_to_vec()).into(),
+            ))?;
+        }
         match read_frame(&mut ws, deadline)? {
             Got::Over => return Ok(None),
             Got::Frame(FrameType::JoinAnswer, payload) => {
-                return Ok(Some(JoinAnswer::decode(payload.as_slice())?));
+                let answer = JoinAnswer::decode(payload.as_slice())?;
+                if answer.pake.is_empty() {
+                    return Ok(Some(answer));
+                }
+                // The challenge: it carries the key's parameters and salt, never the hash.
+                anyhow::ensure!(
+                    answer.key_params.starts_with("$argon2id$")
+                        && answer.key_params.matches('$').count() == 4,
+                    "challenge parameters {:?}",
+                    answer.key_params
+                );
+                proof_due = Some(Instant::now() + Duration::from_millis(500));
             }
             Got::Frame(..) | Got::Idle => {}
         }

@@ -27,6 +27,7 @@ const PURE_CORES: &[&str] = &[
     "appliance/src/control/dial_plan.rs",
     "appliance/src/control/lsdb.rs",
     "appliance/src/control/lsa_auth.rs",
+    "appliance/src/control/lifecycle/pake.rs",
     "appliance/src/control/trust.rs",
     "appliance/src/control/membership.rs",
     "appliance/src/control/membership/dissemination.rs",

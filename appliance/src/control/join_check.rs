@@ -1,15 +1,16 @@
-//! Join keys are checked off the control thread: argon2id costs tens of milliseconds and
-//! ~19 MiB per check by design, so a flood of `Join` frames checked on the control thread
-//! would stall gossip, routing and every api request behind it.
+//! A joiner's argon2id runs off the control thread: it costs tens of milliseconds and ~19 MiB
+//! by design (more if the member's parameters say so, up to `pake`'s caps), and the control
+//! loop keeps serving the api meanwhile. The member never runs argon2 for a join (it keeps the
+//! hash output and runs SPAKE2 with it, `lifecycle::pake`).
 //!
 //! ```text
-//!  control ──try_send (JOIN_CHECK_QUEUE)──► join-check thread: argon2id verify
-//!     ▲  full: the join is refused "busy, retry" at once, never queued   │
-//!     └──────────── verdict (tokio mpsc, selected on by the loop) ◄──────┘
+//!  control ──try_send (JOIN_CHECK_QUEUE)──► join-check thread: argon2id(key, member's params)
+//!     ▲  full: the join fails "busy, retry" at once, never queued        │
+//!     └──────────── derived password (tokio mpsc, selected on by the loop) ◄┘
 //! ```
 //!
-//! The control loop never waits on the worker: submitting is `try_send`, and a verdict is one
-//! more input of the loop's `select!`. The worker may wait for room in the verdict channel,
+//! The control loop never waits on the worker: submitting is `try_send`, and a result is one
+//! more input of the loop's `select!`. The worker may wait for room in the result channel,
 //! which only the control loop drains; the loop never waits on the worker, so there is no cycle.
 
 use std::{
@@ -17,45 +18,27 @@ use std::{
     thread,
 };
 
-use argon2::{
-    Argon2, Params,
-    password_hash::{PasswordHash, PasswordVerifier},
-};
-
-/// Join checks waiting for the worker, beyond the one it is running. With argon2id's default
-/// cost (~20–50 ms a check on one core) four queued checks are at most ~0.2 s of work: a
-/// legitimate joiner is answered well within its timeout, and a flood is refused at the cost
-/// of one frame each instead of growing a queue of work.
+/// Derivations waiting for the worker, beyond the one it runs. A node runs one JoinMesh at a
+/// time, so this is never reached in practice; it bounds the queue all the same.
 pub const JOIN_CHECK_QUEUE: usize = 4;
 
-/// The largest argon2 memory cost accepted in a stored hash (KiB). The hash comes from the
-/// mesh's seed through a join answer; a hostile member must not make every later check
-/// allocate gigabytes. The default cost is 19 MiB.
-const MAX_MEMORY_KIB: u32 = 256 * 1024;
-/// The largest time cost accepted (the default is 2).
-const MAX_TIME_COST: u32 = 16;
-/// The largest parallelism accepted (the default is 1).
-const MAX_LANES: u32 = 8;
-
-/// One join key to check against the mesh's hash.
+/// One join key to turn into the exchange's password.
 pub struct JoinCheck {
-    /// The joining node (the guest link's peer).
+    /// The member answering the join (the guest link's peer).
     pub from: u64,
-    /// The mesh's argon2id hash of the join key when the join arrived.
-    pub hash: String,
-    /// The key the joiner sent.
+    /// The member's argon2id parameters and salt.
+    pub params: String,
+    /// The key the operator gave JoinMesh.
     pub key: String,
 }
 
 /// The outcome of a [`JoinCheck`].
 #[derive(Debug, PartialEq, Eq)]
 pub struct JoinVerdict {
-    /// The joining node.
+    /// The member.
     pub from: u64,
-    /// The hash it was checked against (the mesh may have changed meanwhile).
-    pub hash: String,
-    /// Whether the key matched.
-    pub matches: bool,
+    /// The password, or `None` when the parameters were unusable.
+    pub password: Option<Vec<u8>>,
 }
 
 /// What became of a submitted check.
@@ -69,8 +52,9 @@ pub enum Submitted {
     Stopped,
 }
 
-/// How a key is checked (argon2id in the node; a stand-in in tests).
-pub type Verifier = fn(&str, &str) -> bool;
+/// How a password is derived from (parameters, key): argon2id in the node; a stand-in in
+/// tests.
+pub type Deriver = fn(&str, &str) -> Option<Vec<u8>>;
 
 /// The bounded join-check worker.
 pub struct JoinChecker {
@@ -83,7 +67,7 @@ impl JoinChecker {
     /// the returned channel.
     pub fn start(
         capacity: usize,
-        verify: Verifier,
+        derive: Deriver,
     ) -> std::io::Result<(Self, tokio::sync::mpsc::Receiver<JoinVerdict>)> {
         let (jobs, queue) = mpsc::sync_channel::<JoinCheck>(capacity);
         // Room for every check that can be queued or running: the worker rarely waits.
@@ -97,9 +81,8 @@ impl JoinChecker {
                         break;
                     }
                     let verdict = JoinVerdict {
-                        matches: verify(&job.hash, &job.key),
+                        password: derive(&job.params, &job.key),
                         from: job.from,
-                        hash: job.hash,
                     };
                     if verdicts.blocking_send(verdict).is_err() {
                         break;
@@ -138,19 +121,9 @@ impl Drop for JoinChecker {
     }
 }
 
-/// Whether `key` matches the argon2id `hash`; a malformed hash, or one whose cost exceeds
-/// what this node accepts, matches nothing.
-pub fn key_matches(hash: &str, key: &str) -> bool {
-    let Ok(parsed) = PasswordHash::new(hash) else {
-        return false;
-    };
-    let affordable = Params::try_from(&parsed).is_ok_and(|p| {
-        p.m_cost() <= MAX_MEMORY_KIB && p.t_cost() <= MAX_TIME_COST && p.p_cost() <= MAX_LANES
-    });
-    affordable
-        && Argon2::default()
-            .verify_password(key.as_bytes(), &parsed)
-            .is_ok()
+/// The exchange's password for `key` under the member's `params` (see `pake`).
+pub fn derive_password(params: &str, key: &str) -> Option<Vec<u8>> {
+    super::lifecycle::pake::derive_password(key, params).ok()
 }
 
 #[cfg(test)]
@@ -160,27 +133,25 @@ mod tests {
         time::Duration,
     };
 
-    use argon2::password_hash::{PasswordHasher, SaltString};
-
     use super::*;
 
     /// The stand-in verifier reports that it started and waits for a go: the test decides
     /// when the worker is busy.
     static GATE: Mutex<Option<(SyncSender<()>, Receiver<()>)>> = Mutex::new(None);
 
-    fn gated(_hash: &str, key: &str) -> bool {
+    fn gated(_params: &str, key: &str) -> Option<Vec<u8>> {
         let gate = GATE.lock().unwrap();
         if let Some((started, go)) = gate.as_ref() {
             let _ = started.send(());
             let _ = go.recv_timeout(Duration::from_secs(10));
         }
-        key == "right"
+        (key == "right").then(|| b"password".to_vec())
     }
 
     fn check(from: u64, key: &str) -> JoinCheck {
         JoinCheck {
             from,
-            hash: "h".into(),
+            params: "p".into(),
             key: key.into(),
         }
     }
@@ -207,7 +178,7 @@ mod tests {
         let mut answered = Vec::new();
         for _ in 0..=JOIN_CHECK_QUEUE {
             let verdict = verdicts.blocking_recv().unwrap();
-            answered.push((verdict.from, verdict.matches));
+            answered.push((verdict.from, verdict.password.is_some()));
         }
         assert_eq!(answered[0], (1, true));
         assert_eq!(
@@ -220,22 +191,5 @@ mod tests {
         assert_eq!(checker.submit(check(99, "right")), Submitted::Queued);
         // Dropping the checker ends the worker (the verdict channel is closed).
         drop(checker);
-    }
-
-    #[test]
-    fn argon2_keys_match_and_hostile_hashes_match_nothing() {
-        let salt = SaltString::from_b64("c2FsdHNhbHRzYWx0").unwrap();
-        let hash = Argon2::default()
-            .hash_password(b"correct horse", &salt)
-            .unwrap()
-            .to_string();
-        assert!(key_matches(&hash, "correct horse"));
-        assert!(!key_matches(&hash, "wrong"));
-        assert!(!key_matches("not a hash", "correct horse"));
-        assert!(!key_matches("", ""));
-        // A hash asking for 4 GiB per check is refused before any memory is allocated.
-        let greedy = hash.replacen("m=19456", "m=4194304", 1);
-        assert_ne!(greedy, hash);
-        assert!(!key_matches(&greedy, "correct horse"));
     }
 }

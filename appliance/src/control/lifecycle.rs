@@ -42,6 +42,7 @@ use super::{
 use crate::storage::now_ms;
 
 mod join;
+pub mod pake;
 
 pub use self::join::BUSY_REASON;
 
@@ -164,6 +165,10 @@ pub(super) struct PendingJoin {
     previous_mesh: String,
     /// The authority the member must be certified by (JoinMeshRequest.mesh_authority).
     authority: Option<[u8; 32]>,
+    /// The key exchange's session, once the joiner answered the member's challenge.
+    session: Option<pake::Session>,
+    /// The member's SPAKE2 message, kept while the worker derives the password.
+    member_message: Vec<u8>,
     reply: Reply,
 }
 
@@ -210,6 +215,8 @@ pub(super) struct Lifecycle {
     issued_at: Option<Instant>,
     /// The mesh (id, authority) LSAs are signed and checked for now.
     signing_mesh: Option<(String, [u8; 32])>,
+    /// Key exchanges this member started, by joiner.
+    pub(super) exchanges: std::collections::HashMap<u64, join::OpenExchange>,
     /// The api's tenant keys: their secret is the current mesh's.
     tenant_keys: crate::api::SharedTenantKeys,
 }

@@ -619,8 +619,12 @@ impl Control {
                 self.store
                     .stage(now, |batch| batch.upsert_peer(peer.node_id, record));
             }
-            ControlEvent::LinkDown { guest: true, .. } => {
-                // Its LinkUp was ignored too; the peer's member link (if any) is separate.
+            ControlEvent::LinkDown {
+                guest: true, peer, ..
+            } => {
+                // Its LinkUp was ignored too; the peer's member link (if any) is separate. A
+                // key exchange it left open ends with it.
+                self.lifecycle.exchanges.remove(&peer);
             }
             ControlEvent::LinkDown {
                 peer,

@@ -1,11 +1,14 @@
 //! JoinMesh, both sides: the joiner dials a member as a guest and sends `Join`; the member
-//! checks policy, CRITICAL and the key and answers `JoinAnswer`; the joiner stores the mesh and
-//! links again as a member, or goes back to its previous mesh id with nothing stored.
+//! checks policy and CRITICAL and, for a mesh with a join key, runs a SPAKE2 exchange over the
+//! key's argon2id output (`pake`): the key never crosses, an impostor member learns nothing it
+//! can attack offline, and the answer (the mesh config, its secret included) is sealed under
+//! the exchange's session key. The joiner stores the mesh and links again as a member, or goes
+//! back to its previous mesh id with nothing stored.
 //!
-//! The member checks the key on the join-check worker (`control::join_check`), never on the
-//! control thread; while the worker's queue is full a join is refused at once with
-//! [`BUSY_REASON`]. The verdict comes back as an input of the control loop, which checks the
-//! mesh again (it may have changed meanwhile) before it answers.
+//! The joiner's argon2id runs on the join-check worker (`control::join_check`), never on the
+//! control thread. The member keeps at most [`MAX_PENDING_EXCHANGES`] exchanges open (each
+//! lives as long as its guest link); past that a join is refused at once with
+//! [`BUSY_REASON`].
 
 use std::{
     net::SocketAddr,
@@ -15,10 +18,14 @@ use std::{
 use meshd_proto::link::{
     JoinAnswer, JoinPolicy, JoinRefusal, JoinRequest, MemberAddr, MeshConfig, MeshRecord,
 };
+use rand::rngs::OsRng;
 use meshd_shards::{command::DialError, frame::FrameType};
 use prost::Message;
 
-use super::{ACTIVE, JOIN_DIAL_BASE, LifecycleError, PendingJoin, Reply, ShardCommand};
+use super::{
+    ACTIVE, JOIN_DIAL_BASE, LifecycleError, PendingJoin, Reply, ShardCommand,
+    pake::{self, MemberPake, Side},
+};
 use crate::{
     control::{
         Control,
@@ -28,18 +35,33 @@ use crate::{
     storage::now_ms,
 };
 
-/// The refusal of a join that arrives while the member's join-check queue is full. The joiner
-/// gets it as a failed JoinMesh and may simply try again.
+/// The refusal of a join that arrives while the member has [`MAX_PENDING_EXCHANGES`] open. The
+/// joiner gets it as a failed JoinMesh and may simply try again.
 pub const BUSY_REASON: &str =
     "this member is busy checking other join keys; retry in a moment (or through another member)";
+
+/// Key exchanges a member keeps open at once (each until its joiner's proof or its guest
+/// link's end). A real mesh sees a join now and then; this bounds what a flood of guest links
+/// can make a member hold.
+pub const MAX_PENDING_EXCHANGES: usize = 16;
+
+/// An exchange the member started and waits to finish.
+pub(in crate::control) struct OpenExchange {
+    state: MemberPake,
+    /// The mesh's key hash it started with (the mesh may change meanwhile).
+    hash: String,
+    started: Instant,
+}
+
+/// How long an open exchange waits for the joiner's proof (a guest link lives shorter).
+const EXCHANGE_LIFETIME: Duration = Duration::from_secs(30);
 
 fn refusal(refusal: JoinRefusal, reason: &str) -> JoinAnswer {
     JoinAnswer {
         accepted: false,
         reason: reason.to_owned(),
         refusal: refusal as u32,
-        mesh: None,
-        members: Vec::new(),
+        ..JoinAnswer::default()
     }
 }
 
@@ -78,6 +100,8 @@ impl Control {
             timeout,
             previous_mesh,
             authority,
+            session: None,
+            member_message: Vec::new(),
             reply,
         });
     }
@@ -97,10 +121,8 @@ impl Control {
         match result {
             Ok(peer) => {
                 pending.peer = Some(*peer);
-                let request = JoinRequest {
-                    join_key: pending.key.clone(),
-                    name: String::new(),
-                };
+                // Asks for the member's challenge; the key stays here.
+                let request = JoinRequest::default();
                 let peer = *peer;
                 self.lifecycle.commands.push(ShardCommand::Send {
                     dst: peer,
@@ -118,6 +140,9 @@ impl Control {
 
     /// Gives up a join whose deadline passed.
     pub(in crate::control) fn handle_join_timeout(&mut self, now: Instant) {
+        self.lifecycle
+            .exchanges
+            .retain(|_, open| now.duration_since(open.started) < EXCHANGE_LIFETIME);
         if let Some(pending) = &self.lifecycle.pending_join
             && pending.deadline <= now
         {
@@ -155,6 +180,9 @@ impl Control {
             let answer = refusal(JoinRefusal::Unspecified, "malformed join request");
             return self.send_join_answer(from, answer);
         };
+        if !request.pake.is_empty() {
+            return self.finish_exchange(now, from, &request);
+        }
         let config = match self.join_gate() {
             Ok(config) => config,
             Err((kind, reason)) => return self.send_join_answer(from, refusal(kind, &reason)),
@@ -164,39 +192,110 @@ impl Control {
             let answer = self.admit(now, from, config);
             return self.send_join_answer(from, answer);
         }
-        let check = JoinCheck {
-            from,
-            hash: config.join_key_hash,
-            key: request.join_key,
+        let Ok((params, password)) = pake::split_verifier(&config.join_key_hash) else {
+            tracing::error!("the mesh's join key hash does not parse; joins are refused");
+            let answer = refusal(JoinRefusal::Unspecified, "this member cannot check join keys");
+            return self.send_join_answer(from, answer);
         };
-        match self.join_checks.submit(check) {
-            Submitted::Queued => {}
-            Submitted::Busy => {
-                self.joins_refused_busy += 1;
-                let answer = refusal(JoinRefusal::Unspecified, BUSY_REASON);
-                self.send_join_answer(from, answer);
-            }
-            Submitted::Stopped => {
-                let answer = refusal(JoinRefusal::Unspecified, "this member is stopping");
-                self.send_join_answer(from, answer);
-            }
+        let exchanges = &mut self.lifecycle.exchanges;
+        if exchanges.len() >= MAX_PENDING_EXCHANGES && !exchanges.contains_key(&from) {
+            self.joins_refused_busy += 1;
+            return self.send_join_answer(from, refusal(JoinRefusal::Unspecified, BUSY_REASON));
         }
+        let (state, message) = pake::member_start(&password, &mut OsRng);
+        exchanges.insert(
+            from,
+            OpenExchange {
+                state,
+                hash: config.join_key_hash,
+                started: now,
+            },
+        );
+        let challenge = JoinAnswer {
+            key_params: params,
+            pake: message.into(),
+            ..JoinAnswer::default()
+        };
+        // Not an answer yet: the guest link stays open for the proof.
+        self.lifecycle.commands.push(ShardCommand::Send {
+            dst: from,
+            frame_type: FrameType::JoinAnswer,
+            payload: challenge.encode_to_vec().into(),
+        });
     }
 
-    /// The key of `verdict.from`'s join was checked: answer it, unless the mesh changed while
-    /// the key was being checked.
-    pub(in crate::control) fn handle_join_verdict(&mut self, now: Instant, verdict: JoinVerdict) {
-        let from = verdict.from;
-        let answer = match self.join_gate() {
-            Err((kind, reason)) => refusal(kind, &reason),
-            Ok(config) if config.join_key_hash != verdict.hash => refusal(
-                JoinRefusal::Unspecified,
-                "the mesh changed while the key was checked; retry",
-            ),
-            Ok(_) if !verdict.matches => refusal(JoinRefusal::BadKey, "wrong or missing join key"),
-            Ok(config) => self.admit(now, from, config),
+    /// The joiner's proof: a wrong key is refused; the right one gets the answer sealed under
+    /// the session key, with the member's own proof.
+    fn finish_exchange(&mut self, now: Instant, from: u64, request: &JoinRequest) {
+        let Some(open) = self.lifecycle.exchanges.remove(&from) else {
+            let answer = refusal(JoinRefusal::Unspecified, "no join in progress; start again");
+            return self.send_join_answer(from, answer);
         };
-        self.send_join_answer(from, answer);
+        let config = match self.join_gate() {
+            Ok(config) if config.join_key_hash == open.hash => config,
+            Ok(_) => {
+                let answer = refusal(
+                    JoinRefusal::Unspecified,
+                    "the mesh changed while the key was checked; retry",
+                );
+                return self.send_join_answer(from, answer);
+            }
+            Err((kind, reason)) => return self.send_join_answer(from, refusal(kind, &reason)),
+        };
+        let session = match pake::member_finish(open.state, &request.pake, &request.confirm) {
+            Ok(session) => session,
+            Err(_) => {
+                let answer = refusal(JoinRefusal::BadKey, "wrong or missing join key");
+                return self.send_join_answer(from, answer);
+            }
+        };
+        let answer = self.admit(now, from, config);
+        let sealed = if answer.accepted {
+            JoinAnswer {
+                accepted: true,
+                confirm: session.confirmation(Side::Member).to_vec().into(),
+                sealed: session.seal(&answer.encode_to_vec(), &mut OsRng).into(),
+                ..JoinAnswer::default()
+            }
+        } else {
+            answer
+        };
+        self.send_join_answer(from, sealed);
+    }
+
+    /// The joiner's argon2id came back from the worker: answer the member's challenge.
+    pub(in crate::control) fn handle_join_verdict(&mut self, _now: Instant, verdict: JoinVerdict) {
+        let Some(pending) = self.lifecycle.pending_join.as_mut() else {
+            return;
+        };
+        if pending.peer != Some(verdict.from) || pending.member_message.is_empty() {
+            return;
+        }
+        let Some(password) = verdict.password else {
+            return self.fail_join(LifecycleError::Refused(
+                "the member's join key parameters are unusable (not argon2id, or too costly)"
+                    .into(),
+            ));
+        };
+        let member_message = std::mem::take(&mut pending.member_message);
+        let (message, session) =
+            match pake::joiner_respond(&password, &member_message, &mut OsRng) {
+                Ok(answer) => answer,
+                Err(error) => {
+                    return self.fail_join(LifecycleError::Refused(format!("member: {error}")));
+                }
+            };
+        let proof = JoinRequest {
+            pake: message.into(),
+            confirm: session.confirmation(Side::Joiner).to_vec().into(),
+            ..JoinRequest::default()
+        };
+        pending.session = Some(session);
+        self.lifecycle.commands.push(ShardCommand::Send {
+            dst: verdict.from,
+            frame_type: FrameType::Join,
+            payload: proof.encode_to_vec().into(),
+        });
     }
 
     /// Whether this member admits joins at all now: its mesh config, or why not.
@@ -269,10 +368,9 @@ impl Control {
         }
         JoinAnswer {
             accepted: true,
-            reason: String::new(),
-            refusal: 0,
             mesh: Some(config),
             members,
+            ..JoinAnswer::default()
         }
     }
 
@@ -294,6 +392,73 @@ impl Control {
         });
     }
 
+    /// The member's challenge: the key's argon2id goes to the worker (its result continues
+    /// in [`Self::handle_join_verdict`]).
+    fn take_challenge(&mut self, from: u64, challenge: JoinAnswer) {
+        let Some(pending) = self.lifecycle.pending_join.as_mut() else {
+            return;
+        };
+        if pending.session.is_some() || !pending.member_message.is_empty() {
+            return self.fail_join(LifecycleError::Refused(
+                "the member sent a second challenge".into(),
+            ));
+        }
+        if pending.key.is_empty() {
+            return self.fail_join(LifecycleError::BadKey(
+                "the mesh requires a join key and none was given".into(),
+            ));
+        }
+        pending.member_message = challenge.pake.to_vec();
+        let check = JoinCheck {
+            from,
+            params: challenge.key_params,
+            key: pending.key.clone(),
+        };
+        match self.join_checks.submit(check) {
+            Submitted::Queued => {}
+            Submitted::Busy => {
+                self.fail_join(LifecycleError::Refused(BUSY_REASON.into()));
+            }
+            Submitted::Stopped => {
+                self.fail_join(LifecycleError::Refused("this node is stopping".into()));
+            }
+        }
+    }
+
+    /// A final answer as the joiner may trust it: after a key exchange, the member proved it
+    /// knows the key and the answer opens under the session; without one (an OPEN mesh) only
+    /// when no key was given, so an impostor cannot skip the exchange to hand out its own mesh.
+    fn unseal(&self, answer: JoinAnswer) -> Result<JoinAnswer, LifecycleError> {
+        let Some(pending) = &self.lifecycle.pending_join else {
+            return Err(LifecycleError::Refused("no join in progress".into()));
+        };
+        if !answer.accepted {
+            return Ok(answer);
+        }
+        match &pending.session {
+            Some(session) => {
+                if !session.confirms(Side::Member, &answer.confirm) {
+                    return Err(LifecycleError::Refused(
+                        "the member could not prove it knows the join key".into(),
+                    ));
+                }
+                let opened = session
+                    .open(&answer.sealed)
+                    .map_err(|e| LifecycleError::Refused(format!("member: {e}")))?;
+                JoinAnswer::decode(opened.as_slice())
+                    .map_err(|e| LifecycleError::Refused(format!("malformed answer: {e}")))
+            }
+            None if pending.key.is_empty() => Ok(answer),
+            // An impostor would skip the exchange to hand out its own mesh; a real OPEN mesh
+            // checks no key, and the operator says so by giving none.
+            None => Err(LifecycleError::Refused(
+                "the member accepted without checking the join key (an OPEN mesh? join without \
+                 a key to accept that)"
+                    .into(),
+            )),
+        }
+    }
+
     fn take_join_answer(&mut self, from: u64, payload: &[u8]) {
         let Some(pending) = &self.lifecycle.pending_join else {
             return;
@@ -307,6 +472,13 @@ impl Control {
             Err(e) => {
                 return self.fail_join(LifecycleError::Refused(format!("malformed answer: {e}")));
             }
+        };
+        if !answer.pake.is_empty() {
+            return self.take_challenge(from, answer);
+        }
+        let answer = match self.unseal(answer) {
+            Ok(answer) => answer,
+            Err(error) => return self.fail_join(error),
         };
         let config = match (answer.accepted, answer.mesh) {
             (true, Some(config))
