@@ -75,7 +75,12 @@ fn origin(c: &mut Criterion) {
         });
         let sealed = sender.seal(&header(), &body).unwrap();
         group.bench_with_input(BenchmarkId::new("open", size), &sealed, |b, sealed| {
-            b.iter(|| receiver.open(black_box(&header()), black_box(sealed)).unwrap().len());
+            b.iter(|| {
+                receiver
+                    .open(black_box(&header()), black_box(sealed))
+                    .unwrap()
+                    .len()
+            });
         });
     }
     group.bench_function("pair_key", |b| {

@@ -727,41 +727,49 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_never_names_this_nodes_mesh() {
-        let outcome = against_member(local(5, "guess"), key(5));
-        match outcome {
+    fn a_stranger_learns_nothing_from_a_refusal_whatever_mesh_it_guesses() {
+        let stranger = |mesh: &str| LocalHello {
+            certificate: Vec::new(),
+            authority: None,
+            ..local(5, mesh)
+        };
+        let refusal = |outcome: Outcome| match outcome {
             Outcome::Refused {
-                reason: RefuseReason::RefuseMeshId,
+                reason: RefuseReason::RefuseNoCredential,
                 detail,
                 ..
             } => {
-                assert!(detail.contains("guess"), "{detail}");
                 assert!(!detail.contains("\"m\""), "{detail}");
+                detail
             }
-            other => panic!("expected a mesh id refusal, got {other:?}"),
-        }
+            other => panic!("expected a credential refusal, got {other:?}"),
+        };
+        let wrong_guess = refusal(against_member(stranger("guess"), key(5)));
+        let right_guess = refusal(against_member(stranger("m"), key(5)));
+        assert_eq!(
+            wrong_guess, right_guess,
+            "the refusal tells the guesses apart"
+        );
     }
 
     #[test]
     fn a_node_of_another_mesh_is_refused_and_both_sides_know_why() {
+        // Certified by the same authority for another mesh id: its certificate does not
+        // vouch for it here.
         let (mut a, mut b) = pair([7; 32], [7; 32], "other");
         exchange(&mut a, &mut b);
-        let Some(Outcome::Refused {
-            reason, by_peer, ..
-        }) = a.outcome()
-        else {
+        let Some(Outcome::Refused { reason, .. }) = a.outcome() else {
             panic!("dialer should be refused, got {:?}", a.outcome());
         };
-        assert_eq!(*reason, RefuseReason::RefuseMeshId);
+        assert_eq!(*reason, RefuseReason::RefuseNoCredential);
         // Both refuse each other; each also records that it refused.
         assert!(matches!(
             b.outcome(),
             Some(Outcome::Refused {
-                reason: RefuseReason::RefuseMeshId,
+                reason: RefuseReason::RefuseNoCredential,
                 ..
             })
         ));
-        let _ = by_peer;
     }
 
     #[test]

@@ -176,7 +176,12 @@ fn bad_join(
         std::thread::sleep(Duration::from_millis(30));
     }
     ws.send(Message::Binary(
-        frame_bytes(node_id, FrameType::Join, &JoinRequest::default().encode_to_vec()).into(),
+        frame_bytes(
+            node_id,
+            FrameType::Join,
+            &JoinRequest::default().encode_to_vec(),
+        )
+        .into(),
     ))?;
     let deadline = Instant::now() + Duration::from_secs(6);
     let mut last_beat = Instant::now();

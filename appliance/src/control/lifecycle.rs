@@ -44,7 +44,7 @@ use crate::storage::now_ms;
 mod join;
 pub mod pake;
 
-pub use self::join::BUSY_REASON;
+pub use self::join::{BUSY_REASON, MAX_PENDING_EXCHANGES};
 
 /// Goodbye reasons that tell a peer not to re-dial.
 pub const LEFT_REASON: &str = "left the mesh";

@@ -12,7 +12,7 @@
 //!
 //! The loop does no disk write per event: writes are staged and committed together at most
 //! [`persist::FLUSH_INTERVAL`] later ([`persist`]), and only answers that promise durability
-//! flush first. Join keys are checked on a bounded worker thread ([`join_check`]), never here.
+//! flush first. A joiner's argon2id runs on a bounded worker thread ([`join_check`]), never here.
 
 pub mod dial_plan;
 pub mod join_check;
@@ -175,7 +175,7 @@ impl ControlThread {
     /// Starts the thread (and its join-check worker).
     pub fn start(setup: ControlSetup) -> std::io::Result<Self> {
         let (stop_tx, stop_rx) = oneshot::channel();
-        let join_checks = JoinChecker::start(JOIN_CHECK_QUEUE, join_check::key_matches)?;
+        let join_checks = JoinChecker::start(JOIN_CHECK_QUEUE, join_check::derive_password)?;
         let thread = thread::Builder::new()
             .name("control".into())
             .spawn(move || {

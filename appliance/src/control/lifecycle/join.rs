@@ -18,9 +18,9 @@ use std::{
 use meshd_proto::link::{
     JoinAnswer, JoinPolicy, JoinRefusal, JoinRequest, MemberAddr, MeshConfig, MeshRecord,
 };
-use rand::rngs::OsRng;
 use meshd_shards::{command::DialError, frame::FrameType};
 use prost::Message;
+use rand::rngs::OsRng;
 
 use super::{
     ACTIVE, JOIN_DIAL_BASE, LifecycleError, PendingJoin, Reply, ShardCommand,
@@ -194,7 +194,10 @@ impl Control {
         }
         let Ok((params, password)) = pake::split_verifier(&config.join_key_hash) else {
             tracing::error!("the mesh's join key hash does not parse; joins are refused");
-            let answer = refusal(JoinRefusal::Unspecified, "this member cannot check join keys");
+            let answer = refusal(
+                JoinRefusal::Unspecified,
+                "this member cannot check join keys",
+            );
             return self.send_join_answer(from, answer);
         };
         let exchanges = &mut self.lifecycle.exchanges;
@@ -242,12 +245,9 @@ impl Control {
             }
             Err((kind, reason)) => return self.send_join_answer(from, refusal(kind, &reason)),
         };
-        let session = match pake::member_finish(open.state, &request.pake, &request.confirm) {
-            Ok(session) => session,
-            Err(_) => {
-                let answer = refusal(JoinRefusal::BadKey, "wrong or missing join key");
-                return self.send_join_answer(from, answer);
-            }
+        let Ok(session) = pake::member_finish(open.state, &request.pake, &request.confirm) else {
+            let answer = refusal(JoinRefusal::BadKey, "wrong or missing join key");
+            return self.send_join_answer(from, answer);
         };
         let answer = self.admit(now, from, config);
         let sealed = if answer.accepted {
@@ -278,13 +278,13 @@ impl Control {
             ));
         };
         let member_message = std::mem::take(&mut pending.member_message);
-        let (message, session) =
-            match pake::joiner_respond(&password, &member_message, &mut OsRng) {
-                Ok(answer) => answer,
-                Err(error) => {
-                    return self.fail_join(LifecycleError::Refused(format!("member: {error}")));
-                }
-            };
+        let (message, session) = match pake::joiner_respond(&password, &member_message, &mut OsRng)
+        {
+            Ok(answer) => answer,
+            Err(error) => {
+                return self.fail_join(LifecycleError::Refused(format!("member: {error}")));
+            }
+        };
         let proof = JoinRequest {
             pake: message.into(),
             confirm: session.confirmation(Side::Joiner).to_vec().into(),

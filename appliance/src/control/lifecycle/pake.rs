@@ -96,11 +96,7 @@ pub fn derive_password(key: &str, params: &str) -> Result<Vec<u8>, PakeError> {
             salt,
         )
         .map_err(|_| PakeError::Params)?;
-    Ok(hashed
-        .hash
-        .ok_or(PakeError::Params)?
-        .as_bytes()
-        .to_vec())
+    Ok(hashed.hash.ok_or(PakeError::Params)?.as_bytes().to_vec())
 }
 
 /// The member's half-finished exchange, kept until the joiner's answer.
@@ -300,10 +296,7 @@ mod tests {
         let joiner_password = derive_password("correct horse", &params).unwrap();
         let (_, joiner) = joiner_respond(&joiner_password, &impostor_message, &mut rng).unwrap();
         let impostor_session = Session::new(b"whatever the impostor computes");
-        assert!(!joiner.confirms(
-            Side::Member,
-            &impostor_session.confirmation(Side::Member)
-        ));
+        assert!(!joiner.confirms(Side::Member, &impostor_session.confirmation(Side::Member)));
         // Junk instead of a SPAKE2 message.
         assert_eq!(
             joiner_respond(&joiner_password, &[1, 2, 3], &mut rng).unwrap_err(),
