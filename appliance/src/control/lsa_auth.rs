@@ -88,6 +88,9 @@ impl LsaRefusal {
 #[derive(Clone, Debug)]
 struct Proof {
     seq: u64,
+    /// The listen address the origin signed (this node's own table may hold another one for
+    /// the origin, learnt from its link handshake).
+    listen_addr: String,
     certificate: Bytes,
     signature: Bytes,
 }
@@ -267,6 +270,7 @@ impl LsaAuth {
             origin,
             Proof {
                 seq: lsa.seq,
+                listen_addr: lsa.listen_addr,
                 certificate,
                 signature,
             },
@@ -318,6 +322,7 @@ impl LsaAuth {
         } else if let Some(proof) = self.proofs.get(&lsa.origin)
             && proof.seq == lsa.seq
         {
+            lsa.listen_addr.clone_from(&proof.listen_addr);
             lsa.certificate = proof.certificate.clone();
             lsa.signature = proof.signature.clone();
         } else {
@@ -428,9 +433,11 @@ mod tests {
             vec![(1, node_key(1).verifying_key().to_bytes())]
         );
         two.settle(|origin| (origin == 1).then_some(4));
-        // Two re-encodes it from its database (another age) and attaches the proof.
+        // Two re-encodes it from its database (another age, and the listen address it learnt
+        // from its own link with one) and attaches the proof.
         let passed_on = two.attach(edit(&signed, |l| {
             l.age_ms = 900;
+            l.listen_addr = "10.9.9.9:9".into();
             l.certificate = Bytes::new();
             l.signature = Bytes::new();
         }));
