@@ -375,8 +375,9 @@ fn invalid(key: &'static str, problem: impl Into<String>, fix: impl Into<String>
     }
 }
 
-/// The resolved settings other modules use (addresses parsed, counts decided).
-#[derive(Clone, Debug)]
+/// The resolved settings other modules use (addresses parsed, counts decided). Its `Debug`
+/// leaves out the secrets (the api's TLS key, its token, the mesh secret).
+#[derive(Clone)]
 pub struct Resolved {
     /// Parsed `network.listen`.
     pub listen: Option<SocketAddr>,
@@ -392,6 +393,23 @@ pub struct Resolved {
     pub n_shards: usize,
     /// The configured mesh's secret, from `mesh_secret` or `mesh_secret_file`.
     pub mesh_secret: Option<[u8; meshd_shards::credential::SECRET_LEN]>,
+}
+
+impl std::fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolved")
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("grpc_tls", &self.grpc_tls.as_ref().map(|_| "<redacted>"))
+            .field(
+                "grpc_token",
+                &self.grpc_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("n_shards", &self.n_shards)
+            .field("mesh_secret", &self.mesh_secret.map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Config {

@@ -76,6 +76,14 @@ pub fn tag(key: &[u8; 32], header: &Header, body: &[u8]) -> [u8; TAG_LEN] {
     out
 }
 
+/// `body` followed by its tag under `key`.
+pub fn sealed(key: &[u8; 32], header: &Header, body: &[u8]) -> Vec<u8> {
+    let mut sealed = Vec::with_capacity(body.len() + TAG_LEN);
+    sealed.extend_from_slice(body);
+    sealed.extend_from_slice(&tag(key, header, body));
+    sealed
+}
+
 /// Why a routed frame addressed to this node was not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OpenError {
@@ -125,11 +133,7 @@ impl PairKeys {
     /// `body` followed by its tag, for a frame this node sends with `header`; `None` when no
     /// key for `header.dst` is held.
     pub fn seal(&self, header: &Header, body: &[u8]) -> Option<Vec<u8>> {
-        let key = self.keys.get(&header.dst)?;
-        let mut sealed = Vec::with_capacity(body.len() + TAG_LEN);
-        sealed.extend_from_slice(body);
-        sealed.extend_from_slice(&tag(key, header, body));
-        Some(sealed)
+        Some(sealed(self.keys.get(&header.dst)?, header, body))
     }
 
     /// Appends the tag to `body` in place (no copy).

@@ -293,6 +293,8 @@ pub(crate) struct Shard {
     fib: RefCell<Arc<Fib>>,
     /// This thread's copy of the pair keys (`config.key_book`).
     pub(crate) keys: RefCell<KeyCache>,
+    /// Where this shard's listener is bound, told to peers in the Hello.
+    bound_listen: Cell<Option<SocketAddr>>,
     round_robin: Cell<u64>,
     /// The mesh this node belongs to now ("" = none yet); starts as `config.local.mesh_id`.
     mesh_id: RefCell<String>,
@@ -382,6 +384,10 @@ impl Shard {
     pub(crate) fn local_hello(&self) -> LocalHello {
         let mut hello = self.config.local.clone();
         hello.mesh_id = self.mesh_id.borrow().clone();
+        if let Some(bound) = self.bound_listen.get() {
+            // What the socket really listens on (`listen` may say port 0).
+            hello.listen_addr = bound.to_string();
+        }
         let (certificate, authority) = self.credential.borrow().clone();
         hello.certificate = certificate;
         hello.authority = authority;
@@ -614,6 +620,7 @@ async fn shard_main(
         stopping: Cell::new(false),
         fib: RefCell::new(Arc::new(Fib::empty())),
         keys: RefCell::new(KeyCache::default()),
+        bound_listen: Cell::new(None),
         round_robin: Cell::new(0),
         mesh_id: RefCell::new(config.local.mesh_id.clone()),
         credential: RefCell::new((config.local.certificate.clone(), config.local.authority)),
@@ -627,6 +634,7 @@ async fn shard_main(
         Some(addr) => match TcpListener::bind(addr) {
             Ok(listener) => {
                 let bound = listener.local_addr().ok();
+                shard.bound_listen.set(bound);
                 let _ = ready_tx.send((shard_id, Ok(bound)));
                 Some(listener)
             }

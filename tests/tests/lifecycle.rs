@@ -189,6 +189,23 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
         five.is_empty(),
         "an evicted node cannot reconnect: {five:?}"
     );
+    // The revocation list travels with the mesh: a node joining now refuses node 5 from the
+    // start.
+    let six = cluster.add(meshless(NodeSpec::listener(6)))?;
+    let status = join(cluster.node(six), cluster.node(1), KEY).await?;
+    assert!(
+        status.evicted.contains(&5),
+        "the joiner was not told: {status:?}"
+    );
+    wait_for_mesh(
+        &cluster,
+        &[six],
+        "the revocation list stored",
+        SETTLE,
+        |s| s.evicted.contains(&5) && s.online_members >= 2,
+    )
+    .await?;
+    assert!(cluster.node_mut(six).stop(), "clean stop");
 
     // Two of the four remaining down, and 4 (behind NAT, linked through 3) cut off: CRITICAL.
     cluster.node_mut(1).kill();

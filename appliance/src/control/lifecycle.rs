@@ -101,8 +101,7 @@ pub enum LifecycleError {
 /// Where an answer goes.
 pub type Reply = oneshot::Sender<Result<(), LifecycleError>>;
 
-/// A lifecycle request from the api.
-#[derive(Debug)]
+/// A lifecycle request from the api. Its `Debug` never shows a join key.
 pub enum LifecycleRequest {
     /// SeedMesh.
     Seed {
@@ -152,6 +151,66 @@ pub enum LifecycleRequest {
         /// Answer.
         reply: Reply,
     },
+}
+
+impl std::fmt::Debug for LifecycleRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Seed {
+                name,
+                description,
+                policy,
+                ..
+            } => f
+                .debug_struct("Seed")
+                .field("name", name)
+                .field("description", description)
+                .field("policy", policy)
+                .finish_non_exhaustive(),
+            Self::Join {
+                addr,
+                authority,
+                timeout,
+                ..
+            } => f
+                .debug_struct("Join")
+                .field("addr", addr)
+                .field("authority", &authority.is_some())
+                .field("timeout", timeout)
+                .finish_non_exhaustive(),
+            Self::Start { .. } => f.write_str("Start"),
+            Self::Stop { .. } => f.write_str("Stop"),
+            Self::Leave { .. } => f.write_str("Leave"),
+            Self::Evict { node, .. } => f.debug_struct("Evict").field("node", node).finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn a_join_key_never_shows_in_debug() {
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let join = LifecycleRequest::Join {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            key: "correct horse battery".into(),
+            authority: None,
+            timeout: Duration::from_secs(1),
+            reply,
+        };
+        assert!(!format!("{join:?}").contains("horse"));
+        let (reply, _) = tokio::sync::oneshot::channel();
+        let seed = LifecycleRequest::Seed {
+            name: "n".into(),
+            description: String::new(),
+            policy: 2,
+            key: "correct horse battery".into(),
+            reply,
+        };
+        assert!(!format!("{seed:?}").contains("horse"));
+    }
 }
 
 /// A join in progress.

@@ -15,7 +15,7 @@ use std::{
 use ed25519_dalek::SigningKey;
 use meshd_shards::{
     frame::Header,
-    origin::{KeyBook, PairKeys, pair_key},
+    origin::{KeyBook, PairKeys, pair_key, sealed},
 };
 
 use super::types::Refusals;
@@ -124,11 +124,7 @@ impl Trust {
 
     /// A routed frame's payload with its origin tag, for a frame the control thread sends.
     pub fn seal(&self, header: &Header, body: &[u8]) -> Option<Vec<u8>> {
-        let key = self.pairs.get(&header.dst)?;
-        let mut sealed = Vec::with_capacity(body.len() + meshd_shards::origin::TAG_LEN);
-        sealed.extend_from_slice(body);
-        sealed.extend_from_slice(&meshd_shards::origin::tag(key, header, body));
-        Some(sealed)
+        Some(sealed(self.pairs.get(&header.dst)?, header, body))
     }
 
     /// `notice`, issued and signed by this node.

@@ -370,6 +370,7 @@ impl Control {
             accepted: true,
             mesh: Some(config),
             members,
+            evicted: self.membership.evicted().filter(|n| *n != from).collect(),
             ..JoinAnswer::default()
         }
     }
@@ -480,6 +481,15 @@ impl Control {
             Ok(answer) => answer,
             Err(error) => return self.fail_join(error),
         };
+        let local = self.local();
+        // Bounded like the member's own list (a hostile member cannot make it grow the table).
+        let evicted: Vec<u64> = answer
+            .evicted
+            .iter()
+            .copied()
+            .filter(|n| *n != 0 && *n != local)
+            .take(crate::control::membership::MAX_NOTICES)
+            .collect();
         let config = match (answer.accepted, answer.mesh) {
             (true, Some(config))
                 if !config.mesh_id.is_empty() && config.mesh_secret.len() == 32 =>
@@ -519,6 +529,9 @@ impl Control {
         let saved = self.store.commit_now(|batch| {
             batch.save_mesh(record.clone(), true);
             batch.add_dial_target(addr);
+            for node in &evicted {
+                batch.set_evicted(*node, true);
+            }
         });
         if let Err(e) = saved {
             // Nothing was written: the batch is one transaction.
@@ -528,7 +541,12 @@ impl Control {
                 .send(Err(LifecycleError::Storage(e.to_string())));
             return;
         }
-        tracing::info!(mesh_id = %config.mesh_id, via = %pending.addr, "joined the mesh");
+        tracing::info!(mesh_id = %config.mesh_id, via = %pending.addr, evicted = evicted.len(), "joined the mesh");
+        for node in &evicted {
+            self.trust.revoke(*node);
+            self.lsa_auth.revoke(*node);
+        }
+        self.membership.set_evicted(evicted);
         self.lifecycle.record = Some(record);
         self.switch_mesh(config.mesh_id, "joined another mesh");
         self.plan.add(
