@@ -192,7 +192,7 @@ mod debug_tests {
 
     #[test]
     fn a_join_key_never_shows_in_debug() {
-        let (reply, _) = tokio::sync::oneshot::channel();
+        let (reply, _) = oneshot::channel();
         let join = LifecycleRequest::Join {
             addr: "127.0.0.1:1".parse().unwrap(),
             key: "correct horse battery".into(),
@@ -201,7 +201,7 @@ mod debug_tests {
             reply,
         };
         assert!(!format!("{join:?}").contains("horse"));
-        let (reply, _) = tokio::sync::oneshot::channel();
+        let (reply, _) = oneshot::channel();
         let seed = LifecycleRequest::Seed {
             name: "n".into(),
             description: String::new(),
