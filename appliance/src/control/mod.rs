@@ -24,6 +24,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod paths;
 pub mod persist;
+pub mod raft;
 pub mod routing;
 pub mod trust;
 pub mod types;
