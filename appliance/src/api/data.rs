@@ -180,9 +180,9 @@ pub(crate) async fn submit(
                     state.tracker().settle(msg_id, None);
                     return Err(status);
                 }
-                wire.encode_to_vec().into()
+                super::wire_payload(&wire)
             }
-            None => data.encode_to_vec().into(),
+            None => super::wire_payload(&data),
         };
         let verdict = state.deliver_locally(local, &data).await;
         state
@@ -229,7 +229,7 @@ pub(crate) async fn submit(
             state.tracker().settle(msg_id, None);
             return Err(status);
         }
-        let payload: Bytes = data.encode_to_vec().into();
+        let payload = super::wire_payload(&data);
         state
             .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
             .await?;
@@ -270,7 +270,7 @@ pub(crate) async fn submit(
             state.close_waiting(dst, seq);
             return Err(status);
         }
-        let payload: Bytes = data.encode_to_vec().into();
+        let payload = super::wire_payload(&data);
         let sent = state
             .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
             .await;
@@ -435,7 +435,7 @@ async fn retransmit(
         data.attempt += 1;
         data.floor = state.waiting_floor(dst);
         state.tracker().note_attempt(msg_id);
-        let payload: Bytes = data.encode_to_vec().into();
+        let payload = super::wire_payload(&data);
         if state
             .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
             .await

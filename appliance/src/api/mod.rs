@@ -27,14 +27,14 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use meshd_proto::mesh::{mesh_control_server::MeshControlServer, mesh_data_server::MeshDataServer};
 use meshd_shards::{
     command::{ApiEvent, Outgoing, ShardInput},
     congestion::Congestion,
     frame::{FrameType, TrafficClass},
     handle::ShardHandle,
-    origin::{KeyBook, KeyCache},
+    origin::{self, KeyBook, KeyCache},
     ownership::owner_shard,
     ring::{Consumer, Producer},
 };
@@ -56,6 +56,16 @@ use crate::{
     },
     storage::now_ms,
 };
+
+/// A message encoded for a routed frame, with room for its origin tag (sealed in place by
+/// [`ApiState::seal`]).
+pub(crate) fn wire_payload(message: &impl prost::Message) -> Bytes {
+    let mut buf = Vec::with_capacity(message.encoded_len() + origin::TAG_LEN);
+    message
+        .encode(&mut buf)
+        .expect("a Vec with room for the message");
+    buf.into()
+}
 
 /// State shared by the services (all on the api thread; the mutexes are never contended).
 pub(crate) struct ApiState {
@@ -215,19 +225,27 @@ impl ApiState {
 
     /// Appends the origin tag its destination checks (`meshd_shards::origin`); false when no
     /// pair key with the destination is held.
+    /// In place when the payload is this frame's own buffer with room for the tag (what
+    /// [`wire_payload`] makes): no copy of the message on the way out.
     pub(crate) fn seal(&self, outgoing: &mut Outgoing) -> bool {
         let header = outgoing.header(self.node_id);
-        let mut cache = self
-            .key_cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match cache.get(&self.key_book).seal(&header, &outgoing.payload) {
-            Some(sealed) => {
-                outgoing.payload = sealed.into();
-                true
-            }
-            None => false,
-        }
+        let tag = {
+            let mut cache = self
+                .key_cache
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(key) = cache.get(&self.key_book).get(header.dst) else {
+                return false;
+            };
+            origin::tag(key, &header, &outgoing.payload)
+        };
+        // A broadcast's copies share one buffer: each gets its own copy with its own tag.
+        let mut sealed = std::mem::take(&mut outgoing.payload)
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(shared.as_ref()));
+        sealed.extend_from_slice(&tag);
+        outgoing.payload = sealed.freeze();
+        true
     }
 
     /// The member table and mesh health.
@@ -554,3 +572,23 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
 
 /// How long open gRPC calls may take to finish once shut-down begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod wire_tests {
+    use meshd_proto::link::Data;
+
+    use super::*;
+
+    #[test]
+    fn a_wire_payload_takes_its_tag_without_a_copy() {
+        let data = Data {
+            payload: vec![7u8; 300].into(),
+            ..Data::default()
+        };
+        let payload = wire_payload(&data);
+        let at = payload.as_ptr();
+        let mut sealed = payload.try_into_mut().expect("the frame's own buffer");
+        sealed.extend_from_slice(&[0u8; origin::TAG_LEN]);
+        assert_eq!(sealed.as_ptr(), at, "the tag went into the same allocation");
+    }
+}

@@ -125,7 +125,12 @@ impl Notice {
                 self.issuer != self.node && self.issuer != 0
             }
         };
-        if !issuer_may || trust.revoked.contains(&self.issuer) {
+        // Sized before anything else: an authentic notice is kept and passed on with its
+        // certificate, so an oversized one must not ride along on a held key.
+        if !issuer_may
+            || trust.revoked.contains(&self.issuer)
+            || self.certificate.len() > credential::MAX_CERTIFICATE_BYTES
+        {
             return false;
         }
         let held = trust.keys.get(&self.issuer).copied();
@@ -372,6 +377,10 @@ mod tests {
             .signed(3, &key(9), &[])
             .signature;
         assert!(!forged.is_authentic(&trust(&authority, &[])));
+        // A held key does not let an oversized certificate ride along.
+        let mut padded = left.clone();
+        padded.certificate = vec![0; credential::MAX_CERTIFICATE_BYTES + 1];
+        assert!(!padded.is_authentic(&trust(&authority, &[3])));
         // Altered after signing.
         let mut bumped = left.clone();
         bumped.seq = u64::MAX;
