@@ -32,6 +32,7 @@ const PURE_CORES: &[&str] = &[
     "appliance/src/control/membership.rs",
     "appliance/src/control/membership/dissemination.rs",
     "appliance/src/control/paths.rs",
+    "appliance/src/control/paths/cost.rs",
     "appliance/src/control/metrics.rs",
     "appliance/src/control/routing.rs",
     "appliance/src/control/types.rs",
