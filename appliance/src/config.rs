@@ -68,6 +68,9 @@ pub struct Config {
     /// SWIM membership.
     #[serde(default)]
     pub membership: MembershipSection,
+    /// The mesh control group (Raft).
+    #[serde(default)]
+    pub consensus: ConsensusSection,
     /// Threads and rings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -256,6 +259,44 @@ impl Default for MembershipSection {
             probe_rtt_ms: 200,
             suspect_to_down_ms: 3000,
             gossip_period_ms: 200,
+        }
+    }
+}
+
+/// `[consensus]`: the mesh control group (openraft).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsensusSection {
+    /// Make this node the group's first voter when it has no group yet. Only for a mesh
+    /// configured by file (`mesh_id`), on exactly one node; `SeedMesh` does this by itself.
+    pub bootstrap: bool,
+    /// At most this many voters (odd); more members are learners.
+    pub max_voters: usize,
+    /// The leader's heartbeat.
+    pub heartbeat_ms: u64,
+    /// Election timeout's lower bound (the upper is twice it); at least 3 heartbeats.
+    pub election_timeout_ms: u64,
+    /// A voter declared dead by SWIM for this long is replaced by a live learner.
+    pub dead_voter_grace_ms: u64,
+    /// A snapshot is taken after this many applied entries.
+    pub snapshot_every: u64,
+    /// Entries kept behind a snapshot for followers that lag a little.
+    pub keep_behind_snapshot: u64,
+    /// How long a write waits to commit before the caller is told it may still commit.
+    pub write_deadline_ms: u64,
+}
+
+impl Default for ConsensusSection {
+    fn default() -> Self {
+        Self {
+            bootstrap: false,
+            max_voters: 5,
+            heartbeat_ms: 200,
+            election_timeout_ms: 1000,
+            dead_voter_grace_ms: 10_000,
+            snapshot_every: 5000,
+            keep_behind_snapshot: 1000,
+            write_deadline_ms: 5000,
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Start-up and shut-down of one node: the order threads start and stop in.
 //!
 //! Start: config → memlock → control database and identity → TLS → rings → shards (bind the
-//! link listener) → control thread → api thread (bind gRPC) → "meshd ready" on stdout.
+//! link listener) → consensus thread (openraft on `raft.redb`) → control thread → api thread
+//! (bind gRPC) → "meshd ready" on stdout.
 //! Stop (SIGINT/SIGTERM): api stops taking requests → shards say goodbye to every peer and
-//! stop → control thread stops, closing the control database.
+//! stop → control thread stops, closing the control database → consensus thread stops.
 //!
 //! The stop is bounded: the api cuts calls still open after its grace period, and a watchdog
 //! ends the process if the whole stop takes longer than [`SHUTDOWN_DEADLINE`] or a second
@@ -31,6 +32,10 @@ use crate::{
         membership::{MembershipConfig, NodeMeta},
         mesh::MESH_EVENT_BACKLOG,
         paths::CostWeights,
+        raft::{
+            group::{ConsensusThread, RaftSettings},
+            policy::Policy,
+        },
     },
     storage::ControlDb,
 };
@@ -154,6 +159,27 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         capabilities,
         load_permille: 0,
     };
+    // The control group's store: its own file, so its fsyncs never wait on the control
+    // database's writer (redb has one writer per database).
+    let raft_db = Arc::new(
+        redb::Database::create(config.data_dir.join("raft.redb"))
+            .context("opening the control group's database (raft.redb)")?,
+    );
+    let (raft_calls_tx, raft_calls) = tokio::sync::mpsc::channel(config.runtime.ring_capacity);
+    let consensus_section = &config.consensus;
+    let consensus = ConsensusThread::start(
+        identity.node_id,
+        RaftSettings {
+            heartbeat: Duration::from_millis(consensus_section.heartbeat_ms),
+            election_timeout: Duration::from_millis(consensus_section.election_timeout_ms),
+            snapshot_every: consensus_section.snapshot_every,
+            keep_behind_snapshot: consensus_section.keep_behind_snapshot,
+            write_deadline: Duration::from_millis(consensus_section.write_deadline_ms),
+        },
+        raft_db,
+        raft_calls_tx,
+        config.network.max_payload_bytes,
+    )?;
     let control = ControlThread::start(ControlSetup {
         db,
         shards: Arc::clone(&shard_inputs),
@@ -185,6 +211,13 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         signing_key: identity.signing_key.clone(),
         key_book: Arc::clone(&key_book),
         tenant_keys: Arc::clone(&tenant_keys),
+        consensus: consensus.handle(),
+        raft_calls,
+        raft_policy: Policy {
+            max_voters: consensus_section.max_voters,
+            dead_grace: Duration::from_millis(consensus_section.dead_voter_grace_ms),
+        },
+        raft_bootstrap: consensus_section.bootstrap,
     })?;
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,
@@ -207,6 +240,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         key_book,
         tls: resolved.grpc_tls.clone(),
         token: resolved.grpc_token.clone(),
+        consensus: consensus.handle(),
     })?;
 
     let listen = shards
@@ -224,6 +258,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     api.stop();
     shards.shutdown();
     control.stop();
+    consensus.stop();
     watchdog.finished();
     tracing::info!("meshd stopped");
     Ok(())

@@ -186,6 +186,13 @@ pub enum ControlEvent {
         /// foca's encoding.
         payload: Bytes,
     },
+    /// A Raft RPC (request or answer) addressed to this node, its source proven by its tag.
+    Raft {
+        /// The member that sent it (possibly several hops away).
+        from: u64,
+        /// Encoded `meshd.v1.RaftEnvelope`.
+        payload: Bytes,
+    },
     /// The outcome of a [`ShardInput::Dial`].
     DialDone {
         /// The requester's id.
@@ -203,7 +210,8 @@ impl ControlEvent {
         match self {
             Self::Routing { payload, .. }
             | Self::Join { payload, .. }
-            | Self::Gossip { payload, .. } => payload.len(),
+            | Self::Gossip { payload, .. }
+            | Self::Raft { payload, .. } => payload.len(),
             Self::LinkDown {
                 reason, goodbye, ..
             } => reason.len() + goodbye.as_ref().map_or(0, String::len),

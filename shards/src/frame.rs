@@ -72,6 +72,9 @@ pub enum FrameType {
     /// A membership (SWIM) datagram between control cores; payload is foca's encoding. Routed
     /// like data, so it reaches members with no direct link.
     Gossip = 8,
+    /// A Raft RPC of the mesh control group (a request or its answer) between control cores;
+    /// payload is `meshd.v1.RaftEnvelope`. Routed like gossip, origin-tagged.
+    Raft = 11,
     /// A node without a mesh asks to join; payload is `meshd.v1.JoinRequest`. Neighbour-only,
     /// accepted only on a guest link.
     Join = 9,
@@ -87,7 +90,7 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Hello,
         Self::Auth,
         Self::Refuse,
@@ -96,6 +99,7 @@ impl FrameType {
         Self::Goodbye,
         Self::Routing,
         Self::Gossip,
+        Self::Raft,
         Self::Join,
         Self::JoinAnswer,
         Self::Data,
@@ -116,6 +120,7 @@ impl FrameType {
             8 => Some(Self::Gossip),
             9 => Some(Self::Join),
             10 => Some(Self::JoinAnswer),
+            11 => Some(Self::Raft),
             16 => Some(Self::Data),
             17 => Some(Self::DeliveryReport),
             18 => Some(Self::AppAck),

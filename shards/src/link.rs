@@ -559,7 +559,8 @@ pub(crate) async fn run(
                     FrameType::Data
                     | FrameType::DeliveryReport
                     | FrameType::AppAck
-                    | FrameType::Gossip => {
+                    | FrameType::Gossip
+                    | FrameType::Raft => {
                         if header.dst != local {
                             // A relay: pass it on with one hop less to live.
                             if header.ttl <= 1 || header.src == local {
@@ -609,6 +610,14 @@ pub(crate) async fn run(
                         let payload = detach(&message, body);
                         if header.frame_type == FrameType::Gossip {
                             gate.hold(shard.emit_gossip(header.src, payload)).await;
+                            continue;
+                        }
+                        if header.frame_type == FrameType::Raft {
+                            gate.hold(shard.emit(ControlEvent::Raft {
+                                from: header.src,
+                                payload,
+                            }))
+                            .await;
                             continue;
                         }
                         let event = ApiEvent::Frame {

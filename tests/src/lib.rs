@@ -482,6 +482,30 @@ impl Node {
         Ok(meshd_proto::link::mesh_service_client::MeshServiceClient::new(self.channel().await?))
     }
 
+    /// A `meshd.v1.MeshDataService` client (the control group's update streams).
+    pub async fn updates(
+        &self,
+    ) -> anyhow::Result<meshd_proto::link::mesh_data_service_client::MeshDataServiceClient<Channel>>
+    {
+        Ok(
+            meshd_proto::link::mesh_data_service_client::MeshDataServiceClient::new(
+                self.channel().await?,
+            ),
+        )
+    }
+
+    /// The control group as this node sees it (`GetConsensusState`).
+    pub async fn consensus(&self) -> anyhow::Result<meshd_proto::mesh::ConsensusState> {
+        Ok(self
+            .control()
+            .await?
+            .get_consensus_state(meshd_proto::mesh::GetConsensusStateRequest {})
+            .await?
+            .into_inner()
+            .consensus_state
+            .unwrap_or_default())
+    }
+
     async fn channel(&self) -> anyhow::Result<Channel> {
         Ok(Channel::from_shared(format!("http://{}", self.grpc))?
             .connect_timeout(Duration::from_secs(5))

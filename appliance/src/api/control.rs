@@ -303,8 +303,9 @@ impl MeshControl for ControlService {
         _request: Request<GetConsensusStateRequest>,
     ) -> Result<Response<GetConsensusStateResponse>, Status> {
         let snapshot = self.state.mesh().await?;
+        let group = self.state.consensus.state();
         Ok(Response::new(GetConsensusStateResponse {
-            consensus_state: Some(mesh::consensus_state(&snapshot)),
+            consensus_state: Some(mesh::consensus_state(&snapshot, &group)),
         }))
     }
 
@@ -312,17 +313,24 @@ impl MeshControl for ControlService {
         &self,
         _request: Request<TriggerConsensusCheckRequest>,
     ) -> Result<Response<TriggerConsensusCheckResponse>, Status> {
-        // SWIM keeps the view current on its own; a check reads it fresh from the control core.
+        // SWIM and Raft keep their views current on their own; a check reads both fresh.
         let snapshot = self.state.mesh().await?;
-        let state = mesh::consensus_state(&snapshot);
+        let group = self.state.consensus.state();
+        let state = mesh::consensus_state(&snapshot, &group);
         let message = format!(
-            "{} of {} members reachable; {}",
+            "{} of {} members reachable; control group: {} in term {}, leader {}, voters {:?}; {}",
             state.online_nodes,
             state.total_nodes,
+            group.role,
+            group.term,
+            group
+                .leader
+                .map_or_else(|| "none".to_owned(), |l| l.to_string()),
+            group.voters,
             if state.can_accept_writes {
-                "this side holds a majority and accepts writes"
+                "writes are accepted".to_owned()
             } else {
-                "no majority on this side: writes must wait"
+                format!("writes are refused: {}", state.write_refusal)
             }
         );
         Ok(Response::new(TriggerConsensusCheckResponse {
@@ -508,6 +516,27 @@ impl MeshService for ControlService {
         _request: Request<GetMeshStatusRequest>,
     ) -> Result<Response<MeshStatus>, Status> {
         self.status().await
+    }
+
+    async fn send_node_update(
+        &self,
+        request: Request<meshd_proto::link::NodeUpdate>,
+    ) -> Result<Response<meshd_proto::link::BroadcastResult>, Status> {
+        super::updates::send_node_update(&self.state, request.into_inner()).await
+    }
+
+    async fn send_mesh_update(
+        &self,
+        request: Request<meshd_proto::link::MeshUpdate>,
+    ) -> Result<Response<meshd_proto::link::BroadcastResult>, Status> {
+        super::updates::send_mesh_update(&self.state, request.into_inner()).await
+    }
+
+    async fn send_internal_db_update(
+        &self,
+        request: Request<meshd_proto::link::DbUpdate>,
+    ) -> Result<Response<meshd_proto::link::BroadcastResult>, Status> {
+        super::updates::send_db_update(&self.state, request.into_inner()).await
     }
 
     async fn watch_mesh_events(

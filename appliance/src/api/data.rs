@@ -665,4 +665,11 @@ impl MeshData for DataService {
             message_statuses,
         }))
     }
+
+    async fn request_database_sync(
+        &self,
+        request: Request<meshd_proto::mesh::DatabaseSyncRequest>,
+    ) -> Result<Response<meshd_proto::mesh::DatabaseSyncResponse>, Status> {
+        super::updates::database_sync(&self.state, request.into_inner()).await
+    }
 }

@@ -12,6 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::codegen::BoxStream;
 
 use super::ApiState;
+use crate::control::raft::group::GroupState;
 use crate::control::{
     RoutingSnapshot,
     membership::{Health, MemberState},
@@ -87,10 +88,11 @@ pub(crate) fn mesh_status(mesh: &MeshSnapshot, routing: &RoutingSnapshot) -> Mes
     }
 }
 
-/// Core's consensus view, from membership: this side may accept writes when it sees a strict
-/// majority of the members it knows. There is no permanent seed node; `seed_node_id` is the
+/// Core's consensus view: membership counts from SWIM, and the control group's real state
+/// (leader, term, voters, lag); `can_accept_writes` is the group's (a leader with a fresh
+/// quorum is reachable from here). There is no permanent seed node; `seed_node_id` is the
 /// lowest reachable member id, which every node on the same side agrees on.
-pub(crate) fn consensus_state(mesh: &MeshSnapshot) -> ConsensusState {
+pub(crate) fn consensus_state(mesh: &MeshSnapshot, group: &GroupState) -> ConsensusState {
     let total = mesh.census.total as u64;
     let online = mesh.census.online as u64;
     let majority = online * 2 > total;
@@ -101,6 +103,30 @@ pub(crate) fn consensus_state(mesh: &MeshSnapshot) -> ConsensusState {
         .map(|m| m.node)
         .min()
         .unwrap_or(mesh.local);
+    // A follower keeps its leader while the leader's heartbeats arrive, even when that leader
+    // lost its quorum; SWIM's view of the voters tells that case apart.
+    let voters_up = group
+        .voters
+        .iter()
+        .filter(|v| {
+            **v == mesh.local
+                || mesh
+                    .members
+                    .iter()
+                    .any(|m| m.node == **v && m.state != MemberState::Dead)
+        })
+        .count();
+    let voters_quorum = voters_up * 2 > group.voters.len();
+    let can_accept_writes = group.can_accept_writes && voters_quorum;
+    let write_refusal = if group.can_accept_writes && !voters_quorum {
+        format!(
+            "only {voters_up} of the {} voters {:?} are alive as this node sees them: no quorum",
+            group.voters.len(),
+            group.voters
+        )
+    } else {
+        group.write_refusal.clone()
+    };
     ConsensusState {
         total_nodes: total,
         online_nodes: online,
@@ -108,7 +134,21 @@ pub(crate) fn consensus_state(mesh: &MeshSnapshot) -> ConsensusState {
         is_majority_partition: majority,
         split_strategy: SPLIT_STRATEGY.to_owned(),
         seed_node_id: seed,
-        can_accept_writes: majority,
+        can_accept_writes,
+        leader_id: group.leader.unwrap_or(0),
+        term: group.term,
+        commit_index: group.commit_index,
+        voters: group.voters.clone(),
+        learners: group.learners.clone(),
+        role: if group.voters.is_empty() && group.learners.is_empty() {
+            "none".to_owned()
+        } else {
+            group.role.to_owned()
+        },
+        follower_lag: group.lag.clone().into_iter().collect(),
+        last_log_index: group.last_log_index,
+        snapshot_index: group.snapshot_index,
+        write_refusal,
     }
 }
 

@@ -18,6 +18,7 @@ mod recent;
 mod reports;
 pub mod tenant;
 pub mod tracker;
+mod updates;
 
 use std::{
     collections::HashMap,
@@ -92,6 +93,8 @@ pub(crate) struct ApiState {
     /// Set once shut-down begins: no new `Subscribe` stream is opened after the open ones
     /// were ended.
     closing: AtomicBool,
+    /// The mesh control group.
+    pub(crate) consensus: crate::control::raft::group::Consensus,
 }
 
 impl ApiState {
@@ -359,6 +362,8 @@ pub struct ApiSetup {
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     /// The bearer token every call must carry.
     pub token: Option<String>,
+    /// The mesh control group.
+    pub consensus: crate::control::raft::group::Consensus,
 }
 
 /// The running api thread.
@@ -430,6 +435,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
             per_dst: HashMap::new(),
         }),
         closing: AtomicBool::new(false),
+        consensus: setup.consensus,
     });
     let events = setup.events;
     let (tls, token) = (setup.tls, setup.token);
@@ -502,6 +508,9 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let control = MeshControlServer::new(control::ControlService::new(Arc::clone(&state)));
+    let updates = meshd_proto::link::mesh_data_service_server::MeshDataServiceServer::new(
+        updates::UpdatesService::new(Arc::clone(&state)),
+    );
     let mesh_service = meshd_proto::link::mesh_service_server::MeshServiceServer::new(
         control::ControlService::new(Arc::clone(&state)),
     );
@@ -538,6 +547,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         .add_service(data)
         .add_service(control)
         .add_service(mesh_service)
+        .add_service(updates)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.await;
             shutdown_state.end_streams();

@@ -231,6 +231,47 @@ impl Config {
                 "use 200",
             ));
         }
+        let consensus = &self.consensus;
+        if consensus.max_voters == 0
+            || consensus.max_voters > 9
+            || consensus.max_voters.is_multiple_of(2)
+        {
+            return Err(invalid(
+                "consensus.max_voters",
+                "must be odd and in 1..=9",
+                "use 5",
+            ));
+        }
+        if !(20..=10_000).contains(&consensus.heartbeat_ms) {
+            return Err(invalid(
+                "consensus.heartbeat_ms",
+                "is outside 20..=10000",
+                "use 200",
+            ));
+        }
+        if consensus.election_timeout_ms < 3 * consensus.heartbeat_ms
+            || consensus.election_timeout_ms > 60_000
+        {
+            return Err(invalid(
+                "consensus.election_timeout_ms",
+                "must be at least 3 heartbeats and at most 60000",
+                "use 1000 with a 200 ms heartbeat",
+            ));
+        }
+        if consensus.snapshot_every == 0 || consensus.keep_behind_snapshot > 1_000_000 {
+            return Err(invalid(
+                "consensus.snapshot_every",
+                "must be positive (and keep_behind_snapshot at most 1000000)",
+                "use 5000 and 1000",
+            ));
+        }
+        if !(100..=600_000).contains(&consensus.write_deadline_ms) {
+            return Err(invalid(
+                "consensus.write_deadline_ms",
+                "is outside 100..=600000",
+                "use 5000",
+            ));
+        }
         if membership.name.len() > 255 {
             return Err(invalid(
                 "membership.name",

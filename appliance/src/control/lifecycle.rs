@@ -441,7 +441,18 @@ impl Control {
                         key,
                         reply,
                     } => {
-                        let _ = reply.send(self.seed(name, description, policy, &key));
+                        let seeded = self.seed(name, description, policy, &key);
+                        if seeded.is_err() {
+                            let _ = reply.send(seeded);
+                            return;
+                        }
+                        // The seeding node is the control group's first voter; the answer
+                        // waits for that, so a write right after SeedMesh finds a group.
+                        let consensus = self.raft.consensus().clone();
+                        tokio::spawn(async move {
+                            consensus.bootstrap().await;
+                            let _ = reply.send(seeded);
+                        });
                     }
                     LifecycleRequest::Join {
                         addr,

@@ -563,6 +563,11 @@ impl Membership {
         self.evicted.iter().copied()
     }
 
+    /// Every node evicted or gone for good (left).
+    pub fn removed(&self) -> impl Iterator<Item = u64> + '_ {
+        self.removed.iter().copied()
+    }
+
     /// A node admitted by this member (it joined again): its news counts again.
     pub fn readmit(&mut self, node: u64) {
         self.removed.remove(&node);

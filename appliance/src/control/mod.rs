@@ -14,6 +14,7 @@
 //! [`persist::FLUSH_INTERVAL`] later ([`persist`]), and only answers that promise durability
 //! flush first. A joiner's argon2id runs on a bounded worker thread ([`join_check`]), never here.
 
+pub mod consensus;
 pub mod dial_plan;
 pub mod join_check;
 pub mod lifecycle;
@@ -116,6 +117,8 @@ enum ControlInput {
     Request(ControlRequest),
     Metrics(Vec<meshd_shards::stats::SessionSnapshot>),
     JoinVerdict(JoinVerdict),
+    RaftCall(raft::network::RaftCall),
+    RaftAnswer(consensus::RaftAnswer),
     Timer,
     Stop,
 }
@@ -164,6 +167,15 @@ pub struct ControlSetup {
     pub key_book: Arc<meshd_shards::origin::KeyBook>,
     /// The api's tenant keys, whose secret follows the mesh.
     pub tenant_keys: crate::api::SharedTenantKeys,
+    /// The control group (openraft runs on its own thread).
+    pub consensus: raft::group::Consensus,
+    /// openraft's outgoing RPCs, carried over the mesh by this thread.
+    pub raft_calls: tokio::sync::mpsc::Receiver<raft::network::RaftCall>,
+    /// Who votes.
+    pub raft_policy: raft::policy::Policy,
+    /// Make this node the group's first voter at start when there is no group here yet
+    /// (`consensus.bootstrap`: the seeding node of a mesh configured by file).
+    pub raft_bootstrap: bool,
 }
 
 /// The running control thread.
@@ -232,6 +244,8 @@ struct Control {
     trust: Trust,
     /// This node's identity key (LSAs, notices).
     signing_key: ed25519_dalek::SigningKey,
+    /// The control group's RPCs and voter policy.
+    raft: consensus::RaftPort,
 }
 
 async fn run(
@@ -269,7 +283,15 @@ async fn run(
         }
         Err(e) => tracing::error!(error = %e, "could not read known peers"),
     }
+    let (raft_port, mut raft_answers) =
+        consensus::RaftPort::new(setup.consensus, setup.raft_policy);
+    let mut raft_calls = setup.raft_calls;
+    if setup.raft_bootstrap {
+        let consensus = raft_port.consensus().clone();
+        tokio::spawn(async move { consensus.bootstrap().await });
+    }
     let mut control = Control {
+        raft: raft_port,
         store: Store::new(setup.db),
         durable_generation: setup.generation,
         join_checks,
@@ -346,6 +368,8 @@ async fn run(
             request = requests.pop() => request.map_or(ControlInput::Stop, ControlInput::Request),
             Some(snapshots) = metrics_rx.recv() => ControlInput::Metrics(snapshots),
             Some(verdict) = join_verdicts.recv() => ControlInput::JoinVerdict(verdict),
+            Some(call) = raft_calls.recv() => ControlInput::RaftCall(call),
+            Some(answer) = raft_answers.recv() => ControlInput::RaftAnswer(answer),
             _ = metrics_tick.tick() => {
                 control.request_metrics(metrics_tx.clone());
                 ControlInput::Timer
@@ -360,12 +384,15 @@ async fn run(
             ControlInput::JoinVerdict(verdict) => {
                 control.handle_join_verdict(Instant::now(), verdict);
             }
+            ControlInput::RaftCall(call) => control.send_raft_call(call).await,
+            ControlInput::RaftAnswer(answer) => control.send_raft_answer(answer).await,
             ControlInput::Timer => {
                 let now = Instant::now();
                 control.lifecycle.renew_credential_if_due(now);
                 control.routing.handle_timeout(now);
                 control.membership.handle_timeout(now);
                 control.handle_join_timeout(now);
+                control.tick_consensus(now);
             }
             ControlInput::Stop => break,
         }
@@ -375,6 +402,7 @@ async fn run(
     }
     tracing::debug!(
         joins_refused_busy = control.joins_refused_busy,
+        raft_frames_dropped = control.raft_dropped(),
         failed_commits = control.store.failed_commits(),
         "control loop stopped"
     );
@@ -657,6 +685,7 @@ impl Control {
                 frame_type,
                 payload,
             } => self.handle_join_frame(now, from, frame_type, &payload),
+            ControlEvent::Raft { from, payload } => self.handle_raft_frame(from, &payload),
             ControlEvent::Gossip { from, payload } => {
                 self.membership.set_wall_clock(now_ms());
                 self.membership.handle_data(now, from, &payload);

@@ -91,6 +91,11 @@ impl Trust {
         self.changed = true;
     }
 
+    /// Whether `node`'s certified key is held (frames to it can be sealed).
+    pub fn knows(&self, node: u64) -> bool {
+        self.pairs.contains_key(&node)
+    }
+
     /// `node` left: a later certificate may bind its id to another key.
     pub fn forget(&mut self, node: u64) {
         if node == self.local {

@@ -1,10 +1,16 @@
-//! The mesh control group's Raft (openraft 0.9, storage v2): its types and its redb store.
+//! The mesh control group's Raft (openraft 0.9, storage v2).
 //!
-//! Step one of issue 11: the log store and the state machine on redb ([`store`]), checked by
-//! openraft's own storage suite. Not wired into the control thread yet: no `Raft` runs, no
-//! frame carries its RPCs (the next steps, see ARCHITECTURE.md).
+//! - [`store`]: the log and the state machine on redb (`raft.redb`), checked by openraft's
+//!   own storage suite;
+//! - [`network`]: openraft's RPCs as `Raft` frames routed over the mesh by the control thread;
+//! - [`group`]: the `consensus` thread openraft runs on, and the handle (writes with
+//!   forwarding to the leader, state, serving inbound RPCs, membership changes);
+//! - [`policy`]: who votes (pure; the leader applies one change per tick).
 #![allow(clippy::result_large_err)] // openraft's `StorageError` is large by design.
 
+pub mod group;
+pub mod network;
+pub mod policy;
 pub mod store;
 
 use std::io::Cursor;
@@ -18,18 +24,32 @@ pub enum MeshCommand {
     Update {
         /// Which stream (system updates, internal-DB updates).
         stream: Stream,
-        /// The update, opaque to the group.
+        /// The update, opaque to the group (the api's encoded `NodeUpdate`, `MeshUpdate` or
+        /// `DBUpdate`).
         payload: Vec<u8>,
     },
 }
 
 /// The replicated update streams of the seeds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Stream {
-    /// Mesh-wide system updates.
-    System,
-    /// Internal database updates (one-to-all, ordered, durable).
+    /// Mesh-wide system updates (`SendMeshUpdate`): a key and a value.
+    Mesh,
+    /// Internal database updates (one-to-all, ordered, durable; `SendInternalDBUpdate`).
     InternalDb,
+    /// Node-authored updates (`SendNodeUpdate`: status, capabilities).
+    Node,
+}
+
+impl Stream {
+    /// The name used in stored subscriber positions.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mesh => "mesh",
+            Self::InternalDb => "internal_db",
+            Self::Node => "node",
+        }
+    }
 }
 
 /// What applying a command answers.

@@ -34,6 +34,7 @@ const RAFT_LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_log
 const RAFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_meta");
 const RAFT_SM: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_sm");
 const RAFT_UPDATES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_updates");
+const UPDATE_CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("update_cursors");
 
 type Result<T> = std::result::Result<T, StorageError<u64>>;
 type Membership = StoredMembership<u64, openraft::EmptyNode>;
@@ -57,7 +58,87 @@ pub fn create_tables(db: &Database) -> std::result::Result<(), AnyError> {
     txn.open_table(RAFT_META).map_err(any)?;
     txn.open_table(RAFT_SM).map_err(any)?;
     txn.open_table(RAFT_UPDATES).map_err(any)?;
+    txn.open_table(UPDATE_CURSORS).map_err(any)?;
     txn.commit().map_err(any)
+}
+
+/// Up to `limit` applied updates of `stream` with index above `after`, in log order, and
+/// whether the scan stopped at the limit (more may follow). A read transaction: never waits
+/// on the writer.
+pub fn read_updates(
+    db: &Database,
+    stream: Stream,
+    after: u64,
+    limit: usize,
+) -> std::result::Result<(Vec<(u64, Vec<u8>)>, bool), AnyError> {
+    read_updates_where(db, stream, after, limit, |_| true)
+}
+
+/// As [`read_updates`], keeping only payloads `keep` accepts.
+pub fn read_updates_where(
+    db: &Database,
+    stream: Stream,
+    after: u64,
+    limit: usize,
+    mut keep: impl FnMut(&[u8]) -> bool,
+) -> std::result::Result<(Vec<(u64, Vec<u8>)>, bool), AnyError> {
+    let txn = db.begin_read().map_err(any)?;
+    let table = txn.open_table(RAFT_UPDATES).map_err(any)?;
+    let mut found = Vec::new();
+    let Some(start) = after.checked_add(1) else {
+        return Ok((found, false));
+    };
+    for row in table.range(start..).map_err(any)? {
+        let (index, value) = row.map_err(any)?;
+        let (row_stream, payload): (Stream, Vec<u8>) = decode(value.value())?;
+        if row_stream != stream || !keep(&payload) {
+            continue;
+        }
+        if found.len() == limit {
+            return Ok((found, true));
+        }
+        found.push((index.value(), payload));
+    }
+    Ok((found, false))
+}
+
+/// The index `subscriber` acknowledged on `stream` (0: none).
+pub fn cursor(
+    db: &Database,
+    stream: Stream,
+    subscriber: &str,
+) -> std::result::Result<u64, AnyError> {
+    let key = format!("{}/{subscriber}", stream.name());
+    let txn = db.begin_read().map_err(any)?;
+    let table = txn.open_table(UPDATE_CURSORS).map_err(any)?;
+    Ok(table
+        .get(key.as_str())
+        .map_err(any)?
+        .map_or(0, |v| v.value()))
+}
+
+/// Records that `subscriber` processed `stream` up to `index` (never moving back); answers
+/// the stored index. Durable when it returns.
+pub fn ack_cursor(
+    db: &Database,
+    stream: Stream,
+    subscriber: &str,
+    index: u64,
+) -> std::result::Result<u64, AnyError> {
+    let key = format!("{}/{subscriber}", stream.name());
+    let txn = db.begin_write().map_err(any)?;
+    let stored = {
+        let mut table = txn.open_table(UPDATE_CURSORS).map_err(any)?;
+        let held = table
+            .get(key.as_str())
+            .map_err(any)?
+            .map_or(0, |v| v.value());
+        let stored = held.max(index);
+        table.insert(key.as_str(), stored).map_err(any)?;
+        stored
+    };
+    txn.commit().map_err(any)?;
+    Ok(stored)
 }
 
 fn read_value<T: DeserializeOwned>(
@@ -239,13 +320,32 @@ struct SnapshotData {
 #[derive(Clone)]
 pub struct StateMachine {
     db: Arc<Database>,
+    /// Told the last applied index after each commit (stream subscribers wait on it).
+    applied: Option<Arc<tokio::sync::watch::Sender<u64>>>,
 }
 
 impl StateMachine {
     /// A state machine in `db` (the tables are created if missing).
     pub fn new(db: Arc<Database>) -> Result<Self> {
         create_tables(&db).map_err(StorageIOError::write_state_machine)?;
-        Ok(Self { db })
+        Ok(Self { db, applied: None })
+    }
+
+    /// Tells `applied` the last applied index, now and after every apply.
+    pub fn with_applied(mut self, applied: tokio::sync::watch::Sender<u64>) -> Self {
+        if let Ok(Some(Some(id))) =
+            read_value::<Option<LogId<u64>>>(&self.db, RAFT_SM, "last_applied")
+        {
+            applied.send_replace(id.index);
+        }
+        self.applied = Some(Arc::new(applied));
+        self
+    }
+
+    fn tell_applied(&self, index: u64) {
+        if let Some(applied) = &self.applied {
+            applied.send_replace(index);
+        }
     }
 
     /// The applied update at `index`, if any (what stream subscribers read).
@@ -338,11 +438,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let write = || -> std::result::Result<Vec<MeshReply>, AnyError> {
             let txn = self.db.begin_write().map_err(any)?;
             let mut replies = Vec::new();
+            let mut last = None;
             {
                 let mut sm = txn.open_table(RAFT_SM).map_err(any)?;
                 let mut updates = txn.open_table(RAFT_UPDATES).map_err(any)?;
                 for entry in entries {
                     let log_id = entry.log_id;
+                    last = Some(log_id.index);
                     sm.insert("last_applied", encode(&Some(log_id))?.as_slice())
                         .map_err(any)?;
                     match entry.payload {
@@ -364,6 +466,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
             txn.commit().map_err(any)?;
+            if let Some(last) = last {
+                self.tell_applied(last);
+            }
             Ok(replies)
         };
         Ok(write().map_err(StorageIOError::write_state_machine)?)
@@ -406,7 +511,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             txn.commit().map_err(any)
         };
-        Ok(install().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?)
+        install().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
+        self.tell_applied(meta.last_log_id.map_or(0, |id| id.index));
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>> {

@@ -1,0 +1,361 @@
+//! The mesh control group (openraft over the mesh) between real `meshd` processes: the group
+//! forms from one bootstrapping node (learners promoted to three voters), updates written on
+//! any node commit in one order that every node's subscribers see, `RequestDatabaseSync`
+//! pages through them, and a kill -9 of the leader under a stream of writes loses no
+//! acknowledged update and doubles none; the killed node catches up when it returns.
+//!
+//! ```text
+//!  1 (bootstrap) ── 2
+//!   \              /
+//!    ─── 3 (NAT) ─
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use meshd_proto::{
+    link::{DbUpdate, MeshUpdate, NodeUpdate, SubscribeUpdatesRequest},
+    mesh::{ConsensusState, DatabaseSyncRequest},
+};
+use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
+use tokio_stream::StreamExt;
+
+const SETTLE: Duration = Duration::from_secs(30);
+
+const BOOTSTRAP: &str = "[consensus]\nbootstrap = true\n";
+
+/// Waits until every node in `nodes` reports a group state `check` accepts.
+async fn wait_group(
+    cluster: &Cluster,
+    nodes: &[usize],
+    what: &str,
+    limit: Duration,
+    check: impl Fn(&ConsensusState) -> bool,
+) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let mut failing = None;
+        for &i in nodes {
+            let state = cluster.node(i).consensus().await?;
+            if !check(&state) {
+                failing = Some((i, state));
+                break;
+            }
+        }
+        let Some((i, state)) = failing else {
+            return Ok(start.elapsed());
+        };
+        if start.elapsed() > limit {
+            bail!(
+                "node {} never saw {what} in {limit:?}: {state:#?}\n{}",
+                cluster.node(i).spec.node_id,
+                cluster.log_tails(i, 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn write_db(node: &Node, key: u64) -> anyhow::Result<u64> {
+    let update = DbUpdate {
+        table_name: "accounts".into(),
+        operation: "INSERT".into(),
+        data: HashMap::from([("id".to_owned(), key.to_string())]),
+        ..DbUpdate::default()
+    };
+    Ok(node
+        .mesh()
+        .await?
+        .send_internal_db_update(update)
+        .await?
+        .into_inner()
+        .index)
+}
+
+/// The first `n` internal-DB updates `node` applied after `from`: (index, key).
+async fn read_db(node: &Node, from: u64, n: usize) -> anyhow::Result<Vec<(u64, u64)>> {
+    let mut stream = node
+        .updates()
+        .await?
+        .subscribe_internal_db_updates(SubscribeUpdatesRequest {
+            subscriber: String::new(),
+            from_index: from,
+        })
+        .await?
+        .into_inner();
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let next = tokio::time::timeout(SETTLE, stream.next())
+            .await
+            .with_context(|| {
+                format!(
+                    "node {} delivered {} of {n} updates: {seen:?}",
+                    node.spec.node_id,
+                    seen.len()
+                )
+            })?
+            .context("stream ended")??;
+        let key = next.data.get("id").context("an id")?.parse()?;
+        seen.push((next.index, key));
+    }
+    Ok(seen)
+}
+
+fn three_nodes() -> anyhow::Result<Cluster> {
+    let mut first = NodeSpec::listener(1);
+    first.extra = BOOTSTRAP.into();
+    Cluster::start(vec![
+        first,
+        NodeSpec::listener(2).dialing(vec![0]),
+        NodeSpec::behind_nat(3, vec![0, 1]),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_commit_in_one_order_everywhere_and_survive_a_killed_leader() -> anyhow::Result<()>
+{
+    let _serial = exclusive().await;
+    let mut cluster = three_nodes()?;
+    let all = [0, 1, 2];
+    let took = wait_group(&cluster, &all, "three voters and a leader", SETTLE, |s| {
+        s.voters.len() == 3 && s.leader_id != 0 && s.can_accept_writes
+    })
+    .await?;
+    println!("control group of 3 voters formed from one bootstrapping node in {took:?}");
+
+    // Writes on every node (two of three forwarded to the leader) commit in one order.
+    let mut written = BTreeMap::new();
+    for key in 0..30u64 {
+        let node = cluster.node((key % 3) as usize);
+        let index = write_db(node, key).await?;
+        assert!(
+            written.insert(index, key).is_none(),
+            "index {index} given twice"
+        );
+    }
+    let expected: Vec<(u64, u64)> = written.iter().map(|(i, k)| (*i, *k)).collect();
+    for &i in &all {
+        let seen = read_db(cluster.node(i), 0, 30).await?;
+        assert_eq!(seen, expected, "node {} saw another order", i + 1);
+    }
+    println!("30 updates written on 3 nodes: one order on every node's subscribers");
+
+    // The other streams commit in the same log.
+    let mesh_index = cluster
+        .node(2)
+        .mesh()
+        .await?
+        .send_mesh_update(MeshUpdate {
+            key: "routing.alpha".into(),
+            value: b"0.5".to_vec().into(),
+            ..MeshUpdate::default()
+        })
+        .await?
+        .into_inner()
+        .index;
+    let node_index = cluster
+        .node(1)
+        .mesh()
+        .await?
+        .send_node_update(NodeUpdate {
+            kind: "status".into(),
+            payload: b"ready".to_vec().into(),
+            ..NodeUpdate::default()
+        })
+        .await?
+        .into_inner()
+        .index;
+    assert!(mesh_index > *written.keys().last().unwrap_or(&0) && node_index > mesh_index);
+    let mesh_update = cluster
+        .node(0)
+        .updates()
+        .await?
+        .subscribe_mesh_updates(SubscribeUpdatesRequest::default())
+        .await?
+        .into_inner()
+        .next()
+        .await
+        .context("a mesh update")??;
+    assert_eq!(
+        (
+            mesh_update.index,
+            mesh_update.key.as_str(),
+            mesh_update.origin_node
+        ),
+        (mesh_index, "routing.alpha", 3)
+    );
+
+    // RequestDatabaseSync pages by version (log index).
+    let mut data = cluster.node(2).data().await?;
+    let all_rows = data
+        .request_database_sync(DatabaseSyncRequest {
+            table_name: "accounts".into(),
+            last_known_version: 0,
+            node_ids: Vec::new(),
+        })
+        .await?
+        .into_inner();
+    let versions: Vec<u64> = all_rows.records.iter().map(|r| r.version).collect();
+    assert_eq!(versions, written.keys().copied().collect::<Vec<_>>());
+    assert!(!all_rows.has_more && all_rows.current_version >= node_index);
+    let after_ten = data
+        .request_database_sync(DatabaseSyncRequest {
+            table_name: "accounts".into(),
+            last_known_version: versions[9],
+            node_ids: vec!["2".into()],
+        })
+        .await?
+        .into_inner();
+    let from_two: Vec<u64> = written
+        .iter()
+        .skip(10)
+        .filter(|(_, key)| *key % 3 == 1)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(
+        after_ten
+            .records
+            .iter()
+            .map(|r| r.version)
+            .collect::<Vec<_>>(),
+        from_two
+    );
+
+    // kill -9 the leader while a non-leader takes a stream of writes.
+    let leader = cluster.node(0).consensus().await?.leader_id;
+    let leader_index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.spec.node_id == leader)
+        .context("leader is a node")?;
+    let writer_index = (leader_index + 1) % 3;
+    let survivors: Vec<usize> = all.iter().copied().filter(|i| *i != leader_index).collect();
+    let mut acked = BTreeMap::new();
+    let mut failed = Vec::new();
+    let mut killed_at = None;
+    let mut first_after_kill = None;
+    let mut key = 1000u64;
+    while acked.len() < 60 || first_after_kill.is_none() {
+        if key == 1020 {
+            cluster.node_mut(leader_index).kill();
+            killed_at = Some(Instant::now());
+        }
+        match write_db(cluster.node(writer_index), key).await {
+            Ok(index) => {
+                assert!(acked.insert(index, key).is_none(), "index {index} twice");
+                if let Some(at) = killed_at
+                    && first_after_kill.is_none()
+                {
+                    first_after_kill = Some(at.elapsed());
+                }
+            }
+            Err(e) => {
+                failed.push((key, e.to_string()));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        key += 1;
+        if killed_at.is_some_and(|at| at.elapsed() > SETTLE) {
+            bail!(
+                "no write committed within {SETTLE:?} of the leader's kill: {failed:?}\n{}",
+                cluster.log_tails(writer_index, 40)
+            );
+        }
+    }
+    let failover = first_after_kill.unwrap_or_default();
+    let elected = wait_group(&cluster, &survivors, "a new leader", SETTLE, |s| {
+        s.leader_id != 0 && s.leader_id != leader && s.can_accept_writes
+    })
+    .await?;
+    let state = cluster.node(writer_index).consensus().await?;
+    println!(
+        "kill -9 of leader {leader}: node {} leads (term {}), first write committed {failover:?} \
+         after the kill; {} writes refused meanwhile (new leader seen by both survivors \
+         {elected:?} after that)",
+        state.leader_id,
+        state.term,
+        failed.len()
+    );
+    assert!(
+        failover < Duration::from_secs(15),
+        "failover took {failover:?}"
+    );
+    assert_ne!(state.leader_id, leader);
+    for (key, error) in &failed {
+        let error = error.to_lowercase();
+        assert!(
+            error.contains("precondition") || error.contains("unavailable"),
+            "write {key}: {error}"
+        );
+    }
+
+    // Every acknowledged write is applied exactly once on the survivors, in index order;
+    // a refused one at most once (a timed-out write may still have committed).
+    let last = *acked.keys().last().unwrap_or(&0);
+    for &i in &survivors {
+        let total = last as usize; // at most this many updates of any kind up to `last`
+        let mut stream = cluster
+            .node(i)
+            .updates()
+            .await?
+            .subscribe_internal_db_updates(SubscribeUpdatesRequest::default())
+            .await?
+            .into_inner();
+        let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut keys: HashMap<u64, u64> = HashMap::new();
+        let mut previous = 0;
+        while seen.keys().last().copied().unwrap_or(0) < last && seen.len() < total {
+            let update = tokio::time::timeout(SETTLE, stream.next())
+                .await
+                .context("survivor stalled")?
+                .context("stream ended")??;
+            assert!(update.index > previous, "out of order");
+            previous = update.index;
+            let key: u64 = update.data["id"].parse()?;
+            *keys.entry(key).or_default() += 1;
+            seen.insert(update.index, key);
+        }
+        for (index, key) in &acked {
+            assert_eq!(seen.get(index), Some(key), "node {}: acked {key}", i + 1);
+        }
+        assert!(keys.values().all(|n| *n == 1), "a key applied twice");
+    }
+
+    // The killed node returns and catches up on what it missed.
+    cluster.node_mut(leader_index).start()?;
+    let caught_up = Instant::now();
+    wait_group(
+        &cluster,
+        &[leader_index],
+        "the restarted node caught up",
+        SETTLE,
+        |s| s.commit_index >= last,
+    )
+    .await?;
+    println!(
+        "restarted node {leader} caught up to index {last} in {:?}",
+        caught_up.elapsed()
+    );
+    let mut stream = cluster
+        .node(leader_index)
+        .updates()
+        .await?
+        .subscribe_internal_db_updates(SubscribeUpdatesRequest::default())
+        .await?
+        .into_inner();
+    let mut restored = BTreeMap::new();
+    while restored.keys().last().copied().unwrap_or(0) < last {
+        let update = tokio::time::timeout(SETTLE, stream.next())
+            .await
+            .context("restarted node stalled")?
+            .context("stream ended")??;
+        restored.insert(update.index, update.data["id"].parse::<u64>()?);
+    }
+    for (index, key) in acked.iter().chain(written.iter()) {
+        assert_eq!(restored.get(index), Some(key));
+    }
+    Ok(())
+}
