@@ -284,6 +284,9 @@ pub struct ConsensusSection {
     pub keep_behind_snapshot: u64,
     /// How long a write waits to commit before the caller is told it may still commit.
     pub write_deadline_ms: u64,
+    /// Updates kept for subscribers and RequestDatabaseSync, in log indexes: older ones are
+    /// dropped (a subscriber further behind is told to resync).
+    pub retain_updates: u64,
 }
 
 impl Default for ConsensusSection {
@@ -297,6 +300,7 @@ impl Default for ConsensusSection {
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
             write_deadline_ms: 5000,
+            retain_updates: 1_000_000,
         }
     }
 }

@@ -166,6 +166,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             .context("opening the control group's database (raft.redb)")?,
     );
     let (raft_calls_tx, raft_calls) = tokio::sync::mpsc::channel(config.runtime.ring_capacity);
+    let (decided_tx, raft_decisions) = tokio::sync::mpsc::channel(config.runtime.ring_capacity);
     let consensus_section = &config.consensus;
     let consensus = ConsensusThread::start(
         identity.node_id,
@@ -175,9 +176,11 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             snapshot_every: consensus_section.snapshot_every,
             keep_behind_snapshot: consensus_section.keep_behind_snapshot,
             write_deadline: Duration::from_millis(consensus_section.write_deadline_ms),
+            retain_updates: consensus_section.retain_updates,
         },
         raft_db,
         raft_calls_tx,
+        decided_tx,
         config.network.max_payload_bytes,
     )?;
     let control = ControlThread::start(ControlSetup {
@@ -213,6 +216,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         tenant_keys: Arc::clone(&tenant_keys),
         consensus: consensus.handle(),
         raft_calls,
+        raft_decisions,
         raft_policy: Policy {
             max_voters: consensus_section.max_voters,
             dead_grace: Duration::from_millis(consensus_section.dead_voter_grace_ms),

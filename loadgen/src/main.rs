@@ -22,6 +22,7 @@ use tokio_stream::StreamExt;
 
 mod bench;
 mod compare;
+mod consensus;
 mod nats;
 mod publish;
 mod report;
@@ -67,6 +68,10 @@ enum Command {
     /// loss, duplicates and reordering. Starts a local mesh in the chosen topology unless
     /// --source and --sink name a running one.
     Bench(bench::BenchArgs),
+    /// The mesh control group under load: commit latency and committed updates/s of
+    /// internal-DB updates through the leader, then (with --faults) a snapshot catch-up and
+    /// the failover after a SIGKILL of the leader.
+    Consensus(consensus::ConsensusArgs),
     /// Run the standard loads on meshd and NATS and the 50-node mesh, and rewrite the
     /// generated section of benches/RESULTS.md with the figures and the machine.
     Results {
@@ -109,6 +114,15 @@ async fn main() -> anyhow::Result<()> {
             compare: None,
         } => local(nodes, messages, size.max(16), in_flight.max(1), hold).await,
         Command::Results { out } => results::run(&out).await,
+        Command::Consensus(args) => {
+            let report = consensus::run(&args).await?;
+            println!(
+                "| voters | updates | committed/s | p50 µs | p99 µs | max µs | failover | snapshot catch-up |"
+            );
+            println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+            println!("{}", consensus::row(&report));
+            Ok(())
+        }
         Command::Scale { nodes, nat, seed } => scale::run(nodes, nat, seed).await,
         Command::Bench(args) => {
             let reports = compare::run_compared(args).await?;

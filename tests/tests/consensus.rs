@@ -359,3 +359,302 @@ async fn updates_commit_in_one_order_everywhere_and_survive_a_killed_leader() ->
     }
     Ok(())
 }
+
+/// The writes a node's internal-DB subscriber sees from the start: (index, key), in order,
+/// until it has seen index `last`.
+async fn log_of(node: &Node, last: u64) -> anyhow::Result<Vec<(u64, u64)>> {
+    let mut stream = node
+        .updates()
+        .await?
+        .subscribe_internal_db_updates(SubscribeUpdatesRequest::default())
+        .await?
+        .into_inner();
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    while seen.last().map_or(0, |(i, _)| *i) < last {
+        let update = tokio::time::timeout(SETTLE, stream.next())
+            .await
+            .with_context(|| format!("node {} stalled at {seen:?}", node.spec.node_id))?
+            .context("stream ended")??;
+        seen.push((update.index, update.data["id"].parse()?));
+    }
+    Ok(seen)
+}
+
+/// Five processes: two behind NAT, 4 and 5 reachable from each other only through three
+/// relays. Dropping the 2 – 3 link splits them into {1, 2, 4} and {3, 5}: the minority
+/// refuses writes and says why, the majority goes on; after the heal every node holds one
+/// log.
+///
+/// ```text
+///  1 (bootstrap) ── 2 ── 3
+///  │                     │
+///  4 (NAT)               5 (NAT)
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_refuses_writes_the_majority_goes_on_and_the_heal_converges()
+-> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let mut first = NodeSpec::listener(1);
+    first.extra = BOOTSTRAP.into();
+    let cluster = Cluster::start(vec![
+        first,
+        NodeSpec::listener(2).dialing(vec![0]),
+        NodeSpec::listener(3).dialing(vec![1]),
+        NodeSpec::behind_nat(4, vec![0]),
+        NodeSpec::behind_nat(5, vec![2]),
+    ])?;
+    let all = [0, 1, 2, 3, 4];
+    let took = wait_group(&cluster, &all, "five voters", SETTLE, |s| {
+        s.voters.len() == 5 && s.can_accept_writes
+    })
+    .await?;
+    println!("5 processes (2 behind NAT): control group of 5 voters in {took:?}");
+    let mut written = BTreeMap::new();
+    for key in 0..10u64 {
+        let index = write_db(cluster.node((key % 5) as usize), key).await?;
+        written.insert(index, key);
+    }
+
+    // Split: 3 drops its link to 2 (and neither re-dials).
+    let mut three = cluster.node(2).mesh().await?;
+    three
+        .drop_link(meshd_proto::link::DropLinkRequest { peer_node_id: 2 })
+        .await?;
+    let split = Instant::now();
+    let minority = [2, 4];
+    let majority = [0, 1, 3];
+    wait_group(&cluster, &minority, "the minority refusing writes", SETTLE, |s| {
+        !s.can_accept_writes
+    })
+    .await?;
+    let refused = write_db(cluster.node(4), 500).await;
+    let error = refused.expect_err("a minority write commits nowhere");
+    let text = error.to_string();
+    assert!(
+        text.contains("FailedPrecondition") || text.to_lowercase().contains("precondition"),
+        "{text}"
+    );
+    assert!(
+        text.contains("quorum") || text.contains("CRITICAL") || text.contains("leader"),
+        "the refusal says why: {text}"
+    );
+    println!("minority {{3, 5}} refuses writes: {text}");
+    let elected = wait_group(&cluster, &majority, "a majority leader", SETTLE, |s| {
+        s.can_accept_writes && [1, 2, 4].contains(&s.leader_id)
+    })
+    .await?;
+    for key in 10..30u64 {
+        let node = cluster.node(majority[(key % 3) as usize]);
+        let index = write_db(node, key).await?;
+        written.insert(index, key);
+    }
+    println!(
+        "majority {{1, 2, 4}} commits (leader ready {:?} after the split)",
+        split.elapsed().min(elected + split.elapsed())
+    );
+
+    // Heal: 3 dials 2 again.
+    let two = cluster.node(1).listen.context("2 listens")?;
+    three
+        .add_link(meshd_proto::link::AddLinkRequest {
+            addr: two.to_string(),
+            timeout_seconds: 10,
+        })
+        .await?;
+    let healed = Instant::now();
+    let last = *written.keys().last().unwrap_or(&0);
+    wait_group(&cluster, &all, "one log after the heal", SETTLE, |s| {
+        s.commit_index >= last && s.can_accept_writes
+    })
+    .await?;
+    println!("healed: every node applied up to {last} in {:?}", healed.elapsed());
+    let expected: Vec<(u64, u64)> = written.iter().map(|(i, k)| (*i, *k)).collect();
+    for &i in &all {
+        let log = log_of(cluster.node(i), last).await?;
+        assert_eq!(log, expected, "node {} holds another log", i + 1);
+    }
+    Ok(())
+}
+
+/// A node down while the group moves on past its snapshot interval catches up from a
+/// snapshot (the entries it missed were compacted away), and the log stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_for_many_entries_catches_up_from_a_snapshot() -> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let small = "[consensus]\nsnapshot_every = 50\nkeep_behind_snapshot = 10\n";
+    let mut first = NodeSpec::listener(1);
+    first.extra = format!("{small}bootstrap = true\n");
+    let mut second = NodeSpec::listener(2).dialing(vec![0]);
+    second.extra = small.into();
+    let mut third = NodeSpec::listener(3).dialing(vec![0, 1]);
+    third.extra = small.into();
+    let mut cluster = Cluster::start(vec![first, second, third])?;
+    let all = [0, 1, 2];
+    wait_group(&cluster, &all, "three voters", SETTLE, |s| {
+        s.voters.len() == 3 && s.can_accept_writes
+    })
+    .await?;
+    let mut written = BTreeMap::new();
+    for key in 0..5u64 {
+        written.insert(write_db(cluster.node(0), key).await?, key);
+    }
+    let behind = cluster.node(2).consensus().await?.commit_index;
+    cluster.node_mut(2).stop();
+    for key in 5..305u64 {
+        let node = cluster.node((key % 2) as usize);
+        written.insert(write_db(node, key).await?, key);
+    }
+    let last = *written.keys().last().unwrap_or(&0);
+    let leader = cluster.node(0).consensus().await?;
+    assert!(
+        leader.purged_index > behind,
+        "the log was compacted past node 3's last entry: {leader:?}"
+    );
+    assert!(
+        leader.last_log_index - leader.purged_index < 200,
+        "the log stays bounded: {leader:?}"
+    );
+    cluster.node_mut(2).start()?;
+    let restarted = Instant::now();
+    wait_group(&cluster, &[2], "caught up", SETTLE, |s| s.commit_index >= last).await?;
+    let took = restarted.elapsed();
+    let state = cluster.node(2).consensus().await?;
+    assert!(
+        state.snapshot_index > behind,
+        "node 3 installed a snapshot: {state:?}"
+    );
+    println!(
+        "node 3, down for {} entries, caught up from a snapshot (index {}) in {took:?} after its restart",
+        last - behind,
+        state.snapshot_index
+    );
+    let expected: Vec<(u64, u64)> = written.iter().map(|(i, k)| (*i, *k)).collect();
+    assert_eq!(log_of(cluster.node(2), last).await?, expected);
+    Ok(())
+}
+
+/// SetPolicy writes a live setting through the group and every node applies it (here the
+/// per-hop charge, seen in every node's route costs); EvictNode and LeaveMesh commit
+/// through the group and the group stops counting on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_evictions_and_departures_go_through_the_group() -> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    // Meshes made by SeedMesh and JoinMesh (LeaveMesh and EvictNode need one).
+    let meshless = |id| NodeSpec {
+        extra: "mesh_id = \"\"".into(),
+        ..NodeSpec::listener(id)
+    };
+    let cluster = Cluster::start(vec![meshless(1), meshless(2), meshless(3), meshless(4)])?;
+    cluster
+        .node(0)
+        .mesh()
+        .await?
+        .seed_mesh(meshd_proto::link::SeedMeshRequest {
+            name: "group".into(),
+            join_policy: meshd_proto::link::JoinPolicy::Open as i32,
+            ..Default::default()
+        })
+        .await?;
+    // A chain: each joins through the one before it (and keeps that link).
+    for i in 1..4 {
+        let addr = cluster.node(i - 1).listen.context("listens")?.to_string();
+        cluster
+            .node(i)
+            .mesh()
+            .await?
+            .join_mesh(meshd_proto::link::JoinMeshRequest {
+                addr,
+                timeout_seconds: 10,
+                ..Default::default()
+            })
+            .await?;
+    }
+    let all = [0, 1, 2, 3];
+    wait_group(&cluster, &all, "three voters and a learner", SETTLE, |s| {
+        s.voters.len() == 3 && s.learners.len() == 1 && s.can_accept_writes
+    })
+    .await?;
+    // 1 reaches 4 over three hops: the per-hop charge shows in the route's cost.
+    let cost_to_four = |node: usize| {
+        let node = cluster.node(node);
+        async move {
+            let table = node
+                .control()
+                .await?
+                .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
+                .await?
+                .into_inner();
+            anyhow::Ok(
+                table
+                    .routes
+                    .iter()
+                    .find(|r| r.dst_node == 4)
+                    .map(|r| r.cost),
+            )
+        }
+    };
+    cluster.node(0).wait_for_routes(&[4], SETTLE).await?;
+    let before = cost_to_four(0).await?.context("a route to 4")?;
+    let bad = cluster
+        .node(1)
+        .control()
+        .await?
+        .set_policy(meshd_proto::mesh::SetPolicyRequest {
+            key: "routing.epsilon".into(),
+            value: "0".into(),
+        })
+        .await
+        .expect_err("epsilon must be above 0");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    cluster
+        .node(3)
+        .control()
+        .await?
+        .set_policy(meshd_proto::mesh::SetPolicyRequest {
+            key: "routing.epsilon".into(),
+            value: "5".into(),
+        })
+        .await?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let after = cost_to_four(0).await?.unwrap_or(0);
+        if after >= before + 3 * 4900 {
+            println!("SetPolicy routing.epsilon = 5 on node 4: node 1's cost to 4 went {before} -> {after}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "cost to 4 stayed {after}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // EvictNode(4) on node 2: committed by the group, applied everywhere.
+    cluster
+        .node(1)
+        .mesh()
+        .await?
+        .evict_node(meshd_proto::link::EvictNodeRequest { node_id: 4 })
+        .await?;
+    wait_group(&cluster, &[0, 1, 2], "4 out of the group", SETTLE, |s| {
+        !s.voters.contains(&4) && !s.learners.contains(&4)
+    })
+    .await?;
+    meshd_tests::wait_for_mesh(&cluster, &[0, 1, 2], "4 evicted", SETTLE, |s| {
+        s.evicted.contains(&4)
+    })
+    .await?;
+
+    // LeaveMesh on a voter: the group replaces it before it goes, and still commits.
+    let leaver = cluster.node(2).consensus().await?;
+    assert!(leaver.voters.contains(&3), "{leaver:?}");
+    cluster
+        .node(2)
+        .mesh()
+        .await?
+        .leave_mesh(meshd_proto::link::LeaveMeshRequest {})
+        .await?;
+    wait_group(&cluster, &[0, 1], "3 out of the group", SETTLE, |s| {
+        !s.voters.contains(&3) && s.can_accept_writes
+    })
+    .await?;
+    write_db(cluster.node(1), 1).await?;
+    Ok(())
+}

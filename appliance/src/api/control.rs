@@ -1,7 +1,8 @@
-//! `MeshControl`: sessions, routing table, topology, message metrics, consensus state from
-//! membership. InjectNeighbor and SetPolicy answer UNIMPLEMENTED (the generated default) until
-//! their issues land. Also meshd's own `MeshService` (AddLink, DropLink, EstablishFullLinks,
-//! GetMeshStatus, WatchMeshEvents).
+//! `MeshControl`: sessions, routing table, topology, message metrics, consensus state (SWIM's
+//! counts and the control group's Raft state), SetPolicy (a live setting written through the
+//! control group). InjectNeighbor answers UNIMPLEMENTED (the generated default). Also meshd's
+//! own `MeshService` (lifecycle, AddLink, DropLink, EstablishFullLinks, GetMeshStatus,
+//! WatchMeshEvents, Publish, the control group's updates).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -149,6 +150,24 @@ fn add_failure(code: &str, message: String, addr: &str) -> Response<AddSessionRe
 
 #[tonic::async_trait]
 impl MeshControl for ControlService {
+    async fn set_policy(
+        &self,
+        request: Request<meshd_proto::mesh::SetPolicyRequest>,
+    ) -> Result<Response<()>, Status> {
+        let request = request.into_inner();
+        crate::control::live::parse(&request.key, &request.value)
+            .map_err(Status::invalid_argument)?;
+        self.state
+            .consensus
+            .write(crate::control::raft::MeshCommand::SetPolicy {
+                key: request.key,
+                value: request.value.trim().to_owned(),
+            })
+            .await
+            .map_err(super::updates::status_of)?;
+        Ok(Response::new(()))
+    }
+
     async fn get_sessions(
         &self,
         _request: Request<GetSessionsRequest>,
@@ -365,6 +384,7 @@ impl ControlService {
                 | LifecycleError::NotMember
                 | LifecycleError::Refused(_)
                 | LifecycleError::Critical(_)
+                | LifecycleError::Consensus(_)
                 | LifecycleError::Busy => Status::failed_precondition(text),
                 LifecycleError::Invalid(_) => Status::invalid_argument(text),
                 LifecycleError::Unreachable(_) => Status::unavailable(text),
@@ -385,6 +405,9 @@ impl ControlService {
 
 /// Lifecycle requests that do no network round trip answer at once; this bounds the wait.
 const LIFECYCLE_WAIT: Duration = Duration::from_secs(10);
+/// LeaveMesh and EvictNode commit through the control group first (its write deadline), and a
+/// leaving voter waits for the group to stop counting on it.
+const CONSENSUS_CHANGE_WAIT: Duration = Duration::from_secs(30);
 
 #[tonic::async_trait]
 impl MeshService for ControlService {
@@ -464,8 +487,11 @@ impl MeshService for ControlService {
         &self,
         _request: Request<LeaveMeshRequest>,
     ) -> Result<Response<LeaveMeshResponse>, Status> {
-        self.lifecycle(|reply| LifecycleRequest::Leave { reply }, LIFECYCLE_WAIT)
-            .await?;
+        self.lifecycle(
+            |reply| LifecycleRequest::Leave { reply },
+            CONSENSUS_CHANGE_WAIT,
+        )
+        .await?;
         Ok(Response::new(LeaveMeshResponse {
             success: true,
             message: "left the mesh; members were told".into(),
@@ -479,7 +505,7 @@ impl MeshService for ControlService {
         let node = request.into_inner().node_id;
         self.lifecycle(
             |reply| LifecycleRequest::Evict { node, reply },
-            LIFECYCLE_WAIT,
+            CONSENSUS_CHANGE_WAIT,
         )
         .await?;
         self.status().await

@@ -148,6 +148,7 @@ pub(crate) fn consensus_state(mesh: &MeshSnapshot, group: &GroupState) -> Consen
         follower_lag: group.lag.clone().into_iter().collect(),
         last_log_index: group.last_log_index,
         snapshot_index: group.snapshot_index,
+        purged_index: group.purged_index,
         write_refusal,
     }
 }

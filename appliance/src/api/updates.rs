@@ -34,7 +34,7 @@ const MAX_SUBSCRIBER: usize = 128;
 /// Longest table name, kind, key or operation.
 const MAX_NAME: usize = 256;
 
-fn status_of(error: WriteError) -> Status {
+pub(crate) fn status_of(error: WriteError) -> Status {
     match error {
         WriteError::NoQuorum { .. } | WriteError::NoGroup | WriteError::Refused(_) => {
             Status::failed_precondition(error.to_string())
@@ -153,6 +153,21 @@ impl Row for DbUpdate {
     }
 }
 
+/// A resume point older than the retained updates cannot be served in full: the caller is
+/// told where history starts instead of silently missing updates.
+fn check_retained(consensus: &crate::control::raft::group::Consensus, after: u64) -> Result<(), Status> {
+    let oldest = store::oldest_kept(consensus.db())
+        .map_err(|e| Status::internal(format!("reading the retained range: {e}")))?;
+    if oldest > 0 && after.saturating_add(1) < oldest {
+        return Err(Status::failed_precondition(format!(
+            "updates before index {oldest} were dropped (consensus.retain_updates); resume from \
+             {} or later after a resync",
+            oldest - 1
+        )));
+    }
+    Ok(())
+}
+
 fn check_subscriber(name: &str) -> Result<(), Status> {
     if name.len() > MAX_SUBSCRIBER {
         return Err(Status::invalid_argument(format!(
@@ -178,6 +193,7 @@ fn subscribe<T: Row + Send>(
         store::cursor(consensus.db(), stream, &request.subscriber)
             .map_err(|e| Status::internal(format!("reading the subscriber's position: {e}")))?
     };
+    check_retained(&consensus, after)?;
     let (tx, rx) = tokio::sync::mpsc::channel(state.subscriber_queue.clamp(16, 4096));
     tokio::spawn(async move {
         let mut applied = consensus.applied();
@@ -309,6 +325,7 @@ pub(crate) async fn database_sync(
         );
     }
     let consensus = state.consensus.clone();
+    check_retained(&consensus, request.last_known_version)?;
     let table = request.table_name.clone();
     let keep = |bytes: &[u8]| {
         DbUpdate::decode(bytes).is_ok_and(|u| {

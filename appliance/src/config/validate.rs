@@ -265,6 +265,13 @@ impl Config {
                 "use 5000 and 1000",
             ));
         }
+        if consensus.retain_updates < 100 {
+            return Err(invalid(
+                "consensus.retain_updates",
+                "is below 100",
+                "use 1000000",
+            ));
+        }
         if !(100..=600_000).contains(&consensus.write_deadline_ms) {
             return Err(invalid(
                 "consensus.write_deadline_ms",

@@ -13,7 +13,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -21,10 +21,16 @@ use meshd_shards::frame::{FrameType, TrafficClass};
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::storage::now_ms;
+
 use super::{
     Control,
-    membership::MemberState,
+    lifecycle::{LifecycleError, Reply},
+    live::{self, LiveSetting, Weight},
+    membership::{MemberState, Notice, NoticeKind},
     raft::{
+        Decision, MeshCommand,
+        group::WriteError,
         group::Consensus,
         network::RaftCall,
         policy::{Liveness, Policy},
@@ -46,6 +52,33 @@ pub struct RaftAnswer {
     body: Vec<u8>,
 }
 
+/// What the control thread does once a change committed (or failed to).
+#[derive(Debug)]
+pub enum After {
+    /// EvictNode: evict here, spread the notice, answer.
+    Evict {
+        /// The node.
+        node: u64,
+        /// The api's answer.
+        reply: Reply,
+    },
+    /// LeaveMesh: leave (the group no longer counts on this node's vote), answer.
+    Leave {
+        /// The api's answer.
+        reply: Reply,
+    },
+}
+
+/// A change's outcome, back on the control loop.
+#[derive(Debug)]
+pub struct Committed {
+    result: Result<u64, WriteError>,
+    after: After,
+}
+
+/// How long a leaving voter waits for the group to stop counting on it.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
 /// The control thread's control-group state.
 pub struct RaftPort {
     consensus: Consensus,
@@ -57,12 +90,24 @@ pub struct RaftPort {
     policy: Policy,
     /// Frames dropped: malformed, unexpected answers, inbound over the bound.
     dropped: u64,
+    committed: mpsc::Sender<Committed>,
+    /// This node's departure committed: the voter policy counts it gone.
+    leaving: bool,
 }
 
 impl RaftPort {
-    /// The port, and the queue serving tasks answer through (selected by the loop).
-    pub fn new(consensus: Consensus, policy: Policy) -> (Self, mpsc::Receiver<RaftAnswer>) {
+    /// The port, the queue serving tasks answer through and the queue of committed changes
+    /// (both selected by the loop).
+    pub fn new(
+        consensus: Consensus,
+        policy: Policy,
+    ) -> (
+        Self,
+        mpsc::Receiver<RaftAnswer>,
+        mpsc::Receiver<Committed>,
+    ) {
         let (answers, answers_rx) = mpsc::channel(MAX_INBOUND);
+        let (committed, committed_rx) = mpsc::channel(64);
         (
             Self {
                 consensus,
@@ -73,8 +118,11 @@ impl RaftPort {
                 changing: Arc::new(AtomicBool::new(false)),
                 policy,
                 dropped: 0,
+                committed,
+                leaving: false,
             },
             answers_rx,
+            committed_rx,
         )
     }
 
@@ -185,7 +233,14 @@ impl Control {
         for node in self.membership.removed() {
             members.insert(node, Liveness::Gone);
         }
-        members.insert(local, Liveness::Live);
+        members.insert(
+            local,
+            if self.raft.leaving {
+                Liveness::Gone
+            } else {
+                Liveness::Live
+            },
+        );
         // A member joins the group only once its certified key is known here (the group
         // speaks to it over origin-tagged frames).
         members.retain(|node, liveness| {
@@ -207,6 +262,126 @@ impl Control {
             }
             changing.store(false, Ordering::Release);
         });
+    }
+
+    /// Commits `command` through the group off the loop; `after` runs on the loop with the
+    /// outcome. A departure also waits (bounded) until the group stops counting on this
+    /// node's vote, so leaving never takes the group's quorum with it.
+    pub(super) fn commit_then(&mut self, command: MeshCommand, after: After) {
+        let consensus = self.raft.consensus.clone();
+        let committed = self.raft.committed.clone();
+        let local = self.local();
+        tokio::spawn(async move {
+            let result = consensus.write(command).await;
+            if result.is_ok() && matches!(after, After::Leave { .. }) {
+                let started = Instant::now();
+                while consensus.counts_on(local) && started.elapsed() < HANDOVER_WAIT {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if consensus.counts_on(local) {
+                    tracing::warn!("leaving while the control group still counts this node as a voter");
+                }
+            }
+            let _ = committed.send(Committed { result, after }).await;
+        });
+    }
+
+    /// A change committed (or not): act on it and answer.
+    pub(super) fn handle_committed(&mut self, committed: Committed) {
+        let now = Instant::now();
+        match (committed.result, committed.after) {
+            (Err(e), After::Evict { reply, .. } | After::Leave { reply }) => {
+                let _ = reply.send(Err(LifecycleError::Consensus(e.to_string())));
+            }
+            (Ok(_), After::Evict { node, reply }) => {
+                // The decision may have been applied already (it came through the log too).
+                let result = if self.membership.is_evicted(node) {
+                    let notice = self
+                        .trust
+                        .sign(Notice::new(node, now_ms(), NoticeKind::Evicted));
+                    self.membership.publish_notice(now, notice);
+                    Ok(())
+                } else {
+                    self.evict(now, node)
+                };
+                let _ = reply.send(result);
+            }
+            (Ok(_), After::Leave { reply }) => {
+                let _ = reply.send(self.leave(now));
+            }
+        }
+    }
+
+    /// A decision the group committed (or held at start): acted on here, idempotently.
+    pub(super) fn handle_decision(&mut self, decision: Decision) {
+        let local = self.local();
+        match decision {
+            Decision::Evict(node) if node != local => {
+                self.membership.decided(node, NoticeKind::Evicted);
+            }
+            Decision::Leave(node) if node != local => {
+                self.membership.decided(node, NoticeKind::Left);
+            }
+            Decision::Admit(node) if node != local => {
+                self.membership.decided(node, NoticeKind::Admitted);
+            }
+            Decision::SetPolicy(key, value) => self.apply_setting(&key, &value),
+            Decision::Leave(_) => self.raft.leaving = true,
+            Decision::Evict(_) | Decision::Admit(_) => {}
+        }
+    }
+
+    fn apply_setting(&mut self, key: &str, value: &str) {
+        let setting = match live::parse(key, value) {
+            Ok(setting) => setting,
+            Err(e) => {
+                // Checked before the write; a node of another version may disagree.
+                tracing::warn!(key, value, error = %e, "committed setting not applied");
+                return;
+            }
+        };
+        let now = Instant::now();
+        match setting {
+            LiveSetting::RoutingWeight(which, v) => self.routing.reconfigure(now, |config| {
+                let weights = &mut config.weights;
+                match which {
+                    Weight::Alpha => weights.alpha = v,
+                    Weight::Beta => weights.beta = v,
+                    Weight::Gamma => weights.gamma = v,
+                    Weight::Delta => weights.delta = v,
+                    Weight::Epsilon => weights.epsilon = v,
+                }
+            }),
+            LiveSetting::KPaths(k) => self.routing.reconfigure(now, |config| config.k_paths = k),
+            LiveSetting::LogLevel(filter) => {
+                if let Err(e) = live::set_log_level(&filter) {
+                    tracing::warn!(error = %e, "log level not changed");
+                }
+            }
+            LiveSetting::ProbePeriod(period) => {
+                if let Err(e) = self.membership.set_timing(|c| c.probe_period = period) {
+                    tracing::warn!(error = %e, "SWIM timing not changed");
+                    return;
+                }
+            }
+            LiveSetting::SuspectToDown(after) => {
+                if let Err(e) = self.membership.set_timing(|c| c.suspect_to_down = after) {
+                    tracing::warn!(error = %e, "SWIM timing not changed");
+                    return;
+                }
+            }
+            LiveSetting::JoinPolicy(policy) => {
+                if let Some(record) = self.lifecycle.record.as_mut()
+                    && let Some(config) = record.config.as_mut()
+                    && config.join_policy != policy as u32
+                {
+                    config.join_policy = policy as u32;
+                    let record = record.clone();
+                    self.store.stage(now, |batch| batch.save_mesh(record, false));
+                }
+            }
+        }
+        tracing::info!(key, value, "live setting applied");
     }
 
     /// Raft frames dropped (malformed, unexpected, over the inbound bound).

@@ -96,6 +96,9 @@ pub enum LifecycleError {
     /// The control database failed.
     #[error("control database: {0}")]
     Storage(String),
+    /// The control group did not commit the change.
+    #[error("the mesh control group did not commit it: {0}")]
+    Consensus(String),
 }
 
 /// Where an answer goes.
@@ -413,7 +416,21 @@ impl Control {
         let now = Instant::now();
         match request {
             LifecycleRequest::Evict { node, reply } => {
-                let _ = reply.send(self.evict(now, node));
+                if let Err(e) = self.check_evict(node) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+                // "Requires consensus": committed through the control group first, then
+                // acted on here (and spread by notice); without a group (a mesh configured
+                // by file with no bootstrapping node) only the notice carries it.
+                if self.raft.consensus().has_group() {
+                    self.commit_then(
+                        super::raft::MeshCommand::Evict { node },
+                        super::consensus::After::Evict { node, reply },
+                    );
+                } else {
+                    let _ = reply.send(self.evict(now, node));
+                }
             }
             // A stopped node sees every member dead, so its own view is CRITICAL: starting
             // again is how it recovers, never a change to refuse.
@@ -465,7 +482,17 @@ impl Control {
                         let _ = reply.send(self.stop_mesh());
                     }
                     LifecycleRequest::Leave { reply } => {
-                        let _ = reply.send(self.leave(now));
+                        if self.lifecycle.record.is_none() {
+                            let _ = reply.send(Err(LifecycleError::NotMember));
+                        } else if self.raft.consensus().has_group() {
+                            let local = self.local();
+                            self.commit_then(
+                                super::raft::MeshCommand::Leave { node: local },
+                                super::consensus::After::Leave { reply },
+                            );
+                        } else {
+                            let _ = reply.send(self.leave(now));
+                        }
                     }
                     LifecycleRequest::Evict { .. } | LifecycleRequest::Start { .. } => {}
                 }
@@ -573,7 +600,7 @@ impl Control {
         Ok(())
     }
 
-    fn leave(&mut self, now: Instant) -> Result<(), LifecycleError> {
+    pub(super) fn leave(&mut self, now: Instant) -> Result<(), LifecycleError> {
         if self.lifecycle.record.is_none() {
             return Err(LifecycleError::NotMember);
         }
@@ -596,7 +623,7 @@ impl Control {
         Ok(())
     }
 
-    fn evict(&mut self, now: Instant, node: u64) -> Result<(), LifecycleError> {
+    fn check_evict(&self, node: u64) -> Result<(), LifecycleError> {
         if self.lifecycle.record.is_none() {
             return Err(LifecycleError::NotMember);
         }
@@ -608,6 +635,11 @@ impl Control {
         if self.membership.member(node).is_none() && !self.membership.is_evicted(node) {
             return Err(LifecycleError::UnknownNode(node));
         }
+        Ok(())
+    }
+
+    pub(super) fn evict(&mut self, now: Instant, node: u64) -> Result<(), LifecycleError> {
+        self.check_evict(node)?;
         self.store
             .commit_now(|batch| {
                 batch.set_evicted(node, true);

@@ -278,6 +278,8 @@ impl Census {
 pub struct Membership {
     local: MemberId,
     foca: Foca<MemberId, PostcardCodec, StdRng, MetaHandler>,
+    /// The timing in force (live settings change it).
+    config: MembershipConfig,
     meta: MetaTable,
     own_meta: NodeMeta,
     timers: BTreeMap<(Instant, u64), Timer<MemberId>>,
@@ -346,6 +348,7 @@ impl Membership {
         let mut membership = Self {
             local: id,
             foca,
+            config: config.clone(),
             meta: table_meta,
             own_meta,
             timers: BTreeMap::new(),
@@ -561,6 +564,37 @@ impl Membership {
     /// Every evicted node.
     pub fn evicted(&self) -> impl Iterator<Item = u64> + '_ {
         self.evicted.iter().copied()
+    }
+
+    /// New SWIM timing, live (a committed setting); refused when foca finds it inconsistent.
+    pub fn set_timing(&mut self, change: impl FnOnce(&mut MembershipConfig)) -> Result<(), String> {
+        let mut config = self.config.clone();
+        change(&mut config);
+        if config.probe_rtt >= config.probe_period || config.suspect_to_down < config.probe_period {
+            return Err(format!(
+                "probe_rtt {:?} must be below probe_period {:?}, which must not exceed suspect_to_down {:?}",
+                config.probe_rtt, config.probe_period, config.suspect_to_down
+            ));
+        }
+        self.foca
+            .set_config(config.to_foca())
+            .map_err(|e| e.to_string())?;
+        self.reannounce = config.probe_period;
+        self.config = config;
+        Ok(())
+    }
+
+    /// The control group decided `kind` about `node` (an eviction, a departure, a
+    /// re-admission committed through its log): applied as a checked notice would be.
+    pub fn decided(&mut self, node: u64, kind: NoticeKind) {
+        let already = match kind {
+            NoticeKind::Evicted => self.evicted.contains(&node),
+            NoticeKind::Left => self.removed.contains(&node) && !self.evicted.contains(&node),
+            NoticeKind::Admitted => !self.removed.contains(&node),
+        };
+        if !already {
+            self.apply_notice(Notice::new(node, 0, kind));
+        }
     }
 
     /// Every node evicted or gone for good (left).

@@ -3,7 +3,8 @@
 //!
 //! It runs the reconnect policy ([`dial_plan`]), link-state routing ([`routing`]) and SWIM
 //! membership ([`membership`]), answers `AddSession` / `DropSession`, and records peers
-//! (trust-on-first-use keys, addresses) in redb. Raft joins it in a later issue.
+//! (trust-on-first-use keys, addresses) in redb. It carries the control group's Raft RPCs over the mesh and runs its voter policy
+//! ([`consensus`]); openraft itself runs on the `consensus` thread ([`raft::group`]).
 //!
 //! One closed [`ControlInput`] enum in, one `match`, then a fixed drain: dials due
 //! ([`dial_plan::DialPlan::poll_dials`]) go to shards, then routing frames and a new forwarding
@@ -18,6 +19,7 @@ pub mod consensus;
 pub mod dial_plan;
 pub mod join_check;
 pub mod lifecycle;
+pub mod live;
 pub mod lsa_auth;
 pub mod lsdb;
 pub mod membership;
@@ -119,6 +121,8 @@ enum ControlInput {
     JoinVerdict(JoinVerdict),
     RaftCall(raft::network::RaftCall),
     RaftAnswer(consensus::RaftAnswer),
+    Decision(raft::Decision),
+    Committed(consensus::Committed),
     Timer,
     Stop,
 }
@@ -171,6 +175,8 @@ pub struct ControlSetup {
     pub consensus: raft::group::Consensus,
     /// openraft's outgoing RPCs, carried over the mesh by this thread.
     pub raft_calls: tokio::sync::mpsc::Receiver<raft::network::RaftCall>,
+    /// Membership and configuration decisions the group applied.
+    pub raft_decisions: tokio::sync::mpsc::Receiver<raft::Decision>,
     /// Who votes.
     pub raft_policy: raft::policy::Policy,
     /// Make this node the group's first voter at start when there is no group here yet
@@ -283,9 +289,10 @@ async fn run(
         }
         Err(e) => tracing::error!(error = %e, "could not read known peers"),
     }
-    let (raft_port, mut raft_answers) =
+    let (raft_port, mut raft_answers, mut raft_committed) =
         consensus::RaftPort::new(setup.consensus, setup.raft_policy);
     let mut raft_calls = setup.raft_calls;
+    let mut raft_decisions = setup.raft_decisions;
     if setup.raft_bootstrap {
         let consensus = raft_port.consensus().clone();
         tokio::spawn(async move { consensus.bootstrap().await });
@@ -337,6 +344,15 @@ async fn run(
         }
         Err(e) => tracing::error!(error = %e, "could not read evicted nodes"),
     }
+    // The group's standing decisions (removed nodes, live settings) hold from the start.
+    match raft::store::decisions(control.raft.consensus().db()) {
+        Ok(decisions) => {
+            for decision in decisions {
+                control.handle_decision(decision);
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not read the control group's decisions"),
+    }
     let events = setup.events;
     let requests = setup.requests;
     let (metrics_tx, mut metrics_rx) = tokio::sync::mpsc::channel(1);
@@ -370,6 +386,8 @@ async fn run(
             Some(verdict) = join_verdicts.recv() => ControlInput::JoinVerdict(verdict),
             Some(call) = raft_calls.recv() => ControlInput::RaftCall(call),
             Some(answer) = raft_answers.recv() => ControlInput::RaftAnswer(answer),
+            Some(decision) = raft_decisions.recv() => ControlInput::Decision(decision),
+            Some(committed) = raft_committed.recv() => ControlInput::Committed(committed),
             _ = metrics_tick.tick() => {
                 control.request_metrics(metrics_tx.clone());
                 ControlInput::Timer
@@ -386,6 +404,8 @@ async fn run(
             }
             ControlInput::RaftCall(call) => control.send_raft_call(call).await,
             ControlInput::RaftAnswer(answer) => control.send_raft_answer(answer).await,
+            ControlInput::Decision(decision) => control.handle_decision(decision),
+            ControlInput::Committed(committed) => control.handle_committed(committed),
             ControlInput::Timer => {
                 let now = Instant::now();
                 control.lifecycle.renew_credential_if_due(now);
@@ -457,6 +477,8 @@ impl Control {
     /// Sends membership datagrams (routed like data) and publishes membership events.
     async fn drain_membership(&mut self) {
         self.persist_generation();
+        let critical = self.membership.census().health() == membership::Health::Critical;
+        self.raft.consensus().set_critical(critical && !self.lifecycle.is_stopped());
         while let Some((to, payload)) = self.membership.poll_transmit() {
             if !self
                 .send_frame(to, FrameType::Gossip, TrafficClass::System, payload)

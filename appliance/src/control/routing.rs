@@ -255,6 +255,15 @@ impl Routing {
         self.after_input(now);
     }
 
+    /// A live change of the default class's cost coefficients or of k: the table is
+    /// recomputed (debounced) with them.
+    pub fn reconfigure(&mut self, now: Instant, change: impl FnOnce(&mut RoutingConfig)) {
+        change(&mut self.config);
+        if self.recompute_at.is_none() {
+            self.recompute_at = Some(now + self.config.debounce);
+        }
+    }
+
     /// Timers of the database and the recomputation.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.lsdb.handle_timeout(now);

@@ -357,6 +357,20 @@ impl Control {
         } else {
             self.store.stage(now, |batch| batch.remove_peer(from));
         }
+        if (readmitted || self.membership.removed().any(|n| n == from))
+            && self.raft.consensus().has_group()
+        {
+            // The group's record of the removal goes too, or a node starting later (or
+            // catching up from a snapshot) would apply it again. Best effort: the join does
+            // not wait on the group.
+            let consensus = self.raft.consensus().clone();
+            tokio::spawn(async move {
+                let admit = crate::control::raft::MeshCommand::Admit { node: from };
+                if let Err(e) = consensus.write(admit).await {
+                    tracing::warn!(node = from, error = %e, "the control group did not record a readmission");
+                }
+            });
+        }
         if readmitted {
             // Joining again lifts an eviction.
             let notice = self

@@ -42,6 +42,8 @@ pub struct RaftSettings {
     pub keep_behind_snapshot: u64,
     /// How long a write waits to be committed.
     pub write_deadline: Duration,
+    /// Updates kept (by log index) for subscribers and `RequestDatabaseSync`.
+    pub retain_updates: u64,
 }
 
 impl Default for RaftSettings {
@@ -52,6 +54,7 @@ impl Default for RaftSettings {
             snapshot_every: 5000,
             keep_behind_snapshot: 1000,
             write_deadline: Duration::from_secs(5),
+            retain_updates: 1_000_000,
         }
     }
 }
@@ -133,6 +136,7 @@ pub struct Consensus {
     settings: RaftSettings,
     applied: watch::Receiver<u64>,
     db: Arc<redb::Database>,
+    critical: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The running `consensus` thread.
@@ -150,11 +154,15 @@ impl ConsensusThread {
         settings: RaftSettings,
         db: Arc<redb::Database>,
         calls: mpsc::Sender<RaftCall>,
+        decided: mpsc::Sender<super::Decision>,
         max_payload: usize,
     ) -> anyhow::Result<Self> {
         let (applied_tx, applied) = watch::channel(0u64);
         let log = LogStore::new(Arc::clone(&db))?;
-        let sm = StateMachine::new(Arc::clone(&db))?.with_applied(applied_tx);
+        let sm = StateMachine::new(Arc::clone(&db))?
+            .with_applied(applied_tx)
+            .with_decisions(decided)
+            .with_retention(settings.retain_updates);
         let net = MeshNetwork::new(calls, max_payload);
         let config = openraft_config(&settings, net.max_body())?;
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
@@ -199,6 +207,7 @@ impl ConsensusThread {
                 settings,
                 applied,
                 db,
+                critical: Arc::default(),
             },
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -260,6 +269,29 @@ impl Consensus {
     /// The settings in force.
     pub fn settings(&self) -> &RaftSettings {
         &self.settings
+    }
+
+    /// Whether the group still counts on `node`'s vote: it is a voter of a group that has
+    /// other members to hand over to.
+    pub fn counts_on(&self, node: u64) -> bool {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voter = membership.voter_ids().any(|v| v == node);
+        let others = membership.nodes().any(|(id, _)| *id != node);
+        voter && others
+    }
+
+    /// Tells the group whether the mesh is CRITICAL (half or more of it dead): then only
+    /// evictions are written.
+    pub fn set_critical(&self, critical: bool) {
+        self.critical.store(critical, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this node belongs to a control group (it bootstrapped one or was added).
+    pub fn has_group(&self) -> bool {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        membership.voter_ids().next().is_some()
     }
 
     /// Makes this node the group's only voter (the node that seeds a mesh). A group that
@@ -354,6 +386,15 @@ impl Consensus {
     /// Orders `command` through the group and answers the committed entry's index: on the
     /// leader directly, elsewhere by forwarding it to the leader over the mesh.
     pub async fn write(&self, command: MeshCommand) -> Result<u64, WriteError> {
+        if self.critical.load(std::sync::atomic::Ordering::Relaxed)
+            && !matches!(command, MeshCommand::Evict { .. })
+        {
+            return Err(WriteError::Refused(
+                "the mesh is CRITICAL (half or more of its members are dead): only evictions \
+                 are accepted until it recovers"
+                    .into(),
+            ));
+        }
         let leader = self.quorum_check(&self.metrics())?;
         if leader == self.local {
             return self.write_here(command).await;

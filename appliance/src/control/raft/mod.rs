@@ -28,6 +28,43 @@ pub enum MeshCommand {
         /// `DBUpdate`).
         payload: Vec<u8>,
     },
+    /// `node` is evicted: every member revokes it, cuts its links and refuses it until it
+    /// joins again (EvictNode).
+    Evict {
+        /// The node.
+        node: u64,
+    },
+    /// `node` left the mesh for good (LeaveMesh).
+    Leave {
+        /// The node.
+        node: u64,
+    },
+    /// `node` joined again after an eviction or departure: it is no longer removed.
+    Admit {
+        /// The node.
+        node: u64,
+    },
+    /// A live setting for the whole mesh (SetPolicy; see `control::live`).
+    SetPolicy {
+        /// The key.
+        key: String,
+        /// The value, checked before the write and again when applied.
+        value: String,
+    },
+}
+
+/// A membership or configuration decision the group committed, for the control thread to
+/// act on (updates go to subscribers instead).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Evict this node.
+    Evict(u64),
+    /// This node left.
+    Leave(u64),
+    /// This node is a member again.
+    Admit(u64),
+    /// Apply this setting.
+    SetPolicy(String, String),
 }
 
 /// The replicated update streams of the seeds.

@@ -28,13 +28,20 @@ use openraft::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::{MeshCommand, MeshReply, Stream, TypeConfig};
+use super::{Decision, MeshCommand, MeshReply, Stream, TypeConfig};
 
 const RAFT_LOG: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_log");
 const RAFT_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_meta");
 const RAFT_SM: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("raft_sm");
 const RAFT_UPDATES: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_updates");
 const UPDATE_CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("update_cursors");
+/// Nodes the group removed: node → [`REMOVED_EVICTED`] or [`REMOVED_LEFT`].
+const RAFT_REMOVED: TableDefinition<'_, u64, u8> = TableDefinition::new("raft_removed");
+/// Live settings (SetPolicy): key → value.
+const RAFT_POLICY: TableDefinition<'_, &str, &str> = TableDefinition::new("raft_policy");
+
+const REMOVED_EVICTED: u8 = 1;
+const REMOVED_LEFT: u8 = 2;
 
 type Result<T> = std::result::Result<T, StorageError<u64>>;
 type Membership = StoredMembership<u64, openraft::EmptyNode>;
@@ -59,7 +66,37 @@ pub fn create_tables(db: &Database) -> std::result::Result<(), AnyError> {
     txn.open_table(RAFT_SM).map_err(any)?;
     txn.open_table(RAFT_UPDATES).map_err(any)?;
     txn.open_table(UPDATE_CURSORS).map_err(any)?;
+    txn.open_table(RAFT_REMOVED).map_err(any)?;
+    txn.open_table(RAFT_POLICY).map_err(any)?;
     txn.commit().map_err(any)
+}
+
+/// The group's decisions as they stand: every removed node and every live setting (what a
+/// node applies at start).
+pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> {
+    let txn = db.begin_read().map_err(any)?;
+    let mut decisions = Vec::new();
+    for row in txn.open_table(RAFT_REMOVED).map_err(any)?.iter().map_err(any)? {
+        let (node, kind) = row.map_err(any)?;
+        decisions.push(match kind.value() {
+            REMOVED_LEFT => Decision::Leave(node.value()),
+            _ => Decision::Evict(node.value()),
+        });
+    }
+    for row in txn.open_table(RAFT_POLICY).map_err(any)?.iter().map_err(any)? {
+        let (key, value) = row.map_err(any)?;
+        decisions.push(Decision::SetPolicy(
+            key.value().to_owned(),
+            value.value().to_owned(),
+        ));
+    }
+    Ok(decisions)
+}
+
+/// The oldest update index still held (older ones were dropped by retention; 0: none
+/// dropped).
+pub fn oldest_kept(db: &Database) -> std::result::Result<u64, AnyError> {
+    Ok(read_value::<u64>(db, RAFT_SM, "oldest_kept")?.unwrap_or(0))
 }
 
 /// Up to `limit` applied updates of `stream` with index above `after`, in log order, and
@@ -308,12 +345,15 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-/// The replicated state: the applied updates of every stream.
+/// The replicated state: the applied updates of every stream, removed nodes, settings.
 #[derive(Serialize, Deserialize, Default)]
 struct SnapshotData {
     last_applied: Option<LogId<u64>>,
     membership: Membership,
     updates: Vec<(u64, Vec<u8>)>,
+    removed: Vec<(u64, u8)>,
+    policy: Vec<(String, String)>,
+    oldest_kept: u64,
 }
 
 /// The state machine: the applied updates, the last applied id and the membership.
@@ -322,13 +362,44 @@ pub struct StateMachine {
     db: Arc<Database>,
     /// Told the last applied index after each commit (stream subscribers wait on it).
     applied: Option<Arc<tokio::sync::watch::Sender<u64>>>,
+    /// Told every membership or configuration decision once it is applied.
+    decided: Option<tokio::sync::mpsc::Sender<Decision>>,
+    /// Updates kept: older ones are dropped as new ones are applied.
+    retain: u64,
 }
 
 impl StateMachine {
     /// A state machine in `db` (the tables are created if missing).
     pub fn new(db: Arc<Database>) -> Result<Self> {
         create_tables(&db).map_err(StorageIOError::write_state_machine)?;
-        Ok(Self { db, applied: None })
+        Ok(Self {
+            db,
+            applied: None,
+            decided: None,
+            retain: u64::MAX,
+        })
+    }
+
+    /// Tells `decided` every decision once applied (the control thread acts on them). The
+    /// state machine waits for room: the control thread never waits on the group.
+    pub fn with_decisions(mut self, decided: tokio::sync::mpsc::Sender<Decision>) -> Self {
+        self.decided = Some(decided);
+        self
+    }
+
+    /// Keeps at most the last `retain` log indexes' worth of updates.
+    pub fn with_retention(mut self, retain: u64) -> Self {
+        self.retain = retain.max(1);
+        self
+    }
+
+    async fn tell_decided(&self, decisions: Vec<Decision>) {
+        if let Some(decided) = &self.decided {
+            for decision in decisions {
+                // Closed: the control thread stopped; the decision is in the store anyway.
+                let _ = decided.send(decision).await;
+            }
+        }
     }
 
     /// Tells `applied` the last applied index, now and after every apply.
@@ -382,10 +453,27 @@ impl StateMachine {
             let (index, value) = row.map_err(any)?;
             updates.push((index.value(), value.value().to_vec()));
         }
+        let mut removed = Vec::new();
+        for row in txn.open_table(RAFT_REMOVED).map_err(any)?.iter().map_err(any)? {
+            let (node, kind) = row.map_err(any)?;
+            removed.push((node.value(), kind.value()));
+        }
+        let mut policy = Vec::new();
+        for row in txn.open_table(RAFT_POLICY).map_err(any)?.iter().map_err(any)? {
+            let (key, value) = row.map_err(any)?;
+            policy.push((key.value().to_owned(), value.value().to_owned()));
+        }
+        let oldest_kept = match get("oldest_kept")? {
+            Some(bytes) => decode(&bytes)?,
+            None => 0,
+        };
         Ok(SnapshotData {
             last_applied,
             membership,
             updates,
+            removed,
+            policy,
+            oldest_kept,
         })
     }
 }
@@ -435,13 +523,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write = || -> std::result::Result<Vec<MeshReply>, AnyError> {
+        let write_with = |out: &mut Vec<Decision>| -> std::result::Result<Vec<MeshReply>, AnyError> {
             let txn = self.db.begin_write().map_err(any)?;
             let mut replies = Vec::new();
             let mut last = None;
             {
                 let mut sm = txn.open_table(RAFT_SM).map_err(any)?;
                 let mut updates = txn.open_table(RAFT_UPDATES).map_err(any)?;
+                let mut removed = txn.open_table(RAFT_REMOVED).map_err(any)?;
+                let mut policy = txn.open_table(RAFT_POLICY).map_err(any)?;
                 for entry in entries {
                     let log_id = entry.log_id;
                     last = Some(log_id.index);
@@ -462,6 +552,51 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 index: log_id.index,
                             });
                         }
+                        EntryPayload::Normal(MeshCommand::Evict { node }) => {
+                            removed.insert(node, REMOVED_EVICTED).map_err(any)?;
+                            out.push(Decision::Evict(node));
+                            replies.push(MeshReply::Applied {
+                                index: log_id.index,
+                            });
+                        }
+                        EntryPayload::Normal(MeshCommand::Leave { node }) => {
+                            removed.insert(node, REMOVED_LEFT).map_err(any)?;
+                            out.push(Decision::Leave(node));
+                            replies.push(MeshReply::Applied {
+                                index: log_id.index,
+                            });
+                        }
+                        EntryPayload::Normal(MeshCommand::Admit { node }) => {
+                            removed.remove(node).map_err(any)?;
+                            out.push(Decision::Admit(node));
+                            replies.push(MeshReply::Applied {
+                                index: log_id.index,
+                            });
+                        }
+                        EntryPayload::Normal(MeshCommand::SetPolicy { key, value }) => {
+                            policy
+                                .insert(key.as_str(), value.as_str())
+                                .map_err(any)?;
+                            out.push(Decision::SetPolicy(key, value));
+                            replies.push(MeshReply::Applied {
+                                index: log_id.index,
+                            });
+                        }
+                    }
+                }
+                // Retention: the oldest updates go once more than `retain` indexes are held.
+                if let Some(last) = last
+                    && last > self.retain
+                {
+                    let cut = last - self.retain;
+                    let oldest: u64 = match sm.get("oldest_kept").map_err(any)? {
+                        Some(v) => decode(v.value())?,
+                        None => 0,
+                    };
+                    if cut > oldest {
+                        updates.retain_in(..cut, |_, _| false).map_err(any)?;
+                        sm.insert("oldest_kept", encode(&cut)?.as_slice())
+                            .map_err(any)?;
                     }
                 }
             }
@@ -471,7 +606,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             Ok(replies)
         };
-        Ok(write().map_err(StorageIOError::write_state_machine)?)
+        let (replies, decisions) = {
+            let mut decisions = Vec::new();
+            let replies = write_with(&mut decisions).map_err(StorageIOError::write_state_machine)?;
+            (replies, decisions)
+        };
+        self.tell_decided(decisions).await;
+        Ok(replies)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -502,7 +643,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for (index, row) in &data.updates {
                     updates.insert(*index, row.as_slice()).map_err(any)?;
                 }
+                let mut removed = txn.open_table(RAFT_REMOVED).map_err(any)?;
+                removed.retain(|_, _| false).map_err(any)?;
+                for (node, kind) in &data.removed {
+                    removed.insert(*node, *kind).map_err(any)?;
+                }
+                let mut policy = txn.open_table(RAFT_POLICY).map_err(any)?;
+                policy.retain(|_, _| false).map_err(any)?;
+                for (key, value) in &data.policy {
+                    policy.insert(key.as_str(), value.as_str()).map_err(any)?;
+                }
                 let mut sm = txn.open_table(RAFT_SM).map_err(any)?;
+                sm.insert("oldest_kept", encode(&data.oldest_kept)?.as_slice())
+                    .map_err(any)?;
                 sm.insert("last_applied", encode(&meta.last_log_id)?.as_slice())
                     .map_err(any)?;
                 sm.insert("membership", encode(&meta.last_membership)?.as_slice())
@@ -513,6 +666,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         install().map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), e))?;
         self.tell_applied(meta.last_log_id.map_or(0, |id| id.index));
+        // A node that caught up from a snapshot acts on every decision it holds (acting
+        // twice on one is harmless: each is idempotent).
+        let held = decisions(&self.db).map_err(StorageIOError::read_state_machine)?;
+        self.tell_decided(held).await;
         Ok(())
     }
 
