@@ -18,43 +18,43 @@ use meshd_tests::{Cluster, Node, NodeSpec};
 
 /// The workload.
 #[derive(clap::Args, Clone, Debug)]
-pub struct ConsensusArgs {
+pub(crate) struct ConsensusArgs {
     /// Voters (every node of the local mesh is one): 3 or 5.
     #[arg(long, default_value_t = 3)]
-    pub voters: usize,
+    pub(crate) voters: usize,
     /// Updates to commit.
     #[arg(long, default_value_t = 20_000)]
-    pub updates: u64,
+    pub(crate) updates: u64,
     /// Clients writing at once, each waiting for its commit.
     #[arg(long, default_value_t = 64)]
-    pub in_flight: usize,
+    pub(crate) in_flight: usize,
     /// Bytes of each update's value.
     #[arg(long, default_value_t = 256)]
-    pub size: usize,
+    pub(crate) size: usize,
     /// Also kill the leader and time the failover, and time a snapshot catch-up.
     #[arg(long)]
-    pub faults: bool,
+    pub(crate) faults: bool,
 }
 
 /// What one run measured.
 #[derive(Debug)]
-pub struct ConsensusReport {
+pub(crate) struct ConsensusReport {
     /// Voters.
-    pub voters: usize,
+    pub(crate) voters: usize,
     /// Updates committed.
-    pub committed: u64,
+    pub(crate) committed: u64,
     /// Committed updates per second.
-    pub per_second: f64,
+    pub(crate) per_second: f64,
     /// Commit latency p50, µs.
     pub p50_us: u64,
     /// p99, µs.
     pub p99_us: u64,
     /// max, µs.
-    pub max_us: u64,
+    pub(crate) max_us: u64,
     /// SIGKILL of the leader → first committed write, when measured.
-    pub failover: Option<Duration>,
+    pub(crate) failover: Option<Duration>,
     /// Restart of a follower that missed the entries → caught up (from a snapshot).
-    pub snapshot_catch_up: Option<(u64, Duration)>,
+    pub(crate) snapshot_catch_up: Option<(u64, Duration)>,
 }
 
 fn update(key: u64, size: usize) -> DbUpdate {
@@ -99,7 +99,7 @@ async fn wait_for(
 }
 
 /// Runs the workload on a fresh local mesh.
-pub async fn run(args: &ConsensusArgs) -> anyhow::Result<ConsensusReport> {
+pub(crate) async fn run(args: &ConsensusArgs) -> anyhow::Result<ConsensusReport> {
     let voters = args.voters.clamp(1, 9);
     let tuning = "[consensus]\nsnapshot_every = 5000\nkeep_behind_snapshot = 1000\n";
     let mut specs = Vec::new();
@@ -114,7 +114,11 @@ pub async fn run(args: &ConsensusArgs) -> anyhow::Result<ConsensusReport> {
     }
     let mut cluster = Cluster::start(specs)?;
     let all: Vec<usize> = (0..voters).collect();
-    let odd = if voters % 2 == 0 { voters - 1 } else { voters };
+    let odd = if voters.is_multiple_of(2) {
+        voters - 1
+    } else {
+        voters
+    };
     wait_for(&cluster, &all, Duration::from_secs(60), |s| {
         s.voters.len() == odd.min(5) && s.can_accept_writes
     })
@@ -132,7 +136,10 @@ pub async fn run(args: &ConsensusArgs) -> anyhow::Result<ConsensusReport> {
     // Warm-up: connections and the first entries.
     let client = cluster.node(leader).mesh().await?;
     for key in 0..100 {
-        client.clone().send_internal_db_update(update(key, args.size)).await?;
+        client
+            .clone()
+            .send_internal_db_update(update(key, args.size))
+            .await?;
     }
     let next = Arc::new(std::sync::atomic::AtomicU64::new(100));
     let end = 100 + args.updates;
@@ -210,9 +217,11 @@ pub async fn run(args: &ConsensusArgs) -> anyhow::Result<ConsensusReport> {
         let mut key = 2_000_000;
         loop {
             key += 1;
-            let attempt =
-                tokio::time::timeout(Duration::from_secs(2), client.send_internal_db_update(update(key, 16)))
-                    .await;
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.send_internal_db_update(update(key, 16)),
+            )
+            .await;
             if matches!(attempt, Ok(Ok(_))) {
                 break;
             }
@@ -233,7 +242,7 @@ pub async fn run(args: &ConsensusArgs) -> anyhow::Result<ConsensusReport> {
 }
 
 /// The figures as a markdown row.
-pub fn row(report: &ConsensusReport) -> String {
+pub(crate) fn row(report: &ConsensusReport) -> String {
     format!(
         "| {} | {} | {:.0} | {} | {} | {} | {} | {} |",
         report.voters,

@@ -155,7 +155,10 @@ impl Row for DbUpdate {
 
 /// A resume point older than the retained updates cannot be served in full: the caller is
 /// told where history starts instead of silently missing updates.
-fn check_retained(consensus: &crate::control::raft::group::Consensus, after: u64) -> Result<(), Status> {
+fn check_retained(
+    consensus: &crate::control::raft::group::Consensus,
+    after: u64,
+) -> Result<(), Status> {
     let oldest = store::oldest_kept(consensus.db())
         .map_err(|e| Status::internal(format!("reading the retained range: {e}")))?;
     if oldest > 0 && after.saturating_add(1) < oldest {

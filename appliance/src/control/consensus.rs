@@ -30,8 +30,8 @@ use super::{
     membership::{MemberState, Notice, NoticeKind},
     raft::{
         Decision, MeshCommand,
-        group::WriteError,
         group::Consensus,
+        group::WriteError,
         network::RaftCall,
         policy::{Liveness, Policy},
     },
@@ -93,6 +93,8 @@ pub struct RaftPort {
     committed: mpsc::Sender<Committed>,
     /// This node's departure committed: the voter policy counts it gone.
     leaving: bool,
+    /// Other nodes whose departure committed: gone for the voter policy.
+    departing: std::collections::BTreeSet<u64>,
 }
 
 impl RaftPort {
@@ -101,11 +103,7 @@ impl RaftPort {
     pub fn new(
         consensus: Consensus,
         policy: Policy,
-    ) -> (
-        Self,
-        mpsc::Receiver<RaftAnswer>,
-        mpsc::Receiver<Committed>,
-    ) {
+    ) -> (Self, mpsc::Receiver<RaftAnswer>, mpsc::Receiver<Committed>) {
         let (answers, answers_rx) = mpsc::channel(MAX_INBOUND);
         let (committed, committed_rx) = mpsc::channel(64);
         (
@@ -120,6 +118,7 @@ impl RaftPort {
                 dropped: 0,
                 committed,
                 leaving: false,
+                departing: std::collections::BTreeSet::new(),
             },
             answers_rx,
             committed_rx,
@@ -230,7 +229,11 @@ impl Control {
                 (m.node, liveness)
             })
             .collect();
-        for node in self.membership.removed() {
+        for node in self
+            .membership
+            .removed()
+            .chain(self.raft.departing.iter().copied())
+        {
             members.insert(node, Liveness::Gone);
         }
         members.insert(
@@ -279,7 +282,9 @@ impl Control {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if consensus.counts_on(local) {
-                    tracing::warn!("leaving while the control group still counts this node as a voter");
+                    tracing::warn!(
+                        "leaving while the control group still counts this node as a voter"
+                    );
                 }
             }
             let _ = committed.send(Committed { result, after }).await;
@@ -289,7 +294,23 @@ impl Control {
     /// A change committed (or not): act on it and answer.
     pub(super) fn handle_committed(&mut self, committed: Committed) {
         let now = Instant::now();
+        let critical = self.membership.census().health() == super::membership::Health::Critical;
         match (committed.result, committed.after) {
+            // The seeds' way out of CRITICAL is evicting the dead; when they took the group's
+            // quorum with them nothing can commit, so the eviction is decided here and spread
+            // by notice, as without a group. The group itself stays without a quorum until
+            // enough of its voters return (recovering it without them is not built).
+            (Err(WriteError::NoQuorum { term, voters }), After::Evict { node, reply })
+                if critical =>
+            {
+                tracing::warn!(
+                    node,
+                    term,
+                    ?voters,
+                    "mesh CRITICAL and the control group without a quorum: evicting by notice only"
+                );
+                let _ = reply.send(self.evict(now, node));
+            }
             (Err(e), After::Evict { reply, .. } | After::Leave { reply }) => {
                 let _ = reply.send(Err(LifecycleError::Consensus(e.to_string())));
             }
@@ -313,14 +334,22 @@ impl Control {
     }
 
     /// A decision the group committed (or held at start): acted on here, idempotently.
-    pub(super) fn handle_decision(&mut self, decision: Decision) {
+    pub(super) fn handle_decision(&mut self, decision: Decision, replay: bool) {
         let local = self.local();
         match decision {
             Decision::Evict(node) if node != local => {
                 self.membership.decided(node, NoticeKind::Evicted);
             }
+            // Live, a departure only makes the group stop counting on the node: the node
+            // itself says it left (a notice) once the group handed its vote over, and until
+            // then it must still be reachable (its key kept) to hear that its Leave committed.
+            // Replayed at start, the node is long gone.
             Decision::Leave(node) if node != local => {
-                self.membership.decided(node, NoticeKind::Left);
+                if replay {
+                    self.membership.decided(node, NoticeKind::Left);
+                } else {
+                    self.raft.departing.insert(node);
+                }
             }
             Decision::Admit(node) if node != local => {
                 self.membership.decided(node, NoticeKind::Admitted);
@@ -377,7 +406,8 @@ impl Control {
                 {
                     config.join_policy = policy as u32;
                     let record = record.clone();
-                    self.store.stage(now, |batch| batch.save_mesh(record, false));
+                    self.store
+                        .stage(now, |batch| batch.save_mesh(record, false));
                 }
             }
         }

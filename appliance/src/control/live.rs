@@ -61,10 +61,14 @@ pub fn parse(key: &str, value: &str) -> Result<LiveSetting, String> {
             .parse()
             .map_err(|_| format!("{key} = {value:?} is not a number"))?;
         let positive = which == Weight::Epsilon;
-        if !number.is_finite() || number < 0.0 || number > 1e6 || (positive && number == 0.0) {
+        if !number.is_finite() || !(0.0..=1e6).contains(&number) || (positive && number == 0.0) {
             return Err(format!(
                 "{key} = {value} is outside 0..=1e6{}",
-                if positive { " (and must be above 0)" } else { "" }
+                if positive {
+                    " (and must be above 0)"
+                } else {
+                    ""
+                }
             ));
         }
         Ok(LiveSetting::RoutingWeight(which, number))
@@ -96,7 +100,9 @@ pub fn parse(key: &str, value: &str) -> Result<LiveSetting, String> {
             )),
         },
         "membership.probe_period_ms" => match value.parse::<u64>() {
-            Ok(ms @ 250..=60_000) => Ok(LiveSetting::ProbePeriod(std::time::Duration::from_millis(ms))),
+            Ok(ms @ 250..=60_000) => Ok(LiveSetting::ProbePeriod(
+                std::time::Duration::from_millis(ms),
+            )),
             _ => Err(format!(
                 "membership.probe_period_ms = {value:?} is not in 250..=60000"
             )),
@@ -116,12 +122,14 @@ pub fn parse(key: &str, value: &str) -> Result<LiveSetting, String> {
     }
 }
 
+/// Replaces the process's log filter.
+pub type LogReloader = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// The process's log filter, replaceable at run time (set once by `main`).
-static LOG_RELOAD: std::sync::OnceLock<Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>> =
-    std::sync::OnceLock::new();
+static LOG_RELOAD: std::sync::OnceLock<LogReloader> = std::sync::OnceLock::new();
 
 /// Installs how the log filter is replaced (called once, by `main`).
-pub fn set_log_reloader(reload: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>) {
+pub fn set_log_reloader(reload: LogReloader) {
     let _ = LOG_RELOAD.set(reload);
 }
 

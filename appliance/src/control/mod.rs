@@ -348,7 +348,7 @@ async fn run(
     match raft::store::decisions(control.raft.consensus().db()) {
         Ok(decisions) => {
             for decision in decisions {
-                control.handle_decision(decision);
+                control.handle_decision(decision, true);
             }
         }
         Err(e) => tracing::error!(error = %e, "could not read the control group's decisions"),
@@ -404,7 +404,7 @@ async fn run(
             }
             ControlInput::RaftCall(call) => control.send_raft_call(call).await,
             ControlInput::RaftAnswer(answer) => control.send_raft_answer(answer).await,
-            ControlInput::Decision(decision) => control.handle_decision(decision),
+            ControlInput::Decision(decision) => control.handle_decision(decision, false),
             ControlInput::Committed(committed) => control.handle_committed(committed),
             ControlInput::Timer => {
                 let now = Instant::now();
@@ -478,7 +478,9 @@ impl Control {
     async fn drain_membership(&mut self) {
         self.persist_generation();
         let critical = self.membership.census().health() == membership::Health::Critical;
-        self.raft.consensus().set_critical(critical && !self.lifecycle.is_stopped());
+        self.raft
+            .consensus()
+            .set_critical(critical && !self.lifecycle.is_stopped());
         while let Some((to, payload)) = self.membership.poll_transmit() {
             if !self
                 .send_frame(to, FrameType::Gossip, TrafficClass::System, payload)

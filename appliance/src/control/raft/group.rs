@@ -284,7 +284,8 @@ impl Consensus {
     /// Tells the group whether the mesh is CRITICAL (half or more of it dead): then only
     /// evictions are written.
     pub fn set_critical(&self, critical: bool) {
-        self.critical.store(critical, std::sync::atomic::Ordering::Relaxed);
+        self.critical
+            .store(critical, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether this node belongs to a control group (it bootstrapped one or was added).
@@ -523,7 +524,9 @@ impl Consensus {
                     .change_membership(ChangeMembers::RemoveNodes(nodes), false)
                     .await
             }
-            Change::SetVoters(voters) => self.raft.change_membership(voters, false).await,
+            // Voters dropped stay as learners (retain): a gone one is removed next, a dead one
+            // catches up and may vote again later.
+            Change::SetVoters(voters) => self.raft.change_membership(voters, true).await,
         };
         result.map(|_| ()).map_err(|e| e.to_string())
     }

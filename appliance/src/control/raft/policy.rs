@@ -40,7 +40,8 @@ pub enum Change {
     AddLearner(u64),
     /// Remove these learners.
     RemoveLearners(BTreeSet<u64>),
-    /// Make these the voters (joint consensus; learners promoted, voters demoted to nothing).
+    /// Make these the voters (joint consensus; learners promoted, dropped voters kept as
+    /// learners).
     SetVoters(BTreeSet<u64>),
 }
 
@@ -201,8 +202,8 @@ mod tests {
                 }
                 Some(Change::RemoveLearners(gone)) => learners.retain(|n| !gone.contains(n)),
                 Some(Change::SetVoters(next)) => {
-                    // openraft keeps removed voters as learners (retain = true); meshd
-                    // passes retain = false, so they leave the group.
+                    // meshd passes retain = true: dropped voters stay as learners.
+                    learners.extend(voters.iter().filter(|v| !next.contains(v)));
                     learners.retain(|n| !next.contains(n));
                     *voters = next;
                 }

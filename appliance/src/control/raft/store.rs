@@ -76,14 +76,24 @@ pub fn create_tables(db: &Database) -> std::result::Result<(), AnyError> {
 pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> {
     let txn = db.begin_read().map_err(any)?;
     let mut decisions = Vec::new();
-    for row in txn.open_table(RAFT_REMOVED).map_err(any)?.iter().map_err(any)? {
+    for row in txn
+        .open_table(RAFT_REMOVED)
+        .map_err(any)?
+        .iter()
+        .map_err(any)?
+    {
         let (node, kind) = row.map_err(any)?;
         decisions.push(match kind.value() {
             REMOVED_LEFT => Decision::Leave(node.value()),
             _ => Decision::Evict(node.value()),
         });
     }
-    for row in txn.open_table(RAFT_POLICY).map_err(any)?.iter().map_err(any)? {
+    for row in txn
+        .open_table(RAFT_POLICY)
+        .map_err(any)?
+        .iter()
+        .map_err(any)?
+    {
         let (key, value) = row.map_err(any)?;
         decisions.push(Decision::SetPolicy(
             key.value().to_owned(),
@@ -454,12 +464,22 @@ impl StateMachine {
             updates.push((index.value(), value.value().to_vec()));
         }
         let mut removed = Vec::new();
-        for row in txn.open_table(RAFT_REMOVED).map_err(any)?.iter().map_err(any)? {
+        for row in txn
+            .open_table(RAFT_REMOVED)
+            .map_err(any)?
+            .iter()
+            .map_err(any)?
+        {
             let (node, kind) = row.map_err(any)?;
             removed.push((node.value(), kind.value()));
         }
         let mut policy = Vec::new();
-        for row in txn.open_table(RAFT_POLICY).map_err(any)?.iter().map_err(any)? {
+        for row in txn
+            .open_table(RAFT_POLICY)
+            .map_err(any)?
+            .iter()
+            .map_err(any)?
+        {
             let (key, value) = row.map_err(any)?;
             policy.push((key.value().to_owned(), value.value().to_owned()));
         }
@@ -523,92 +543,92 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write_with = |out: &mut Vec<Decision>| -> std::result::Result<Vec<MeshReply>, AnyError> {
-            let txn = self.db.begin_write().map_err(any)?;
-            let mut replies = Vec::new();
-            let mut last = None;
-            {
-                let mut sm = txn.open_table(RAFT_SM).map_err(any)?;
-                let mut updates = txn.open_table(RAFT_UPDATES).map_err(any)?;
-                let mut removed = txn.open_table(RAFT_REMOVED).map_err(any)?;
-                let mut policy = txn.open_table(RAFT_POLICY).map_err(any)?;
-                for entry in entries {
-                    let log_id = entry.log_id;
-                    last = Some(log_id.index);
-                    sm.insert("last_applied", encode(&Some(log_id))?.as_slice())
-                        .map_err(any)?;
-                    match entry.payload {
-                        EntryPayload::Blank => replies.push(MeshReply::Nothing),
-                        EntryPayload::Membership(membership) => {
-                            let stored = Membership::new(Some(log_id), membership);
-                            sm.insert("membership", encode(&stored)?.as_slice())
-                                .map_err(any)?;
-                            replies.push(MeshReply::Nothing);
-                        }
-                        EntryPayload::Normal(MeshCommand::Update { stream, payload }) => {
-                            let row = encode(&(stream, payload))?;
-                            updates.insert(log_id.index, row.as_slice()).map_err(any)?;
-                            replies.push(MeshReply::Applied {
-                                index: log_id.index,
-                            });
-                        }
-                        EntryPayload::Normal(MeshCommand::Evict { node }) => {
-                            removed.insert(node, REMOVED_EVICTED).map_err(any)?;
-                            out.push(Decision::Evict(node));
-                            replies.push(MeshReply::Applied {
-                                index: log_id.index,
-                            });
-                        }
-                        EntryPayload::Normal(MeshCommand::Leave { node }) => {
-                            removed.insert(node, REMOVED_LEFT).map_err(any)?;
-                            out.push(Decision::Leave(node));
-                            replies.push(MeshReply::Applied {
-                                index: log_id.index,
-                            });
-                        }
-                        EntryPayload::Normal(MeshCommand::Admit { node }) => {
-                            removed.remove(node).map_err(any)?;
-                            out.push(Decision::Admit(node));
-                            replies.push(MeshReply::Applied {
-                                index: log_id.index,
-                            });
-                        }
-                        EntryPayload::Normal(MeshCommand::SetPolicy { key, value }) => {
-                            policy
-                                .insert(key.as_str(), value.as_str())
-                                .map_err(any)?;
-                            out.push(Decision::SetPolicy(key, value));
-                            replies.push(MeshReply::Applied {
-                                index: log_id.index,
-                            });
-                        }
-                    }
-                }
-                // Retention: the oldest updates go once more than `retain` indexes are held.
-                if let Some(last) = last
-                    && last > self.retain
+        let write_with =
+            |out: &mut Vec<Decision>| -> std::result::Result<Vec<MeshReply>, AnyError> {
+                let txn = self.db.begin_write().map_err(any)?;
+                let mut replies = Vec::new();
+                let mut last = None;
                 {
-                    let cut = last - self.retain;
-                    let oldest: u64 = match sm.get("oldest_kept").map_err(any)? {
-                        Some(v) => decode(v.value())?,
-                        None => 0,
-                    };
-                    if cut > oldest {
-                        updates.retain_in(..cut, |_, _| false).map_err(any)?;
-                        sm.insert("oldest_kept", encode(&cut)?.as_slice())
+                    let mut sm = txn.open_table(RAFT_SM).map_err(any)?;
+                    let mut updates = txn.open_table(RAFT_UPDATES).map_err(any)?;
+                    let mut removed = txn.open_table(RAFT_REMOVED).map_err(any)?;
+                    let mut policy = txn.open_table(RAFT_POLICY).map_err(any)?;
+                    for entry in entries {
+                        let log_id = entry.log_id;
+                        last = Some(log_id.index);
+                        sm.insert("last_applied", encode(&Some(log_id))?.as_slice())
                             .map_err(any)?;
+                        match entry.payload {
+                            EntryPayload::Blank => replies.push(MeshReply::Nothing),
+                            EntryPayload::Membership(membership) => {
+                                let stored = Membership::new(Some(log_id), membership);
+                                sm.insert("membership", encode(&stored)?.as_slice())
+                                    .map_err(any)?;
+                                replies.push(MeshReply::Nothing);
+                            }
+                            EntryPayload::Normal(MeshCommand::Update { stream, payload }) => {
+                                let row = encode(&(stream, payload))?;
+                                updates.insert(log_id.index, row.as_slice()).map_err(any)?;
+                                replies.push(MeshReply::Applied {
+                                    index: log_id.index,
+                                });
+                            }
+                            EntryPayload::Normal(MeshCommand::Evict { node }) => {
+                                removed.insert(node, REMOVED_EVICTED).map_err(any)?;
+                                out.push(Decision::Evict(node));
+                                replies.push(MeshReply::Applied {
+                                    index: log_id.index,
+                                });
+                            }
+                            EntryPayload::Normal(MeshCommand::Leave { node }) => {
+                                removed.insert(node, REMOVED_LEFT).map_err(any)?;
+                                out.push(Decision::Leave(node));
+                                replies.push(MeshReply::Applied {
+                                    index: log_id.index,
+                                });
+                            }
+                            EntryPayload::Normal(MeshCommand::Admit { node }) => {
+                                removed.remove(node).map_err(any)?;
+                                out.push(Decision::Admit(node));
+                                replies.push(MeshReply::Applied {
+                                    index: log_id.index,
+                                });
+                            }
+                            EntryPayload::Normal(MeshCommand::SetPolicy { key, value }) => {
+                                policy.insert(key.as_str(), value.as_str()).map_err(any)?;
+                                out.push(Decision::SetPolicy(key, value));
+                                replies.push(MeshReply::Applied {
+                                    index: log_id.index,
+                                });
+                            }
+                        }
+                    }
+                    // Retention: the oldest updates go once more than `retain` indexes are held.
+                    if let Some(last) = last
+                        && last > self.retain
+                    {
+                        let cut = last - self.retain;
+                        let oldest: u64 = match sm.get("oldest_kept").map_err(any)? {
+                            Some(v) => decode(v.value())?,
+                            None => 0,
+                        };
+                        if cut > oldest {
+                            updates.retain_in(..cut, |_, _| false).map_err(any)?;
+                            sm.insert("oldest_kept", encode(&cut)?.as_slice())
+                                .map_err(any)?;
+                        }
                     }
                 }
-            }
-            txn.commit().map_err(any)?;
-            if let Some(last) = last {
-                self.tell_applied(last);
-            }
-            Ok(replies)
-        };
+                txn.commit().map_err(any)?;
+                if let Some(last) = last {
+                    self.tell_applied(last);
+                }
+                Ok(replies)
+            };
         let (replies, decisions) = {
             let mut decisions = Vec::new();
-            let replies = write_with(&mut decisions).map_err(StorageIOError::write_state_machine)?;
+            let replies =
+                write_with(&mut decisions).map_err(StorageIOError::write_state_machine)?;
             (replies, decisions)
         };
         self.tell_decided(decisions).await;
