@@ -161,8 +161,14 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     };
     // The control group's store: its own file, so its fsyncs never wait on the control
     // database's writer (redb has one writer per database).
+    let raft_path = config.data_dir.join("raft.redb");
+    if mesh_record.is_none() && config.mesh_id.is_empty() && raft_path.exists() {
+        // No mesh: what is there is the group of a mesh this node left.
+        tracing::info!("no mesh: dropping the control group state of the mesh this node left");
+        std::fs::remove_file(&raft_path).context("removing the old control group's database")?;
+    }
     let raft_db = Arc::new(
-        redb::Database::create(config.data_dir.join("raft.redb"))
+        redb::Database::create(&raft_path)
             .context("opening the control group's database (raft.redb)")?,
     );
     let (raft_calls_tx, raft_calls) = tokio::sync::mpsc::channel(config.runtime.ring_capacity);

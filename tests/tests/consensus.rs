@@ -693,5 +693,20 @@ async fn settings_evictions_and_departures_go_through_the_group() -> anyhow::Res
     })
     .await?;
     write_db_retrying(cluster.node(1), 1).await?;
+
+    // Joining again needs a restart first (the old group's state is dropped then).
+    let entry = cluster.node(0).listen.context("listens")?.to_string();
+    let refused = cluster
+        .node(2)
+        .mesh()
+        .await?
+        .join_mesh(meshd_proto::link::JoinMeshRequest {
+            addr: entry,
+            timeout_seconds: 10,
+            ..Default::default()
+        })
+        .await
+        .expect_err("the old group's state is still held");
+    assert!(refused.message().contains("restart"), "{refused:?}");
     Ok(())
 }

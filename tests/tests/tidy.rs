@@ -36,6 +36,8 @@ const PURE_CORES: &[&str] = &[
     "appliance/src/control/metrics.rs",
     "appliance/src/control/routing.rs",
     "appliance/src/control/types.rs",
+    "appliance/src/control/raft/policy.rs",
+    "appliance/src/control/live.rs",
     "appliance/src/api/tracker.rs",
     "appliance/src/api/recent.rs",
     "appliance/src/api/reports.rs",

@@ -450,6 +450,27 @@ impl Control {
                     let _ = reply.send(Err(LifecycleError::Critical(reason)));
                     return;
                 }
+                // A group left over from a mesh this node left (or one configured by file)
+                // must not become the new mesh's: its log, terms and voters belong to another.
+                if matches!(
+                    other,
+                    LifecycleRequest::Seed { .. } | LifecycleRequest::Join { .. }
+                ) && self.lifecycle.record.is_none()
+                    && self.raft.consensus().has_group()
+                {
+                    let (LifecycleRequest::Seed { reply, .. }
+                    | LifecycleRequest::Join { reply, .. }) = other
+                    else {
+                        return;
+                    };
+                    let _ = reply.send(Err(LifecycleError::Invalid(
+                        "this node still holds the control group of a mesh it left (or of the \
+                         mesh its config file names): restart it with mesh_id = \"\" first, \
+                         which drops that state, then seed or join"
+                            .into(),
+                    )));
+                    return;
+                }
                 match other {
                     LifecycleRequest::Seed {
                         name,

@@ -4,6 +4,7 @@
 //!
 //! Only non-critical settings are live (seed 003: routing coefficients, log level, the join
 //! policy); ports, identities, storage and thread counts need a restart.
+#![forbid(unsafe_code)]
 
 use meshd_proto::link::JoinPolicy;
 

@@ -16,6 +16,7 @@
 //! needs a larger quorum. A dead voter with no live learner to take its place stays: removing
 //! it would shrink the group to an even size or below the failures it is meant to survive,
 //! and it may come back.
+#![forbid(unsafe_code)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
