@@ -71,11 +71,11 @@ pub fn create_tables(db: &Database) -> std::result::Result<(), AnyError> {
     txn.commit().map_err(any)
 }
 
-/// The group's decisions as they stand: every removed node and every live setting (what a
-/// node applies at start).
-pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> {
-    let txn = db.begin_read().map_err(any)?;
-    let mut decisions = Vec::new();
+/// The removed nodes and the live settings as one read transaction sees them.
+type Standing = (Vec<(u64, u8)>, Vec<(String, String)>);
+
+fn standing(txn: &redb::ReadTransaction) -> std::result::Result<Standing, AnyError> {
+    let mut removed = Vec::new();
     for row in txn
         .open_table(RAFT_REMOVED)
         .map_err(any)?
@@ -83,11 +83,9 @@ pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> 
         .map_err(any)?
     {
         let (node, kind) = row.map_err(any)?;
-        decisions.push(match kind.value() {
-            REMOVED_LEFT => Decision::Leave(node.value()),
-            _ => Decision::Evict(node.value()),
-        });
+        removed.push((node.value(), kind.value()));
     }
+    let mut policy = Vec::new();
     for row in txn
         .open_table(RAFT_POLICY)
         .map_err(any)?
@@ -95,12 +93,23 @@ pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> 
         .map_err(any)?
     {
         let (key, value) = row.map_err(any)?;
-        decisions.push(Decision::SetPolicy(
-            key.value().to_owned(),
-            value.value().to_owned(),
-        ));
+        policy.push((key.value().to_owned(), value.value().to_owned()));
     }
-    Ok(decisions)
+    Ok((removed, policy))
+}
+
+/// The group's decisions as they stand: every removed node and every live setting (what a
+/// node applies at start).
+pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> {
+    let (removed, policy) = standing(&db.begin_read().map_err(any)?)?;
+    let removed = removed.into_iter().map(|(node, kind)| match kind {
+        REMOVED_LEFT => Decision::Leave(node),
+        _ => Decision::Evict(node),
+    });
+    let settings = policy
+        .into_iter()
+        .map(|(key, value)| Decision::SetPolicy(key, value));
+    Ok(removed.chain(settings).collect())
 }
 
 /// The oldest update index still held (older ones were dropped by retention; 0: none
@@ -463,26 +472,7 @@ impl StateMachine {
             let (index, value) = row.map_err(any)?;
             updates.push((index.value(), value.value().to_vec()));
         }
-        let mut removed = Vec::new();
-        for row in txn
-            .open_table(RAFT_REMOVED)
-            .map_err(any)?
-            .iter()
-            .map_err(any)?
-        {
-            let (node, kind) = row.map_err(any)?;
-            removed.push((node.value(), kind.value()));
-        }
-        let mut policy = Vec::new();
-        for row in txn
-            .open_table(RAFT_POLICY)
-            .map_err(any)?
-            .iter()
-            .map_err(any)?
-        {
-            let (key, value) = row.map_err(any)?;
-            policy.push((key.value().to_owned(), value.value().to_owned()));
-        }
+        let (removed, policy) = standing(&txn)?;
         let oldest_kept = match get("oldest_kept")? {
             Some(bytes) => decode(&bytes)?,
             None => 0,
