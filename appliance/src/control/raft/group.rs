@@ -486,6 +486,11 @@ impl Consensus {
             }
             KIND_WRITE => {
                 let command: MeshCommand = postcard::from_bytes(body).ok()?;
+                // Only a node says it left (as with SWIM notices): a member forwarding another
+                // node's departure would make the group stop counting on that node.
+                if matches!(command, MeshCommand::Leave { node } if node != from) {
+                    return None;
+                }
                 let answer: WriteAnswer = match self.quorum_check(&self.metrics()) {
                     Ok(leader) if leader == self.local => self.write_here(command).await,
                     Ok(_) | Err(_) => Err(WriteError::Refused(
