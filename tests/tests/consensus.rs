@@ -708,5 +708,46 @@ async fn settings_evictions_and_departures_go_through_the_group() -> anyhow::Res
         .await
         .expect_err("the old group's state is still held");
     assert!(refused.message().contains("restart"), "{refused:?}");
+
+    // After a restart it joins again: the admission is newer than its departure, so the
+    // notice of that departure, still spreading, removes it nowhere; the group records the
+    // admission and takes it back (as a voter: two voters left, three is the next odd count).
+    let mut cluster = cluster;
+    cluster.node_mut(2).stop();
+    cluster.node_mut(2).start()?;
+    let entry = cluster.node(0).listen.context("listens")?.to_string();
+    let joined = Instant::now();
+    cluster
+        .node(2)
+        .mesh()
+        .await?
+        .join_mesh(meshd_proto::link::JoinMeshRequest {
+            addr: entry,
+            timeout_seconds: 10,
+            ..Default::default()
+        })
+        .await?;
+    let back = wait_group(&cluster, &[0, 1, 2], "3 back in the group", SETTLE, |s| {
+        s.voters.contains(&3) && s.can_accept_writes
+    })
+    .await?;
+    println!("node 3 rejoined after leaving: a voter again {back:?} after its JoinMesh");
+    let index = write_db_retrying(cluster.node(2), 2).await?;
+    for i in [0, 1] {
+        let seen = read_db(cluster.node(i), index - 1, 1).await?;
+        anyhow::ensure!(seen == vec![(index, 2)], "node {i} read {seen:?}");
+    }
+    // Still a member everywhere a few seconds on: no late notice undid the admission.
+    let alive = |s: &meshd_proto::link::MeshStatus| {
+        meshd_tests::member_state(s, 3) == Some(meshd_proto::link::MemberState::Alive)
+    };
+    meshd_tests::wait_for_mesh(&cluster, &[0, 1, 2], "3 alive", SETTLE, alive).await?;
+    while joined.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in [0, 1] {
+        let status = meshd_tests::mesh_status(cluster.node(i)).await?;
+        anyhow::ensure!(alive(&status), "node {i} lost 3 again: {status:#?}");
+    }
     Ok(())
 }

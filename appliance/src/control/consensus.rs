@@ -351,12 +351,22 @@ impl Control {
                     self.raft.departing.insert(node);
                 }
             }
-            Decision::Admit(node) if node != local => {
+            Decision::Admit(node, public_key) if node != local => {
                 self.membership.decided(node, NoticeKind::Admitted);
+                self.raft.departing.remove(&node);
+                // The group's record is the node's identity: live, it replaces a key held
+                // from an earlier life (a rejoin may bring a new key); at start it only fills
+                // in keys not yet learned, so frames to members can be sealed before their
+                // first LSA arrives.
+                if !replay && self.trust.key_of(node).is_some_and(|k| k != public_key) {
+                    self.trust.forget(node);
+                    self.lsa_auth.forget(node);
+                }
+                self.trust.learn(node, public_key);
             }
             Decision::SetPolicy(key, value) => self.apply_setting(&key, &value),
             Decision::Leave(_) => self.raft.leaving = true,
-            Decision::Evict(_) | Decision::Admit(_) => {}
+            Decision::Evict(_) | Decision::Admit(..) => {}
         }
     }
 

@@ -44,7 +44,7 @@ use crate::storage::now_ms;
 mod join;
 pub mod pake;
 
-pub use self::join::{BUSY_REASON, MAX_PENDING_EXCHANGES};
+pub use self::join::{BUSY_REASON, MAX_GUESTS, MAX_PENDING_EXCHANGES};
 
 /// Goodbye reasons that tell a peer not to re-dial.
 pub const LEFT_REASON: &str = "left the mesh";
@@ -279,6 +279,9 @@ pub(super) struct Lifecycle {
     signing_mesh: Option<(String, [u8; 32])>,
     /// Key exchanges this member started, by joiner.
     pub(super) exchanges: std::collections::HashMap<u64, join::OpenExchange>,
+    /// The key each guest proved on its link's handshake, by node: what an admission records
+    /// in the control group as the joiner's identity. Bounded by [`MAX_GUESTS`].
+    pub(super) guest_keys: std::collections::HashMap<u64, [u8; 32]>,
     /// The api's tenant keys: their secret is the current mesh's.
     tenant_keys: crate::api::SharedTenantKeys,
 }

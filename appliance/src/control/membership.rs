@@ -597,6 +597,11 @@ impl Membership {
         }
     }
 
+    /// The seq of the newest notice held about `node` (see `publish_notice`).
+    pub fn notice_seq(&self, node: u64) -> Option<u64> {
+        self.meta.borrow().notices.get(&node).map(|(n, _)| n.seq)
+    }
+
     /// Every node evicted or gone for good (left).
     pub fn removed(&self) -> impl Iterator<Item = u64> + '_ {
         self.removed.iter().copied()

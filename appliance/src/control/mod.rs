@@ -640,6 +640,11 @@ impl Control {
             } => {
                 if peer.guest {
                     // Only the join exchange crosses a guest link; it is not part of the mesh.
+                    // The key it proved is what an admission will record.
+                    let guests = &mut self.lifecycle.guest_keys;
+                    if guests.len() < lifecycle::MAX_GUESTS || guests.contains_key(&peer.node_id) {
+                        guests.insert(peer.node_id, peer.public_key);
+                    }
                     return;
                 }
                 if self.membership.is_evicted(peer.node_id) {
@@ -678,6 +683,7 @@ impl Control {
                 // Its LinkUp was ignored too; the peer's member link (if any) is separate. A
                 // key exchange it left open ends with it.
                 self.lifecycle.exchanges.remove(&peer);
+                self.lifecycle.guest_keys.remove(&peer);
             }
             ControlEvent::LinkDown {
                 peer,

@@ -91,6 +91,11 @@ impl Trust {
         self.changed = true;
     }
 
+    /// The certified key held for `node`.
+    pub fn key_of(&self, node: u64) -> Option<[u8; 32]> {
+        self.public.get(&node).copied()
+    }
+
     /// Whether `node`'s certified key is held (frames to it can be sealed).
     pub fn knows(&self, node: u64) -> bool {
         self.pairs.contains_key(&node)

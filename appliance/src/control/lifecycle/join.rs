@@ -45,6 +45,10 @@ pub const BUSY_REASON: &str =
 /// can make a member hold.
 pub const MAX_PENDING_EXCHANGES: usize = 16;
 
+/// Guest links whose proven key a member remembers at once (until the link ends); a joiner
+/// past it is refused as busy, like one past [`MAX_PENDING_EXCHANGES`].
+pub const MAX_GUESTS: usize = 1024;
+
 /// An exchange the member started and waits to finish.
 pub(in crate::control) struct OpenExchange {
     state: MemberPake,
@@ -338,6 +342,11 @@ impl Control {
                     .unwrap_or_default(),
             })
             .collect();
+        let Some(public_key) = self.lifecycle.guest_keys.get(&from).copied() else {
+            // Past MAX_GUESTS at its link-up: no identity to record.
+            self.joins_refused_busy += 1;
+            return refusal(JoinRefusal::Unspecified, BUSY_REASON);
+        };
         let readmitted = self.membership.is_evicted(from);
         // A joiner is a guest, not a linked member: its peer row is of an earlier life, and
         // the link it makes as a member pins whatever key it has now.
@@ -357,29 +366,33 @@ impl Control {
         } else {
             self.store.stage(now, |batch| batch.remove_peer(from));
         }
-        if (readmitted || self.membership.removed().any(|n| n == from))
-            && self.raft.consensus().has_group()
-        {
-            // The group's record of the removal goes too, or a node starting later (or
-            // catching up from a snapshot) would apply it again. Best effort: the join does
-            // not wait on the group.
+        if self.raft.consensus().has_group() {
+            // The group records every admission with the key the joiner proved; for a node
+            // that left or was evicted it also lifts the removal, or a node starting later
+            // (or catching up from a snapshot) would apply the removal again. Best effort:
+            // the join does not wait on the group.
             let consensus = self.raft.consensus().clone();
             tokio::spawn(async move {
-                let admit = crate::control::raft::MeshCommand::Admit { node: from };
+                let admit = crate::control::raft::MeshCommand::Admit {
+                    node: from,
+                    public_key,
+                };
                 if let Err(e) = consensus.write(admit).await {
-                    tracing::warn!(node = from, error = %e, "the control group did not record a readmission");
+                    tracing::warn!(node = from, error = %e, "the control group did not record an admission");
                 }
             });
         }
-        if readmitted {
-            // Joining again lifts an eviction.
-            let notice = self
-                .trust
-                .sign(Notice::new(from, now_ms(), NoticeKind::Admitted));
-            self.membership.publish_notice(now, notice);
-        } else {
-            self.membership.readmit(from);
-        }
+        // Every admission is announced, newer than anything said about the node before: a
+        // notice of its earlier departure or eviction still spreading (or arriving late at a
+        // member that missed it) is then older than the admission and ignored everywhere,
+        // instead of removing the node again. Seqs are wall-clock milliseconds, and one above
+        // the newest notice this member holds about the node.
+        let seq = now_ms().max(self.membership.notice_seq(from).map_or(0, |s| s + 1));
+        let notice = self
+            .trust
+            .sign(Notice::new(from, seq, NoticeKind::Admitted));
+        self.membership.publish_notice(now, notice);
+        self.membership.readmit(from);
         JoinAnswer {
             accepted: true,
             mesh: Some(config),

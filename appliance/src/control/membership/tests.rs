@@ -406,6 +406,39 @@ fn an_eviction_reaches_every_member_and_the_evicted_node_is_kept_out() {
     );
 }
 
+#[test]
+fn an_admission_outranks_a_departure_notice_still_spreading_whichever_arrives_first() {
+    let mut sim = Sim::new(6, 0.05, MembershipConfig::default());
+    sim.bootstrap(13);
+    sign_everything(&mut sim);
+    let now = sim.now;
+    // 5 left (its own notice, seq 100) and was admitted again by 3 (seq 200); 2 holds the
+    // departure, 3 the admission, and each spreads its news at once.
+    let left = Notice::new(5, 100, NoticeKind::Left).signed(5, &keys(5), &[]);
+    sim.nodes
+        .get_mut(&2)
+        .unwrap()
+        .publish_notice(now, left.clone());
+    let admitted = Notice::new(5, 200, NoticeKind::Admitted).signed(3, &keys(3), &[]);
+    sim.nodes.get_mut(&3).unwrap().publish_notice(now, admitted);
+    assert!(sim.nodes[&2].removed().any(|n| n == 5));
+    sim.settle(2);
+    sim.settle(3);
+    sim.run_for(Duration::from_secs(10));
+    for (id, node) in &sim.nodes {
+        assert!(
+            !node.removed().any(|n| n == 5),
+            "node {id} still counts 5 as gone"
+        );
+        assert_eq!(node.notice_seq(5), Some(200), "node {id}");
+    }
+    // The departure arriving again, late, changes nothing.
+    let now = sim.now;
+    sim.nodes.get_mut(&4).unwrap().publish_notice(now, left);
+    sim.run_for(Duration::from_secs(5));
+    assert!(sim.nodes.values().all(|m| !m.removed().any(|n| n == 5)));
+}
+
 /// Drains a membership's output, returning its datagrams.
 fn datagrams(m: &mut Membership) -> Vec<(u64, Bytes)> {
     while m.poll_event().is_some() {}

@@ -39,10 +39,14 @@ pub enum MeshCommand {
         /// The node.
         node: u64,
     },
-    /// `node` joined again after an eviction or departure: it is no longer removed.
+    /// `node` was admitted (a join checked by a member), with the key it proved on the
+    /// join: it is a member of the group's list, and no longer removed if it left or was
+    /// evicted before.
     Admit {
         /// The node.
         node: u64,
+        /// Its Ed25519 public key.
+        public_key: [u8; 32],
     },
     /// A live setting for the whole mesh (SetPolicy; see `control::live`).
     SetPolicy {
@@ -61,8 +65,8 @@ pub enum Decision {
     Evict(u64),
     /// This node left.
     Leave(u64),
-    /// This node is a member again.
-    Admit(u64),
+    /// This node was admitted with this key.
+    Admit(u64, [u8; 32]),
     /// Apply this setting.
     SetPolicy(String, String),
 }

@@ -39,6 +39,8 @@ const UPDATE_CURSORS: TableDefinition<'_, &str, u64> = TableDefinition::new("upd
 const RAFT_REMOVED: TableDefinition<'_, u64, u8> = TableDefinition::new("raft_removed");
 /// Live settings (SetPolicy): key → value.
 const RAFT_POLICY: TableDefinition<'_, &str, &str> = TableDefinition::new("raft_policy");
+/// Admitted members: node → the key it proved when it joined.
+const RAFT_MEMBERS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("raft_members");
 
 const REMOVED_EVICTED: u8 = 1;
 const REMOVED_LEFT: u8 = 2;
@@ -68,14 +70,21 @@ pub fn create_tables(db: &Database) -> std::result::Result<(), AnyError> {
     txn.open_table(UPDATE_CURSORS).map_err(any)?;
     txn.open_table(RAFT_REMOVED).map_err(any)?;
     txn.open_table(RAFT_POLICY).map_err(any)?;
+    txn.open_table(RAFT_MEMBERS).map_err(any)?;
     txn.commit().map_err(any)
 }
 
-/// The removed nodes and the live settings as one read transaction sees them.
-type Standing = (Vec<(u64, u8)>, Vec<(String, String)>);
+/// The removed nodes, the live settings and the admitted members as one read transaction
+/// sees them.
+#[derive(Default, Serialize, Deserialize)]
+struct Standing {
+    removed: Vec<(u64, u8)>,
+    policy: Vec<(String, String)>,
+    members: Vec<(u64, [u8; 32])>,
+}
 
 fn standing(txn: &redb::ReadTransaction) -> std::result::Result<Standing, AnyError> {
-    let mut removed = Vec::new();
+    let mut out = Standing::default();
     for row in txn
         .open_table(RAFT_REMOVED)
         .map_err(any)?
@@ -83,9 +92,8 @@ fn standing(txn: &redb::ReadTransaction) -> std::result::Result<Standing, AnyErr
         .map_err(any)?
     {
         let (node, kind) = row.map_err(any)?;
-        removed.push((node.value(), kind.value()));
+        out.removed.push((node.value(), kind.value()));
     }
-    let mut policy = Vec::new();
     for row in txn
         .open_table(RAFT_POLICY)
         .map_err(any)?
@@ -93,15 +101,35 @@ fn standing(txn: &redb::ReadTransaction) -> std::result::Result<Standing, AnyErr
         .map_err(any)?
     {
         let (key, value) = row.map_err(any)?;
-        policy.push((key.value().to_owned(), value.value().to_owned()));
+        out.policy
+            .push((key.value().to_owned(), value.value().to_owned()));
     }
-    Ok((removed, policy))
+    for row in txn
+        .open_table(RAFT_MEMBERS)
+        .map_err(any)?
+        .iter()
+        .map_err(any)?
+    {
+        let (node, key) = row.map_err(any)?;
+        // Written by this store from a 32-byte key; anything else is a damaged row, skipped.
+        if let Ok(key) = <[u8; 32]>::try_from(key.value()) {
+            out.members.push((node.value(), key));
+        }
+    }
+    Ok(out)
 }
 
-/// The group's decisions as they stand: every removed node and every live setting (what a
-/// node applies at start).
+/// The group's decisions as they stand: every admitted member with its key, every removed
+/// node and every live setting (what a node applies at start).
 pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> {
-    let (removed, policy) = standing(&db.begin_read().map_err(any)?)?;
+    let Standing {
+        removed,
+        policy,
+        members,
+    } = standing(&db.begin_read().map_err(any)?)?;
+    let admitted = members
+        .into_iter()
+        .map(|(node, key)| Decision::Admit(node, key));
     let removed = removed.into_iter().map(|(node, kind)| match kind {
         REMOVED_LEFT => Decision::Leave(node),
         _ => Decision::Evict(node),
@@ -109,7 +137,12 @@ pub fn decisions(db: &Database) -> std::result::Result<Vec<Decision>, AnyError> 
     let settings = policy
         .into_iter()
         .map(|(key, value)| Decision::SetPolicy(key, value));
-    Ok(removed.chain(settings).collect())
+    Ok(admitted.chain(removed).chain(settings).collect())
+}
+
+/// The admitted members with the key each proved when it joined (the group's member list).
+pub fn members(db: &Database) -> std::result::Result<Vec<(u64, [u8; 32])>, AnyError> {
+    Ok(standing(&db.begin_read().map_err(any)?)?.members)
 }
 
 /// The oldest update index still held (older ones were dropped by retention; 0: none
@@ -370,8 +403,7 @@ struct SnapshotData {
     last_applied: Option<LogId<u64>>,
     membership: Membership,
     updates: Vec<(u64, Vec<u8>)>,
-    removed: Vec<(u64, u8)>,
-    policy: Vec<(String, String)>,
+    standing: Standing,
     oldest_kept: u64,
 }
 
@@ -472,7 +504,7 @@ impl StateMachine {
             let (index, value) = row.map_err(any)?;
             updates.push((index.value(), value.value().to_vec()));
         }
-        let (removed, policy) = standing(&txn)?;
+        let standing = standing(&txn)?;
         let oldest_kept = match get("oldest_kept")? {
             Some(bytes) => decode(&bytes)?,
             None => 0,
@@ -481,8 +513,7 @@ impl StateMachine {
             last_applied,
             membership,
             updates,
-            removed,
-            policy,
+            standing,
             oldest_kept,
         })
     }
@@ -543,6 +574,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let mut updates = txn.open_table(RAFT_UPDATES).map_err(any)?;
                     let mut removed = txn.open_table(RAFT_REMOVED).map_err(any)?;
                     let mut policy = txn.open_table(RAFT_POLICY).map_err(any)?;
+                    let mut members = txn.open_table(RAFT_MEMBERS).map_err(any)?;
                     for entry in entries {
                         let log_id = entry.log_id;
                         last = Some(log_id.index);
@@ -565,6 +597,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             }
                             EntryPayload::Normal(MeshCommand::Evict { node }) => {
                                 removed.insert(node, REMOVED_EVICTED).map_err(any)?;
+                                members.remove(node).map_err(any)?;
                                 out.push(Decision::Evict(node));
                                 replies.push(MeshReply::Applied {
                                     index: log_id.index,
@@ -572,14 +605,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             }
                             EntryPayload::Normal(MeshCommand::Leave { node }) => {
                                 removed.insert(node, REMOVED_LEFT).map_err(any)?;
+                                members.remove(node).map_err(any)?;
                                 out.push(Decision::Leave(node));
                                 replies.push(MeshReply::Applied {
                                     index: log_id.index,
                                 });
                             }
-                            EntryPayload::Normal(MeshCommand::Admit { node }) => {
+                            EntryPayload::Normal(MeshCommand::Admit { node, public_key }) => {
                                 removed.remove(node).map_err(any)?;
-                                out.push(Decision::Admit(node));
+                                members.insert(node, public_key.as_slice()).map_err(any)?;
+                                out.push(Decision::Admit(node, public_key));
                                 replies.push(MeshReply::Applied {
                                     index: log_id.index,
                                 });
@@ -655,13 +690,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 let mut removed = txn.open_table(RAFT_REMOVED).map_err(any)?;
                 removed.retain(|_, _| false).map_err(any)?;
-                for (node, kind) in &data.removed {
+                for (node, kind) in &data.standing.removed {
                     removed.insert(*node, *kind).map_err(any)?;
                 }
                 let mut policy = txn.open_table(RAFT_POLICY).map_err(any)?;
                 policy.retain(|_, _| false).map_err(any)?;
-                for (key, value) in &data.policy {
+                for (key, value) in &data.standing.policy {
                     policy.insert(key.as_str(), value.as_str()).map_err(any)?;
+                }
+                let mut members = txn.open_table(RAFT_MEMBERS).map_err(any)?;
+                members.retain(|_, _| false).map_err(any)?;
+                for (node, key) in &data.standing.members {
+                    members.insert(*node, key.as_slice()).map_err(any)?;
                 }
                 let mut sm = txn.open_table(RAFT_SM).map_err(any)?;
                 sm.insert("oldest_kept", encode(&data.oldest_kept)?.as_slice())
