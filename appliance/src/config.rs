@@ -71,6 +71,9 @@ pub struct Config {
     /// The mesh control group (Raft).
     #[serde(default)]
     pub consensus: ConsensusSection,
+    /// Client data streams.
+    #[serde(default)]
+    pub streams: StreamsSection,
     /// Threads and rings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -301,6 +304,47 @@ impl Default for ConsensusSection {
             keep_behind_snapshot: 1000,
             write_deadline_ms: 5000,
             retain_updates: 1_000_000,
+        }
+    }
+}
+
+/// `[streams]`: exactly-once client data streams.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsSection {
+    /// Stream worker threads (each with its own `streams-<i>.redb`); 0 = one per shard.
+    pub workers: usize,
+    /// Largest message (bytes); larger than a frame is sent in chunks.
+    pub max_message_bytes: usize,
+    /// Data bytes per chunk of a large message (below `network.max_payload_bytes`).
+    pub chunk_bytes: usize,
+    /// Streams (as source or target) one worker keeps.
+    pub max_streams: usize,
+    /// Messages published and not yet processed by every target, per stream.
+    pub max_outstanding: u64,
+    /// Messages a target holds unprocessed per stream: the most credit it grants.
+    pub max_backlog: u32,
+    /// Bytes of large messages being reassembled, per worker.
+    pub reassembly_bytes: u64,
+    /// A publish not acknowledged in this time is answered DEADLINE_EXCEEDED (the retry with
+    /// the same seqs is safe).
+    pub publish_timeout_ms: u64,
+    /// Go-back-N retransmission timeout.
+    pub retransmit_ms: u64,
+}
+
+impl Default for StreamsSection {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            max_message_bytes: 64 << 20,
+            chunk_bytes: 1 << 20,
+            max_streams: 10_000,
+            max_outstanding: 65_536,
+            max_backlog: 8192,
+            reassembly_bytes: 256 << 20,
+            publish_timeout_ms: 10_000,
+            retransmit_ms: 400,
         }
     }
 }

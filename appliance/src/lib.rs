@@ -13,3 +13,4 @@ pub mod config;
 pub mod control;
 pub mod node;
 pub mod storage;
+pub mod streams;

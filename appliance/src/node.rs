@@ -38,6 +38,7 @@ use crate::{
         },
     },
     storage::ControlDb,
+    streams::{Streams, StreamsSetup},
 };
 
 /// Runs a node until SIGINT or SIGTERM.
@@ -126,9 +127,26 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         known_peers,
         key_book: Arc::clone(&key_book),
     };
+    // One ring per stream worker; room for a burst of a large message's chunks, so a worker
+    // busy with one fsync does not make the link drop what follows.
+    let stream_workers = if config.streams.workers == 0 {
+        resolved.n_shards
+    } else {
+        config.streams.workers
+    };
+    let (stream_frames_tx, stream_frames_rx): (Vec<_>, Vec<_>) = (0..stream_workers)
+        .map(|_| {
+            weighed_ring(
+                capacity,
+                EVENT_RING_BYTES.max(16 * config.streams.chunk_bytes),
+                ApiEvent::weight,
+            )
+        })
+        .unzip();
     let api_lanes = ApiLanes {
         data: api_events_tx,
         verdicts: api_verdicts_tx,
+        streams: stream_frames_tx.into(),
     };
     let shards = Shards::start(shard_config, control_events_tx, api_lanes)?;
     let shard_inputs: Arc<[_]> = shards.inputs().to_vec().into();
@@ -229,6 +247,16 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         },
         raft_bootstrap: consensus_section.bootstrap,
     })?;
+    let streams = Streams::start(StreamsSetup {
+        node_id: identity.node_id,
+        data_dir: config.data_dir.clone(),
+        config: config.streams.clone(),
+        shards: Arc::clone(&shard_inputs),
+        key_book: Arc::clone(&key_book),
+        tenant_keys: Arc::clone(&tenant_keys),
+        frames: stream_frames_rx,
+    })
+    .context("starting the stream workers")?;
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,
         listener: grpc_listener,
@@ -251,6 +279,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         tls: resolved.grpc_tls.clone(),
         token: resolved.grpc_token.clone(),
         consensus: consensus.handle(),
+        streams: Arc::clone(&streams),
     })?;
 
     let listen = shards
@@ -266,6 +295,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
 
     let watchdog = signals.wait()?;
     api.stop();
+    streams.stop();
     shards.shutdown();
     control.stop();
     consensus.stop();

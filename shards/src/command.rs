@@ -102,7 +102,7 @@ pub struct AdoptedSocket {
 pub struct Outgoing {
     /// The frame's destination node.
     pub dst: u64,
-    /// Frame type: `Data`, `DeliveryReport` or `AppAck`.
+    /// Frame type: `Data`, `DeliveryReport`, `AppAck` or a stream frame.
     pub frame_type: FrameType,
     /// Traffic class of the frame.
     pub traffic_class: TrafficClass,
@@ -113,6 +113,8 @@ pub struct Outgoing {
     pub flow: u128,
     /// Encoded frame payload.
     pub payload: Bytes,
+    /// (index, count) of one chunk of a larger stream message; (0, 0) when not chunked.
+    pub chunk: (u16, u16),
 }
 
 impl Outgoing {
@@ -121,6 +123,7 @@ impl Outgoing {
         let mut header = Header::new(self.frame_type, self.traffic_class, local, self.dst);
         header.seq = self.msg_id;
         header.stream_id = self.flow;
+        (header.chunk_seq, header.chunk_count) = self.chunk;
         header
     }
 }
@@ -260,13 +263,21 @@ pub enum ApiEvent {
         /// Whether `dst` has ever been part of the mesh, as far as this node knows.
         known: bool,
     },
+    /// A stream frame (`StreamData`, `StreamReport`, `StreamOpen`) addressed to this node,
+    /// its origin checked, for the stream worker that owns `header.stream_id`.
+    Stream {
+        /// Its header (stream id, seq, chunk index and count).
+        header: Header,
+        /// The payload without its origin tag.
+        payload: Bytes,
+    },
 }
 
 impl ApiEvent {
     /// The bytes it weighs on the api ring.
     pub fn weight(&self) -> usize {
         match self {
-            Self::Frame { payload, .. } => payload.len(),
+            Self::Frame { payload, .. } | Self::Stream { payload, .. } => payload.len(),
             Self::SendFailed { .. } => 0,
         }
     }
@@ -287,9 +298,21 @@ pub struct ApiLanes {
     pub data: crate::ring::Producer<ApiEvent>,
     /// Everything else.
     pub verdicts: crate::ring::Producer<ApiEvent>,
+    pub streams: Arc<[crate::ring::Producer<ApiEvent>]>,
+}
+
+/// The stream worker that owns `stream_id` among `workers` (at least one).
+pub fn stream_worker(stream_id: u128, workers: usize) -> usize {
+    debug_assert!(workers > 0);
+    let folded = (stream_id as u64) ^ ((stream_id >> 64) as u64);
+    (folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize % workers.max(1)
 }
 
 impl ApiLanes {
+    pub fn stream_lane(&self, stream_id: u128) -> &crate::ring::Producer<ApiEvent> {
+        &self.streams[stream_worker(stream_id, self.streams.len())]
+    }
+
     /// The lane an event travels on.
     pub fn lane(&self, event: &ApiEvent) -> &crate::ring::Producer<ApiEvent> {
         match event {

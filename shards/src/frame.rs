@@ -86,11 +86,20 @@ pub enum FrameType {
     DeliveryReport = 17,
     /// End-to-end application acknowledgement; payload is `meshd.v1.AppAck`.
     AppAck = 18,
+    /// One message (or one chunk of it) of a client data stream, source to target;
+    /// `stream_id`, `seq`, `chunk_seq` / `chunk_count` in the header, the sealed message (or
+    /// the chunk with its head) as payload.
+    StreamData = 19,
+    /// Where a target's inbox stands, target to source; payload is `meshd.v1.StreamReport`.
+    StreamReport = 20,
+    /// A source tells a target about a stream (opened, or closed); payload is
+    /// `meshd.v1.StreamOpen`.
+    StreamOpen = 21,
 }
 
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 17] = [
         Self::Hello,
         Self::Auth,
         Self::Refuse,
@@ -105,6 +114,9 @@ impl FrameType {
         Self::Data,
         Self::DeliveryReport,
         Self::AppAck,
+        Self::StreamData,
+        Self::StreamReport,
+        Self::StreamOpen,
     ];
 
     /// Maps a wire byte to a frame type, or `None` if the byte is not assigned.
@@ -124,6 +136,9 @@ impl FrameType {
             16 => Some(Self::Data),
             17 => Some(Self::DeliveryReport),
             18 => Some(Self::AppAck),
+            19 => Some(Self::StreamData),
+            20 => Some(Self::StreamReport),
+            21 => Some(Self::StreamOpen),
             _ => None,
         }
     }

@@ -53,7 +53,12 @@ pub(crate) enum Lane {
 pub(crate) fn lane_of(input: &ShardInput) -> Lane {
     match input {
         ShardInput::Send(outgoing) => match outgoing.frame_type {
-            FrameType::Data | FrameType::DeliveryReport | FrameType::AppAck => Lane::Send,
+            FrameType::Data
+            | FrameType::DeliveryReport
+            | FrameType::AppAck
+            | FrameType::StreamData
+            | FrameType::StreamReport
+            | FrameType::StreamOpen => Lane::Send,
             _ => Lane::Ctl,
         },
         ShardInput::Forward(_) => Lane::Fwd,
@@ -196,6 +201,7 @@ mod tests {
 
     fn outgoing(frame_type: FrameType) -> ShardInput {
         ShardInput::Send(Outgoing {
+            chunk: (0, 0),
             dst: 2,
             frame_type,
             traffic_class: TrafficClass::Client,
@@ -238,6 +244,7 @@ mod tests {
 
     fn big(bytes: usize) -> ShardInput {
         ShardInput::Send(Outgoing {
+            chunk: (0, 0),
             dst: 2,
             frame_type: FrameType::Data,
             traffic_class: TrafficClass::Client,

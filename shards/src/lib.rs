@@ -21,6 +21,7 @@ mod read_budget;
 pub mod ring;
 pub mod shard;
 pub mod stats;
+pub mod streams;
 pub mod tls;
 
 pub use meshd_proto as proto;

@@ -559,6 +559,9 @@ pub(crate) async fn run(
                     FrameType::Data
                     | FrameType::DeliveryReport
                     | FrameType::AppAck
+                    | FrameType::StreamData
+                    | FrameType::StreamReport
+                    | FrameType::StreamOpen
                     | FrameType::Gossip
                     | FrameType::Raft => {
                         if header.dst != local {
@@ -618,6 +621,19 @@ pub(crate) async fn run(
                                 payload,
                             }))
                             .await;
+                            continue;
+                        }
+                        if matches!(
+                            header.frame_type,
+                            FrameType::StreamData | FrameType::StreamReport | FrameType::StreamOpen
+                        ) {
+                            // Never waited for: a full stream worker loses the frame (counted)
+                            // and the stream protocol sends it again.
+                            let lane = shard.api_tx.stream_lane(header.stream_id);
+                            if lane.try_push(ApiEvent::Stream { header, payload }).is_err() {
+                                stats.on_frame_dropped();
+                                shard.count_drop("stream_queue_full");
+                            }
                             continue;
                         }
                         let event = ApiEvent::Frame {

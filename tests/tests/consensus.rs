@@ -207,16 +207,24 @@ async fn updates_commit_in_one_order_everywhere_and_survive_a_killed_leader() ->
         (mesh_index, "routing.alpha", 3)
     );
 
-    // RequestDatabaseSync pages by version (log index).
+    // RequestDatabaseSync pages by version (log index). Node 2 answers from what it has
+    // applied, which may trail the commit of the last update by a moment.
     let mut data = cluster.node(2).data().await?;
-    let all_rows = data
-        .request_database_sync(DatabaseSyncRequest {
-            table_name: "accounts".into(),
-            last_known_version: 0,
-            node_ids: Vec::new(),
-        })
-        .await?
-        .into_inner();
+    let applied_by = Instant::now() + Duration::from_secs(10);
+    let all_rows = loop {
+        let rows = data
+            .request_database_sync(DatabaseSyncRequest {
+                table_name: "accounts".into(),
+                last_known_version: 0,
+                node_ids: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        if rows.current_version >= node_index || Instant::now() > applied_by {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let versions: Vec<u64> = all_rows.records.iter().map(|r| r.version).collect();
     assert_eq!(versions, written.keys().copied().collect::<Vec<_>>());
     assert!(!all_rows.has_more && all_rows.current_version >= node_index);

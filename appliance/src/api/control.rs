@@ -537,6 +537,30 @@ impl MeshService for ControlService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn open_client_data_stream(
+        &self,
+        request: Request<meshd_proto::link::OpenClientDataStreamRequest>,
+    ) -> Result<Response<meshd_proto::link::StreamHandle>, Status> {
+        super::streams::open(&self.state, request.into_inner()).await
+    }
+
+    async fn publish_client_data(
+        &self,
+        request: Request<tonic::Streaming<meshd_proto::link::PublishClientDataRequest>>,
+    ) -> Result<Response<BoxStream<meshd_proto::link::PublishClientDataResponse>>, Status> {
+        Ok(Response::new(super::streams::publish(
+            Arc::clone(&self.state),
+            request.into_inner(),
+        )))
+    }
+
+    async fn close_client_data_stream(
+        &self,
+        request: Request<meshd_proto::link::CloseClientDataStreamRequest>,
+    ) -> Result<Response<meshd_proto::link::CloseClientDataStreamResponse>, Status> {
+        super::streams::close(&self.state, request.into_inner()).await
+    }
+
     async fn get_mesh_status(
         &self,
         _request: Request<GetMeshStatusRequest>,

@@ -190,6 +190,7 @@ pub(crate) async fn submit(
             .update(msg_id, Some(local), verdict_update(verdict));
         for target in targets.into_iter().filter(|t| *t != local) {
             let copy = Outgoing {
+                chunk: (0, 0),
                 dst: target,
                 frame_type: FrameType::Data,
                 traffic_class: class,

@@ -310,6 +310,10 @@ impl ApiState {
                     "api ignored a frame type it does not handle"
                 );
             }
+            ApiEvent::Stream { header, .. } => {
+                // Stream frames go to the stream workers' own rings, never here.
+                tracing::debug!(src = header.src, "api ignored a stream frame");
+            }
             ApiEvent::SendFailed { msg_id, dst, known } => {
                 if self.tracker().note_failure(msg_id) {
                     // An open waiting send: tried again until its time is up (another next
@@ -362,6 +366,7 @@ impl ReportSink for ShardSink<'_> {
 
     fn send(&mut self, source: u64, class: TrafficClass, payload: Vec<u8>) -> bool {
         let mut outgoing = Outgoing {
+            chunk: (0, 0),
             dst: source,
             frame_type: FrameType::DeliveryReport,
             traffic_class: class,

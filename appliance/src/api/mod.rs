@@ -16,6 +16,7 @@ mod known;
 mod mesh;
 mod recent;
 mod reports;
+mod streams;
 pub mod tenant;
 pub mod tracker;
 mod updates;
@@ -95,6 +96,8 @@ pub(crate) struct ApiState {
     closing: AtomicBool,
     /// The mesh control group.
     pub(crate) consensus: crate::control::raft::group::Consensus,
+    /// The stream workers.
+    pub(crate) streams: Arc<crate::streams::Streams>,
 }
 
 impl ApiState {
@@ -184,6 +187,7 @@ impl ApiState {
                 tokio::time::timeout(self.congestion_wait, self.congestion.until_clear(dst)).await;
         }
         self.hand_over(Outgoing {
+            chunk: (0, 0),
             dst,
             frame_type,
             traffic_class,
@@ -364,6 +368,8 @@ pub struct ApiSetup {
     pub token: Option<String>,
     /// The mesh control group.
     pub consensus: crate::control::raft::group::Consensus,
+    /// The stream workers.
+    pub streams: Arc<crate::streams::Streams>,
 }
 
 /// The running api thread.
@@ -436,6 +442,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         }),
         closing: AtomicBool::new(false),
         consensus: setup.consensus,
+        streams: setup.streams,
     });
     let events = setup.events;
     let (tls, token) = (setup.tls, setup.token);
@@ -511,9 +518,16 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
     let updates = meshd_proto::link::mesh_data_service_server::MeshDataServiceServer::new(
         updates::UpdatesService::new(Arc::clone(&state)),
     );
+    // Stream messages are up to streams.max_message_bytes each.
+    let stream_message = state.streams.config.max_message_bytes + (64 << 10);
     let mesh_service = meshd_proto::link::mesh_service_server::MeshServiceServer::new(
         control::ControlService::new(Arc::clone(&state)),
-    );
+    )
+    .max_decoding_message_size(stream_message.max(max_message))
+    .max_encoding_message_size(max_message);
+    let updates = updates
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(stream_message.max(max_message));
     // core keeps one long-lived connection; small unary calls must not wait for Nagle.
     let incoming = tokio_stream::StreamExt::map(
         tokio_stream::wrappers::TcpListenerStream::new(listener),

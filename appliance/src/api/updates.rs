@@ -250,6 +250,13 @@ impl UpdatesService {
 
 #[tonic::async_trait]
 impl MeshDataService for UpdatesService {
+    async fn subscribe_client_data(
+        &self,
+        request: Request<tonic::Streaming<meshd_proto::link::SubscribeClientDataRequest>>,
+    ) -> Result<Response<BoxStream<meshd_proto::link::ClientData>>, Status> {
+        super::streams::subscribe(Arc::clone(&self.state), request.into_inner()).await
+    }
+
     async fn subscribe_node_updates(
         &self,
         request: Request<SubscribeUpdatesRequest>,

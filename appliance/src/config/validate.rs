@@ -231,6 +231,62 @@ impl Config {
                 "use 200",
             ));
         }
+        let streams = &self.streams;
+        if streams.workers > 64 {
+            return Err(invalid(
+                "streams.workers",
+                "is above 64",
+                "use 0 (one per shard)",
+            ));
+        }
+        if !(1..=1 << 30).contains(&streams.max_message_bytes) {
+            return Err(invalid(
+                "streams.max_message_bytes",
+                "is outside 1..=1073741824",
+                "use 67108864 (64 MiB)",
+            ));
+        }
+        if streams.chunk_bytes < 4096 || streams.chunk_bytes + 4096 > self.network.max_payload_bytes
+        {
+            return Err(invalid(
+                "streams.chunk_bytes",
+                "must be at least 4096 and 4096 below network.max_payload_bytes",
+                "use 1048576",
+            ));
+        }
+        if streams.max_message_bytes.div_ceil(streams.chunk_bytes) > usize::from(u16::MAX) {
+            return Err(invalid(
+                "streams.max_message_bytes",
+                "needs more than 65535 chunks of chunk_bytes",
+                "raise streams.chunk_bytes",
+            ));
+        }
+        if streams.reassembly_bytes < streams.max_message_bytes as u64 {
+            return Err(invalid(
+                "streams.reassembly_bytes",
+                "is below streams.max_message_bytes",
+                "use 4 × max_message_bytes",
+            ));
+        }
+        if streams.max_streams == 0
+            || !(1..=1 << 24).contains(&streams.max_outstanding)
+            || !(1..=1 << 24).contains(&streams.max_backlog)
+        {
+            return Err(invalid(
+                "streams.max_streams",
+                "max_streams, max_outstanding and max_backlog must be positive (the last two at most 16777216)",
+                "use 10000, 65536 and 8192",
+            ));
+        }
+        if !(10..=600_000).contains(&streams.retransmit_ms)
+            || !(100..=3_600_000).contains(&streams.publish_timeout_ms)
+        {
+            return Err(invalid(
+                "streams.retransmit_ms",
+                "retransmit_ms must be in 10..=600000 and publish_timeout_ms in 100..=3600000",
+                "use 400 and 10000",
+            ));
+        }
         let consensus = &self.consensus;
         if consensus.max_voters == 0
             || consensus.max_voters > 9

@@ -446,6 +446,7 @@ impl Control {
         payload: bytes::Bytes,
     ) -> bool {
         let mut outgoing = meshd_shards::command::Outgoing {
+            chunk: (0, 0),
             dst,
             frame_type,
             traffic_class: class,

@@ -229,6 +229,7 @@ mod tests {
 
     fn frame(dst: u64, msg_id: u64, bytes: usize) -> Outgoing {
         Outgoing {
+            chunk: (0, 0),
             dst,
             frame_type: FrameType::Data,
             traffic_class: TrafficClass::Client,
