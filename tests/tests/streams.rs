@@ -334,7 +334,7 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_and_of_the_source
     for s in subs {
         s.abort();
     }
-    let acked = acked.lock().unwrap();
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
     assert_eq!(
         acked.len() as u64,
         total,
@@ -342,7 +342,7 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_and_of_the_source
     );
     assert!(acked.values().all(|n| *n == 1), "no seq acknowledged twice");
     for (i, seen) in seen.iter().enumerate() {
-        let seen = seen.lock().unwrap();
+        let seen = std::mem::take(&mut *seen.lock().unwrap());
         let who = format!("node {}", i + 2);
         check_exact(&seen, &stream, total, &who);
         println!(
