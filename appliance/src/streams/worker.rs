@@ -54,6 +54,10 @@ const TURN_SENDS: usize = 4096;
 /// Messages delivered to subscribers per turn.
 const TURN_DELIVERIES: usize = 4096;
 
+/// Bytes of out-of-order messages all streams of a worker hold in memory (past it they are
+/// dropped; the source sends them again after the gap).
+const HELD_BYTES: usize = 64 << 20;
+
 /// Bytes of the sealed message's epoch and nonce before its ciphertext.
 const SEALED_HEAD: usize = 8 + 24;
 
@@ -144,6 +148,9 @@ pub(super) struct Worker {
     started: Instant,
     /// Work left over from the last turn (sends or deliveries past the budget).
     more: bool,
+    /// Bytes held out of order (approximate: a forgotten stream's are not given back until
+    /// the next reload, which errs on the side of holding less).
+    held_bytes: usize,
 }
 
 impl Worker {
@@ -170,6 +177,7 @@ impl Worker {
             unsent: VecDeque::new(),
             started: Instant::now(),
             more: false,
+            held_bytes: 0,
         };
         worker.load()?;
         Ok(worker)
@@ -186,7 +194,7 @@ impl Worker {
     fn inbox_config(&self) -> InboxConfig {
         InboxConfig {
             max_backlog: self.config.max_backlog,
-            max_held: 1024,
+            max_held: 256,
             keepalive_ms: 1000,
         }
     }
@@ -196,6 +204,7 @@ impl Worker {
         self.sources.clear();
         self.targets.clear();
         self.unsent.clear();
+        self.held_bytes = 0;
         self.reassembler = Reassembler::new(ReassemblyLimits {
             max_message: (self.config.max_message_bytes + SEALED_HEAD + 64) as u64,
             max_open: 64,
@@ -918,9 +927,20 @@ impl Worker {
                 return;
             }
         };
-        if let Arrival::Store(stored) = t.inbox.on_data(seq, plaintext) {
+        let len = plaintext.len();
+        if seq != t.inbox.next_expected() && self.held_bytes + len > HELD_BYTES {
+            return;
+        }
+        let arrival = t.inbox.on_data(seq, plaintext);
+        if arrival == Arrival::Held {
+            self.held_bytes += len;
+        }
+        if let Arrival::Store(stored) = arrival {
             let last = stored.last().map_or(seq, |(s, _)| *s);
-            for (seq, message) in stored {
+            for (i, (seq, message)) in stored.into_iter().enumerate() {
+                if i > 0 {
+                    self.held_bytes = self.held_bytes.saturating_sub(message.len());
+                }
                 self.batch.inbox.push((id, seq, message));
             }
             t.record.high = last;

@@ -133,6 +133,11 @@ impl<P> Inbox<P> {
         self.report_due = true;
     }
 
+    /// The seq that would be stored next (anything past it is held).
+    pub const fn next_expected(&self) -> Seq {
+        self.storing + 1
+    }
+
     /// Whether `seq` is one this inbox still wants (not stored, held or storing).
     pub fn wants(&self, seq: Seq) -> bool {
         seq > self.storing && seq <= self.limit() && !self.held.contains_key(&seq)
