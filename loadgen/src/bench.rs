@@ -114,6 +114,11 @@ pub(crate) struct BenchArgs {
     /// with the ratio. Needs Debian's nats-server package.
     #[arg(long, value_enum)]
     pub compare: Option<Compare>,
+    /// With --compare: hops between publisher and subscriber on both sides. 1: a 2-node meshd
+    /// chain against a 2-server NATS cluster; 2: a 3-node meshd chain (one relay) against
+    /// NATS leaf → hub → leaf.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub(crate) hops: u8,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -123,12 +128,14 @@ pub(crate) struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// The workload of `loadgen local --compare`: a 3-node chain, fire-and-forget through
-    /// `Publish` in batches of 64, closed loop with 4 streams, 2 s warm-up, 10 s measured.
-    pub(crate) fn for_comparison(compare: Compare, size: usize) -> Self {
+    /// The workload of `loadgen local --compare`: a chain of `hops` + 1 nodes, fire-and-forget
+    /// through `Publish` in batches of 64, closed loop with 4 streams, 2 s warm-up, 10 s
+    /// measured.
+    pub(crate) fn for_comparison(compare: Compare, size: usize, hops: u8) -> Self {
         Self {
             topology: Topology::Chain,
-            nodes: 3,
+            nodes: usize::from(hops) + 1,
+            hops,
             nat: 0,
             seed: 1,
             workload: Workload::Fire,

@@ -28,15 +28,23 @@ pub(crate) async fn compare(args: &BenchArgs) -> anyhow::Result<(BenchReport, Be
     crate::nats::find_server()?;
     let log_dir = std::env::temp_dir().join(format!("loadgen-nats-{}", std::process::id()));
     std::fs::create_dir_all(&log_dir)?;
+    // Like for like: the same hops on both sides.
     let quiet = BenchArgs {
         silent: true,
+        topology: crate::bench::Topology::Chain,
+        nodes: usize::from(args.hops) + 1,
+        nat: 0,
         ..args.clone()
     };
-    eprintln!("meshd: 3 nodes in a chain, node 1 → node 3 through node 2…");
+    eprintln!(
+        "meshd: {} nodes in a chain ({} hop(s))…",
+        quiet.nodes, args.hops
+    );
     let meshd = run_quiet(quiet).await?;
-    eprintln!("NATS: starting 3 nats-server processes…");
-    let cluster = crate::nats::start_cluster(&log_dir).await?;
-    let nats = crate::nats::run(&cluster, args).await?;
+    let shape = crate::nats::Shape::for_hops(usize::from(args.hops));
+    eprintln!("NATS: {}…", shape.describe());
+    let cluster = crate::nats::start_cluster(&log_dir, shape).await?;
+    let nats = crate::nats::run(&cluster, shape, args).await?;
     drop(cluster);
     let _ = std::fs::remove_dir_all(&log_dir);
     Ok((meshd, nats))
@@ -58,11 +66,13 @@ fn print_comparison(meshd: &BenchReport, nats: &BenchReport) {
         "closed loop".to_owned()
     };
     println!(
-        "{} B fire-and-forget, {mode}, batches of {}, {} s measured",
+        "{} B fire-and-forget, {mode}, batches of {}, {} in flight, {} s measured",
         meshd.size,
         meshd.batch.max(1),
+        meshd.in_flight,
         meshd.seconds
     );
+    println!("  meshd: {}\n  nats:  {}", meshd.mesh, nats.mesh);
     println!(
         "{:<8} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>5}",
         "system", "msgs/s", "MB/s", "p50 µs", "p90 µs", "p99 µs", "p99.9", "max µs", "lost", "dup"

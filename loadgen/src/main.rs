@@ -28,6 +28,7 @@ mod publish;
 mod report;
 mod results;
 mod scale;
+mod stream;
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +64,10 @@ enum Command {
         /// side. Needs Debian's nats-server package.
         #[arg(long, value_enum)]
         compare: Option<bench::Compare>,
+        /// With --compare: 1 (2-node meshd chain against a 2-server NATS cluster) or 2 (3-node
+        /// chain against NATS leaf → hub → leaf).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+        hops: u8,
     },
     /// One workload from a source node to a sink (or to every node): throughput, HDR latency,
     /// loss, duplicates and reordering. Starts a local mesh in the chosen topology unless
@@ -72,6 +77,10 @@ enum Command {
     /// internal-DB updates through the leader, then (with --faults) a snapshot catch-up and
     /// the failover after a SIGKILL of the leader.
     Consensus(consensus::ConsensusArgs),
+    /// Durable exactly-once client data streams under load: acknowledged msgs/s, publish and
+    /// delivery latency, loss / duplicates / order; with --compare, the same load on a
+    /// JetStream R3 stream (Debian's nats-server).
+    Stream(stream::StreamArgs),
     /// Run the standard loads on meshd and NATS and the 50-node mesh, and rewrite the
     /// generated section of benches/RESULTS.md with the figures and the machine.
     Results {
@@ -100,9 +109,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Local {
             size,
             compare: Some(compare),
+            hops,
             ..
         } => {
-            let args = bench::BenchArgs::for_comparison(compare, size);
+            let args = bench::BenchArgs::for_comparison(compare, size, hops);
             compare::run_compared(args).await.map(|_| ())
         }
         Command::Local {
@@ -112,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
             in_flight,
             hold,
             compare: None,
+            ..
         } => local(nodes, messages, size.max(16), in_flight.max(1), hold).await,
         Command::Results { out } => results::run(&out).await,
         Command::Consensus(args) => {
@@ -124,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Scale { nodes, nat, seed } => scale::run(nodes, nat, seed).await,
+        Command::Stream(args) => stream::run(&args).await.map(|_| ()),
         Command::Bench(args) => {
             let reports = compare::run_compared(args).await?;
             let report = &reports[0];

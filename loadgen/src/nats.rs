@@ -1,6 +1,7 @@
-//! The same workload against a 3-server NATS cluster (Debian's `nats-server`, core NATS, no
-//! JetStream): the publisher talks to server 1, the subscriber to server 3, so every message
-//! crosses the cluster once, as a meshd message crosses one relay from node 1 to node 3.
+//! The same workload against core NATS (Debian's `nats-server`, no JetStream), shaped like the
+//! meshd side: one hop is a 2-server cluster against a 2-node meshd chain (a NATS cluster
+//! routes every pair directly, so more servers would still be one hop), two hops are
+//! leaf → hub → leaf against a 3-node meshd chain (node 1 → node 2 → node 3).
 
 use std::{
     net::TcpListener,
@@ -60,51 +61,137 @@ pub(crate) fn find_server() -> anyhow::Result<String> {
     )
 }
 
-/// Starts three clustered servers on loopback and waits until a message crosses them.
-pub(crate) async fn start_cluster(log_dir: &Path) -> anyhow::Result<NatsCluster> {
+/// How the NATS servers are arranged, to match the hops of the meshd side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// A full-mesh cluster of this many servers: publisher on the first, subscriber on the
+    /// last, one hop between them (a cluster routes every pair directly).
+    Cluster(usize),
+    /// leaf → hub → leaf: publisher on one leaf node, subscriber on the other, two hops.
+    LeafChain,
+}
+
+impl Shape {
+    /// The NATS arrangement with `hops` hops between publisher and subscriber.
+    pub(crate) fn for_hops(hops: usize) -> Self {
+        if hops >= 2 {
+            Self::LeafChain
+        } else {
+            Self::Cluster(2)
+        }
+    }
+
+    pub(crate) fn describe(self) -> String {
+        match self {
+            Self::Cluster(n) => {
+                format!("NATS 2.9 cluster of {n} servers, publish on 1, subscribe on {n} (1 hop)")
+            }
+            Self::LeafChain => {
+                "NATS 2.9 leaf → hub → leaf, publish on one leaf, subscribe on the other (2 hops)"
+                    .to_owned()
+            }
+        }
+    }
+}
+
+fn spawn_server(server: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log)?;
+    Command::new(server)
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting nats-server")
+}
+
+/// Starts the servers of `shape` on loopback and waits until a message published on the
+/// first reaches a subscriber on the last.
+pub(crate) async fn start_cluster(log_dir: &Path, shape: Shape) -> anyhow::Result<NatsCluster> {
     let server = find_server()?;
-    let client_ports = [free_port()?, free_port()?, free_port()?];
-    let cluster_ports = [free_port()?, free_port()?, free_port()?];
     let mut cluster = NatsCluster {
         children: Vec::new(),
-        urls: client_ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect(),
+        urls: Vec::new(),
     };
-    for i in 0..3 {
-        let routes: Vec<String> = (0..3)
-            .filter(|j| *j != i)
-            .map(|j| format!("nats://127.0.0.1:{}", cluster_ports[j]))
-            .collect();
-        let log = std::fs::File::create(log_dir.join(format!("nats-{}.log", i + 1)))?;
-        let child = Command::new(&server)
-            .args(["-a", "127.0.0.1", "-p", &client_ports[i].to_string()])
-            .args(["--name", &format!("loadgen-{}", i + 1)])
-            .args(["--cluster_name", "loadgen"])
-            .args([
-                "--cluster",
-                &format!("nats://127.0.0.1:{}", cluster_ports[i]),
-            ])
-            .args(["--routes", &routes.join(",")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting nats-server")?;
-        cluster.children.push(child);
+    match shape {
+        Shape::Cluster(n) => {
+            let client_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+            let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+            for i in 0..n {
+                let routes: Vec<String> = (0..n)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("\"nats://127.0.0.1:{}\"", cluster_ports[j]))
+                    .collect();
+                let config = log_dir.join(format!("nats-{}.conf", i + 1));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "listen: 127.0.0.1:{}\nserver_name: loadgen-{}\ncluster {{\n  name: loadgen\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                        client_ports[i],
+                        i + 1,
+                        cluster_ports[i],
+                        routes.join(", ")
+                    ),
+                )?;
+                let log = log_dir.join(format!("nats-{}.log", i + 1));
+                cluster.children.push(spawn_server(&server, &config, &log)?);
+                cluster
+                    .urls
+                    .push(format!("nats://127.0.0.1:{}", client_ports[i]));
+            }
+        }
+        Shape::LeafChain => {
+            let (leaf_a, hub, leaf_b, hub_leaf) =
+                (free_port()?, free_port()?, free_port()?, free_port()?);
+            let hub_config = log_dir.join("nats-hub.conf");
+            std::fs::write(
+                &hub_config,
+                format!(
+                    "listen: 127.0.0.1:{hub}\nserver_name: hub\nleafnodes {{\n  listen: 127.0.0.1:{hub_leaf}\n}}\n"
+                ),
+            )?;
+            cluster.children.push(spawn_server(
+                &server,
+                &hub_config,
+                &log_dir.join("nats-hub.log"),
+            )?);
+            for (name, port) in [("leaf-a", leaf_a), ("leaf-b", leaf_b)] {
+                let config = log_dir.join(format!("nats-{name}.conf"));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "listen: 127.0.0.1:{port}\nserver_name: {name}\nleafnodes {{\n  remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf}\" }} ]\n}}\n"
+                    ),
+                )?;
+                cluster.children.push(spawn_server(
+                    &server,
+                    &config,
+                    &log_dir.join(format!("nats-{name}.log")),
+                )?);
+            }
+            cluster.urls = vec![
+                format!("nats://127.0.0.1:{leaf_a}"),
+                format!("nats://127.0.0.1:{hub}"),
+                format!("nats://127.0.0.1:{leaf_b}"),
+            ];
+        }
     }
-    // Ready when a message published on server 1 reaches a subscriber on server 3.
+    // Ready when a message published on the first server reaches a subscriber on the last.
     let deadline = Instant::now() + Duration::from_secs(15);
+    let (first, last) = (
+        cluster.urls[0].clone(),
+        cluster.urls[cluster.urls.len() - 1].clone(),
+    );
     loop {
         if Instant::now() > deadline {
             bail!(
-                "the NATS cluster did not form in 15 s; logs in {}",
+                "the NATS servers did not connect in 15 s; logs in {}",
                 log_dir.display()
             );
         }
         let attempt = async {
-            let subscriber = async_nats::connect(&cluster.urls[2]).await?;
-            let publisher = async_nats::connect(&cluster.urls[0]).await?;
+            let subscriber = async_nats::connect(&last).await?;
+            let publisher = async_nats::connect(&first).await?;
             let mut probe = subscriber.subscribe("loadgen.probe").await?;
             subscriber.flush().await?;
             for _ in 0..20 {
@@ -125,17 +212,28 @@ pub(crate) async fn start_cluster(log_dir: &Path) -> anyhow::Result<NatsCluster>
     }
 }
 
-/// Runs the fire-and-forget workload of `args` (size, rate or closed loop, batch, duration)
-/// through the cluster.
-pub(crate) async fn run(cluster: &NatsCluster, args: &BenchArgs) -> anyhow::Result<BenchReport> {
+/// Messages a subscriber may have queued, as meshd's `grpc.subscriber_queue` (4096): both
+/// sides' subscribers are bounded alike (async-nats drops past it, as a slow consumer).
+const SUBSCRIBER_QUEUE: usize = 4096;
+
+/// Runs the fire-and-forget workload of `args` (size, rate or closed loop, batch, in flight,
+/// duration) through `cluster` of `shape`: the same publishers and batches in flight as the
+/// meshd side (closed loop: `in_flight` lanes, each publishing a batch and flushing before the
+/// next; open loop: at most `in_flight / batch` batches unflushed), each message's latency from
+/// its own due time.
+pub(crate) async fn run(
+    cluster: &NatsCluster,
+    shape: Shape,
+    args: &BenchArgs,
+) -> anyhow::Result<BenchReport> {
     let size = args.size.max(16);
     let publisher = async_nats::ConnectOptions::new()
         .client_capacity(1 << 16)
         .connect(&cluster.urls[0])
         .await?;
     let subscriber = async_nats::ConnectOptions::new()
-        .subscription_capacity(1 << 20)
-        .connect(&cluster.urls[2])
+        .subscription_capacity(SUBSCRIBER_QUEUE)
+        .connect(&cluster.urls[cluster.urls.len() - 1])
         .await?;
     let mut stream = subscriber.subscribe(SUBJECT).await?;
     subscriber.flush().await?;
@@ -158,52 +256,80 @@ pub(crate) async fn run(cluster: &NatsCluster, args: &BenchArgs) -> anyhow::Resu
         sink
     });
 
-    let first = AtomicU64::new(u64::MAX);
-    let last = AtomicU64::new(0);
+    let first = Arc::new(AtomicU64::new(u64::MAX));
+    let last = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
+    let next_seq = Arc::new(AtomicU64::new(0));
     let batch = args.batch.max(1) as u64;
-    let publish_batch = |seq: u64, due: &dyn Fn(u64) -> Instant| {
-        let messages: Vec<(u64, bytes::Bytes)> = (seq..seq + batch)
-            .map(|s| {
-                let at = due(s);
-                if at >= warmup_end {
-                    first.fetch_min(s, Ordering::Relaxed);
-                    last.fetch_max(s, Ordering::Relaxed);
-                }
-                let mut payload = vec![0u8; size];
-                payload[..8].copy_from_slice(&s.to_le_bytes());
-                payload[8..16]
-                    .copy_from_slice(&(at.duration_since(epoch).as_nanos() as u64).to_le_bytes());
-                (s, payload.into())
-            })
-            .collect();
-        let publisher = publisher.clone();
+    let make_batch = {
+        let (first, last) = (Arc::clone(&first), Arc::clone(&last));
+        move |seq: u64, due: &dyn Fn(u64) -> Instant| -> Vec<bytes::Bytes> {
+            (seq..seq + batch)
+                .map(|s| {
+                    let at = due(s);
+                    if at >= warmup_end && at < end {
+                        first.fetch_min(s, Ordering::Relaxed);
+                        last.fetch_max(s, Ordering::Relaxed);
+                    }
+                    let mut payload = vec![0u8; size];
+                    payload[..8].copy_from_slice(&s.to_le_bytes());
+                    payload[8..16].copy_from_slice(
+                        &(at.duration_since(epoch).as_nanos() as u64).to_le_bytes(),
+                    );
+                    payload.into()
+                })
+                .collect()
+        }
+    };
+    let send = {
         let errors = Arc::clone(&errors);
-        async move {
-            for (_, payload) in messages {
-                if publisher.publish(SUBJECT, payload).await.is_err() {
+        move |publisher: async_nats::Client, payloads: Vec<bytes::Bytes>| {
+            let errors = Arc::clone(&errors);
+            async move {
+                for payload in payloads {
+                    if publisher.publish(SUBJECT, payload).await.is_err() {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                if publisher.flush().await.is_err() {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            if publisher.flush().await.is_err() {
-                errors.fetch_add(1, Ordering::Relaxed);
-            }
         }
     };
-    let mut seq = 0u64;
     if args.rate > 0 {
         let interval_ns = 1_000_000_000 / args.rate.max(1);
+        let window = (args.in_flight / batch as usize).max(1);
+        let outstanding = Arc::new(tokio::sync::Semaphore::new(window));
         let due = |s: u64| epoch + Duration::from_nanos(s * interval_ns);
+        let mut seq = 0u64;
         while due(seq) < end {
             tokio::time::sleep_until(due(seq).into()).await;
-            publish_batch(seq, &due).await;
+            let permit = Arc::clone(&outstanding).acquire_owned().await?;
+            let payloads = make_batch(seq, &due);
+            let sending = send(publisher.clone(), payloads);
+            tokio::spawn(async move {
+                sending.await;
+                drop(permit);
+            });
             seq += batch;
         }
+        let _ = outstanding.acquire_many(window as u32).await?;
     } else {
-        while Instant::now() < end {
-            let now = Instant::now();
-            publish_batch(seq, &|_| now).await;
-            seq += batch;
+        let mut lanes = Vec::new();
+        for _ in 0..args.in_flight.max(1) {
+            let (publisher, next_seq) = (publisher.clone(), Arc::clone(&next_seq));
+            let (make_batch, send) = (make_batch.clone(), send.clone());
+            lanes.push(tokio::spawn(async move {
+                while Instant::now() < end {
+                    let seq = next_seq.fetch_add(batch, Ordering::Relaxed);
+                    let now = Instant::now();
+                    send(publisher.clone(), make_batch(seq, &|_| now)).await;
+                }
+            }));
+        }
+        for lane in lanes {
+            lane.await?;
         }
     }
     let sink = sink.await?;
@@ -216,9 +342,9 @@ pub(crate) async fn run(cluster: &NatsCluster, args: &BenchArgs) -> anyhow::Resu
     };
     let describe = (
         "fire".to_owned(),
-        "NATS 2.9 cluster of 3 servers, publish on 1, subscribe on 3".to_owned(),
+        shape.describe(),
         args.rate,
-        0,
+        args.in_flight,
         args.batch,
     );
     window.report(vec![sink], describe)

@@ -9,6 +9,7 @@ use anyhow::Context;
 use crate::{
     bench::{BenchArgs, BenchReport, Compare},
     compare, scale,
+    stream::StreamArgs,
 };
 
 const BEGIN: &str =
@@ -54,7 +55,7 @@ fn row(name: &str, load: &str, r: &BenchReport) -> String {
     )
 }
 
-fn args(size: usize, rate: u64, batch: usize, in_flight: usize) -> BenchArgs {
+fn args(size: usize, rate: u64, batch: usize, in_flight: usize, hops: u8) -> BenchArgs {
     BenchArgs {
         size,
         rate,
@@ -62,7 +63,7 @@ fn args(size: usize, rate: u64, batch: usize, in_flight: usize) -> BenchArgs {
         in_flight,
         duration: 5,
         warmup: 1,
-        ..BenchArgs::for_comparison(Compare::Nats, size)
+        ..BenchArgs::for_comparison(Compare::Nats, size, hops)
     }
 }
 
@@ -70,20 +71,28 @@ fn args(size: usize, rate: u64, batch: usize, in_flight: usize) -> BenchArgs {
 pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     let loads = [
         (
-            "256 B, closed loop, batches of 64, 4 streams",
-            args(256, 0, 64, 4),
+            "1 hop, 256 B, closed loop, batches of 64, 4 in flight",
+            args(256, 0, 64, 4, 1),
         ),
         (
-            "256 B, open loop 50 000 msgs/s, batches of 16",
-            args(256, 50_000, 16, 1024),
+            "2 hops, 256 B, closed loop, batches of 64, 4 in flight",
+            args(256, 0, 64, 4, 2),
         ),
         (
-            "256 B, open loop 100 000 msgs/s, batches of 64",
-            args(256, 100_000, 64, 4096),
+            "2 hops, 256 B, open loop 50 000 msgs/s, batches of 16",
+            args(256, 50_000, 16, 1024, 2),
         ),
         (
-            "64 KiB, closed loop, batches of 4, 4 streams",
-            args(65_536, 0, 4, 4),
+            "2 hops, 256 B, open loop 100 000 msgs/s, batches of 64",
+            args(256, 100_000, 64, 4096, 2),
+        ),
+        (
+            "1 hop, 64 KiB, closed loop, batches of 4, 4 in flight",
+            args(65_536, 0, 4, 4, 1),
+        ),
+        (
+            "2 hops, 64 KiB, closed loop, batches of 4, 4 in flight",
+            args(65_536, 0, 4, 4, 2),
         ),
     ];
     let mut rows = Vec::new();
@@ -103,10 +112,21 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
             rows.push(row("meshd", load, &meshd));
         }
     }
+    let stream_args = StreamArgs {
+        size: 256,
+        batch: 64,
+        publishers: 4,
+        in_flight: 4,
+        replicas: 3,
+        duration: 5,
+        warmup: 1,
+        compare: nats_available,
+    };
+    let streams = crate::stream::run(&stream_args).await?;
     let scale = scale::measure(50, 10, 1).await?;
     let mut text = String::new();
     text.push_str(BEGIN);
-    text.push_str(&format!("\n\nMachine: {}. meshd: 3 nodes in a chain (node 1 → node 3 through node 2), fire-and-forget through `Publish`; NATS 2.9: 3 clustered nats-server processes, publisher on 1, subscriber on 3. Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when a message was due to its arrival at the subscriber.\n\n", machine()));
+    text.push_str(&format!("\n\nMachine: {}. Like for like: 1 hop is a 2-node meshd chain against a 2-server NATS cluster; 2 hops a 3-node meshd chain (one relay) against NATS leaf → hub → leaf. Fire-and-forget through meshd's `Publish` and core NATS `publish` + `flush`, the same batches in flight on both sides (closed loop: that many publishing lanes; open loop: at most in-flight / batch batches outstanding), subscribers bounded alike (4096 messages). Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when each message was due to its arrival at the subscriber.\n\n", machine()));
     text.push_str("| system | load | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | max µs | lost / dup |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for r in &rows {
         text.push_str(r);
@@ -114,6 +134,22 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     }
     if !nats_available {
         text.push_str("\nNATS rows are missing: nats-server was not installed (`sudo apt-get install -y nats-server`).\n");
+    }
+    text.push_str(&format!(
+        "\nDurable streams (`loadgen stream --compare`): {} B messages, {} publishers × {} batches of {} in flight, {} copies durable before the acknowledgement, 1 s warm-up, {} s measured. {} {} Latency in µs from each message's due time (its batch made) to its acknowledgement (ack) and to the subscriber on node / server 2 (delivery).\n\n",
+        stream_args.size,
+        stream_args.publishers,
+        stream_args.in_flight,
+        stream_args.batch,
+        stream_args.replicas,
+        stream_args.duration,
+        streams.iter().map(|r| format!("{}.", r.delivery.mesh)).collect::<Vec<_>>().join(" "),
+        if nats_available { "JetStream 2.9 does not fsync per write (it syncs periodically); meshd fsyncs every turn's batch on every node before acknowledging." } else { "JetStream rows are missing: nats-server was not installed." }
+    ));
+    text.push_str("| system | acked msgs/s | MB/s | ack p50 µs | ack p99 µs | delivery p50 µs | delivery p99 µs | max µs | lost / dup / reordered |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
+    for r in crate::stream::rows(&streams) {
+        text.push_str(&r);
+        text.push('\n');
     }
     text.push_str(&format!(
         "\n{} meshd processes on this host, random asymmetric topology ({} links, {} behind NAT, seed {}): all ready {:.2} s after the first start, every node routes to every other after {:.2} s and sees every member alive after {:.2} s; resident memory {:.1} MiB per node on average ({:.1} MiB max).\n\n",

@@ -5,6 +5,7 @@
 //! and count, and the frame CRC32C guards each chunk on the way. A chunk that disagrees with
 //! the head of the same message already open, or a message whose digest does not match, is
 //! dropped whole: nothing corrupt is delivered, and the source's retransmission brings it again.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 

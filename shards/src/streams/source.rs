@@ -3,6 +3,7 @@
 //! Drain order for a caller's turn: feed inputs (`publish`, `on_report`, `on_durable`), then
 //! `handle_timeout(now)`, then `poll_open` until `None`, then `poll_transmit` until `None`,
 //! then read `acked()` / `committed()` / `releasable()`.
+#![forbid(unsafe_code)]
 
 use super::{Completion, Report, Seq};
 

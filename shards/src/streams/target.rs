@@ -3,6 +3,7 @@
 //! Drain order for a caller's turn: feed `on_data` / subscriber calls, persist what they ask
 //! (`Arrival::Store`, an accepted ack) in one transaction, then `on_stored` /
 //! `on_processed`, then `poll_deliver` until `None`, then `poll_report`.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 
