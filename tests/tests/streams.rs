@@ -343,6 +343,28 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
         let who = format!("node {}", i + 2);
         wait_complete(seen, &stream, total, Duration::from_secs(60), &who).await?;
     }
+    // Closed, and once every target processed everything, forgotten by the source.
+    let mut source = mesh_client(cluster.node(0).grpc).await?;
+    let closed = source
+        .close_client_data_stream(CloseClientDataStreamRequest {
+            stream_id: stream.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(closed.last_seq, total);
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let again = source
+            .close_client_data_stream(CloseClientDataStreamRequest {
+                stream_id: stream.clone(),
+            })
+            .await;
+        match again {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
+            other => bail!("the closed stream was never forgotten: {other:?}"),
+        }
+    }
     for s in subs {
         s.abort();
     }
@@ -369,15 +391,19 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
             assert_eq!(seen.redelivered, 0, "{who} redelivered");
         }
     }
-    let closed = mesh_client(cluster.node(0).grpc)
-        .await?
-        .close_client_data_stream(CloseClientDataStreamRequest {
-            stream_id: stream.clone(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(closed.last_seq, total);
     Ok(())
+}
+
+/// Node 1 ← node 2 ← node 3 (behind NAT): 1 and 3 reach each other only through 2.
+async fn relay_chain() -> anyhow::Result<Cluster> {
+    let cluster = Cluster::start(vec![
+        serving(NodeSpec::listener(1)),
+        serving(NodeSpec::listener(2).dialing(vec![0])),
+        serving(NodeSpec::behind_nat(3, vec![1])),
+    ])?;
+    cluster.node(0).wait_for_routes(&[3], SETTLE).await?;
+    cluster.node(2).wait_for_routes(&[1], SETTLE).await?;
+    Ok(cluster)
 }
 
 /// One 64 MiB message from node 1 to node 3, which is behind NAT and reached through node 2:
@@ -386,13 +412,7 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_message_crosses_a_relay_in_chunks_and_arrives_whole() -> anyhow::Result<()> {
     let _serial = exclusive().await;
-    let cluster = Cluster::start(vec![
-        serving(NodeSpec::listener(1)),
-        serving(NodeSpec::listener(2).dialing(vec![0])),
-        serving(NodeSpec::behind_nat(3, vec![1])),
-    ])?;
-    cluster.node(0).wait_for_routes(&[3], SETTLE).await?;
-    cluster.node(2).wait_for_routes(&[1], SETTLE).await?;
+    let cluster = relay_chain().await?;
     let stream = open(cluster.node(0), &[3], 0).await?;
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let sub = subscriber(cluster.node(2).grpc, 2, Arc::clone(&seen), Duration::ZERO);
@@ -535,17 +555,13 @@ async fn a_slow_subscriber_slows_only_its_own_stream() -> anyhow::Result<()> {
 }
 
 /// A partition between the source and its target (the only link on the path dropped, and
-/// not re-dialed), publishes acknowledged by the source alone meanwhile, then the heal:
-/// everything arrives once, in order.
+/// not re-dialed), publishes acknowledged by the source alone meanwhile, then the heal; then a
+/// silent one (the relay frozen with SIGSTOP, so its links go quiet without closing) and its
+/// thaw: everything arrives once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_and_heal_lose_and_repeat_nothing() -> anyhow::Result<()> {
     let _serial = exclusive().await;
-    let cluster = Cluster::start(vec![
-        serving(NodeSpec::listener(1)),
-        serving(NodeSpec::listener(2).dialing(vec![0])),
-        serving(NodeSpec::behind_nat(3, vec![1])),
-    ])?;
-    cluster.node(0).wait_for_routes(&[3], SETTLE).await?;
+    let cluster = relay_chain().await?;
     let stream = mesh_client(cluster.node(0).grpc)
         .await?
         .open_client_data_stream(OpenClientDataStreamRequest {
@@ -608,15 +624,32 @@ async fn a_partition_and_heal_lose_and_repeat_nothing() -> anyhow::Result<()> {
         "healed: the rest delivered {:?} after the link came back",
         took.min(healed.elapsed())
     );
+
+    // A silent partition: the relay freezes (its links carry nothing, nothing is closed) while
+    // 1000 more are published; both sides time it out, then it thaws.
+    cluster.node(1).signal(libc::SIGSTOP);
+    publish_all(
+        cluster.node(0).grpc,
+        stream.clone(),
+        (2001, 3000),
+        50,
+        Arc::clone(&acked),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = seen.lock().unwrap().messages[&stream].len();
+    cluster.node(1).signal(libc::SIGCONT);
+    let took = wait_complete(&seen, &stream, 3000, Duration::from_secs(60), "node 3").await?;
+    println!("relay frozen with {during} delivered; after it thawed, the rest came in {took:?}");
     sub.abort();
     check_exact(
         &std::mem::take(&mut *seen.lock().unwrap()),
         &stream,
-        2000,
+        3000,
         "node 3",
     );
     let acked = std::mem::take(&mut *acked.lock().unwrap());
-    assert_eq!(acked.len(), 2000);
+    assert_eq!(acked.len(), 3000);
     assert!(acked.values().all(|n| *n == 1));
     Ok(())
 }
