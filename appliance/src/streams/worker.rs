@@ -289,6 +289,8 @@ impl Worker {
             let mut inputs_open = true;
             loop {
                 let busy = self.more || !self.unsent.is_empty();
+                // Timers matter only while there are streams: an idle worker sleeps until asked.
+                let timers = !self.sources.is_empty() || !self.targets.is_empty();
                 tokio::select! {
                     biased;
                     _ = &mut stop => break,
@@ -301,7 +303,7 @@ impl Worker {
                         None => frames_open = false,
                     },
                     () = tokio::time::sleep(Duration::from_millis(1)), if busy => {}
-                    _ = tick.tick() => {}
+                    _ = tick.tick(), if timers => {}
                 }
                 for _ in 0..TURN_INPUTS {
                     let mut took = false;
@@ -544,12 +546,6 @@ impl Worker {
         let Some(s) = self.sources.get_mut(&stream) else {
             return Err((reply, Status::not_found("no such stream at this node")));
         };
-        if let Some(why) = &s.refused {
-            return Err((
-                reply,
-                Status::failed_precondition(format!("a target refused the stream: {why}")),
-            ));
-        }
         let n = messages.len() as u64;
         if messages.is_empty() || messages.len() > MAX_BATCH {
             return Err((
@@ -567,6 +563,12 @@ impl Worker {
                     "message {i} has {} bytes: a message has 1..={max_message} (streams.max_message_bytes)",
                     messages[i].len()
                 )),
+            ));
+        }
+        if let Some(why) = &s.refused {
+            return Err((
+                reply,
+                Status::failed_precondition(format!("a target refused the stream: {why}")),
             ));
         }
         let last = s.core.last();
