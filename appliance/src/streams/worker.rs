@@ -57,6 +57,11 @@ const TURN_SENDS: usize = 4096;
 /// Messages delivered to subscribers per turn.
 const TURN_DELIVERIES: usize = 4096;
 
+/// Bytes one subscriber may have received from a worker and not acknowledged (one message
+/// always goes, however large): the window counts messages, this bounds memory when they are
+/// large.
+const SUBSCRIBER_BYTES: usize = 256 << 20;
+
 /// Bytes of out-of-order messages all streams of a worker hold in memory (past it they are
 /// dropped; the source sends them again after the gap).
 const HELD_BYTES: usize = 64 << 20;
@@ -94,6 +99,8 @@ struct TargetStream {
     inbox: Inbox<Vec<u8>>,
     record: StreamRecord,
     sub: Option<u64>,
+    /// (seq, bytes) handed to the subscriber and not yet acknowledged.
+    unacked: VecDeque<(Seq, usize)>,
     dirty: bool,
 }
 
@@ -102,6 +109,8 @@ struct Sub {
     streams: HashSet<u128>,
     window: u32,
     tx: mpsc::Sender<Result<ClientData, Status>>,
+    /// Bytes handed to it and not yet acknowledged, over its streams of this worker.
+    unacked_bytes: usize,
 }
 
 /// What to do once the turn's transaction is durable.
@@ -208,6 +217,9 @@ impl Worker {
         self.targets.clear();
         self.unsent.clear();
         self.held_bytes = 0;
+        for sub in self.subs.values_mut() {
+            sub.unacked_bytes = 0;
+        }
         self.reassembler = Reassembler::new(ReassemblyLimits {
             max_message: (self.config.max_message_bytes + SEALED_HEAD + 64) as u64,
             max_open: 64,
@@ -247,6 +259,7 @@ impl Worker {
                             inbox,
                             record,
                             sub: None,
+                            unacked: VecDeque::new(),
                             dirty: false,
                         },
                     );
@@ -459,6 +472,7 @@ impl Worker {
                         streams: streams.into_iter().collect(),
                         window,
                         tx,
+                        unacked_bytes: 0,
                     },
                 );
                 let free: Vec<u128> = self

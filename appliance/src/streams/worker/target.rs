@@ -29,6 +29,7 @@ impl Worker {
             .filter(|(_, t)| t.sub == Some(sub))
             .map(|(id, t)| {
                 t.sub = None;
+                t.unacked.clear();
                 t.inbox.unsubscribe();
                 *id
             })
@@ -50,6 +51,16 @@ impl Worker {
         let from = t.inbox.acking() + 1;
         match t.inbox.on_subscriber_ack(seq) {
             Ok(Some(seq)) => {
+                let mut freed = 0;
+                while let Some(&(delivered, bytes)) = t.unacked.front()
+                    && delivered <= seq
+                {
+                    freed += bytes;
+                    t.unacked.pop_front();
+                }
+                if let Some(s) = self.subs.get_mut(&sub) {
+                    s.unacked_bytes = s.unacked_bytes.saturating_sub(freed);
+                }
                 self.batch.processed.push((stream, from, seq));
                 t.record.low = seq;
                 t.dirty = true;
@@ -155,6 +166,7 @@ impl Worker {
                 inbox: Inbox::restore(self.inbox_config(), 0, 0),
                 record,
                 sub: None,
+                unacked: VecDeque::new(),
                 dirty: true,
             },
         );
@@ -272,7 +284,12 @@ impl Worker {
             self.send_control(source, FrameType::StreamReport, id, report.encode_to_vec());
         }
         for id in finished {
-            self.targets.remove(&id);
+            if let Some(t) = self.targets.remove(&id)
+                && let Some(s) = t.sub.and_then(|sub| self.subs.get_mut(&sub))
+            {
+                let held: usize = t.unacked.iter().map(|(_, bytes)| bytes).sum();
+                s.unacked_bytes = s.unacked_bytes.saturating_sub(held);
+            }
             self.reassembler.forget(id, Seq::MAX);
             self.batch.records.push((id, None));
         }
@@ -300,7 +317,10 @@ impl Worker {
             if stalled.contains(&id) {
                 continue;
             }
-            let Some(sub) = t.sub.and_then(|sub| self.subs.get(&sub).map(|s| (sub, s))) else {
+            let Some(sub) = t
+                .sub
+                .and_then(|sub| self.subs.get_mut(&sub).map(|s| (sub, s)))
+            else {
                 continue;
             };
             let Some(payload) = message else {
@@ -309,6 +329,13 @@ impl Worker {
                 stalled.insert(id);
                 continue;
             };
+            let len = payload.len();
+            if sub.1.unacked_bytes > 0 && sub.1.unacked_bytes + len > SUBSCRIBER_BYTES {
+                // Offered again once the subscriber acknowledges some of what it holds.
+                t.inbox.undeliver(seq);
+                stalled.insert(id);
+                continue;
+            }
             let data = ClientData {
                 stream_id: crate::streams::id_bytes(id),
                 seq,
@@ -317,7 +344,10 @@ impl Worker {
                 tenant: t.record.tenant.clone(),
             };
             match sub.1.tx.try_send(Ok(data)) {
-                Ok(()) => {}
+                Ok(()) => {
+                    t.unacked.push_back((seq, len));
+                    sub.1.unacked_bytes += len;
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     t.inbox.undeliver(seq);
                     stalled.insert(id);
