@@ -298,6 +298,7 @@ pub struct ApiLanes {
     pub data: crate::ring::Producer<ApiEvent>,
     /// Everything else.
     pub verdicts: crate::ring::Producer<ApiEvent>,
+    /// Stream frames: one ring per stream worker, picked by [`stream_worker`].
     pub streams: Arc<[crate::ring::Producer<ApiEvent>]>,
 }
 

@@ -69,6 +69,24 @@ pub(crate) fn wire_payload(message: &impl prost::Message) -> Bytes {
     buf.into()
 }
 
+/// Appends to `outgoing` the origin tag its destination checks (`meshd_shards::origin`), as
+/// sent by `local`; false when `keys` holds no pair key with the destination. In place when
+/// the payload is the frame's own buffer with room for the tag (what [`wire_payload`] makes);
+/// a shared buffer (a broadcast's copies) is copied, each copy with its own tag.
+pub(crate) fn append_tag(keys: &origin::PairKeys, local: u64, outgoing: &mut Outgoing) -> bool {
+    let header = outgoing.header(local);
+    let Some(key) = keys.get(header.dst) else {
+        return false;
+    };
+    let tag = origin::tag(key, &header, &outgoing.payload);
+    let mut sealed = std::mem::take(&mut outgoing.payload)
+        .try_into_mut()
+        .unwrap_or_else(|shared| BytesMut::from(shared.as_ref()));
+    sealed.extend_from_slice(&tag);
+    outgoing.payload = sealed.freeze();
+    true
+}
+
 /// State shared by the services (all on the api thread; the mutexes are never contended).
 pub(crate) struct ApiState {
     pub(crate) node_id: u64,
@@ -235,24 +253,11 @@ impl ApiState {
     /// In place when the payload is this frame's own buffer with room for the tag (what
     /// [`wire_payload`] makes): no copy of the message on the way out.
     pub(crate) fn seal(&self, outgoing: &mut Outgoing) -> bool {
-        let header = outgoing.header(self.node_id);
-        let tag = {
-            let mut cache = self
-                .key_cache
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(key) = cache.get(&self.key_book).get(header.dst) else {
-                return false;
-            };
-            origin::tag(key, &header, &outgoing.payload)
-        };
-        // A broadcast's copies share one buffer: each gets its own copy with its own tag.
-        let mut sealed = std::mem::take(&mut outgoing.payload)
-            .try_into_mut()
-            .unwrap_or_else(|shared| BytesMut::from(shared.as_ref()));
-        sealed.extend_from_slice(&tag);
-        outgoing.payload = sealed.freeze();
-        true
+        let mut cache = self
+            .key_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        append_tag(cache.get(&self.key_book), self.node_id, outgoing)
     }
 
     /// The member table and mesh health.

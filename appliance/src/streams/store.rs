@@ -180,11 +180,16 @@ pub enum Queue {
     Inbox,
 }
 
-/// The messages at `keys` (`None` for one not there), in one read transaction.
+/// The messages at `keys` (`None` for one not there), in one read transaction, each in a
+/// buffer with `spare` bytes of room after it (for an origin tag, so sending copies nothing
+/// more). Stops once `max_bytes` were read (at least one message is): the answer may be
+/// shorter than `keys`, and the caller sends the rest later.
 pub fn read(
     db: &Database,
     which: Queue,
     keys: &[(u128, u64)],
+    spare: usize,
+    max_bytes: usize,
 ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
     if keys.is_empty() {
         return Ok(Vec::new());
@@ -196,9 +201,22 @@ pub fn read(
             Queue::Inbox => INBOX,
         })
         .map_err(err)?;
-    keys.iter()
-        .map(|key| Ok(table.get(*key).map_err(err)?.map(|v| v.value().to_vec())))
-        .collect()
+    let mut out = Vec::with_capacity(keys.len());
+    let mut bytes = 0;
+    for key in keys {
+        if bytes >= max_bytes {
+            break;
+        }
+        let message = table.get(*key).map_err(err)?.map(|v| {
+            let value = v.value();
+            let mut message = Vec::with_capacity(value.len() + spare);
+            message.extend_from_slice(value);
+            message
+        });
+        bytes += message.as_ref().map_or(0, Vec::len);
+        out.push(message);
+    }
+    Ok(out)
 }
 
 /// The delivery records of `stream` from `from` on: (seq, ms).
@@ -251,8 +269,14 @@ mod tests {
         commit(&db, &batch, 100).unwrap();
         assert_eq!(load(&db).unwrap().len(), 2);
         assert_eq!(
-            read(&db, Queue::Outbox, &[(7, 1), (7, 3)]).unwrap(),
+            read(&db, Queue::Outbox, &[(7, 1), (7, 3)], 0, usize::MAX).unwrap(),
             vec![Some(b"one".to_vec()), None]
+        );
+        let budgeted = read(&db, Queue::Outbox, &[(7, 1), (7, 2)], 16, 1).unwrap();
+        assert_eq!(budgeted.len(), 1, "stops once the budget is read");
+        assert!(
+            budgeted[0].as_ref().unwrap().capacity() >= 3 + 16,
+            "room for a tag"
         );
 
         let mut batch = Batch::default();
@@ -262,10 +286,13 @@ mod tests {
         batch.released.push((7, 1));
         commit(&db, &batch, 200).unwrap();
         assert_eq!(
-            read(&db, Queue::Inbox, &[(8, 1), (8, 2), (8, 3)]).unwrap(),
+            read(&db, Queue::Inbox, &[(8, 1), (8, 2), (8, 3)], 0, usize::MAX).unwrap(),
             vec![None, None, Some(vec![3])]
         );
-        assert_eq!(read(&db, Queue::Outbox, &[(7, 1)]).unwrap(), vec![None]);
+        assert_eq!(
+            read(&db, Queue::Outbox, &[(7, 1)], 0, usize::MAX).unwrap(),
+            vec![None]
+        );
         assert_eq!(delivery_log(&db, 8, 0).unwrap(), vec![(1, 200), (2, 200)]);
         drop(db);
 
@@ -275,7 +302,10 @@ mod tests {
         let mut batch = Batch::default();
         batch.records.push((7, None));
         commit(&db, &batch, 300).unwrap();
-        assert_eq!(read(&db, Queue::Outbox, &[(7, 2)]).unwrap(), vec![None]);
+        assert_eq!(
+            read(&db, Queue::Outbox, &[(7, 2)], 0, usize::MAX).unwrap(),
+            vec![None]
+        );
         assert_eq!(load(&db).unwrap().len(), 1);
     }
 }

@@ -34,7 +34,7 @@ use super::{
 };
 use crate::{
     api::{
-        SharedTenantKeys,
+        SharedTenantKeys, append_tag,
         tenant::{MAX_TENANT_LEN, Sealed},
     },
     config::StreamsSection,
@@ -53,6 +53,10 @@ const TURN_INPUTS: usize = 4096;
 
 /// Data frames sent per turn (more wait for the next turn).
 const TURN_SENDS: usize = 4096;
+
+/// Bytes read from the outbox (to send) and from the inboxes (to deliver) per turn, each at
+/// least one message: what a turn holds in memory, whatever the message sizes.
+const TURN_BYTES: usize = 16 << 20;
 
 /// Messages delivered to subscribers per turn.
 const TURN_DELIVERIES: usize = 4096;
@@ -167,11 +171,7 @@ pub(super) struct Worker {
 
 impl Worker {
     pub(super) fn new(setup: WorkerSetup) -> Result<Self, store::StoreError> {
-        let limits = ReassemblyLimits {
-            max_message: (setup.config.max_message_bytes + SEALED_HEAD + 64) as u64,
-            max_open: 64,
-            max_bytes: setup.config.reassembly_bytes,
-        };
+        let limits = reassembly_limits(&setup.config);
         let mut worker = Self {
             node_id: setup.node_id,
             config: setup.config,
@@ -220,11 +220,7 @@ impl Worker {
         for sub in self.subs.values_mut() {
             sub.unacked_bytes = 0;
         }
-        self.reassembler = Reassembler::new(ReassemblyLimits {
-            max_message: (self.config.max_message_bytes + SEALED_HEAD + 64) as u64,
-            max_open: 64,
-            max_bytes: self.config.reassembly_bytes,
-        });
+        self.reassembler = Reassembler::new(reassembly_limits(&self.config));
         for (id, record) in store::load(&self.db)? {
             match record.role {
                 Role::Source => {
@@ -533,16 +529,10 @@ impl Worker {
             traffic_class: TrafficClass::Client,
             msg_id: frame.seq,
             flow: frame.stream,
-            payload: Bytes::new(),
+            payload: frame.payload.into(),
             chunk: frame.chunk,
         };
-        let header = outgoing.header(self.node_id);
-        let key = self.keys.get(&self.key_book).get(frame.dst)?;
-        let tag = origin::tag(key, &header, &frame.payload);
-        let mut payload = frame.payload;
-        payload.extend_from_slice(&tag);
-        outgoing.payload = payload.into();
-        Some(outgoing)
+        append_tag(self.keys.get(&self.key_book), self.node_id, &mut outgoing).then_some(outgoing)
     }
 
     fn shard_of(&self, dst: u64) -> &ShardHandle {
@@ -591,6 +581,15 @@ impl Worker {
                 return;
             }
         }
+    }
+}
+
+/// What a worker reassembles at most: a sealed message of the largest size, 64 at once.
+fn reassembly_limits(config: &StreamsSection) -> ReassemblyLimits {
+    ReassemblyLimits {
+        max_message: (config.max_message_bytes + SEALED_HEAD + 64) as u64,
+        max_open: 64,
+        max_bytes: config.reassembly_bytes,
     }
 }
 

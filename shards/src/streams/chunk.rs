@@ -63,8 +63,9 @@ impl ChunkHead {
 }
 
 /// Splits `message` into chunk payloads (head + bytes) of at most `chunk_size` data bytes:
-/// `(index, count, payload)`. `None` when it would take more than [`MAX_CHUNKS`].
-pub fn split(message: &[u8], chunk_size: usize) -> Option<Vec<(u16, u16, Vec<u8>)>> {
+/// `(index, count, payload)`, each payload with `spare` bytes of room after it (for what the
+/// sender appends). `None` when it would take more than [`MAX_CHUNKS`].
+pub fn split(message: &[u8], chunk_size: usize, spare: usize) -> Option<Vec<(u16, u16, Vec<u8>)>> {
     assert!(chunk_size > 0 && chunk_size <= u32::MAX as usize);
     let count = message.len().div_ceil(chunk_size).max(1);
     if count > MAX_CHUNKS {
@@ -78,7 +79,7 @@ pub fn split(message: &[u8], chunk_size: usize) -> Option<Vec<(u16, u16, Vec<u8>
     let chunks = (0..count)
         .map(|i| {
             let data = &message[i * chunk_size..message.len().min((i + 1) * chunk_size)];
-            let mut payload = Vec::with_capacity(HEAD_LEN + data.len());
+            let mut payload = Vec::with_capacity(HEAD_LEN + data.len() + spare);
             head.encode(&mut payload);
             payload.extend_from_slice(data);
             (i as u16, count as u16, payload)
@@ -249,7 +250,7 @@ mod tests {
     #[test]
     fn chunks_in_any_order_with_duplicates_make_the_message_once() {
         let m = message(10_000);
-        let mut chunks = split(&m, 3000).unwrap();
+        let mut chunks = split(&m, 3000, 0).unwrap();
         assert_eq!(chunks.len(), 4);
         chunks.reverse();
         let mut r = Reassembler::new(LIMITS);
@@ -268,7 +269,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_drops_the_message_and_a_resend_completes_it() {
         let m = message(5000);
-        let chunks = split(&m, 2000).unwrap();
+        let chunks = split(&m, 2000, 0).unwrap();
         let mut r = Reassembler::new(LIMITS);
         let mut bad = chunks[1].2.clone();
         *bad.last_mut().unwrap() ^= 1;
@@ -306,13 +307,13 @@ mod tests {
             r.on_chunk(1, 1, 0, 65_536u32 as u16, &huge),
             Piece::Corrupt("chunk index or count disagrees with the head")
         );
-        let big = split(&message(600_000), 200_000).unwrap();
+        let big = split(&message(600_000), 200_000, 0).unwrap();
         assert_eq!(r.on_chunk(1, 1, 0, 3, &big[0].2), Piece::Partial);
         assert_eq!(
             r.on_chunk(1, 2, 0, 3, &big[0].2),
             Piece::Refused("reassembly memory full")
         );
-        let small = split(&message(100), 60).unwrap();
+        let small = split(&message(100), 60, 0).unwrap();
         assert_eq!(r.on_chunk(2, 1, 0, 2, &small[0].2), Piece::Partial);
         assert_eq!(
             r.on_chunk(3, 1, 0, 2, &small[0].2),

@@ -335,6 +335,14 @@ impl Source {
         None
     }
 
+    /// `seq` (given by `poll_transmit` for `node`) could not be sent now: it and what followed
+    /// it for `node` are sent again by later `poll_transmit`s.
+    pub fn resend_from(&mut self, node: u64, seq: Seq) {
+        if let Some(peer) = self.peers.iter_mut().find(|p| p.node == node) {
+            peer.next_send = peer.next_send.min(seq).max(peer.report.received + 1);
+        }
+    }
+
     /// The earliest time `handle_timeout` or `poll_open` has something to do.
     pub fn next_timeout(&self) -> Option<u64> {
         self.peers
@@ -479,6 +487,21 @@ mod tests {
             vec![(2, 3), (2, 4)],
             "go back to received + 1"
         );
+        s.check_invariants();
+    }
+
+    #[test]
+    fn what_could_not_be_sent_is_sent_again_in_order() {
+        let mut s = source(&[2], Completion::All, AckPolicy::Source);
+        for _ in 0..4 {
+            s.publish(None).unwrap();
+        }
+        s.on_durable(4);
+        s.on_report(2, report(0, 0, 10), 0).unwrap();
+        assert_eq!(drain(&mut s, 0).len(), 4);
+        s.resend_from(2, 3);
+        assert_eq!(drain(&mut s, 0), vec![(2, 3), (2, 4)]);
+        s.resend_from(9, 1);
         s.check_invariants();
     }
 

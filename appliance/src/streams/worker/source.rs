@@ -308,33 +308,48 @@ impl Worker {
         if sends.is_empty() {
             return;
         }
-        let keys: Vec<(u128, Seq)> = sends.iter().map(|(_, id, seq)| (*id, *seq)).collect();
-        let messages = match store::read(&self.db, Queue::Outbox, &keys) {
-            Ok(messages) => messages,
+        // Each message is read once, however many targets it goes to.
+        let mut keys: Vec<(u128, Seq)> = sends.iter().map(|(_, id, seq)| (*id, *seq)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let read = match store::read(&self.db, Queue::Outbox, &keys, 0, TURN_BYTES) {
+            Ok(read) => read,
             Err(e) => {
                 // The retransmission timer sends them again.
                 tracing::error!(error = %e, "reading the outbox failed");
                 return;
             }
         };
+        let messages: HashMap<(u128, Seq), Option<Vec<u8>>> = keys.into_iter().zip(read).collect();
         let chunk_bytes = self.config.chunk_bytes;
-        for ((node, id, seq), message) in sends.into_iter().zip(messages) {
+        for (node, id, seq) in sends {
+            let Some(message) = messages.get(&(id, seq)) else {
+                // Past the turn's byte budget: sent next turn.
+                if let Some(s) = self.sources.get_mut(&id) {
+                    s.core.resend_from(node, seq);
+                }
+                self.more = true;
+                continue;
+            };
             let Some(message) = message else {
                 tracing::error!(stream = %format!("{id:032x}"), seq, "outbox row missing");
                 continue;
             };
             if message.len() <= chunk_bytes {
+                // One copy per target, with room for its origin tag.
+                let mut payload = Vec::with_capacity(message.len() + origin::TAG_LEN);
+                payload.extend_from_slice(message);
                 self.send_data(Frame {
                     dst: node,
                     frame_type: FrameType::StreamData,
                     stream: id,
                     seq,
                     chunk: (0, 0),
-                    payload: message,
+                    payload,
                 });
                 continue;
             }
-            let Some(chunks) = chunk::split(&message, chunk_bytes) else {
+            let Some(chunks) = chunk::split(message, chunk_bytes, origin::TAG_LEN) else {
                 tracing::error!("a stored message needs more chunks than a frame can count");
                 continue;
             };

@@ -296,7 +296,7 @@ impl Worker {
         if deliveries.is_empty() {
             return;
         }
-        let messages = match store::read(&self.db, Queue::Inbox, &deliveries) {
+        let messages = match store::read(&self.db, Queue::Inbox, &deliveries, 0, TURN_BYTES) {
             Ok(messages) => messages,
             Err(e) => {
                 tracing::error!(error = %e, "reading the inbox failed");
@@ -308,6 +308,13 @@ impl Worker {
                 return;
             }
         };
+        // Past the turn's byte budget: offered again next turn.
+        for &(id, seq) in &deliveries[messages.len()..] {
+            if let Some(t) = self.targets.get_mut(&id) {
+                t.inbox.undeliver(seq);
+            }
+            self.more = true;
+        }
         let mut stalled: HashSet<u128> = HashSet::new();
         let mut gone: Vec<u64> = Vec::new();
         for ((id, seq), message) in deliveries.into_iter().zip(messages) {
