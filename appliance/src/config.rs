@@ -331,6 +331,12 @@ pub struct StreamsSection {
     pub publish_timeout_ms: u64,
     /// Go-back-N retransmission timeout.
     pub retransmit_ms: u64,
+    /// Data stream groups (one per set of nodes streams run between) this node takes part
+    /// in at most; a stream between a new set is refused past it.
+    pub max_groups: usize,
+    /// How often a node writes what it queued for a group (its offsets, stream metadata):
+    /// the delay between a target processing a message and the source releasing it.
+    pub group_flush_ms: u64,
 }
 
 impl Default for StreamsSection {
@@ -345,6 +351,8 @@ impl Default for StreamsSection {
             reassembly_bytes: 256 << 20,
             publish_timeout_ms: 10_000,
             retransmit_ms: 400,
+            max_groups: 256,
+            group_flush_ms: 20,
         }
     }
 }

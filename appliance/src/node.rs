@@ -34,11 +34,15 @@ use crate::{
         paths::CostWeights,
         raft::{
             group::{ConsensusThread, RaftSettings},
+            network::MeshNetwork,
             policy::Policy,
         },
     },
     storage::ControlDb,
-    streams::{Streams, StreamsSetup},
+    streams::{
+        Streams, StreamsSetup,
+        group::groups::{GroupSettings, GroupsThread},
+    },
 };
 
 /// Runs a node until SIGINT or SIGTERM.
@@ -203,10 +207,28 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             retain_updates: consensus_section.retain_updates,
         },
         raft_db,
-        raft_calls_tx,
+        raft_calls_tx.clone(),
         decided_tx,
         config.network.max_payload_bytes,
     )?;
+    // The data stream groups: their own file and thread, so their fsyncs wait on nobody's.
+    let groups_db = Arc::new(
+        redb::Database::create(config.data_dir.join("stream-groups.redb"))
+            .context("opening the stream groups' database (stream-groups.redb)")?,
+    );
+    let stream_groups = GroupsThread::start(
+        identity.node_id,
+        GroupSettings {
+            max_groups: config.streams.max_groups,
+            heartbeat: Duration::from_millis(consensus_section.heartbeat_ms),
+            election_timeout: Duration::from_millis(consensus_section.election_timeout_ms),
+            flush: Duration::from_millis(config.streams.group_flush_ms),
+            write_deadline: Duration::from_millis(consensus_section.write_deadline_ms),
+        },
+        groups_db,
+        MeshNetwork::new(raft_calls_tx.clone(), config.network.max_payload_bytes),
+    )
+    .context("starting the stream groups")?;
     let control = ControlThread::start(ControlSetup {
         db,
         shards: Arc::clone(&shard_inputs),
@@ -246,6 +268,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             dead_grace: Duration::from_millis(consensus_section.dead_voter_grace_ms),
         },
         raft_bootstrap: consensus_section.bootstrap,
+        stream_groups: stream_groups.handle(),
     })?;
     let streams = Streams::start(StreamsSetup {
         node_id: identity.node_id,
@@ -255,6 +278,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         key_book: Arc::clone(&key_book),
         tenant_keys: Arc::clone(&tenant_keys),
         frames: stream_frames_rx,
+        groups: stream_groups.handle(),
     })
     .context("starting the stream workers")?;
     let api = ApiThread::start(ApiSetup {
@@ -296,6 +320,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     let watchdog = signals.wait()?;
     api.stop();
     streams.stop();
+    stream_groups.stop();
     shards.shutdown();
     control.stop();
     consensus.stop();

@@ -11,10 +11,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use meshd_proto::link::{
-    ClientData, ClientDataAck, CloseClientDataStreamRequest, OpenClientDataStreamRequest,
-    PublishClientDataRequest, StreamMessage, StreamSelector, SubscribeClientDataRequest,
-    mesh_data_service_client::MeshDataServiceClient, mesh_service_client::MeshServiceClient,
-    subscribe_client_data_request::Request as SubRequest,
+    ClientData, ClientDataAck, CloseClientDataStreamRequest, GetStreamGroupsRequest,
+    OpenClientDataStreamRequest, PublishClientDataRequest, StreamGroupStream, StreamMessage,
+    StreamSelector, SubscribeClientDataRequest, mesh_data_service_client::MeshDataServiceClient,
+    mesh_service_client::MeshServiceClient, subscribe_client_data_request::Request as SubRequest,
 };
 use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
 use prost::bytes::Bytes;
@@ -242,6 +242,42 @@ async fn wait_complete(
     }
 }
 
+/// Waits until every one of `nodes` sees, in the data stream group of `participants`, a
+/// leader and `stream` as `want` accepts it (`None`: the group holds no such stream).
+async fn wait_group(
+    cluster: &Cluster,
+    nodes: &[usize],
+    participants: &[u64],
+    stream: &Bytes,
+    want: impl Fn(Option<&StreamGroupStream>) -> bool,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SETTLE;
+    for &i in nodes {
+        loop {
+            let groups = mesh_client(cluster.node(i).grpc)
+                .await?
+                .get_stream_groups(GetStreamGroupsRequest {})
+                .await?
+                .into_inner()
+                .groups;
+            let group = groups.iter().find(|g| g.participants == participants);
+            let held = group.and_then(|g| g.streams.iter().find(|s| &s.stream_id == stream));
+            if group.is_some_and(|g| g.leader != 0) && want(held) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node {}: the stream group of {participants:?} is not {what}: {groups:?}",
+                    cluster.node(i).spec.node_id
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
 fn check_exact(seen: &Seen, stream: &Bytes, total: u64, who: &str) {
     let messages = &seen.messages[stream];
     assert_eq!(
@@ -343,6 +379,26 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
         let who = format!("node {}", i + 2);
         wait_complete(seen, &stream, total, Duration::from_secs(60), &who).await?;
     }
+    // The data stream group of nodes 1-4, on every one of them, committed every target's
+    // offset and a second producer epoch (the source restarted once).
+    let participants = [1, 2, 3, 4];
+    wait_group(
+        &cluster,
+        &[0, 1, 2, 3],
+        &participants,
+        &stream,
+        |held| {
+            held.is_some_and(|s| {
+                s.source == 1
+                    && s.targets == [2, 3, 4]
+                    && s.producer_epoch == 2
+                    && s.offsets.len() == 3
+                    && s.offsets.iter().all(|o| o.processed == total)
+            })
+        },
+        "holding every offset at the total and epoch 2",
+    )
+    .await?;
     // Closed, and once every target processed everything, forgotten by the source.
     let mut source = mesh_client(cluster.node(0).grpc).await?;
     let closed = source
@@ -365,6 +421,16 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
             other => bail!("the closed stream was never forgotten: {other:?}"),
         }
     }
+    // ... and by its group, on every participant.
+    wait_group(
+        &cluster,
+        &[0, 1, 2, 3],
+        &participants,
+        &stream,
+        |held| held.is_none(),
+        "rid of the closed stream",
+    )
+    .await?;
     for s in subs {
         s.abort();
     }

@@ -561,6 +561,13 @@ impl MeshService for ControlService {
         super::streams::close(&self.state, request.into_inner()).await
     }
 
+    async fn get_stream_groups(
+        &self,
+        _request: Request<meshd_proto::link::GetStreamGroupsRequest>,
+    ) -> Result<Response<meshd_proto::link::GetStreamGroupsResponse>, Status> {
+        Ok(Response::new(super::streams::stream_groups(&self.state)))
+    }
+
     async fn get_mesh_status(
         &self,
         _request: Request<GetMeshStatusRequest>,

@@ -7,8 +7,9 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use meshd_proto::link::{
     ClientData, CloseClientDataStreamRequest, CloseClientDataStreamResponse,
-    OpenClientDataStreamRequest, PublishClientDataRequest, PublishClientDataResponse, StreamHandle,
-    SubscribeClientDataRequest, subscribe_client_data_request::Request as SubRequest,
+    GetStreamGroupsResponse, OpenClientDataStreamRequest, PublishClientDataRequest,
+    PublishClientDataResponse, StreamGroupInfo, StreamGroupStream, StreamHandle,
+    SubscribeClientDataRequest, TargetOffset, subscribe_client_data_request::Request as SubRequest,
 };
 use meshd_shards::streams::{Completion, MAX_TARGETS};
 use tokio::sync::{mpsc, oneshot};
@@ -118,6 +119,44 @@ pub(crate) async fn close(
         .map_err(|_| busy())?;
     let last_seq = answer.await.map_err(|_| stopping())??;
     Ok(Response::new(CloseClientDataStreamResponse { last_seq }))
+}
+
+/// `GetStreamGroups`: the data stream groups as this node sees them.
+pub(crate) fn stream_groups(state: &ApiState) -> GetStreamGroupsResponse {
+    let groups = state
+        .streams
+        .groups
+        .status()
+        .into_iter()
+        .map(|g| StreamGroupInfo {
+            group: g.group,
+            participants: g.participants,
+            role: g.role.into(),
+            term: g.term,
+            leader: g.leader.unwrap_or(0),
+            applied_index: g.applied_index,
+            streams: g
+                .streams
+                .into_iter()
+                .map(|(id, entry)| StreamGroupStream {
+                    stream_id: id_bytes(id),
+                    source: entry.source,
+                    targets: entry.targets,
+                    quorum: entry.quorum,
+                    tenant: entry.tenant,
+                    producer_epoch: entry.epoch,
+                    offsets: entry
+                        .offsets
+                        .into_iter()
+                        .map(|(target, processed)| TargetOffset { target, processed })
+                        .collect(),
+                })
+                .collect(),
+            write_retries: g.write_retries,
+            dropped_ops: g.dropped_ops,
+        })
+        .collect();
+    GetStreamGroupsResponse { groups }
 }
 
 /// Hands one batch to its worker (in call order) and gives the future of its answer.

@@ -287,6 +287,15 @@ impl Config {
                 "use 400 and 10000",
             ));
         }
+        if !(1..=65_536).contains(&streams.max_groups)
+            || !(1..=10_000).contains(&streams.group_flush_ms)
+        {
+            return Err(invalid(
+                "streams.max_groups",
+                "max_groups must be in 1..=65536 and group_flush_ms in 1..=10000",
+                "use 256 and 20",
+            ));
+        }
         let consensus = &self.consensus;
         if consensus.max_voters == 0
             || consensus.max_voters > 9

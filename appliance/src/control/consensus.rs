@@ -21,7 +21,7 @@ use meshd_shards::frame::{FrameType, TrafficClass};
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::storage::now_ms;
+use crate::{storage::now_ms, streams::group::groups::StreamGroups};
 
 use super::{
     Control,
@@ -46,6 +46,7 @@ pub const MAX_PENDING: usize = 4096;
 /// An answer a serving task produced, to send back.
 #[derive(Debug)]
 pub struct RaftAnswer {
+    group: u64,
     to: u64,
     req_id: u64,
     kind: u32,
@@ -95,6 +96,8 @@ pub struct RaftPort {
     leaving: bool,
     /// Other nodes whose departure committed: gone for the voter policy.
     departing: std::collections::BTreeSet<u64>,
+    /// The data stream groups, whose RPCs travel the same way (absent in unit tests).
+    stream_groups: Option<StreamGroups>,
 }
 
 impl RaftPort {
@@ -119,6 +122,7 @@ impl RaftPort {
                 committed,
                 leaving: false,
                 departing: std::collections::BTreeSet::new(),
+                stream_groups: None,
             },
             answers_rx,
             committed_rx,
@@ -129,14 +133,21 @@ impl RaftPort {
     pub fn consensus(&self) -> &Consensus {
         &self.consensus
     }
+
+    /// Serves the data stream groups' RPCs too.
+    pub fn with_stream_groups(mut self, groups: StreamGroups) -> Self {
+        self.stream_groups = Some(groups);
+        self
+    }
 }
 
-fn envelope(req_id: u64, kind: u32, answer: bool, body: Vec<u8>) -> Bytes {
+fn envelope(group: u64, req_id: u64, kind: u32, answer: bool, body: Vec<u8>) -> Bytes {
     meshd_proto::link::RaftEnvelope {
         req_id,
         kind,
         answer,
         body: body.into(),
+        group,
     }
     .encode_to_vec()
     .into()
@@ -154,14 +165,14 @@ impl Control {
         port.next_req_id = port.next_req_id.wrapping_add(1);
         let req_id = port.next_req_id;
         port.pending.insert(req_id, (call.target, call.reply));
-        let payload = envelope(req_id, call.kind, false, call.body);
+        let payload = envelope(call.group, req_id, call.kind, false, call.body);
         self.send_frame(call.target, FrameType::Raft, TrafficClass::System, payload)
             .await;
     }
 
     /// Sends an answer a serving task produced.
     pub(super) async fn send_raft_answer(&mut self, answer: RaftAnswer) {
-        let payload = envelope(answer.req_id, answer.kind, true, answer.body);
+        let payload = envelope(answer.group, answer.req_id, answer.kind, true, answer.body);
         self.send_frame(answer.to, FrameType::Raft, TrafficClass::System, payload)
             .await;
     }
@@ -192,11 +203,26 @@ impl Control {
             return;
         };
         let consensus = port.consensus.clone();
+        let groups = port.stream_groups.clone();
         let answers = port.answers.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(body) = consensus.serve(from, envelope.kind, &envelope.body).await {
+            let group = envelope.group;
+            let served = if group == 0 {
+                consensus.serve(from, envelope.kind, &envelope.body).await
+            } else {
+                match groups {
+                    Some(groups) => {
+                        groups
+                            .serve(from, group, envelope.kind, envelope.body.to_vec())
+                            .await
+                    }
+                    None => None,
+                }
+            };
+            if let Some(body) = served {
                 let answer = RaftAnswer {
+                    group,
                     to: from,
                     req_id: envelope.req_id,
                     kind: envelope.kind,

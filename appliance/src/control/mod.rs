@@ -175,6 +175,8 @@ pub struct ControlSetup {
     pub consensus: raft::group::Consensus,
     /// openraft's outgoing RPCs, carried over the mesh by this thread.
     pub raft_calls: tokio::sync::mpsc::Receiver<raft::network::RaftCall>,
+    /// The data stream groups (their RPCs travel with the control group's).
+    pub stream_groups: crate::streams::group::groups::StreamGroups,
     /// Membership and configuration decisions the group applied.
     pub raft_decisions: tokio::sync::mpsc::Receiver<raft::Decision>,
     /// Who votes.
@@ -291,6 +293,7 @@ async fn run(
     }
     let (raft_port, mut raft_answers, mut raft_committed) =
         consensus::RaftPort::new(setup.consensus, setup.raft_policy);
+    let raft_port = raft_port.with_stream_groups(setup.stream_groups);
     let mut raft_calls = setup.raft_calls;
     let mut raft_decisions = setup.raft_decisions;
     if setup.raft_bootstrap {

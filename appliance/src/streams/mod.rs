@@ -14,6 +14,7 @@
 //! the shards hand frames to the worker with `try_push` (a full worker loses the frame; the
 //! protocol sends it again).
 
+pub mod group;
 pub mod store;
 mod worker;
 
@@ -161,6 +162,8 @@ pub struct StreamsSetup {
     pub tenant_keys: SharedTenantKeys,
     /// One ring of stream frames per worker, from the shards.
     pub frames: Vec<Consumer<ApiEvent>>,
+    /// The data stream groups.
+    pub groups: group::groups::StreamGroups,
 }
 
 /// The running stream workers.
@@ -171,6 +174,8 @@ pub struct Streams {
     next_sub: AtomicU64,
     /// The `[streams]` section.
     pub config: StreamsSection,
+    /// The data stream groups.
+    pub groups: group::groups::StreamGroups,
 }
 
 impl Streams {
@@ -192,6 +197,7 @@ impl Streams {
                 shards: Arc::clone(&setup.shards),
                 key_book: Arc::clone(&setup.key_book),
                 tenant_keys: Arc::clone(&setup.tenant_keys),
+                groups: setup.groups.clone(),
             })
             .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
             let thread = thread::Builder::new()
@@ -207,6 +213,7 @@ impl Streams {
             threads: std::sync::Mutex::new(threads),
             next_sub: AtomicU64::new(1),
             config: setup.config,
+            groups: setup.groups,
         }))
     }
 

@@ -30,6 +30,7 @@ use tonic::Status;
 
 use super::{
     MAX_BATCH, MAX_WINDOW, OpenRequest, Published, WorkerInput,
+    group::{Op, groups::StreamGroups},
     store::{self, Batch, Queue, Role, StreamRecord},
 };
 use crate::{
@@ -81,6 +82,7 @@ pub(super) struct WorkerSetup {
     pub shards: Arc<[ShardHandle]>,
     pub key_book: Arc<KeyBook>,
     pub tenant_keys: SharedTenantKeys,
+    pub groups: StreamGroups,
 }
 
 struct Waiting {
@@ -92,6 +94,8 @@ struct Waiting {
 
 struct SourceStream {
     core: Source,
+    /// Its data stream group.
+    group: u64,
     record: StreamRecord,
     waiting: Vec<Waiting>,
     /// A target refused the stream: why.
@@ -101,6 +105,8 @@ struct SourceStream {
 
 struct TargetStream {
     inbox: Inbox<Vec<u8>>,
+    /// Its data stream group.
+    group: u64,
     record: StreamRecord,
     sub: Option<u64>,
     /// (seq, bytes) handed to the subscriber and not yet acknowledged.
@@ -154,6 +160,7 @@ pub(super) struct Worker {
     key_book: Arc<KeyBook>,
     keys: KeyCache,
     tenant_keys: SharedTenantKeys,
+    groups: StreamGroups,
     sources: HashMap<u128, SourceStream>,
     targets: HashMap<u128, TargetStream>,
     reassembler: Reassembler,
@@ -180,6 +187,7 @@ impl Worker {
             key_book: setup.key_book,
             keys: KeyCache::default(),
             tenant_keys: setup.tenant_keys,
+            groups: setup.groups,
             sources: HashMap::new(),
             targets: HashMap::new(),
             reassembler: Reassembler::new(limits),
@@ -224,6 +232,19 @@ impl Worker {
         for (id, record) in store::load(&self.db)? {
             match record.role {
                 Role::Source => {
+                    let group = self.join_group(&record);
+                    // This incarnation now produces the stream (a new producer epoch); the
+                    // open is written again in case the last incarnation's was lost.
+                    self.groups.propose(
+                        group,
+                        [
+                            open_op(id, &record),
+                            Op::Epoch {
+                                stream: id,
+                                incarnation: self.groups.incarnation(),
+                            },
+                        ],
+                    );
                     let core = Source::restore(
                         &record.targets,
                         Completion::from_quorum(record.quorum),
@@ -237,6 +258,7 @@ impl Worker {
                         id,
                         SourceStream {
                             core,
+                            group,
                             record,
                             waiting: Vec::new(),
                             refused: None,
@@ -249,10 +271,12 @@ impl Worker {
                     if let Some(last) = record.closed {
                         inbox.on_closed(last);
                     }
+                    let group = self.join_group(&record);
                     self.targets.insert(
                         id,
                         TargetStream {
                             inbox,
+                            group,
                             record,
                             sub: None,
                             unacked: VecDeque::new(),
@@ -272,6 +296,22 @@ impl Worker {
             "stream worker loaded"
         );
         Ok(())
+    }
+
+    /// The group of a stream's participants, started here if needed. A stream whose group
+    /// cannot be had (`streams.max_groups`) keeps working on its own reports but never
+    /// releases its outbox: refused at open, this only happens to streams of an earlier run
+    /// when the limit was lowered.
+    fn join_group(&self, record: &StreamRecord) -> u64 {
+        let mut nodes = record.targets.clone();
+        nodes.push(record.source);
+        match self.groups.ensure(&nodes) {
+            Ok(group) => group,
+            Err(e) => {
+                tracing::error!(error = %e, "a stream's group could not be started");
+                super::group::group_id(&nodes)
+            }
+        }
     }
 
     fn now(&self) -> u64 {
@@ -417,6 +457,8 @@ impl Worker {
                 Done::Processed(id, seq) => {
                     if let Some(t) = self.targets.get_mut(&id) {
                         t.inbox.on_processed(seq);
+                        // The group records it (the source releases by the group's word).
+                        self.groups.offer_offset(t.group, id, seq);
                     }
                 }
                 Done::Released(id, seq) => {
@@ -590,6 +632,17 @@ fn reassembly_limits(config: &StreamsSection) -> ReassemblyLimits {
         max_message: (config.max_message_bytes + SEALED_HEAD + 64) as u64,
         max_open: 64,
         max_bytes: config.reassembly_bytes,
+    }
+}
+
+/// The group fact that a stream exists, from its record.
+fn open_op(id: u128, record: &StreamRecord) -> Op {
+    Op::Open {
+        stream: id,
+        source: record.source,
+        targets: record.targets.clone(),
+        quorum: record.quorum,
+        tenant: record.tenant.clone(),
     }
 }
 

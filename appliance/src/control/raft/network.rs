@@ -38,6 +38,8 @@ pub const KIND_WRITE: u32 = 4;
 /// through `reply`.
 #[derive(Debug)]
 pub struct RaftCall {
+    /// The group it is for (0: the mesh control group; else a data stream group).
+    pub group: u64,
     /// The node it is for.
     pub target: u64,
     /// One of the `KIND_*`.
@@ -72,6 +74,8 @@ impl Error for CallError {}
 #[derive(Clone, Debug)]
 pub struct MeshNetwork {
     calls: mpsc::Sender<RaftCall>,
+    /// The group the calls are for (0: the control group).
+    group: u64,
     /// The largest body a frame carries (`network.max_payload_bytes` less the envelope and
     /// the origin tag).
     max_body: usize,
@@ -85,7 +89,16 @@ impl MeshNetwork {
     pub fn new(calls: mpsc::Sender<RaftCall>, max_payload: usize) -> Self {
         Self {
             calls,
+            group: 0,
             max_body: max_payload.saturating_sub(ENVELOPE_OVERHEAD),
+        }
+    }
+
+    /// The same way out, for the calls of data stream group `group`.
+    pub fn for_group(&self, group: u64) -> Self {
+        Self {
+            group,
+            ..self.clone()
         }
     }
 
@@ -104,6 +117,7 @@ impl MeshNetwork {
     ) -> Result<Vec<u8>, CallError> {
         let (reply, answer) = oneshot::channel();
         let call = RaftCall {
+            group: self.group,
             target,
             kind,
             body,
@@ -117,17 +131,6 @@ impl MeshNetwork {
         tokio::time::timeout(deadline, exchange)
             .await
             .map_err(|_| CallError::Timeout)?
-    }
-}
-
-impl RaftNetworkFactory<TypeConfig> for MeshNetwork {
-    type Network = MeshClient;
-
-    async fn new_client(&mut self, target: u64, _node: &EmptyNode) -> Self::Network {
-        MeshClient {
-            target,
-            net: self.clone(),
-        }
     }
 }
 
@@ -162,37 +165,57 @@ fn encode<T: Serialize, E: Error>(value: &T) -> RpcResult<Vec<u8>, E> {
     postcard::to_allocvec(value).map_err(|e| RPCError::Network(NetworkError::new(&e)))
 }
 
-impl RaftNetwork<TypeConfig> for MeshClient {
-    async fn append_entries(
-        &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
-        let body = encode(&rpc)?;
-        if body.len() > self.net.max_body && rpc.entries.len() > 1 {
-            // openraft retries with fewer entries.
-            let hint = (rpc.entries.len() as u64 / 2).max(1);
-            return Err(RPCError::PayloadTooLarge(
-                PayloadTooLarge::new_entries_hint(hint),
-            ));
+/// openraft's network traits for a group's types (the control group's and the data stream
+/// groups' differ only in their types).
+macro_rules! mesh_network {
+    ($types:ty) => {
+        impl RaftNetworkFactory<$types> for MeshNetwork {
+            type Network = MeshClient;
+
+            async fn new_client(&mut self, target: u64, _node: &EmptyNode) -> Self::Network {
+                MeshClient {
+                    target,
+                    net: self.clone(),
+                }
+            }
         }
-        self.rpc(KIND_APPEND, body, option.hard_ttl()).await
-    }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
-        self.rpc(KIND_SNAPSHOT, encode(&rpc)?, option.hard_ttl())
-            .await
-    }
+        impl RaftNetwork<$types> for MeshClient {
+            async fn append_entries(
+                &mut self,
+                rpc: AppendEntriesRequest<$types>,
+                option: RPCOption,
+            ) -> RpcResult<AppendEntriesResponse<u64>, openraft::error::Infallible> {
+                let body = encode(&rpc)?;
+                if body.len() > self.net.max_body && rpc.entries.len() > 1 {
+                    // openraft retries with fewer entries.
+                    let hint = (rpc.entries.len() as u64 / 2).max(1);
+                    return Err(RPCError::PayloadTooLarge(
+                        PayloadTooLarge::new_entries_hint(hint),
+                    ));
+                }
+                self.rpc(KIND_APPEND, body, option.hard_ttl()).await
+            }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<u64>,
-        option: RPCOption,
-    ) -> RpcResult<VoteResponse<u64>, openraft::error::Infallible> {
-        self.rpc(KIND_VOTE, encode(&rpc)?, option.hard_ttl()).await
-    }
+            async fn install_snapshot(
+                &mut self,
+                rpc: InstallSnapshotRequest<$types>,
+                option: RPCOption,
+            ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
+                self.rpc(KIND_SNAPSHOT, encode(&rpc)?, option.hard_ttl())
+                    .await
+            }
+
+            async fn vote(
+                &mut self,
+                rpc: VoteRequest<u64>,
+                option: RPCOption,
+            ) -> RpcResult<VoteResponse<u64>, openraft::error::Infallible> {
+                self.rpc(KIND_VOTE, encode(&rpc)?, option.hard_ttl()).await
+            }
+        }
+    };
 }
+
+mesh_network!(TypeConfig);
+mesh_network!(crate::streams::group::GroupTypes);

@@ -20,6 +20,15 @@ impl Worker {
             ))));
             return;
         }
+        let mut nodes = request.targets.clone();
+        nodes.push(self.node_id);
+        let group = match self.groups.ensure(&nodes) {
+            Ok(group) => group,
+            Err(e) => {
+                let _ = reply.send(Err(Status::resource_exhausted(e.to_string())));
+                return;
+            }
+        };
         let completion = Completion::from_quorum(request.quorum);
         let core = Source::new(
             &request.targets,
@@ -38,10 +47,21 @@ impl Worker {
             low: 0,
             closed: None,
         };
+        self.groups.propose(
+            group,
+            [
+                open_op(request.id, &record),
+                Op::Epoch {
+                    stream: request.id,
+                    incarnation: self.groups.incarnation(),
+                },
+            ],
+        );
         self.sources.insert(
             request.id,
             SourceStream {
                 core,
+                group,
                 record,
                 waiting: Vec::new(),
                 refused: None,
@@ -224,6 +244,7 @@ impl Worker {
         let mut finished = Vec::new();
         let instant = Instant::now();
         let can_send = self.unsent.is_empty();
+        let groups = &self.groups;
         for (id, s) in &mut self.sources {
             s.core.handle_timeout(now);
             while let Some(node) = s.core.poll_open(now) {
@@ -270,7 +291,10 @@ impl Worker {
                     i += 1;
                 }
             }
-            let releasable = s.core.releasable();
+            // An outbox row goes once every target processed it by its report and by what
+            // the group committed of its offsets.
+            let by_group = groups.processed_by_all(s.group, *id, &s.record.targets);
+            let releasable = s.core.releasable().min(by_group);
             if releasable > s.record.low {
                 self.batch.released.push((*id, releasable));
                 s.record.low = releasable;
@@ -303,6 +327,7 @@ impl Worker {
             for node in s.core.targets() {
                 self.send_control(node, FrameType::StreamOpen, id, open.encode_to_vec());
             }
+            self.groups.propose(s.group, [Op::Forget { stream: id }]);
             self.batch.records.push((id, None));
         }
         if sends.is_empty() {

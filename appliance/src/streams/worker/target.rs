@@ -141,6 +141,13 @@ impl Worker {
         } else {
             None
         };
+        let mut nodes = open.targets.clone();
+        nodes.push(src);
+        let (group, refusal) = match (refusal, self.groups.ensure(&nodes)) {
+            (Some(refused), _) => (0, Some(refused)),
+            (None, Ok(group)) => (group, None),
+            (None, Err(e)) => (0, Some(e.to_string())),
+        };
         if let Some(refused) = refusal {
             let report = StreamReport {
                 refused,
@@ -164,6 +171,7 @@ impl Worker {
             id,
             TargetStream {
                 inbox: Inbox::restore(self.inbox_config(), 0, 0),
+                group,
                 record,
                 sub: None,
                 unacked: VecDeque::new(),
