@@ -1,18 +1,21 @@
-//! The cluster harness: starts real `meshd` processes on loopback and drives them over gRPC.
+//! The cluster harness: starts real `meshd` processes on loopback (or each in a network
+//! namespace, see [`netns`]) and drives them over gRPC.
 //!
 //! Every node gets a generated TOML config in a temporary directory and port 0 for its
 //! listeners; the harness reads the bound addresses from the node's `meshd ready` line and
 //! pins them in the config, so a restarted node comes back on the same ports.
 //! Used by the integration tests in `tests/tests/` and by `loadgen local`.
 
+pub mod netns;
 pub mod rogue;
+pub mod streams_support;
 
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -21,7 +24,11 @@ use meshd_proto::mesh::{
     GetSessionsRequest, SessionInfo, mesh_control_client::MeshControlClient,
     mesh_data_client::MeshDataClient,
 };
-use tonic::transport::Channel;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
 
 /// The `meshd` binary the harness runs, built once per process in release mode.
 ///
@@ -82,6 +89,8 @@ pub struct NodeSpec {
     pub extra: String,
     /// Environment overrides (`MESHD_SECTION__KEY`), for keys the harness writes itself.
     pub env: Vec<(String, String)>,
+    /// The network namespace it runs in (None: the test's own, on loopback).
+    pub netns: Option<netns::Place>,
 }
 
 impl NodeSpec {
@@ -93,6 +102,7 @@ impl NodeSpec {
             dials: Vec::new(),
             extra: String::new(),
             env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -104,6 +114,7 @@ impl NodeSpec {
             dials,
             extra: String::new(),
             env: Vec::new(),
+            netns: None,
         }
     }
 
@@ -117,6 +128,97 @@ impl NodeSpec {
     pub fn dialing(mut self, dials: Vec<usize>) -> Self {
         self.dials = dials;
         self
+    }
+
+    /// Runs the node in `place`: links on its mesh address, the api on its mgmt address.
+    pub fn in_netns(mut self, place: netns::Place) -> Self {
+        self.netns = Some(place);
+        self
+    }
+}
+
+/// What a client needs to call a node's api: plaintext on loopback; anywhere else meshd
+/// serves it only with TLS and a bearer token, so the client needs the certificate and token.
+#[derive(Clone, Debug)]
+pub struct Api {
+    /// The api's address.
+    pub addr: SocketAddr,
+    secret: Option<Arc<ApiSecret>>,
+}
+
+/// The TLS identity and token a cluster gives the apis it puts off loopback.
+#[derive(Debug)]
+struct ApiSecret {
+    cert_pem: String,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    token_path: PathBuf,
+    token: MetadataValue<Ascii>,
+}
+
+/// The certificate's name; clients check it instead of the (per-node) address.
+const API_SERVER_NAME: &str = "meshd-api.test";
+
+impl ApiSecret {
+    fn create(dir: &Path) -> anyhow::Result<Self> {
+        let certified = rcgen::generate_simple_self_signed(vec![API_SERVER_NAME.to_owned()])?;
+        let token: String = rand::random::<[u8; 32]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let secret = Self {
+            cert_pem: certified.cert.pem(),
+            cert_path: dir.join("api.pem"),
+            key_path: dir.join("api.key"),
+            token_path: dir.join("api.token"),
+            token: format!("Bearer {token}").parse()?,
+        };
+        std::fs::write(&secret.cert_path, &secret.cert_pem)?;
+        std::fs::write(&secret.key_path, certified.signing_key.serialize_pem())?;
+        std::fs::write(&secret.token_path, token)?;
+        Ok(secret)
+    }
+}
+
+/// Adds a node's bearer token to every call (nothing for an api on loopback).
+#[derive(Clone, Debug, Default)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to a node's api, with its token on every call.
+pub type ApiChannel = InterceptedService<Channel, Auth>;
+
+impl Api {
+    /// Connects, giving up after `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> anyhow::Result<ApiChannel> {
+        let channel = match &self.secret {
+            None => Channel::from_shared(format!("http://{}", self.addr))?,
+            Some(secret) => Channel::from_shared(format!("https://{}", self.addr))?.tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&secret.cert_pem))
+                    .domain_name(API_SERVER_NAME),
+            )?,
+        }
+        .connect_timeout(timeout)
+        .connect()
+        .await?;
+        Ok(InterceptedService::new(
+            channel,
+            Auth(self.secret.as_ref().map(|s| s.token.clone())),
+        ))
     }
 }
 
@@ -137,6 +239,7 @@ pub struct Node {
     child: Option<Child>,
     peers: Vec<SocketAddr>,
     mesh_secret: [u8; 32],
+    api_secret: Option<Arc<ApiSecret>>,
 }
 
 /// A set of nodes in one temporary directory.
@@ -145,6 +248,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     dir: tempfile::TempDir,
     mesh_secret: [u8; 32],
+    /// Made for the first node whose api is off loopback.
+    api_secret: Option<Arc<ApiSecret>>,
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -164,6 +269,7 @@ impl Cluster {
             nodes: Vec::new(),
             dir,
             mesh_secret: rand::random(),
+            api_secret: None,
         };
         for spec in specs {
             cluster.add(spec)?;
@@ -200,16 +306,32 @@ impl Cluster {
         }
         let index = self.nodes.len();
         let data_dir = self.dir.path().join(format!("node{index}"));
+        let (grpc_ip, listen_ip) = spec
+            .netns
+            .as_ref()
+            .map_or(([127, 0, 0, 1].into(), [127, 0, 0, 1].into()), |place| {
+                (place.mgmt.into(), place.mesh.into())
+            });
+        let api_secret = match (&spec.netns, &self.api_secret) {
+            (None, _) => None,
+            (Some(_), Some(secret)) => Some(Arc::clone(secret)),
+            (Some(_), None) => {
+                let secret = Arc::new(ApiSecret::create(self.dir.path())?);
+                self.api_secret = Some(Arc::clone(&secret));
+                Some(secret)
+            }
+        };
         let mut node = Node {
             config_path: self.dir.path().join(format!("node{index}.toml")),
             log_path: self.dir.path().join(format!("node{index}.log")),
             data_dir,
-            grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
-            listen: spec.listens.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            grpc: SocketAddr::new(grpc_ip, 0),
+            listen: spec.listens.then(|| SocketAddr::new(listen_ip, 0)),
             child: None,
             peers,
             spec,
             mesh_secret: self.mesh_secret,
+            api_secret,
         };
         node.start()?;
         self.nodes.push(node);
@@ -279,6 +401,14 @@ impl Node {
         text.push_str(&format!("peers = [{}]\n", peers.join(", ")));
         text.push_str("reconnect_max_ms = 1000\n");
         text.push_str(&format!("[grpc]\nlisten = \"{}\"\n", self.grpc));
+        if let Some(secret) = &self.api_secret {
+            text.push_str(&format!(
+                "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\ntoken_file = \"{}\"\n",
+                secret.cert_path.display(),
+                secret.key_path.display(),
+                secret.token_path.display()
+            ));
+        }
         text.push_str("[runtime]\nshards = 2\n");
         for line in tables {
             text.push_str(line);
@@ -300,7 +430,19 @@ impl Node {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let mut child = Command::new(meshd_binary()?)
+        let mut command = match &self.spec.netns {
+            // `ip netns exec` execs meshd in place, so the child's pid is meshd's own and
+            // `signal`, `kill` and `stop` reach it.
+            Some(place) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", &place.ns])
+                    .arg(meshd_binary()?);
+                command
+            }
+            None => Command::new(meshd_binary()?),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(&self.config_path)
             .env("RUST_LOG", "info,meshd_shards=debug,meshd::control=debug")
@@ -421,8 +563,16 @@ impl Node {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// How to reach its api.
+    pub fn api(&self) -> Api {
+        Api {
+            addr: self.grpc,
+            secret: self.api_secret.clone(),
+        }
+    }
+
     /// A `MeshData` client.
-    pub async fn data(&self) -> anyhow::Result<MeshDataClient<Channel>> {
+    pub async fn data(&self) -> anyhow::Result<MeshDataClient<ApiChannel>> {
         Ok(MeshDataClient::new(self.channel().await?))
     }
 
@@ -471,22 +621,23 @@ impl Node {
             .into_inner())
     }
 
-    pub async fn control(&self) -> anyhow::Result<MeshControlClient<Channel>> {
+    pub async fn control(&self) -> anyhow::Result<MeshControlClient<ApiChannel>> {
         Ok(MeshControlClient::new(self.channel().await?))
     }
 
     /// A `meshd.v1.MeshService` client.
     pub async fn mesh(
         &self,
-    ) -> anyhow::Result<meshd_proto::link::mesh_service_client::MeshServiceClient<Channel>> {
+    ) -> anyhow::Result<meshd_proto::link::mesh_service_client::MeshServiceClient<ApiChannel>> {
         Ok(meshd_proto::link::mesh_service_client::MeshServiceClient::new(self.channel().await?))
     }
 
     /// A `meshd.v1.MeshDataService` client (the control group's update streams).
     pub async fn updates(
         &self,
-    ) -> anyhow::Result<meshd_proto::link::mesh_data_service_client::MeshDataServiceClient<Channel>>
-    {
+    ) -> anyhow::Result<
+        meshd_proto::link::mesh_data_service_client::MeshDataServiceClient<ApiChannel>,
+    > {
         Ok(
             meshd_proto::link::mesh_data_service_client::MeshDataServiceClient::new(
                 self.channel().await?,
@@ -506,11 +657,8 @@ impl Node {
             .unwrap_or_default())
     }
 
-    async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.grpc))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await?)
+    async fn channel(&self) -> anyhow::Result<ApiChannel> {
+        self.api().connect(Duration::from_secs(5)).await
     }
 
     /// The node's live sessions.

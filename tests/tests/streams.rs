@@ -11,236 +11,20 @@ use std::{
 
 use anyhow::{Context, bail};
 use meshd_proto::link::{
-    ClientData, ClientDataAck, CloseClientDataStreamRequest, GetStreamGroupsRequest,
+    ClientDataAck, CloseClientDataStreamRequest, GetStreamGroupsRequest,
     OpenClientDataStreamRequest, PublishClientDataRequest, StreamGroupStream, StreamMessage,
-    StreamSelector, SubscribeClientDataRequest, mesh_data_service_client::MeshDataServiceClient,
-    mesh_service_client::MeshServiceClient, subscribe_client_data_request::Request as SubRequest,
+    SubscribeClientDataRequest, mesh_data_service_client::MeshDataServiceClient,
+    subscribe_client_data_request::Request as SubRequest,
 };
-use meshd_tests::{Cluster, Node, NodeSpec, exclusive};
+use meshd_tests::{
+    Cluster, NodeSpec, exclusive,
+    streams_support::{
+        SETTLE, Seen, TENANT, channel, check_exact, mesh_client, open, open_acked_on_source,
+        publish_all, relay_chain, serving, subscriber, wait_complete,
+    },
+};
 use prost::bytes::Bytes;
-use tokio::sync::mpsc;
-use tokio_stream::{StreamExt, wrappers::ReceiverStream};
-use tonic::transport::Channel;
-
-const SETTLE: Duration = Duration::from_secs(15);
-const TENANT: &str = "acme";
-
-fn serving(mut spec: NodeSpec) -> NodeSpec {
-    spec.extra = format!("tenants = [\"{TENANT}\"]\n{}", spec.extra);
-    spec
-}
-
-async fn channel(grpc: std::net::SocketAddr) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{grpc}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await?)
-}
-
-async fn mesh_client(grpc: std::net::SocketAddr) -> anyhow::Result<MeshServiceClient<Channel>> {
-    Ok(MeshServiceClient::new(channel(grpc).await?)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX))
-}
-
-async fn open(node: &Node, targets: &[u64], quorum: u32) -> anyhow::Result<Bytes> {
-    Ok(mesh_client(node.grpc)
-        .await?
-        .open_client_data_stream(OpenClientDataStreamRequest {
-            tenant: TENANT.into(),
-            targets: targets.to_vec(),
-            quorum,
-            ack_on_source: false,
-        })
-        .await?
-        .into_inner()
-        .stream_id)
-}
-
-fn payload_of(seq: u64) -> Bytes {
-    Bytes::from(format!("message {seq} ").repeat(4))
-}
-
-/// What one target's subscriber saw.
-#[derive(Debug, Default)]
-struct Seen {
-    /// Stream → seq → payload (the last copy).
-    messages: BTreeMap<Bytes, BTreeMap<u64, Bytes>>,
-    /// Deliveries of a seq already delivered (after a restart or a new subscription).
-    redelivered: u64,
-    /// A seq that was not the next one of its stream within one subscription: (stream, got,
-    /// expected).
-    out_of_order: Vec<(u64, u64)>,
-    /// Subscriptions made.
-    subscriptions: u64,
-}
-
-/// Subscribes at `grpc` (again after every failure, as a client of a restarting node would),
-/// records every delivery and acknowledges each after recording it.
-fn subscriber(
-    grpc: std::net::SocketAddr,
-    window: u32,
-    seen: Arc<Mutex<Seen>>,
-    delay: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let _ = subscribe_once(grpc, window, &seen, delay).await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-}
-
-async fn subscribe_once(
-    grpc: std::net::SocketAddr,
-    window: u32,
-    seen: &Arc<Mutex<Seen>>,
-    delay: Duration,
-) -> anyhow::Result<()> {
-    let mut client =
-        MeshDataServiceClient::new(channel(grpc).await?).max_decoding_message_size(usize::MAX);
-    let (tx, rx) = mpsc::channel(1024);
-    tx.send(SubscribeClientDataRequest {
-        request: Some(SubRequest::Select(StreamSelector {
-            tenant: TENANT.into(),
-            stream_ids: Vec::new(),
-            window,
-        })),
-    })
-    .await?;
-    let mut deliveries = client
-        .subscribe_client_data(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    seen.lock().unwrap().subscriptions += 1;
-    let mut last: BTreeMap<Bytes, u64> = BTreeMap::new();
-    while let Some(data) = deliveries.next().await {
-        let ClientData {
-            stream_id,
-            seq,
-            payload,
-            ..
-        } = data?;
-        {
-            let mut seen = seen.lock().unwrap();
-            let stream = seen.messages.entry(stream_id.clone()).or_default();
-            if stream.insert(seq, payload).is_some() {
-                seen.redelivered += 1;
-            }
-            // Within one subscription a stream's seqs are consecutive.
-            if let Some(prev) = last.get(&stream_id)
-                && seq != prev + 1
-            {
-                seen.out_of_order.push((seq, prev + 1));
-            }
-        }
-        last.insert(stream_id.clone(), seq);
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        tx.send(SubscribeClientDataRequest {
-            request: Some(SubRequest::Ack(ClientDataAck { stream_id, seq })),
-        })
-        .await?;
-    }
-    Ok(())
-}
-
-/// Publishes seqs `from..=total` in batches of `batch`, claiming each batch's first seq, and
-/// starts over from the first unanswered batch after any failure (a restarted source): what
-/// it was told, seq by seq.
-async fn publish_all(
-    grpc: std::net::SocketAddr,
-    stream_id: Bytes,
-    (from, total): (u64, u64),
-    batch: u64,
-    acked: Arc<Mutex<BTreeMap<u64, u64>>>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut next = from;
-    while next <= total {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "publishing stalled at seq {next}"
-        );
-        let result: anyhow::Result<()> = async {
-            let mut client = mesh_client(grpc).await?;
-            let (tx, rx) = mpsc::channel(16);
-            let mut answers = client
-                .publish_client_data(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            let mut sent = next;
-            let mut in_flight = 0;
-            while next <= total {
-                while in_flight < 8 && sent <= total {
-                    let last = (sent + batch - 1).min(total);
-                    tx.send(PublishClientDataRequest {
-                        stream_id: stream_id.clone(),
-                        messages: (sent..=last)
-                            .map(|seq| StreamMessage {
-                                payload: payload_of(seq),
-                            })
-                            .collect(),
-                        first_seq: sent,
-                    })
-                    .await?;
-                    sent = last + 1;
-                    in_flight += 1;
-                }
-                let answer = answers.next().await.context("answers ended")??;
-                in_flight -= 1;
-                if answer.code != 0 {
-                    bail!("batch from {next}: code {} {}", answer.code, answer.error);
-                }
-                anyhow::ensure!(
-                    answer.first_seq == next,
-                    "answered {}..={} while {next} was due",
-                    answer.first_seq,
-                    answer.last_seq
-                );
-                let mut acked = acked.lock().unwrap();
-                for seq in answer.first_seq..=answer.last_seq {
-                    *acked.entry(seq).or_default() += 1;
-                }
-                next = answer.last_seq + 1;
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            println!("publisher: {e:#}; starting again from seq {next}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    Ok(())
-}
-
-/// Waits until `seen` holds every seq of `stream` up to `total`.
-async fn wait_complete(
-    seen: &Arc<Mutex<Seen>>,
-    stream: &Bytes,
-    total: u64,
-    limit: Duration,
-    who: &str,
-) -> anyhow::Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let have = seen
-            .lock()
-            .unwrap()
-            .messages
-            .get(stream)
-            .map_or(0, BTreeMap::len) as u64;
-        if have >= total {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > limit {
-            bail!("{who} has {have} of {total} messages after {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use tokio_stream::StreamExt;
 
 /// Waits until every one of `nodes` sees, in the data stream group of `participants`, a
 /// leader and `stream` as `want` accepts it (`None`: the group holds no such stream).
@@ -255,14 +39,14 @@ async fn wait_group(
     let deadline = Instant::now() + SETTLE;
     for &i in nodes {
         loop {
-            let groups = mesh_client(cluster.node(i).grpc)
+            let groups = mesh_client(&cluster.node(i).api())
                 .await?
                 .get_stream_groups(GetStreamGroupsRequest {})
                 .await?
                 .into_inner()
                 .groups;
             let group = groups.iter().find(|g| g.participants == participants);
-            let held = group.and_then(|g| g.streams.iter().find(|s| &s.stream_id == stream));
+            let held = group.and_then(|g| g.streams.iter().find(|s| s.stream_id == *stream));
             if group.is_some_and(|g| g.leader != 0) && want(held) {
                 break;
             }
@@ -276,27 +60,6 @@ async fn wait_group(
         }
     }
     Ok(())
-}
-
-fn check_exact(seen: &Seen, stream: &Bytes, total: u64, who: &str) {
-    let messages = &seen.messages[stream];
-    assert_eq!(
-        messages.keys().copied().collect::<Vec<_>>(),
-        (1..=total).collect::<Vec<_>>(),
-        "{who}: every seq once"
-    );
-    for (seq, payload) in messages {
-        assert_eq!(
-            payload,
-            &payload_of(*seq),
-            "{who}: seq {seq} carries its own message"
-        );
-    }
-    assert!(
-        seen.out_of_order.is_empty(),
-        "{who}: out of order {:?}",
-        seen.out_of_order
-    );
 }
 
 /// Node 1 streams to nodes 2, 3 and 4: 2 links to 1; 3 and 4 are behind NAT and reach 1 only
@@ -321,7 +84,7 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
     let subs: Vec<_> = (0..3)
         .map(|i| {
             subscriber(
-                cluster.node(i + 1).grpc,
+                cluster.node(i + 1).api(),
                 256,
                 Arc::clone(&seen[i]),
                 Duration::ZERO,
@@ -332,7 +95,7 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
     let total = 3000;
     let acked = Arc::new(Mutex::new(BTreeMap::new()));
     let publisher = tokio::spawn(publish_all(
-        cluster.node(0).grpc,
+        cluster.node(0).api(),
         stream.clone(),
         (1, total),
         50,
@@ -400,7 +163,7 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
     )
     .await?;
     // Closed, and once every target processed everything, forgotten by the source.
-    let mut source = mesh_client(cluster.node(0).grpc).await?;
+    let mut source = mesh_client(&cluster.node(0).api()).await?;
     let closed = source
         .close_client_data_stream(CloseClientDataStreamRequest {
             stream_id: stream.clone(),
@@ -460,28 +223,16 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
     Ok(())
 }
 
-/// Node 1 ← node 2 ← node 3 (behind NAT): 1 and 3 reach each other only through 2.
-async fn relay_chain() -> anyhow::Result<Cluster> {
-    let cluster = Cluster::start(vec![
-        serving(NodeSpec::listener(1)),
-        serving(NodeSpec::listener(2).dialing(vec![0])),
-        serving(NodeSpec::behind_nat(3, vec![1])),
-    ])?;
-    cluster.node(0).wait_for_routes(&[3], SETTLE).await?;
-    cluster.node(2).wait_for_routes(&[1], SETTLE).await?;
-    Ok(cluster)
-}
-
 /// One 64 MiB message from node 1 to node 3, which is behind NAT and reached through node 2:
 /// it travels as 1 MiB chunks (CRC32C per frame on every hop), is reassembled and checked
 /// with BLAKE3 at node 3, and arrives whole, followed in order by a small message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_64_mib_message_crosses_a_relay_in_chunks_and_arrives_whole() -> anyhow::Result<()> {
     let _serial = exclusive().await;
-    let cluster = relay_chain().await?;
+    let cluster = relay_chain(None).await?;
     let stream = open(cluster.node(0), &[3], 0).await?;
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let sub = subscriber(cluster.node(2).grpc, 2, Arc::clone(&seen), Duration::ZERO);
+    let sub = subscriber(cluster.node(2).api(), 2, Arc::clone(&seen), Duration::ZERO);
 
     let mut big = vec![0u8; 64 << 20];
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
@@ -494,7 +245,7 @@ async fn a_64_mib_message_crosses_a_relay_in_chunks_and_arrives_whole() -> anyho
     let big = Bytes::from(big);
     let digest = blake3::hash(&big);
     let started = Instant::now();
-    let mut client = mesh_client(cluster.node(0).grpc).await?;
+    let mut client = mesh_client(&cluster.node(0).api()).await?;
     let answers = client
         .publish_client_data(tokio_stream::iter(vec![
             PublishClientDataRequest {
@@ -555,20 +306,20 @@ async fn a_slow_subscriber_slows_only_its_own_stream() -> anyhow::Result<()> {
     let slow_seen: Arc<Mutex<Seen>> = Arc::default();
     let fast_seen: Arc<Mutex<Seen>> = Arc::default();
     let slow = subscriber(
-        cluster.node(1).grpc,
+        cluster.node(1).api(),
         4,
         Arc::clone(&slow_seen),
         Duration::from_millis(20),
     );
     let fast = subscriber(
-        cluster.node(2).grpc,
+        cluster.node(2).api(),
         1024,
         Arc::clone(&fast_seen),
         Duration::ZERO,
     );
     let total = 20_000;
     let slow_publisher = tokio::spawn(publish_all(
-        cluster.node(0).grpc,
+        cluster.node(0).api(),
         slow_stream.clone(),
         (1, total),
         100,
@@ -576,7 +327,7 @@ async fn a_slow_subscriber_slows_only_its_own_stream() -> anyhow::Result<()> {
     ));
     let started = Instant::now();
     publish_all(
-        cluster.node(0).grpc,
+        cluster.node(0).api(),
         fast_stream.clone(),
         (1, total),
         100,
@@ -627,23 +378,18 @@ async fn a_slow_subscriber_slows_only_its_own_stream() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_and_heal_lose_and_repeat_nothing() -> anyhow::Result<()> {
     let _serial = exclusive().await;
-    let cluster = relay_chain().await?;
-    let stream = mesh_client(cluster.node(0).grpc)
-        .await?
-        .open_client_data_stream(OpenClientDataStreamRequest {
-            tenant: TENANT.into(),
-            targets: vec![3],
-            quorum: 0,
-            ack_on_source: true,
-        })
-        .await?
-        .into_inner()
-        .stream_id;
+    let cluster = relay_chain(None).await?;
+    let stream = open_acked_on_source(cluster.node(0), &[3]).await?;
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let sub = subscriber(cluster.node(2).grpc, 256, Arc::clone(&seen), Duration::ZERO);
+    let sub = subscriber(
+        cluster.node(2).api(),
+        256,
+        Arc::clone(&seen),
+        Duration::ZERO,
+    );
     let acked = Arc::new(Mutex::new(BTreeMap::new()));
     publish_all(
-        cluster.node(0).grpc,
+        cluster.node(0).api(),
         stream.clone(),
         (1, 500),
         50,
@@ -660,7 +406,7 @@ async fn a_partition_and_heal_lose_and_repeat_nothing() -> anyhow::Result<()> {
         .drop_link(meshd_proto::link::DropLinkRequest { peer_node_id: 1 })
         .await?;
     publish_all(
-        cluster.node(0).grpc,
+        cluster.node(0).api(),
         stream.clone(),
         (501, 2000),
         50,
@@ -695,7 +441,7 @@ async fn a_partition_and_heal_lose_and_repeat_nothing() -> anyhow::Result<()> {
     // 1000 more are published; both sides time it out, then it thaws.
     cluster.node(1).signal(libc::SIGSTOP);
     publish_all(
-        cluster.node(0).grpc,
+        cluster.node(0).api(),
         stream.clone(),
         (2001, 3000),
         50,
@@ -734,7 +480,7 @@ async fn stream_rpcs_refuse_bad_arguments_clearly() -> anyhow::Result<()> {
         NodeSpec::listener(2).dialing(vec![0]),
     ])?;
     cluster.node(0).wait_for_routes(&[2], SETTLE).await?;
-    let mut client = mesh_client(cluster.node(0).grpc).await?;
+    let mut client = mesh_client(&cluster.node(0).api()).await?;
     let open_with = |tenant: &str, targets: Vec<u64>, quorum: u32| OpenClientDataStreamRequest {
         tenant: tenant.into(),
         targets,
@@ -842,7 +588,7 @@ async fn stream_rpcs_refuse_bad_arguments_clearly() -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "never refused: {answer:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut data = MeshDataServiceClient::new(channel(cluster.node(0).grpc).await?);
+    let mut data = MeshDataServiceClient::new(channel(&cluster.node(0).api()).await?);
     let status = data
         .subscribe_client_data(tokio_stream::iter(vec![SubscribeClientDataRequest {
             request: Some(SubRequest::Ack(ClientDataAck {

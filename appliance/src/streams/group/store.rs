@@ -12,6 +12,7 @@
 //! before the call returns, so an acknowledged append or vote survives kill -9, and a group's
 //! applied state, last applied id and membership commit together. The groups share the
 //! database and the `stream-groups` thread, which runs their store calls one at a time.
+#![allow(clippy::result_large_err)] // openraft's `StorageError` is large by design.
 
 use std::{
     fmt::Debug,
@@ -523,12 +524,16 @@ mod tests {
                 let mut sm = StateMachine::new(Arc::clone(&db), group)?;
                 let (applied, _) = sm.applied_state().await?;
                 assert_eq!(applied.map(|id| id.index), Some(1));
-                let view = sm.view();
-                let view = view.lock().unwrap();
-                assert_eq!(
-                    view.state.streams.keys().copied().collect::<Vec<_>>(),
-                    vec![stream]
-                );
+                let held: Vec<u128> = sm
+                    .view()
+                    .lock()
+                    .unwrap()
+                    .state
+                    .streams
+                    .keys()
+                    .copied()
+                    .collect();
+                assert_eq!(held, vec![stream]);
                 let mut log = LogStore::new(Arc::clone(&db), group)?;
                 assert_eq!(log.read_vote().await?, Some(Vote::new(group, 1)));
             }
