@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "proto/mesh/v1/control.proto",
     "proto/meshd/v1/link.proto",
     "proto/meshd/v1/mesh.proto",
+    "proto/supervisor/v1/supervisor.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -15,6 +15,8 @@ use meshd_proto::link::{
     mesh_service_client::MeshServiceClient,
 };
 
+use crate::topology::{self, Topology};
+
 /// Who may join a seeded mesh.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Policy {
@@ -72,6 +74,27 @@ pub enum MeshAction {
         /// Its node id.
         node_id: u64,
     },
+    /// The mesh as the node sees it: members, links with RTT and loss, routes; as text, or
+    /// drawn as Graphviz DOT or SVG.
+    Topology {
+        /// What to print.
+        #[arg(long, value_enum, default_value = "text")]
+        format: TopologyFormat,
+        /// Write it to this file instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// How `meshd mesh topology` prints the mesh.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TopologyFormat {
+    /// Lines of text.
+    Text,
+    /// Graphviz DOT.
+    Dot,
+    /// A self-contained SVG drawing.
+    Svg,
 }
 
 /// Runs one action against the node serving gRPC at `grpc`.
@@ -130,6 +153,32 @@ pub fn run(grpc: &str, action: MeshAction) -> anyhow::Result<()> {
                 println!("{}", answer.message);
                 return Ok(());
             }
+            MeshAction::Topology { format, output } => {
+                let status = client
+                    .get_mesh_status(GetMeshStatusRequest {})
+                    .await?
+                    .into_inner();
+                let mut control = meshd_proto::mesh::mesh_control_client::MeshControlClient::new(
+                    endpoint.connect().await?,
+                );
+                let routes = control
+                    .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
+                    .await?
+                    .into_inner()
+                    .routes;
+                let topology = topology_of(&status, &routes);
+                let text = match format {
+                    TopologyFormat::Text => topology.to_text(),
+                    TopologyFormat::Dot => topology.to_dot(),
+                    TopologyFormat::Svg => topology.to_svg(),
+                };
+                match output {
+                    Some(path) => std::fs::write(&path, text)
+                        .with_context(|| format!("cannot write {}", path.display()))?,
+                    None => print!("{text}"),
+                }
+                return Ok(());
+            }
             MeshAction::Evict { node_id } => {
                 let request = EvictNodeRequest {
                     node_id,
@@ -168,13 +217,60 @@ fn join_key(file: Option<&Path>) -> anyhow::Result<String> {
     Ok(key)
 }
 
-fn print_status(status: &MeshStatus) {
-    let health = match status.health() {
+fn topology_of(status: &MeshStatus, routes: &[meshd_proto::mesh::RouteEntry]) -> Topology {
+    Topology {
+        local: status.local_node_id,
+        health: health_name(status.health()).into(),
+        members: status
+            .members
+            .iter()
+            .map(|m| topology::Member {
+                node: m.node_id,
+                state: state_name(m.state()).into(),
+                linked: m.linked,
+            })
+            .collect(),
+        links: status
+            .links
+            .iter()
+            .map(|l| topology::Link {
+                from: l.from_node,
+                to: l.to_node,
+                rtt_us: l.rtt_us,
+                loss_ppm: l.loss_ppm,
+            })
+            .collect(),
+        routes: routes
+            .iter()
+            .map(|r| topology::Route {
+                destination: r.dst_node,
+                next_hops: r.next_hops.clone(),
+                cost: r.cost,
+            })
+            .collect(),
+    }
+}
+
+fn health_name(health: MeshHealth) -> &'static str {
+    match health {
         MeshHealth::Healthy => "HEALTHY",
         MeshHealth::Degraded => "DEGRADED",
         MeshHealth::Critical => "CRITICAL",
         MeshHealth::Unspecified => "?",
-    };
+    }
+}
+
+fn state_name(state: MemberState) -> &'static str {
+    match state {
+        MemberState::Alive => "alive",
+        MemberState::Suspect => "suspect",
+        MemberState::Dead => "dead",
+        MemberState::Unspecified => "?",
+    }
+}
+
+fn print_status(status: &MeshStatus) {
+    let health = health_name(status.health());
     println!(
         "mesh {} {:?} ({}), node {}: {health}, {}/{} members online",
         if status.mesh_id.is_empty() {
@@ -192,12 +288,7 @@ fn print_status(status: &MeshStatus) {
         println!("  authority {}", status.mesh_authority);
     }
     for m in &status.members {
-        let state = match m.state() {
-            MemberState::Alive => "alive",
-            MemberState::Suspect => "suspect",
-            MemberState::Dead => "dead",
-            MemberState::Unspecified => "?",
-        };
+        let state = state_name(m.state());
         println!(
             "  node {:>6}  {state:<7}  gen {:<4} inc {:<4} {}  {:<12} {}",
             m.node_id,

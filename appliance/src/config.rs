@@ -74,6 +74,12 @@ pub struct Config {
     /// Client data streams.
     #[serde(default)]
     pub streams: StreamsSection,
+    /// The metrics port (Prometheus).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// The platform supervisor.
+    #[serde(default)]
+    pub supervisor: SupervisorConfig,
     /// Threads and rings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -357,6 +363,38 @@ impl Default for StreamsSection {
     }
 }
 
+/// `[metrics]`: the metrics port (Prometheus text at `/metrics`). Off unless `listen` is set.
+/// It has no authentication, as Prometheus expects: bind it to loopback or a management
+/// network.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `IP:port` to serve on; empty: no metrics port.
+    pub listen: String,
+}
+
+/// `[supervisor]`: the reDB supervisor meshd registers with and sends heartbeats to.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Register with the supervisor (off: a standalone node).
+    pub enabled: bool,
+    /// Its gRPC address (`host:port` or `http://host:port`).
+    pub address: String,
+    /// Time between heartbeats.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            address: "localhost:50000".into(),
+            heartbeat_ms: 5000,
+        }
+    }
+}
+
 /// `[runtime]`: threads and rings.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -482,6 +520,8 @@ pub struct Resolved {
     pub peers: Vec<SocketAddr>,
     /// Parsed `grpc.listen`.
     pub grpc_listen: SocketAddr,
+    /// The metrics port's address, if one is configured.
+    pub metrics_listen: Option<SocketAddr>,
     /// PEM certificate chain and key for the api's TLS.
     pub grpc_tls: Option<(Vec<u8>, Vec<u8>)>,
     /// The api's bearer token.
@@ -498,6 +538,7 @@ impl std::fmt::Debug for Resolved {
             .field("listen", &self.listen)
             .field("peers", &self.peers)
             .field("grpc_listen", &self.grpc_listen)
+            .field("metrics_listen", &self.metrics_listen)
             .field("grpc_tls", &self.grpc_tls.as_ref().map(|_| "<redacted>"))
             .field(
                 "grpc_token",

@@ -11,6 +11,8 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod metrics;
 pub mod node;
 pub mod storage;
 pub mod streams;
+pub mod topology;

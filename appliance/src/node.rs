@@ -23,6 +23,7 @@ use meshd_shards::{
 use rand::RngCore;
 
 use crate::{
+    api::supervisor::SupervisorLink,
     api::{ApiSetup, ApiThread},
     config::{Config, Resolved},
     control::{
@@ -161,6 +162,17 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             resolved.grpc_listen
         )
     })?;
+    let metrics_listener = match resolved.metrics_listen {
+        Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen for metrics on {addr}; fix: free the port or change metrics.listen")
+        })?),
+        None => None,
+    };
+    let grpc_addr = grpc_listener.local_addr()?.to_string();
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => listener.local_addr()?.to_string(),
+        None => "none".to_owned(),
+    };
     let generation = db
         .next_generation()
         .context("reading the identity generation")?;
@@ -284,6 +296,29 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     let api = ApiThread::start(ApiSetup {
         node_id: identity.node_id,
         listener: grpc_listener,
+        metrics_listener,
+        supervisor: config.supervisor.enabled.then(|| SupervisorLink {
+            address: config.supervisor.address.clone(),
+            heartbeat: Duration::from_millis(config.supervisor.heartbeat_ms),
+            info: meshd_proto::supervisor::ServiceInfo {
+                name: "mesh".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                node_id: identity.node_id,
+                grpc_address: grpc_addr.clone(),
+                metrics_address: if metrics_addr == "none" {
+                    String::new()
+                } else {
+                    metrics_addr.clone()
+                },
+                capabilities: vec![
+                    "links".into(),
+                    "routing".into(),
+                    "membership".into(),
+                    "consensus".into(),
+                    "streams".into(),
+                ],
+            },
+        }),
         shards: shard_inputs,
         congestion: shards.congestion(),
         congestion_wait: Duration::from_millis(
@@ -311,8 +346,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         .map_or_else(|| "none".to_owned(), |a| a.to_string());
     // One machine-readable line: scripts and the test harness wait for it.
     println!(
-        "meshd ready node_id={} grpc={} listen={} shards={} mesh_id={}",
-        identity.node_id, api.local_addr, listen, resolved.n_shards, mesh_id
+        "meshd ready node_id={} grpc={} listen={} shards={} mesh_id={} metrics={}",
+        identity.node_id, api.local_addr, listen, resolved.n_shards, mesh_id, metrics_addr
     );
     let _ = std::io::stdout().flush();
     tracing::info!(node_id = identity.node_id, grpc = %api.local_addr, %listen, "meshd running");

@@ -3,6 +3,7 @@
 //! - [`mesh`]: `redbco.redbopen.mesh.v1`, the services reDB's `core` already calls (field
 //!   numbers fixed by that client).
 //! - [`link`]: `meshd.v1`, the payloads of meshd's own link frames (layout in `FRAMES.md`).
+//! - [`supervisor`]: `redbco.redbopen.supervisor.v1`, the platform supervisor's services.
 #![allow(
     missing_docs,
     unreachable_pub,
@@ -20,6 +21,12 @@ pub mod mesh {
 /// `meshd.v1`: messages carried in link frames between meshd processes.
 pub mod link {
     tonic::include_proto!("meshd.v1");
+}
+
+/// `redbco.redbopen.supervisor.v1`: what the platform's supervisor asks of meshd
+/// (ServiceControllerService) and what meshd tells it (SupervisorService).
+pub mod supervisor {
+    tonic::include_proto!("redbco.redbopen.supervisor.v1");
 }
 
 /// Encoded `FileDescriptorSet` of every schema here, for gRPC server reflection.

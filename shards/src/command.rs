@@ -69,6 +69,11 @@ pub enum ShardInput {
         /// Where to answer.
         reply: oneshot::Sender<Vec<SessionSnapshot>>,
     },
+    /// Report this shard's counters since it started (metrics).
+    Figures {
+        /// Where to answer.
+        reply: oneshot::Sender<ShardFigures>,
+    },
     /// Remember a peer's public key (trust on first use, from the control database).
     PinKey {
         /// The peer.
@@ -324,4 +329,13 @@ impl ApiLanes {
             _ => &self.verdicts,
         }
     }
+}
+
+/// A shard's counters since it started.
+#[derive(Clone, Debug, Default)]
+pub struct ShardFigures {
+    /// Frames dropped, by reason.
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    /// Frames whose next hop went down between routing and sending, routed again.
+    pub reroutes: u64,
 }

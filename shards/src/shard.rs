@@ -289,6 +289,8 @@ pub(crate) struct Shard {
     /// cannot take `max_pending_handshakes` on each shard.
     handshakes: Arc<AtomicUsize>,
     drops: RefCell<BTreeMap<&'static str, u64>>,
+    /// Frames routed again because their next hop went down on the way.
+    reroutes: std::cell::Cell<u64>,
     stopping: Cell<bool>,
     fib: RefCell<Arc<Fib>>,
     /// This thread's copy of the pair keys (`config.key_book`).
@@ -543,6 +545,7 @@ impl Shard {
                 .map_err(outbox_error),
             // The next hop went down after the other shard chose it: re-route once more.
             None if forwarded.reroutes_left > 0 => {
+                self.reroutes.set(self.reroutes.get() + 1);
                 Box::pin(self.route(
                     forwarded.header,
                     forwarded.payload,
@@ -617,6 +620,7 @@ async fn shard_main(
         next_conn_id: Cell::new(1),
         handshakes,
         drops: RefCell::new(BTreeMap::new()),
+        reroutes: std::cell::Cell::new(0),
         stopping: Cell::new(false),
         fib: RefCell::new(Arc::new(Fib::empty())),
         keys: RefCell::new(KeyCache::default()),
@@ -756,6 +760,12 @@ async fn shard_main(
                     })
                     .collect();
                 let _ = reply.send(snapshots);
+            }
+            ShardInput::Figures { reply } => {
+                let _ = reply.send(crate::command::ShardFigures {
+                    drops: shard.drops.borrow().clone(),
+                    reroutes: shard.reroutes.get(),
+                });
             }
             ShardInput::PinKey { peer, public_key } => {
                 shard.pinned.borrow_mut().insert(peer, public_key);

@@ -236,6 +236,8 @@ pub struct Node {
     pub grpc: SocketAddr,
     /// Bound link address (None behind NAT).
     pub listen: Option<SocketAddr>,
+    /// Bound metrics address (when the node's config sets `[metrics] listen`).
+    pub metrics: Option<SocketAddr>,
     child: Option<Child>,
     peers: Vec<SocketAddr>,
     mesh_secret: [u8; 32],
@@ -327,6 +329,7 @@ impl Cluster {
             data_dir,
             grpc: SocketAddr::new(grpc_ip, 0),
             listen: spec.listens.then(|| SocketAddr::new(listen_ip, 0)),
+            metrics: None,
             child: None,
             peers,
             spec,
@@ -480,6 +483,13 @@ impl Node {
                 && addr != "none"
             {
                 self.listen = Some(addr.parse()?);
+            }
+            if let Some(addr) = field.strip_prefix("metrics=") {
+                self.metrics = if addr == "none" {
+                    None
+                } else {
+                    Some(addr.parse()?)
+                };
             }
         }
         self.child = Some(child);

@@ -14,9 +14,11 @@ mod data;
 mod desk;
 mod known;
 mod mesh;
+mod metrics;
 mod recent;
 mod reports;
 mod streams;
+pub mod supervisor;
 pub mod tenant;
 pub mod tracker;
 mod updates;
@@ -338,6 +340,10 @@ pub struct ApiSetup {
     pub node_id: u64,
     /// Bound gRPC listener (bound before the thread starts, so errors surface at start-up).
     pub listener: std::net::TcpListener,
+    /// Bound metrics listener, when a metrics port is configured.
+    pub metrics_listener: Option<std::net::TcpListener>,
+    /// The supervisor to register with, when `[supervisor] enabled`.
+    pub supervisor: Option<supervisor::SupervisorLink>,
     /// Every shard's ring.
     pub shards: Arc<[ShardHandle]>,
     /// The shards' parked bytes per destination.
@@ -450,6 +456,14 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         streams: setup.streams,
     });
     let events = setup.events;
+    if let Some(listener) = setup.metrics_listener {
+        tokio::spawn(metrics::serve(Arc::clone(&state), listener));
+    }
+    let supervisor_stop = setup.supervisor.map(|link| {
+        let (stop, stopped) = oneshot::channel();
+        tokio::spawn(supervisor::run_link(Arc::clone(&state), link, stopped));
+        stop
+    });
     let (tls, token) = (setup.tls, setup.token);
     let verdicts = setup.verdicts;
     let setup_generation = setup.generation;
@@ -567,6 +581,11 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         .add_service(control)
         .add_service(mesh_service)
         .add_service(updates)
+        .add_service(
+            meshd_proto::supervisor::service_controller_service_server::ServiceControllerServiceServer::new(
+                supervisor::Controller::new(Arc::clone(&state)),
+            ),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.await;
             shutdown_state.end_streams();
@@ -593,6 +612,13 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
             tracing::warn!(
                 "gRPC calls still open {SHUTDOWN_GRACE:?} after shut-down began; cutting them"
             );
+        }
+    }
+    // The supervisor hears that this node goes (bounded: it may be away).
+    if let Some(stop) = supervisor_stop {
+        let (done, unregistered) = oneshot::channel();
+        if stop.send(done).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(4), unregistered).await;
         }
     }
     pump.abort();

@@ -107,6 +107,11 @@ impl Config {
             ));
         }
         let grpc_listen = parse_addr("grpc.listen", &self.grpc.listen)?;
+        let metrics_listen = if self.metrics.listen.is_empty() {
+            None
+        } else {
+            Some(parse_addr("metrics.listen", &self.metrics.listen)?)
+        };
         let (grpc_tls, grpc_token) = self.grpc_security(grpc_listen)?;
         if self.grpc.subscriber_queue == 0 {
             return Err(invalid(
@@ -296,6 +301,16 @@ impl Config {
                 "use 256 and 20",
             ));
         }
+        if self.supervisor.enabled
+            && (self.supervisor.address.trim().is_empty()
+                || !(100..=600_000).contains(&self.supervisor.heartbeat_ms))
+        {
+            return Err(invalid(
+                "supervisor.address",
+                "an enabled supervisor needs an address and heartbeat_ms in 100..=600000",
+                "use address = \"localhost:50000\" and heartbeat_ms = 5000",
+            ));
+        }
         let consensus = &self.consensus;
         if consensus.max_voters == 0
             || consensus.max_voters > 9
@@ -370,6 +385,7 @@ impl Config {
             listen,
             peers,
             grpc_listen,
+            metrics_listen,
             grpc_tls,
             grpc_token,
             n_shards,

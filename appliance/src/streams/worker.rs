@@ -88,6 +88,8 @@ pub(super) struct WorkerSetup {
 struct Waiting {
     first: Seq,
     last: Seq,
+    /// When the batch arrived (its answer's latency).
+    since: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<Published, Status>>,
 }
@@ -407,7 +409,12 @@ impl Worker {
         let result = if batch.is_empty() {
             Ok(())
         } else {
-            store::commit(&self.db, &batch, now_ms())
+            let started = Instant::now();
+            let result = store::commit(&self.db, &batch, now_ms());
+            crate::metrics::RECORDED
+                .stream_commit_latency
+                .observe(started.elapsed().as_secs_f64());
+            result
         };
         let done = std::mem::take(&mut self.done);
         if let Err(e) = result {

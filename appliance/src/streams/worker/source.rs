@@ -2,6 +2,7 @@
 //! within credit, answering producers, releasing and forgetting finished streams.
 
 use super::*;
+use crate::metrics::RECORDED;
 
 impl Worker {
     pub(super) fn open(
@@ -177,8 +178,9 @@ impl Worker {
                     bytes.extend_from_slice(&sealed.nonce);
                     bytes.extend_from_slice(&sealed.ciphertext);
                     self.batch.outbox.push((stream, seq, bytes));
+                    RECORDED.stream_published.inc();
                 }
-                Ok(Publish::Duplicate(_)) => {}
+                Ok(Publish::Duplicate(_)) => RECORDED.stream_duplicate_publishes.inc(),
                 Err(e) => {
                     tracing::error!(error = %e, "a checked publish was refused");
                     return Err((reply, Status::internal(e.to_string())));
@@ -195,6 +197,7 @@ impl Worker {
         s.waiting.push(Waiting {
             first,
             last: first + n - 1,
+            since: Instant::now(),
             deadline: Instant::now() + timeout,
             reply,
         });
@@ -268,6 +271,9 @@ impl Worker {
                 let w = &s.waiting[i];
                 if w.last <= acked {
                     let w = s.waiting.swap_remove(i);
+                    RECORDED
+                        .stream_ack_latency
+                        .observe(w.since.elapsed().as_secs_f64());
                     let _ = w.reply.send(Ok(Published {
                         first: w.first,
                         last: w.last,

@@ -2,6 +2,7 @@
 //! in-order storing), subscribers (attachment, deliveries, acknowledgements) and reports.
 
 use super::*;
+use crate::metrics::RECORDED;
 
 impl Worker {
     /// Gives stream `id` to the first subscriber whose selection covers it.
@@ -62,6 +63,7 @@ impl Worker {
                     s.unacked_bytes = s.unacked_bytes.saturating_sub(freed);
                 }
                 self.batch.processed.push((stream, from, seq));
+                RECORDED.stream_processed.inc_by(seq + 1 - from);
                 t.record.low = seq;
                 t.dirty = true;
                 self.done.push(Done::Processed(stream, seq));
@@ -191,6 +193,9 @@ impl Worker {
         }
         let seq = header.seq;
         if !t.inbox.wants(seq) {
+            if seq < t.inbox.next_expected() {
+                RECORDED.stream_duplicate_arrivals.inc();
+            }
             // A duplicate (the source learns where the inbox stands) or past the credit.
             let _ = t.inbox.on_data(seq, Vec::new());
             return;
@@ -362,6 +367,7 @@ impl Worker {
                 Ok(()) => {
                     t.unacked.push_back((seq, len));
                     sub.1.unacked_bytes += len;
+                    RECORDED.stream_delivered.inc();
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     t.inbox.undeliver(seq);
