@@ -164,7 +164,9 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     })?;
     let metrics_listener = match resolved.metrics_listen {
         Some(addr) => Some(std::net::TcpListener::bind(addr).with_context(|| {
-            format!("cannot listen for metrics on {addr}; fix: free the port or change metrics.listen")
+            format!(
+                "cannot listen for metrics on {addr}; fix: free the port or change metrics.listen"
+            )
         })?),
         None => None,
     };

@@ -1,6 +1,7 @@
 //! The mesh drawn for an operator (`meshd mesh topology`): as text, as Graphviz DOT, or as a
 //! self-contained SVG (members on a circle, links as edges labelled with their RTT and loss).
 //! Pure: the command fills a [`Topology`] from the node's rpcs and prints what this renders.
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 
@@ -98,7 +99,11 @@ impl Topology {
                 m.node,
                 m.state,
                 if m.linked { "linked" } else { "" },
-                if m.node == self.local { "(this node)" } else { "" }
+                if m.node == self.local {
+                    "(this node)"
+                } else {
+                    ""
+                }
             );
         }
         let _ = writeln!(out, "links:");
@@ -261,7 +266,14 @@ mod tests {
     fn dot_names_every_member_and_edge() {
         let dot = sample().to_dot();
         assert!(dot.starts_with("graph mesh {"));
-        for needle in ["n1 [", "n2 [", "n3 [", "n1 -- n2", "1.20 ms, 0.01 % loss", "#feb2b2"] {
+        for needle in [
+            "n1 [",
+            "n2 [",
+            "n3 [",
+            "n1 -- n2",
+            "1.20 ms, 0.01 % loss",
+            "#feb2b2",
+        ] {
             assert!(dot.contains(needle), "{needle} in {dot}");
         }
         assert!(!dot.contains("n2 -- n1"));
@@ -270,7 +282,9 @@ mod tests {
     #[test]
     fn svg_draws_every_member_and_edge() {
         let svg = sample().to_svg();
-        for needle in ["vertex-1", "vertex-2", "vertex-3", "edge-1-2", "<svg", "</svg>"] {
+        for needle in [
+            "vertex-1", "vertex-2", "vertex-3", "edge-1-2", "<svg", "</svg>",
+        ] {
             assert!(svg.contains(needle), "{needle}");
         }
         assert!(!svg.contains("edge-1-3"));

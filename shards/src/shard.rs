@@ -290,7 +290,7 @@ pub(crate) struct Shard {
     handshakes: Arc<AtomicUsize>,
     drops: RefCell<BTreeMap<&'static str, u64>>,
     /// Frames routed again because their next hop went down on the way.
-    reroutes: std::cell::Cell<u64>,
+    reroutes: Cell<u64>,
     stopping: Cell<bool>,
     fib: RefCell<Arc<Fib>>,
     /// This thread's copy of the pair keys (`config.key_book`).
@@ -620,7 +620,7 @@ async fn shard_main(
         next_conn_id: Cell::new(1),
         handshakes,
         drops: RefCell::new(BTreeMap::new()),
-        reroutes: std::cell::Cell::new(0),
+        reroutes: Cell::new(0),
         stopping: Cell::new(false),
         fib: RefCell::new(Arc::new(Fib::empty())),
         keys: RefCell::new(KeyCache::default()),

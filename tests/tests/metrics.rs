@@ -16,19 +16,20 @@ use meshd_tests::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn with_metrics(mut spec: NodeSpec) -> NodeSpec {
-    spec.extra.push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+    spec.extra
+        .push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
     spec
 }
 
 /// One HTTP GET (test-side client: the status line and the body).
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await??;
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await??;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: meshd\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: meshd\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await??;
@@ -94,29 +95,44 @@ fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
 async fn a_scrape_shows_members_links_raft_and_streams_and_follows_a_link_going_down()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
+    let mut first = with_metrics(serving(NodeSpec::listener(1)));
+    // A control group to report on: node 1 bootstraps it, the others join as they come.
+    first.extra.push_str("\n[consensus]\nbootstrap = true\n");
     let mut cluster = Cluster::start(vec![
-        with_metrics(serving(NodeSpec::listener(1))),
+        first,
         with_metrics(serving(NodeSpec::listener(2).dialing(vec![0]))),
         with_metrics(serving(NodeSpec::behind_nat(3, vec![1]))),
     ])?;
     cluster.node(0).wait_for_routes(&[2, 3], SETTLE).await?;
     cluster.node(2).wait_for_routes(&[1], SETTLE).await?;
-    let m1 = cluster.node(0).metrics.context("node 1 has a metrics port")?;
-    let m3 = cluster.node(2).metrics.context("node 3 has a metrics port")?;
+    let m1 = cluster
+        .node(0)
+        .metrics
+        .context("node 1 has a metrics port")?;
+    let m3 = cluster
+        .node(2)
+        .metrics
+        .context("node 3 has a metrics port")?;
 
-    let samples = scrape_until(m1, "three alive members, a link to node 2, a control group", |s| {
-        value(s, "meshd_members{state=\"alive\"}") == 3.0
-            && value(s, "meshd_links") == 1.0
-            && value(s, "meshd_raft_voters") >= 1.0
-            && value(s, "meshd_raft_term") >= 1.0
-    })
+    let samples = scrape_until(
+        m1,
+        "three alive members, a link to node 2, a control group",
+        |s| {
+            value(s, "meshd_members{state=\"alive\"}") == 3.0
+                && value(s, "meshd_links") == 1.0
+                && value(s, "meshd_raft_voters") >= 1.0
+                && value(s, "meshd_raft_term") >= 1.0
+        },
+    )
     .await?;
     assert!(value(&samples, "meshd_link_rtt_seconds{peer=\"2\"}") >= 0.0);
     assert!(value(&samples, "meshd_link_sent_bytes_total{peer=\"2\"}") > 0.0);
     assert_eq!(value(&samples, "meshd_routes"), 2.0);
     assert_eq!(value(&samples, "meshd_mesh_health"), 1.0, "healthy");
     assert!(
-        samples.keys().any(|k| k.starts_with("meshd_lsdb_link_rtt_seconds{from=\"1\",to=\"2\"}")),
+        samples
+            .keys()
+            .any(|k| k.starts_with("meshd_lsdb_link_rtt_seconds{from=\"1\",to=\"2\"}")),
         "the link-state database's links"
     );
     println!("node 1 scrape: {} samples", samples.len());
@@ -124,7 +140,12 @@ async fn a_scrape_shows_members_links_raft_and_streams_and_follows_a_link_going_
     // Stream traffic: 200 messages from node 1 to node 3 (through node 2).
     let stream = open(cluster.node(0), &[3], 0).await?;
     let seen: Arc<Mutex<Seen>> = Arc::default();
-    let sub = subscriber(cluster.node(2).api(), 256, Arc::clone(&seen), Duration::ZERO);
+    let sub = subscriber(
+        cluster.node(2).api(),
+        256,
+        Arc::clone(&seen),
+        Duration::ZERO,
+    );
     let acked = Arc::new(Mutex::new(BTreeMap::new()));
     publish_all(cluster.node(0).api(), stream.clone(), (1, 200), 50, acked).await?;
     wait_complete(&seen, &stream, 200, SETTLE, "node 3").await?;
@@ -196,7 +217,11 @@ fn render(url: &str) -> anyhow::Result<String> {
 }
 
 /// Renders `url` until `want` holds of the DOM.
-async fn render_until(url: &str, what: &str, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+async fn render_until(
+    url: &str,
+    what: &str,
+    want: impl Fn(&str) -> bool,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let url = url.to_owned();
@@ -221,16 +246,24 @@ async fn the_status_page_renders_every_member_in_a_browser_and_follows_a_link_go
         with_metrics(NodeSpec::behind_nat(3, vec![1])),
     ])?;
     cluster.node(0).wait_for_routes(&[2, 3], SETTLE).await?;
-    let url = format!("http://{}/", cluster.node(0).metrics.context("metrics port")?);
+    let url = format!(
+        "http://{}/",
+        cluster.node(0).metrics.context("metrics port")?
+    );
     let started = Instant::now();
     let dom = render_until(&url, "every member and both links", |dom| {
-        ["member-1", "member-2", "member-3", "vertex-3", "edge-1-2", "edge-2-3", "route-3"]
-            .iter()
-            .all(|id| dom.contains(&format!("id=\"{id}\"")))
+        [
+            "member-1", "member-2", "member-3", "vertex-3", "edge-1-2", "edge-2-3", "route-3",
+        ]
+        .iter()
+        .all(|id| dom.contains(&format!("id=\"{id}\"")))
     })
     .await?;
     assert!(dom.contains("data-state=\"alive\""));
-    println!("page rendered with the whole mesh in {:?}", started.elapsed());
+    println!(
+        "page rendered with the whole mesh in {:?}",
+        started.elapsed()
+    );
 
     // The operator's command draws the same mesh.
     let grpc = cluster.node(0).grpc.to_string();
@@ -258,13 +291,20 @@ async fn the_status_page_renders_every_member_in_a_browser_and_follows_a_link_go
     // Node 3's only link goes: the page drops the edge and shows node 3 no longer alive.
     cluster.node_mut(2).kill();
     let went = Instant::now();
-    render_until(&url, "the link to node 3 gone and node 3 not alive", |dom| {
-        !dom.contains("id=\"edge-2-3\"")
-            && dom.contains("id=\"member-3\"")
-            && !dom.contains("id=\"member-3\" data-state=\"alive\"")
-            && dom.contains("id=\"edge-1-2\"")
-    })
+    render_until(
+        &url,
+        "the link to node 3 gone and node 3 not alive",
+        |dom| {
+            !dom.contains("id=\"edge-2-3\"")
+                && dom.contains("id=\"member-3\"")
+                && !dom.contains("id=\"member-3\" data-state=\"alive\"")
+                && dom.contains("id=\"edge-1-2\"")
+        },
+    )
     .await?;
-    println!("the page followed the link going down within {:?}", went.elapsed());
+    println!(
+        "the page followed the link going down within {:?}",
+        went.elapsed()
+    );
     Ok(())
 }

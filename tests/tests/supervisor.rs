@@ -52,7 +52,11 @@ impl SupervisorService for FakeSupervisor {
         &self,
         request: Request<SendHeartbeatRequest>,
     ) -> Result<Response<SendHeartbeatResponse>, Status> {
-        self.heard.lock().unwrap().heartbeats.push(request.into_inner());
+        self.heard
+            .lock()
+            .unwrap()
+            .heartbeats
+            .push(request.into_inner());
         Ok(Response::new(SendHeartbeatResponse { acknowledged: true }))
     }
 
@@ -60,12 +64,20 @@ impl SupervisorService for FakeSupervisor {
         &self,
         request: Request<UnregisterServiceRequest>,
     ) -> Result<Response<UnregisterServiceResponse>, Status> {
-        self.heard.lock().unwrap().unregistered.push(request.into_inner());
+        self.heard
+            .lock()
+            .unwrap()
+            .unregistered
+            .push(request.into_inner());
         Ok(Response::new(UnregisterServiceResponse { success: true }))
     }
 }
 
-async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+async fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
     let start = Instant::now();
     while !done() {
         if start.elapsed() > limit {
@@ -77,7 +89,8 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() -> anyhow::Result<()> {
+async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() -> anyhow::Result<()>
+{
     let _serial = exclusive().await;
     // A port for the supervisor, free now and not listening while the node starts.
     let address: SocketAddr = {
@@ -85,8 +98,10 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
         probe.local_addr()?
     };
     let with_supervisor = |mut spec: NodeSpec| {
+        // Node 1 bootstraps the control group that Configure writes through.
         spec.extra.push_str(&format!(
-            "\n[supervisor]\nenabled = true\naddress = \"{address}\"\nheartbeat_ms = 300\n"
+            "\n[supervisor]\nenabled = true\naddress = \"{address}\"\nheartbeat_ms = 300\n\
+             [consensus]\nbootstrap = true\n"
         ));
         spec
     };
@@ -94,10 +109,16 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
         with_supervisor(NodeSpec::listener(1)),
         NodeSpec::listener(2).dialing(vec![0]),
     ])?;
-    cluster.node(0).wait_for_routes(&[2], Duration::from_secs(15)).await?;
+    cluster
+        .node(0)
+        .wait_for_routes(&[2], Duration::from_secs(15))
+        .await?;
     // The supervisor is away: the node runs on.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(cluster.node_mut(0).is_running(), "the node runs without its supervisor");
+    assert!(
+        cluster.node_mut(0).is_running(),
+        "the node runs without its supervisor"
+    );
 
     let fake = FakeSupervisor::default();
     let heard = Arc::clone(&fake.heard);
@@ -114,7 +135,10 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
     println!("registered {:?} after the supervisor came up", up.elapsed());
     {
         let heard = heard.lock().unwrap();
-        let service = heard.registered[0].service.as_ref().context("service info")?;
+        let service = heard.registered[0]
+            .service
+            .as_ref()
+            .context("service info")?;
         assert_eq!(service.node_id, 1);
         assert_eq!(service.name, "mesh");
         assert_eq!(service.grpc_address, cluster.node(0).grpc.to_string());
@@ -135,19 +159,39 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
     }
 
     // GetHealth on the node's own port.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", cluster.node(0).grpc))?
-        .connect()
-        .await?;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", cluster.node(0).grpc))?
+            .connect()
+            .await?;
     let mut controller = ServiceControllerServiceClient::new(channel);
-    let health = controller.get_health(GetHealthRequest {}).await?.into_inner();
+    let started = Instant::now();
+    let health = loop {
+        let health = controller
+            .get_health(GetHealthRequest {})
+            .await?
+            .into_inner();
+        let consensus_ok = health
+            .components
+            .iter()
+            .any(|c| c.name == "consensus" && c.status == HealthStatus::Healthy as i32);
+        if consensus_ok || started.elapsed() > Duration::from_secs(15) {
+            break health;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     println!("health: {:?}", health.components);
+    assert_eq!(health.status, HealthStatus::Healthy as i32, "{health:?}");
     assert_eq!(health.components.len(), 5);
     let membership = health
         .components
         .iter()
         .find(|c| c.name == "membership")
         .context("membership")?;
-    assert_eq!(membership.status, HealthStatus::Healthy as i32, "{membership:?}");
+    assert_eq!(
+        membership.status,
+        HealthStatus::Healthy as i32,
+        "{membership:?}"
+    );
 
     // Configure: a valid live setting is applied through the control group, a bad one refused.
     let answer = controller
@@ -161,19 +205,27 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
         })
         .await?
         .into_inner();
-    assert_eq!(answer.applied, vec!["routing.k_paths".to_owned()], "{answer:?}");
+    assert_eq!(
+        answer.applied,
+        vec!["routing.k_paths".to_owned()],
+        "{answer:?}"
+    );
     assert_eq!(answer.refused.len(), 1, "{answer:?}");
     assert!(!answer.success);
 
     // Node 2 goes: the heartbeats report it.
     cluster.node_mut(1).kill();
-    wait_until("a heartbeat saying the mesh degraded", Duration::from_secs(20), || {
-        heard.lock().unwrap().heartbeats.last().is_some_and(|b| {
-            b.components
-                .iter()
-                .any(|c| c.name == "membership" && c.status != HealthStatus::Healthy as i32)
-        })
-    })
+    wait_until(
+        "a heartbeat saying the mesh degraded",
+        Duration::from_secs(20),
+        || {
+            heard.lock().unwrap().heartbeats.last().is_some_and(|b| {
+                b.components
+                    .iter()
+                    .any(|c| c.name == "membership" && c.status != HealthStatus::Healthy as i32)
+            })
+        },
+    )
     .await?;
 
     // Stop: the node leaves and unregisters.

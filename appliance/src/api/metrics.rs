@@ -84,8 +84,10 @@ async fn status_json(State(state): State<Arc<ApiState>>) -> Response {
     };
     let status = super::mesh::mesh_status(&mesh, &routing);
     let group = state.consensus.state();
-    let health = meshd_proto::link::MeshHealth::try_from(status.health)
-        .map_or_else(|_| "none".to_owned(), |h| short(h.as_str_name(), "MESH_HEALTH_"));
+    let health = meshd_proto::link::MeshHealth::try_from(status.health).map_or_else(
+        |_| "none".to_owned(),
+        |h| short(h.as_str_name(), "MESH_HEALTH_"),
+    );
     let body = serde_json::json!({
         "node_id": status.local_node_id,
         "mesh_id": status.mesh_id,
@@ -126,11 +128,16 @@ async fn status_json(State(state): State<Arc<ApiState>>) -> Response {
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
     match tokio::time::timeout(SCRAPE_DEADLINE, gather(&state)).await {
         Ok(Ok(text)) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             text,
         )
             .into_response(),
-        Ok(Err(status)) => (StatusCode::SERVICE_UNAVAILABLE, status.message().to_owned()).into_response(),
+        Ok(Err(status)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, status.message().to_owned()).into_response()
+        }
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("the node did not answer within {SCRAPE_DEADLINE:?}"),
@@ -188,7 +195,9 @@ impl Scrape {
 
 /// The lower-case name of a proto enum value without its prefix (`MEMBER_STATE_ALIVE` → `alive`).
 fn short(name: &str, prefix: &str) -> String {
-    name.strip_prefix(prefix).unwrap_or(name).to_ascii_lowercase()
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
 }
 
 async fn gather(state: &ApiState) -> Result<String, Status> {
@@ -227,8 +236,10 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
             .map(|s| (s.to_owned(), 0))
             .collect();
         for member in &status.members {
-            let state = MemberState::try_from(member.state)
-                .map_or_else(|_| "unknown".to_owned(), |s| short(s.as_str_name(), "MEMBER_STATE_"));
+            let state = MemberState::try_from(member.state).map_or_else(
+                |_| "unknown".to_owned(),
+                |s| short(s.as_str_name(), "MEMBER_STATE_"),
+            );
             *by_state.entry(state).or_insert(0) += 1;
         }
         for (state, n) in by_state {
@@ -264,7 +275,8 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
             let labels = [link.from_node.to_string(), link.to_node.to_string()];
             let labels = [labels[0].as_str(), labels[1].as_str()];
             rtt.with_label_values(&labels).set(link.rtt_us as f64 / 1e6);
-            loss.with_label_values(&labels).set(f64::from(link.loss_ppm) / 1e6);
+            loss.with_label_values(&labels)
+                .set(f64::from(link.loss_ppm) / 1e6);
             utilisation
                 .with_label_values(&labels)
                 .set(f64::from(link.utilisation_ppm) / 1e6);
@@ -292,7 +304,11 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
         if shard.push(ShardInput::Sessions { reply }).await.is_err() {
             return Err(Status::unavailable("the node is shutting down"));
         }
-        sessions.extend(answer.await.map_err(|_| Status::unavailable("a shard stopped"))?);
+        sessions.extend(
+            answer
+                .await
+                .map_err(|_| Status::unavailable("a shard stopped"))?,
+        );
         let (reply, answer) = futures::channel::oneshot::channel();
         if shard.push(ShardInput::Figures { reply }).await.is_err() {
             return Err(Status::unavailable("the node is shutting down"));
@@ -335,12 +351,14 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
             received
                 .with_label_values(&[&peer])
                 .inc_by(s.bytes_received);
-            dropped
-                .with_label_values(&[&peer])
-                .inc_by(s.frames_dropped);
+            dropped.with_label_values(&[&peer]).inc_by(s.frames_dropped);
         }
     }
-    scrape.int("meshd_links", "Links up on this node.", sessions.len() as i64);
+    scrape.int(
+        "meshd_links",
+        "Links up on this node.",
+        sessions.len() as i64,
+    );
     if let Some(drops) = scrape.counts(
         "meshd_frames_dropped_total",
         "Frames the shards dropped since start, by reason.",
@@ -358,7 +376,11 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
 
     // The mesh control group.
     let group = state.consensus.state();
-    scrape.int("meshd_raft_term", "The control group's current term here.", group.term as i64);
+    scrape.int(
+        "meshd_raft_term",
+        "The control group's current term here.",
+        group.term as i64,
+    );
     scrape.int(
         "meshd_raft_leader",
         "1 if this node leads the control group.",
@@ -390,7 +412,8 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
         &["node"],
     ) {
         for (node, behind) in &group.lag {
-            lag.with_label_values(&[&node.to_string()]).set(*behind as i64);
+            lag.with_label_values(&[&node.to_string()])
+                .set(*behind as i64);
         }
     }
 
@@ -408,7 +431,11 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
         streams as i64,
     );
     if let (Some(term), Some(leader), Some(retries)) = (
-        scrape.ints("meshd_stream_group_term", "Each data stream group's term here.", &["group"]),
+        scrape.ints(
+            "meshd_stream_group_term",
+            "Each data stream group's term here.",
+            &["group"],
+        ),
         scrape.ints(
             "meshd_stream_group_leader",
             "1 if this node leads the data stream group.",
@@ -426,7 +453,9 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
             leader
                 .with_label_values(&[&id])
                 .set(i64::from(g.role == "leader"));
-            retries.with_label_values(&[&id]).set(g.write_retries as i64);
+            retries
+                .with_label_values(&[&id])
+                .set(g.write_retries as i64);
         }
     }
 

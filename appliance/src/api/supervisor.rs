@@ -16,6 +16,7 @@ use meshd_proto::{
         supervisor_service_client::SupervisorServiceClient,
     },
 };
+use redb::ReadableDatabase as _;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
@@ -100,9 +101,10 @@ pub(super) async fn health(state: &ApiState) -> GetHealthResponse {
             }
             let (membership, why) = match MeshHealth::try_from(status.health) {
                 Ok(MeshHealth::Healthy) => (HealthStatus::Healthy, "every member reachable"),
-                Ok(MeshHealth::Degraded) => {
-                    (HealthStatus::Degraded, "some members unreachable (DEGRADED)")
-                }
+                Ok(MeshHealth::Degraded) => (
+                    HealthStatus::Degraded,
+                    "some members unreachable (DEGRADED)",
+                ),
                 Ok(MeshHealth::Critical) => (
                     HealthStatus::Unhealthy,
                     "half or more of the members unreachable (CRITICAL): evict the dead",
@@ -111,7 +113,11 @@ pub(super) async fn health(state: &ApiState) -> GetHealthResponse {
             };
             add("membership", membership, why.into());
         }
-        Ok(Err(status)) => add("membership", HealthStatus::Unhealthy, status.message().into()),
+        Ok(Err(status)) => add(
+            "membership",
+            HealthStatus::Unhealthy,
+            status.message().into(),
+        ),
         Err(_) => add(
             "membership",
             HealthStatus::Unhealthy,
@@ -178,7 +184,10 @@ pub(super) async fn health(state: &ApiState) -> GetHealthResponse {
 
 #[tonic::async_trait]
 impl ServiceControllerService for Controller {
-    async fn start(&self, _request: Request<StartRequest>) -> Result<Response<StartResponse>, Status> {
+    async fn start(
+        &self,
+        _request: Request<StartRequest>,
+    ) -> Result<Response<StartResponse>, Status> {
         let (reply, answer) = oneshot::channel();
         self.state
             .control
@@ -372,11 +381,15 @@ pub(super) async fn run_link(
                     Ok(Ok(answer)) if answer.get_ref().acknowledged => {}
                     Ok(Ok(_)) => {
                         // The supervisor forgot us (it restarted): register again.
-                        tracing::info!("the supervisor did not know this registration; registering again");
+                        tracing::info!(
+                            "the supervisor did not know this registration; registering again"
+                        );
                         service_id = None;
                     }
                     Ok(Err(e)) if e.code() == tonic::Code::NotFound => service_id = None,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "heartbeat not delivered; next one in its time"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "heartbeat not delivered; next one in its time")
+                    }
                     Err(_) => tracing::debug!("heartbeat not answered in time"),
                 }
             }
@@ -393,8 +406,14 @@ fn heartbeat_metrics(state: &ApiState) -> std::collections::HashMap<String, i64>
     let recorded = &crate::metrics::RECORDED;
     let groups = state.streams.groups.status();
     let mut out = BTreeMap::new();
-    out.insert("stream_published_total", recorded.stream_published.get() as i64);
-    out.insert("stream_delivered_total", recorded.stream_delivered.get() as i64);
+    out.insert(
+        "stream_published_total",
+        recorded.stream_published.get() as i64,
+    );
+    out.insert(
+        "stream_delivered_total",
+        recorded.stream_delivered.get() as i64,
+    );
     out.insert("stream_groups", groups.len() as i64);
     out.insert("raft_term", state.consensus.state().term as i64);
     out.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
