@@ -265,6 +265,7 @@ pub(crate) async fn run_meshd(args: &StreamArgs) -> anyhow::Result<StreamReport>
                 targets: targets.clone(),
                 quorum: 0,
                 ack_on_source: false,
+                priority: 0,
             })
             .await?
             .into_inner()

@@ -70,6 +70,7 @@ async fn open_with(
             targets: targets.to_vec(),
             quorum,
             ack_on_source,
+            priority: 0,
         })
         .await?
         .into_inner()

@@ -486,8 +486,14 @@ async fn stream_rpcs_refuse_bad_arguments_clearly() -> anyhow::Result<()> {
         targets,
         quorum,
         ack_on_source: false,
+        priority: 0,
+    };
+    let too_high = OpenClientDataStreamRequest {
+        priority: 8,
+        ..open_with(TENANT, vec![2], 0)
     };
     for (request, code, why) in [
+        (too_high, tonic::Code::InvalidArgument, "priority over 7"),
         (
             open_with(TENANT, vec![], 0),
             tonic::Code::InvalidArgument,
@@ -531,6 +537,14 @@ async fn stream_rpcs_refuse_bad_arguments_clearly() -> anyhow::Result<()> {
         assert_eq!(status.code(), code, "{why}: {}", status.message());
         println!("open, {why}: {:?} {}", status.code(), status.message());
     }
+    let handle = client
+        .open_client_data_stream(OpenClientDataStreamRequest {
+            priority: 7,
+            ..open_with(TENANT, vec![2], 0)
+        })
+        .await?
+        .into_inner();
+    assert_eq!(handle.priority, 7, "the handle carries the priority");
     let status = client
         .close_client_data_stream(CloseClientDataStreamRequest {
             stream_id: Bytes::from_static(&[7; 16]),

@@ -17,8 +17,8 @@ use tonic::{Response, Status, Streaming, codegen::BoxStream};
 
 use super::{ApiState, tenant::MAX_TENANT_LEN};
 use crate::streams::{
-    DEFAULT_WINDOW, MAX_BATCH, MAX_SELECTED, MAX_WINDOW, OpenRequest, Published, WorkerInput,
-    id_bytes, parse_id,
+    DEFAULT_WINDOW, MAX_BATCH, MAX_PRIORITY, MAX_SELECTED, MAX_WINDOW, OpenRequest, Published,
+    WorkerInput, id_bytes, parse_id,
 };
 
 /// Publish batches of one call waiting for their answers at once.
@@ -73,6 +73,12 @@ pub(crate) async fn open(
     Completion::from_quorum(request.quorum)
         .check(targets.len())
         .map_err(|e| Status::invalid_argument(format!("quorum: {e}")))?;
+    if request.priority > u32::from(MAX_PRIORITY) {
+        return Err(Status::invalid_argument(format!(
+            "priority: 0..={MAX_PRIORITY}, not {}",
+            request.priority
+        )));
+    }
     for &target in &targets {
         if !state.is_known(target).await? {
             return Err(Status::not_found(format!(
@@ -92,6 +98,7 @@ pub(crate) async fn open(
                 targets: targets.clone(),
                 quorum: request.quorum,
                 ack_on_source: request.ack_on_source,
+                priority: request.priority as u8,
             },
             reply,
         })
@@ -102,6 +109,7 @@ pub(crate) async fn open(
         tenant: request.tenant,
         targets,
         quorum: request.quorum,
+        priority: request.priority,
     }))
 }
 

@@ -78,7 +78,12 @@ pub struct OpenRequest {
     pub quorum: u32,
     /// Answer publishes on the source's fsync alone.
     pub ack_on_source: bool,
+    /// 0..=[`MAX_PRIORITY`], higher first.
+    pub priority: u8,
 }
+
+/// The highest stream priority.
+pub const MAX_PRIORITY: u8 = 7;
 
 /// What the api asks a worker.
 #[derive(Debug)]

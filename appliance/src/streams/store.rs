@@ -49,6 +49,8 @@ pub struct StreamRecord {
     pub low: u64,
     /// Closed at this seq (source: by its producer; target: as the source said).
     pub closed: Option<u64>,
+    /// 0..=7, higher first: sent (source) and delivered (target) before lower ones.
+    pub priority: u8,
 }
 
 /// The writes of one turn, committed together.
@@ -249,6 +251,7 @@ mod tests {
             high: 0,
             low: 0,
             closed: None,
+            priority: 0,
         }
     }
 

@@ -19,6 +19,7 @@ use meshd_shards::{
     streams::{
         Completion, MAX_TARGETS, Report, Seq,
         chunk::{self, Piece, Reassembler, ReassemblyLimits},
+        priority_order, sort_by_priority,
         source::{AckPolicy, Publish, Source, SourceConfig},
         target::{AckError, Arrival, Inbox, InboxConfig},
     },
@@ -176,6 +177,14 @@ pub(super) struct Worker {
     /// Bytes held out of order (approximate: a forgotten stream's are not given back until
     /// the next reload, which errs on the side of holding less).
     held_bytes: usize,
+    /// Sources and targets by priority, highest first (rebuilt when `order_dirty`).
+    source_order: Vec<(u8, u128)>,
+    target_order: Vec<(u8, u128)>,
+    order_dirty: bool,
+    /// Turns taken (equal priorities take turns leading).
+    turns: usize,
+    /// The order of this turn (kept to reuse its allocation).
+    scratch: Vec<u128>,
 }
 
 impl Worker {
@@ -200,6 +209,11 @@ impl Worker {
             started: Instant::now(),
             more: false,
             held_bytes: 0,
+            source_order: Vec::new(),
+            target_order: Vec::new(),
+            order_dirty: true,
+            turns: 0,
+            scratch: Vec::new(),
         };
         worker.load()?;
         Ok(worker)
@@ -225,6 +239,7 @@ impl Worker {
     fn load(&mut self) -> Result<(), store::StoreError> {
         self.sources.clear();
         self.targets.clear();
+        self.order_dirty = true;
         self.unsent.clear();
         self.held_bytes = 0;
         for sub in self.subs.values_mut() {
@@ -316,6 +331,25 @@ impl Worker {
         }
     }
 
+    /// Rebuilds the priority orders after streams came or went.
+    fn refresh_order(&mut self) {
+        if !std::mem::take(&mut self.order_dirty) {
+            return;
+        }
+        self.source_order = self
+            .sources
+            .iter()
+            .map(|(id, s)| (s.record.priority, *id))
+            .collect();
+        sort_by_priority(&mut self.source_order);
+        self.target_order = self
+            .targets
+            .iter()
+            .map(|(id, t)| (t.record.priority, *id))
+            .collect();
+        sort_by_priority(&mut self.target_order);
+    }
+
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -382,6 +416,7 @@ impl Worker {
     }
 
     fn turn(&mut self) {
+        self.turns = self.turns.wrapping_add(1);
         self.commit();
         let now = self.now();
         self.flush_unsent();

@@ -30,6 +30,31 @@ pub type Seq = u64;
 /// Most targets one stream may have.
 pub const MAX_TARGETS: usize = 16;
 
+/// The order a worker's turn serves its streams in: higher priority first (strict), and within
+/// one priority each stream leads in its turn, so equals share what a turn can take.
+/// `by_priority` is sorted by priority, highest first (see [`sort_by_priority`]); `turn`
+/// counts the caller's turns; the ids go to `out` (cleared first).
+pub fn priority_order(by_priority: &[(u8, u128)], turn: usize, out: &mut Vec<u128>) {
+    out.clear();
+    let mut start = 0;
+    while start < by_priority.len() {
+        let priority = by_priority[start].0;
+        let n = by_priority[start..]
+            .iter()
+            .take_while(|(p, _)| *p == priority)
+            .count();
+        for k in 0..n {
+            out.push(by_priority[start + (turn + k) % n].1);
+        }
+        start += n;
+    }
+}
+
+/// Sorts (priority, stream) pairs as [`priority_order`] needs them.
+pub fn sort_by_priority(streams: &mut [(u8, u128)]) {
+    streams.sort_unstable_by_key(|&(priority, id)| (core::cmp::Reverse(priority), id));
+}
+
 /// When a message counts as committed (processed by the group).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Completion {
@@ -127,5 +152,26 @@ mod tests {
         assert!(Completion::All.check(0).is_err());
         assert!(Completion::All.check(MAX_TARGETS + 1).is_err());
         assert!(Completion::Quorum(2).check(3).is_ok());
+    }
+
+    #[test]
+    fn higher_priorities_go_first_and_equals_take_turns_leading() {
+        let mut streams = vec![(0, 10), (7, 20), (0, 11), (7, 21), (3, 30), (0, 12)];
+        sort_by_priority(&mut streams);
+        let mut out = Vec::new();
+        priority_order(&streams, 0, &mut out);
+        assert_eq!(out, vec![20, 21, 30, 10, 11, 12]);
+        priority_order(&streams, 1, &mut out);
+        assert_eq!(out, vec![21, 20, 30, 11, 12, 10]);
+        // Over as many turns as there are equals, each of them leads once.
+        let leaders: std::collections::BTreeSet<u128> = (0..3)
+            .map(|turn| {
+                priority_order(&streams, turn, &mut out);
+                out[3]
+            })
+            .collect();
+        assert_eq!(leaders.len(), 3);
+        priority_order(&[], 5, &mut out);
+        assert!(out.is_empty());
     }
 }

@@ -47,6 +47,7 @@ impl Worker {
             high: 0,
             low: 0,
             closed: None,
+            priority: request.priority,
         };
         self.groups.propose(
             group,
@@ -58,6 +59,7 @@ impl Worker {
                 },
             ],
         );
+        self.order_dirty = true;
         self.sources.insert(
             request.id,
             SourceStream {
@@ -247,18 +249,24 @@ impl Worker {
         let mut finished = Vec::new();
         let instant = Instant::now();
         let can_send = self.unsent.is_empty();
+        self.refresh_order();
         let groups = &self.groups;
-        for (id, s) in &mut self.sources {
+        let mut order = std::mem::take(&mut self.scratch);
+        priority_order(&self.source_order, self.turns, &mut order);
+        for &id in &order {
+            let Some(s) = self.sources.get_mut(&id) else {
+                continue;
+            };
             s.core.handle_timeout(now);
             while let Some(node) = s.core.poll_open(now) {
-                opens.push((node, *id));
+                opens.push((node, id));
             }
             if can_send {
                 while sends.len() < TURN_SENDS {
                     let Some((node, seq)) = s.core.poll_transmit(now) else {
                         break;
                     };
-                    sends.push((node, *id, seq));
+                    sends.push((node, id, seq));
                 }
                 if sends.len() >= TURN_SENDS {
                     self.more = true;
@@ -299,24 +307,26 @@ impl Worker {
             }
             // An outbox row goes once every target processed it by its report and by what
             // the group committed of its offsets.
-            let by_group = groups.processed_by_all(s.group, *id, &s.record.targets);
+            let by_group = groups.processed_by_all(s.group, id, &s.record.targets);
             let releasable = s.core.releasable().min(by_group);
             if releasable > s.record.low {
-                self.batch.released.push((*id, releasable));
+                self.batch.released.push((id, releasable));
                 s.record.low = releasable;
                 s.dirty = true;
-                self.done.push(Done::Released(*id, releasable));
+                self.done.push(Done::Released(id, releasable));
             }
             if s.core.is_finished() && s.waiting.is_empty() {
-                finished.push(*id);
+                finished.push(id);
             }
         }
+        self.scratch = order;
         for (node, id) in opens {
             let s = &self.sources[&id];
             let open = StreamOpen {
                 tenant: s.record.tenant.clone(),
                 targets: s.record.targets.clone(),
                 quorum: s.record.quorum,
+                priority: u32::from(s.record.priority),
                 ..StreamOpen::default()
             };
             self.send_control(node, FrameType::StreamOpen, id, open.encode_to_vec());
@@ -325,6 +335,7 @@ impl Worker {
             let Some(s) = self.sources.remove(&id) else {
                 continue;
             };
+            self.order_dirty = true;
             let open = StreamOpen {
                 closed: true,
                 last: s.core.last(),

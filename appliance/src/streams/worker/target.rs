@@ -168,7 +168,10 @@ impl Worker {
             high: 0,
             low: 0,
             closed: None,
+            // An impossible priority from a peer is clamped, not trusted.
+            priority: open.priority.min(u32::from(super::super::MAX_PRIORITY)) as u8,
         };
+        self.order_dirty = true;
         self.targets.insert(
             id,
             TargetStream {
@@ -268,25 +271,32 @@ impl Worker {
         let mut deliveries: Vec<(u128, Seq)> = Vec::new();
         let mut reports = Vec::new();
         let mut finished = Vec::new();
-        for (id, t) in &mut self.targets {
+        self.refresh_order();
+        let mut order = std::mem::take(&mut self.scratch);
+        priority_order(&self.target_order, self.turns, &mut order);
+        for &id in &order {
+            let Some(t) = self.targets.get_mut(&id) else {
+                continue;
+            };
             if t.sub.is_some() {
                 while deliveries.len() < TURN_DELIVERIES {
                     let Some(seq) = t.inbox.poll_deliver() else {
                         break;
                     };
-                    deliveries.push((*id, seq));
+                    deliveries.push((id, seq));
                 }
                 if deliveries.len() >= TURN_DELIVERIES {
                     self.more = true;
                 }
             }
             if let Some(report) = t.inbox.poll_report(now) {
-                reports.push((t.record.source, *id, report));
+                reports.push((t.record.source, id, report));
             }
             if t.inbox.is_finished() {
-                finished.push(*id);
+                finished.push(id);
             }
         }
+        self.scratch = order;
         for (source, id, report) in reports {
             let report = StreamReport {
                 received: report.received,
@@ -297,6 +307,7 @@ impl Worker {
             self.send_control(source, FrameType::StreamReport, id, report.encode_to_vec());
         }
         for id in finished {
+            self.order_dirty = true;
             if let Some(t) = self.targets.remove(&id)
                 && let Some(s) = t.sub.and_then(|sub| self.subs.get_mut(&sub))
             {
