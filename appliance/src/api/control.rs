@@ -172,16 +172,12 @@ impl MeshControl for ControlService {
         &self,
         _request: Request<GetSessionsRequest>,
     ) -> Result<Response<GetSessionsResponse>, Status> {
-        let mut sessions = Vec::new();
-        for shard in self.state.shards.iter() {
-            let (reply, answer) = futures::channel::oneshot::channel();
-            if shard.push(ShardInput::Sessions { reply }).await.is_err() {
-                return Err(Status::unavailable("the node is shutting down"));
-            }
-            let snapshots = answer
-                .await
-                .map_err(|_| Status::unavailable("a shard stopped while answering"))?;
-            sessions.extend(snapshots.into_iter().map(|s| SessionInfo {
+        let mut sessions: Vec<SessionInfo> = self
+            .state
+            .sessions()
+            .await?
+            .into_iter()
+            .map(|s| SessionInfo {
                 peer_node_id: s.peer,
                 remote_addr: s.remote_addr.to_string(),
                 state: match s.role {
@@ -194,8 +190,8 @@ impl MeshControl for ControlService {
                 frames_sent: s.frames_sent,
                 frames_received: s.frames_received,
                 is_tls: true,
-            }));
-        }
+            })
+            .collect();
         sessions.sort_by_key(|s| s.peer_node_id);
         Ok(Response::new(GetSessionsResponse { sessions }))
     }

@@ -297,18 +297,9 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
     );
 
     // This node's own links and drops, from every shard.
-    let mut sessions = Vec::new();
+    let sessions = state.sessions().await?;
     let mut figures = ShardFigures::default();
     for shard in state.shards.iter() {
-        let (reply, answer) = futures::channel::oneshot::channel();
-        if shard.push(ShardInput::Sessions { reply }).await.is_err() {
-            return Err(Status::unavailable("the node is shutting down"));
-        }
-        sessions.extend(
-            answer
-                .await
-                .map_err(|_| Status::unavailable("a shard stopped"))?,
-        );
         let (reply, answer) = futures::channel::oneshot::channel();
         if shard.push(ShardInput::Figures { reply }).await.is_err() {
             return Err(Status::unavailable("the node is shutting down"));

@@ -274,6 +274,25 @@ impl ApiState {
             .map_err(|_| Status::unavailable("the node is shutting down"))
     }
 
+    /// Every link of this node as its shard sees it (each shard asked in turn).
+    pub(crate) async fn sessions(
+        &self,
+    ) -> Result<Vec<meshd_shards::stats::SessionSnapshot>, Status> {
+        let mut sessions = Vec::new();
+        for shard in self.shards.iter() {
+            let (reply, answer) = futures::channel::oneshot::channel();
+            if shard.push(ShardInput::Sessions { reply }).await.is_err() {
+                return Err(Status::unavailable("the node is shutting down"));
+            }
+            sessions.extend(
+                answer
+                    .await
+                    .map_err(|_| Status::unavailable("a shard stopped while answering"))?,
+            );
+        }
+        Ok(sessions)
+    }
+
     /// The current routing view of the control thread.
     pub(crate) async fn routing(&self) -> Result<Arc<RoutingSnapshot>, Status> {
         let (reply, answer) = oneshot::channel();

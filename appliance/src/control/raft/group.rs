@@ -231,19 +231,38 @@ impl ConsensusThread {
 }
 
 fn openraft_config(settings: &RaftSettings, max_body: usize) -> anyhow::Result<Arc<Config>> {
-    let heartbeat = settings.heartbeat.as_millis() as u64;
-    let election = settings.election_timeout.as_millis() as u64;
+    raft_config(
+        "meshd-control",
+        settings.heartbeat,
+        settings.election_timeout,
+        (settings.snapshot_every, settings.keep_behind_snapshot),
+        max_body,
+    )
+}
+
+/// openraft's settings for a group whose RPCs travel in mesh frames of at most `max_body`
+/// bytes: elections after `election`..2×`election` of silence, a snapshot every
+/// `snapshot.0` applied entries keeping `snapshot.1` behind it (shared by the control group and
+/// the data stream groups).
+pub(crate) fn raft_config(
+    name: &str,
+    heartbeat: Duration,
+    election: Duration,
+    snapshot: (u64, u64),
+    max_body: usize,
+) -> anyhow::Result<Arc<Config>> {
+    let election = election.as_millis() as u64;
     let config = Config {
-        cluster_name: "meshd-control".into(),
-        heartbeat_interval: heartbeat,
+        cluster_name: name.into(),
+        heartbeat_interval: heartbeat.as_millis() as u64,
         election_timeout_min: election,
         election_timeout_max: election * 2,
         install_snapshot_timeout: 5000,
         // Entries are at most a frame each; 64 of them stay well under a frame's worth in the
         // common case, and an oversized batch is split (PayloadTooLarge).
         max_payload_entries: 64,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
-        max_in_snapshot_log_to_keep: settings.keep_behind_snapshot,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot.0),
+        max_in_snapshot_log_to_keep: snapshot.1,
         snapshot_max_chunk_size: (max_body as u64 / 2).max(1024),
         ..Default::default()
     };

@@ -48,15 +48,18 @@ const REMOVED_LEFT: u8 = 2;
 type Result<T> = std::result::Result<T, StorageError<u64>>;
 type Membership = StoredMembership<u64, openraft::EmptyNode>;
 
-fn any(error: impl std::fmt::Display) -> AnyError {
+/// A storage error from anything printable (shared with the data stream groups' store).
+pub(crate) fn any(error: impl std::fmt::Display) -> AnyError {
     AnyError::error(error.to_string())
 }
 
-fn encode<T: Serialize>(value: &T) -> std::result::Result<Vec<u8>, AnyError> {
+/// postcard, as every stored value is.
+pub(crate) fn encode<T: Serialize>(value: &T) -> std::result::Result<Vec<u8>, AnyError> {
     postcard::to_allocvec(value).map_err(any)
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, AnyError> {
+/// The inverse of [`encode`].
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, AnyError> {
     postcard::from_bytes(bytes).map_err(any)
 }
 

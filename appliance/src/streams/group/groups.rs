@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use openraft::{Config, Raft, ServerState, SnapshotPolicy, error::RaftError};
+use openraft::{Config, Raft, ServerState, error::RaftError};
 use redb::Database;
 use tokio::sync::oneshot;
 
@@ -233,23 +233,15 @@ impl GroupsThread {
 }
 
 fn group_config(settings: &GroupSettings, max_body: usize) -> anyhow::Result<Arc<Config>> {
-    let heartbeat = settings.heartbeat.as_millis() as u64;
-    let election = settings.election_timeout.as_millis() as u64;
-    let config = Config {
-        cluster_name: "meshd-stream-group".into(),
-        heartbeat_interval: heartbeat,
-        election_timeout_min: election,
-        election_timeout_max: election * 2,
-        install_snapshot_timeout: 5000,
-        max_payload_entries: 64,
-        // The state is small (metadata and one mark per target and stream): snapshots are
-        // cheap, and a short log keeps the database small.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
-        max_in_snapshot_log_to_keep: 200,
-        snapshot_max_chunk_size: (max_body as u64 / 2).max(1024),
-        ..Default::default()
-    };
-    Ok(Arc::new(config.validate()?))
+    // The state is small (metadata and one mark per target and stream): snapshots are cheap,
+    // and a short log keeps the database small.
+    crate::control::raft::group::raft_config(
+        "meshd-stream-group",
+        settings.heartbeat,
+        settings.election_timeout,
+        (1000, 200),
+        max_body,
+    )
 }
 
 impl Inner {

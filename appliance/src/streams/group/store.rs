@@ -30,6 +30,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{GroupReply, GroupState, GroupTypes};
+use crate::control::raft::store::{any, decode, encode};
 
 const GROUP_LOG: TableDefinition<'_, (u64, u64), &[u8]> = TableDefinition::new("group_log");
 const GROUP_META: TableDefinition<'_, (u64, &str), &[u8]> = TableDefinition::new("group_meta");
@@ -38,18 +39,6 @@ const GROUP_SETS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("group_
 
 type Result<T> = std::result::Result<T, StorageError<u64>>;
 type Membership = StoredMembership<u64, openraft::EmptyNode>;
-
-fn any(error: impl std::fmt::Display) -> AnyError {
-    AnyError::error(error.to_string())
-}
-
-fn encode<T: Serialize>(value: &T) -> std::result::Result<Vec<u8>, AnyError> {
-    postcard::to_allocvec(value).map_err(any)
-}
-
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> std::result::Result<T, AnyError> {
-    postcard::from_bytes(bytes).map_err(any)
-}
 
 /// Creates the tables (idempotent).
 pub fn create_tables(db: &Database) -> std::result::Result<(), AnyError> {
