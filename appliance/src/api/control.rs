@@ -24,7 +24,7 @@ use meshd_proto::{
         mesh_control_server::MeshControl,
     },
 };
-use meshd_shards::{command::ShardInput, handshake::Role};
+use meshd_shards::handshake::Role;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, codegen::BoxStream};
 
