@@ -21,6 +21,7 @@ use std::{
 use openraft::{Config, Raft, ServerState, error::RaftError};
 use redb::Database;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::{
     GroupCommand, GroupState, GroupTypes, MAX_OPS, Op, StreamEntry, group_id, participant_set,
@@ -470,7 +471,12 @@ impl StreamGroups {
                 writer: local,
                 ops: all,
             };
-            if let Err(e) = self.write(group, &raft, command).await {
+            let span = tracing::debug_span!(
+                "group_write",
+                group = %format_args!("{group:016x}"),
+                ops = command.ops.len()
+            );
+            if let Err(e) = self.write(group, &raft, command).instrument(span).await {
                 tracing::debug!(group, error = %e, "stream group write failed; retrying");
                 // Every fact is idempotent (an open or a forget again, an epoch of the same
                 // incarnation, a mark that only moves forward): writing it twice is harmless.
@@ -536,6 +542,14 @@ impl StreamGroups {
     /// the group is not running here, `from` is not in it, or the request is malformed or
     /// claims another sender (dropped: the caller times out and retries).
     pub async fn serve(&self, from: u64, group: u64, kind: u32, body: Vec<u8>) -> Option<Vec<u8>> {
+        let span =
+            tracing::trace_span!("group_rpc", group = %format_args!("{group:016x}"), from, kind);
+        self.serve_rpc(from, group, kind, body)
+            .instrument(span)
+            .await
+    }
+
+    async fn serve_rpc(&self, from: u64, group: u64, kind: u32, body: Vec<u8>) -> Option<Vec<u8>> {
         let (raft, participants) = {
             let slots = self.inner.lock();
             let slot = slots.get(&group)?;

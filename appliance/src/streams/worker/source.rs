@@ -82,6 +82,13 @@ impl Worker {
         messages: Vec<Bytes>,
         reply: oneshot::Sender<Result<Published, Status>>,
     ) -> Result<(), (oneshot::Sender<Result<Published, Status>>, Status)> {
+        let _span = tracing::debug_span!(
+            "stream_publish",
+            stream = %format_args!("{stream:032x}"),
+            first_seq = first_seq.unwrap_or(0),
+            messages = messages.len()
+        )
+        .entered();
         let max_message = self.config.max_message_bytes;
         let timeout = Duration::from_millis(self.config.publish_timeout_ms);
         let Some(s) = self.sources.get_mut(&stream) else {
@@ -207,6 +214,14 @@ impl Worker {
     }
 
     pub(super) fn on_report(&mut self, src: u64, id: u128, report: &StreamReport) {
+        let _span = tracing::debug_span!(
+            "stream_report",
+            stream = %format_args!("{id:032x}"),
+            target = src,
+            received = report.received,
+            processed = report.processed
+        )
+        .entered();
         let now = self.now();
         let Some(s) = self.sources.get_mut(&id) else {
             if !self.targets.contains_key(&id) {

@@ -41,6 +41,9 @@ impl Worker {
     }
 
     pub(super) fn ack(&mut self, sub: u64, stream: u128, seq: Seq) {
+        let _span =
+            tracing::debug_span!("stream_ack", stream = %format_args!("{stream:032x}"), seq)
+                .entered();
         let Some(t) = self.targets.get_mut(&stream) else {
             return;
         };
@@ -81,6 +84,12 @@ impl Worker {
     }
 
     pub(super) fn on_open(&mut self, src: u64, id: u128, open: StreamOpen) {
+        let _span = tracing::debug_span!(
+            "stream_open",
+            stream = %format_args!("{id:032x}"),
+            source = src
+        )
+        .entered();
         if let Some(t) = self.targets.get_mut(&id) {
             if t.record.source != src {
                 return;
@@ -188,6 +197,14 @@ impl Worker {
 
     pub(super) fn on_data(&mut self, header: &Header, payload: &[u8]) {
         let id = header.stream_id;
+        // A message's id is (stream, seq).
+        let _span = tracing::trace_span!(
+            "stream_data",
+            stream = %format_args!("{id:032x}"),
+            seq = header.seq,
+            chunk = header.chunk_seq
+        )
+        .entered();
         let Some(t) = self.targets.get_mut(&id) else {
             return;
         };
