@@ -322,8 +322,13 @@ impl Worker {
             }
             // An outbox row goes once every target processed it by its report and by what
             // the group committed of its offsets.
-            let by_group = groups.processed_by_all(s.group, id, &s.record.targets);
-            let releasable = s.core.releasable().min(by_group);
+            // The group is asked (two short locks) only when the reports allow a release.
+            let by_reports = s.core.releasable();
+            let releasable = if by_reports > s.record.low {
+                by_reports.min(groups.processed_by_all(s.group, id, &s.record.targets))
+            } else {
+                by_reports
+            };
             if releasable > s.record.low {
                 self.batch.released.push((id, releasable));
                 s.record.low = releasable;
