@@ -154,10 +154,14 @@ impl Worker {
         };
         let mut nodes = open.targets.clone();
         nodes.push(src);
-        let (group, refusal) = match (refusal, self.groups.ensure(&nodes)) {
-            (Some(refused), _) => (0, Some(refused)),
-            (None, Ok(group)) => (group, None),
-            (None, Err(e)) => (0, Some(e.to_string())),
+        // A group is started only for a stream this node accepts: a refused open must not
+        // take one of the `streams.max_groups` slots.
+        let (group, refusal) = match refusal {
+            Some(refused) => (0, Some(refused)),
+            None => match self.groups.ensure(&nodes) {
+                Ok(group) => (group, None),
+                Err(e) => (0, Some(e.to_string())),
+            },
         };
         if let Some(refused) = refusal {
             let report = StreamReport {
