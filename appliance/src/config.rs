@@ -80,6 +80,9 @@ pub struct Config {
     /// The platform supervisor.
     #[serde(default)]
     pub supervisor: SupervisorConfig,
+    /// Where streams, state and the platform tables are kept.
+    #[serde(default)]
+    pub storage: StorageConfig,
     /// Threads and rings.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -391,6 +394,56 @@ impl Default for SupervisorConfig {
             enabled: false,
             address: "localhost:50000".into(),
             heartbeat_ms: 5000,
+        }
+    }
+}
+
+/// `[storage] backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Embedded redb in the data directory (no external service).
+    Redb,
+    /// PostgreSQL at `url`.
+    Postgres,
+}
+
+/// `[storage]`: the backend streams, state and the platform tables live in. The Raft logs and
+/// the node's identity stay in redb in the data directory whatever the backend.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `"redb"` (default) or `"postgres"`.
+    pub backend: BackendChoice,
+    /// PostgreSQL connection URL (`postgres://user:password@host:port/db` or key=value
+    /// form); it may hold a password, so it is never printed (`MESHD_STORAGE__URL`).
+    #[serde(skip_serializing)]
+    pub url: Option<SecretText>,
+    /// PostgreSQL connections shared by the api side (each stream worker has its own).
+    pub pool_size: usize,
+    /// Limit on connecting to a backend.
+    pub connect_timeout_ms: u64,
+    /// Limit on one call (a query, a transaction's commit).
+    pub timeout_ms: u64,
+    /// Redis beside the backend (idempotency keys, credits, the hot set of node state and
+    /// routes): `redis://host:port/db`; absent: no Redis.
+    #[serde(skip_serializing)]
+    pub redis_url: Option<SecretText>,
+    /// How often the platform tables (node state, routing table, consensus commit point,
+    /// runtime config) are refreshed from live state.
+    pub sync_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendChoice::Redb,
+            url: None,
+            pool_size: 4,
+            connect_timeout_ms: 3000,
+            timeout_ms: 5000,
+            redis_url: None,
+            sync_ms: 1000,
         }
     }
 }

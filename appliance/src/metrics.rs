@@ -24,7 +24,7 @@ pub struct Recorded {
     pub stream_processed: IntCounter,
     /// From a batch's publish to its answer (durable per its policy), seconds.
     pub stream_ack_latency: Histogram,
-    /// One stream worker turn's redb commit (fsync), seconds.
+    /// One stream worker turn's commit to the storage backend (durable), seconds.
     pub stream_commit_latency: Histogram,
 }
 
@@ -85,7 +85,7 @@ pub static RECORDED: LazyLock<Recorded> = LazyLock::new(|| {
         stream_commit_latency: histogram(
             &registry,
             "meshd_storage_commit_latency_seconds",
-            "One stream worker turn's redb commit, fsync included.",
+            "One stream worker turn's commit to the storage backend (redb or PostgreSQL), durable when it returns.",
             latency,
         ),
         registry,

@@ -284,9 +284,20 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         raft_bootstrap: consensus_section.bootstrap,
         stream_groups: stream_groups.handle(),
     })?;
+    let stores = crate::backend::Stores::open(&crate::backend::BackendSetup {
+        owner: identity.node_id,
+        data_dir: config.data_dir.clone(),
+        config: config.storage.clone(),
+    })
+    .context("opening the storage backend")?;
+    tracing::info!(
+        backend = stores.primary.kind().name(),
+        redis = stores.redis.is_some(),
+        "storage ready"
+    );
     let streams = Streams::start(StreamsSetup {
         node_id: identity.node_id,
-        data_dir: config.data_dir.clone(),
+        store: Arc::clone(&stores.primary),
         config: config.streams.clone(),
         shards: Arc::clone(&shard_inputs),
         key_book: Arc::clone(&key_book),
@@ -341,6 +352,11 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         token: resolved.grpc_token.clone(),
         consensus: consensus.handle(),
         streams: Arc::clone(&streams),
+        stores,
+        platform: crate::api::platform::PlatformSync {
+            every: Duration::from_millis(config.storage.sync_ms),
+            runtime_config: runtime_config(&config),
+        },
     })?;
 
     let listen = shards
@@ -364,6 +380,19 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     watchdog.finished();
     tracing::info!("meshd stopped");
     Ok(())
+}
+
+/// The config in force by top-level key, for `mesh_runtime_config` (secrets are never
+/// serialized: see `config`).
+fn runtime_config(config: &Config) -> Vec<(String, serde_json::Value)> {
+    match serde_json::to_value(config) {
+        Ok(serde_json::Value::Object(map)) => map.into_iter().collect(),
+        Ok(_) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "the config could not be written out for the platform");
+            Vec::new()
+        }
+    }
 }
 
 fn weights([alpha, beta, gamma, delta, epsilon]: [f64; 5]) -> CostWeights {

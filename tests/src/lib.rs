@@ -6,6 +6,7 @@
 //! pins them in the config, so a restarted node comes back on the same ports.
 //! Used by the integration tests in `tests/tests/` and by `loadgen local`.
 
+pub mod dbs;
 pub mod netns;
 pub mod rogue;
 pub mod streams_support;

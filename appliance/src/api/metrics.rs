@@ -63,6 +63,19 @@ async fn page() -> Response {
 
 /// The mesh as this node sees it, for the status page (and scripts).
 async fn status_json(State(state): State<Arc<ApiState>>) -> Response {
+    match status_view(&state).await {
+        Ok(body) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+/// The status page's view: health, members, links, routes, Raft (also what the platform
+/// sync writes to `mesh_node_state` and `mesh_routing_table`).
+pub(super) async fn status_view(state: &ApiState) -> Result<serde_json::Value, String> {
     let view = tokio::time::timeout(SCRAPE_DEADLINE, async {
         let mesh = state.mesh().await?;
         let routing = state.routing().await?;
@@ -71,15 +84,11 @@ async fn status_json(State(state): State<Arc<ApiState>>) -> Response {
     .await;
     let (mesh, routing) = match view {
         Ok(Ok(view)) => view,
-        Ok(Err(status)) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, status.message().to_owned()).into_response();
-        }
+        Ok(Err(status)) => return Err(status.message().to_owned()),
         Err(_) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the node did not answer within {SCRAPE_DEADLINE:?}"),
-            )
-                .into_response();
+            return Err(format!(
+                "the node did not answer within {SCRAPE_DEADLINE:?}"
+            ));
         }
     };
     let status = super::mesh::mesh_status(&mesh, &routing);
@@ -88,7 +97,7 @@ async fn status_json(State(state): State<Arc<ApiState>>) -> Response {
         |_| "none".to_owned(),
         |h| short(h.as_str_name(), "MESH_HEALTH_"),
     );
-    let body = serde_json::json!({
+    Ok(serde_json::json!({
         "node_id": status.local_node_id,
         "mesh_id": status.mesh_id,
         "health": health,
@@ -115,14 +124,16 @@ async fn status_json(State(state): State<Arc<ApiState>>) -> Response {
             "term": group.term,
             "leader": group.leader,
             "applied_index": group.applied_index,
+            "commit_index": group.commit_index,
+            "last_log_index": group.last_log_index,
             "voters": group.voters,
         },
-    });
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+        "storage": state.stores.health().into_iter().map(|(backend, health)| serde_json::json!({
+            "backend": backend,
+            "healthy": health.is_ok(),
+            "error": health.err(),
+        })).collect::<Vec<_>>(),
+    }))
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
@@ -220,6 +231,16 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
             env!("CARGO_PKG_VERSION"),
         ])
         .set(1);
+    }
+    if let Some(up) = scrape.ints(
+        "meshd_storage_up",
+        "Whether the storage backend answered its last call (1) or failed (0).",
+        &["backend"],
+    ) {
+        for (backend, health) in state.stores.health() {
+            up.with_label_values(&[backend])
+                .set(i64::from(health.is_ok()));
+        }
     }
     scrape.int(
         "meshd_mesh_health",

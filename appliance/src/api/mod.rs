@@ -15,6 +15,7 @@ mod desk;
 mod known;
 mod mesh;
 mod metrics;
+pub mod platform;
 mod recent;
 mod reports;
 mod streams;
@@ -118,6 +119,8 @@ pub(crate) struct ApiState {
     pub(crate) consensus: crate::control::raft::group::Consensus,
     /// The stream workers.
     pub(crate) streams: Arc<crate::streams::Streams>,
+    /// The storage backends (health, platform tables).
+    pub(crate) stores: crate::backend::Stores,
 }
 
 impl ApiState {
@@ -400,6 +403,10 @@ pub struct ApiSetup {
     pub consensus: crate::control::raft::group::Consensus,
     /// The stream workers.
     pub streams: Arc<crate::streams::Streams>,
+    /// The storage backends.
+    pub stores: crate::backend::Stores,
+    /// The platform tables' refresh.
+    pub platform: platform::PlatformSync,
 }
 
 /// The running api thread.
@@ -473,6 +480,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         closing: AtomicBool::new(false),
         consensus: setup.consensus,
         streams: setup.streams,
+        stores: setup.stores,
     });
     let events = setup.events;
     if let Some(listener) = setup.metrics_listener {
@@ -483,6 +491,12 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         tokio::spawn(supervisor::run_link(Arc::clone(&state), link, stopped));
         stop
     });
+    let (platform_stop, platform_stopped) = oneshot::channel();
+    let platform = tokio::spawn(platform::run(
+        Arc::clone(&state),
+        setup.platform,
+        platform_stopped,
+    ));
     let (tls, token) = (setup.tls, setup.token);
     let verdicts = setup.verdicts;
     let setup_generation = setup.generation;
@@ -634,6 +648,8 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         }
     }
     // The supervisor hears that this node goes (bounded: it may be away).
+    let _ = platform_stop.send(());
+    let _ = platform.await;
     if let Some(stop) = supervisor_stop {
         let (done, unregistered) = oneshot::channel();
         if stop.send(done).is_ok() {

@@ -139,7 +139,7 @@ pub(super) async fn health(state: &ApiState) -> GetHealthResponse {
     } else {
         add("consensus", HealthStatus::Degraded, group.write_refusal);
     }
-    let storage = state
+    let control_db = state
         .consensus
         .db()
         .begin_read()
@@ -153,22 +153,42 @@ pub(super) async fn health(state: &ApiState) -> GetHealthResponse {
         .filter(|g| g.leader.is_none())
         .map(|g| format!("{:016x}", g.group))
         .collect();
-    match storage {
-        Err(e) => add(
+    let backends = state.stores.health();
+    let failing: Vec<String> = backends
+        .iter()
+        .filter_map(|(name, health)| health.as_ref().err().map(|e| format!("{name}: {e}")))
+        .collect();
+    let names: Vec<&str> = backends.iter().map(|(name, _)| *name).collect();
+    if let Err(e) = control_db {
+        add(
             "storage",
             HealthStatus::Unhealthy,
             format!("the control group's database cannot be read: {e}"),
-        ),
-        Ok(()) if !leaderless.is_empty() => add(
+        );
+    } else if !failing.is_empty() {
+        add(
+            "storage",
+            HealthStatus::Unhealthy,
+            format!(
+                "storage backend failing, streams refused until it answers: {}",
+                failing.join("; ")
+            ),
+        );
+    } else if !leaderless.is_empty() {
+        add(
             "storage",
             HealthStatus::Degraded,
             format!("data stream groups without a leader: {leaderless:?}"),
-        ),
-        Ok(()) => add(
+        );
+    } else {
+        add(
             "storage",
             HealthStatus::Healthy,
-            "redb readable; every data stream group has a leader".into(),
-        ),
+            format!(
+                "{} answering; every data stream group has a leader",
+                names.join(" and ")
+            ),
+        );
     }
     let worst = components
         .iter()

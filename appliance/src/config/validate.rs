@@ -311,6 +311,39 @@ impl Config {
                 "use address = \"localhost:50000\" and heartbeat_ms = 5000",
             ));
         }
+        let storage = &self.storage;
+        if storage.backend == super::BackendChoice::Postgres
+            && storage.url.as_ref().is_none_or(|u| u.0.trim().is_empty())
+        {
+            return Err(invalid(
+                "storage.url",
+                "backend = \"postgres\" needs a connection URL",
+                "set url = \"postgres://user:password@host:5432/meshd\" (or MESHD_STORAGE__URL)",
+            ));
+        }
+        if !(1..=64).contains(&storage.pool_size)
+            || !(100..=600_000).contains(&storage.connect_timeout_ms)
+            || !(100..=600_000).contains(&storage.timeout_ms)
+            || !(100..=3_600_000).contains(&storage.sync_ms)
+        {
+            return Err(invalid(
+                "storage.pool_size",
+                "pool_size must be in 1..=64, connect_timeout_ms and timeout_ms in 100..=600000, sync_ms in 100..=3600000",
+                "use 4, 3000, 5000 and 1000",
+            ));
+        }
+        if let Some(url) = storage.redis_url.as_ref().filter(|u| !u.0.is_empty())
+            && !(url.0.starts_with("redis://")
+                || url.0.starts_with("rediss://")
+                || url.0.starts_with("redis+unix://")
+                || url.0.starts_with("unix://"))
+        {
+            return Err(invalid(
+                "storage.redis_url",
+                "is not a redis:// URL",
+                "use redis_url = \"redis://127.0.0.1:6379/0\"",
+            ));
+        }
         let consensus = &self.consensus;
         if consensus.max_voters == 0
             || consensus.max_voters > 9

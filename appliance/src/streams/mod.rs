@@ -19,7 +19,6 @@ pub mod store;
 mod worker;
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -155,8 +154,8 @@ pub enum WorkerInput {
 pub struct StreamsSetup {
     /// This node.
     pub node_id: u64,
-    /// Where `streams-<i>.redb` live.
-    pub data_dir: PathBuf,
+    /// Where the workers keep their streams (redb files or PostgreSQL).
+    pub store: Arc<dyn crate::backend::MeshStore>,
     /// The `[streams]` section.
     pub config: StreamsSection,
     /// Every shard's ring.
@@ -190,9 +189,10 @@ impl Streams {
         let mut stops = Vec::new();
         let mut threads = Vec::new();
         for (index, frames) in setup.frames.into_iter().enumerate() {
-            let path = setup.data_dir.join(format!("streams-{index}.redb"));
-            let db = store::open(&path)
-                .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+            let db = setup
+                .store
+                .streams(index)
+                .map_err(|e| anyhow::anyhow!("opening stream worker {index}'s store: {e}"))?;
             let (tx, rx) = mpsc::channel(WORKER_QUEUE);
             let (stop_tx, stop_rx) = oneshot::channel();
             let worker = worker::Worker::new(worker::WorkerSetup {
@@ -204,7 +204,7 @@ impl Streams {
                 tenant_keys: Arc::clone(&setup.tenant_keys),
                 groups: setup.groups.clone(),
             })
-            .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
+            .map_err(|e| anyhow::anyhow!("loading stream worker {index}'s streams: {e}"))?;
             let thread = thread::Builder::new()
                 .name(format!("stream-{index}"))
                 .spawn(move || worker.run(rx, frames, stop_rx))?;

@@ -25,20 +25,20 @@ use meshd_shards::{
     },
 };
 use prost::Message as _;
-use redb::Database;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use super::{
     MAX_BATCH, MAX_WINDOW, OpenRequest, Published, WorkerInput,
     group::{Op, groups::StreamGroups},
-    store::{self, Batch, Queue, Role, StreamRecord},
+    store::{Batch, Queue, Role, StreamRecord},
 };
 use crate::{
     api::{
         SharedTenantKeys, append_tag,
         tenant::{MAX_TENANT_LEN, Sealed},
     },
+    backend::{BackendError, StreamStore},
     config::StreamsSection,
     storage::now_ms,
 };
@@ -72,6 +72,9 @@ const SUBSCRIBER_BYTES: usize = 256 << 20;
 /// dropped; the source sends them again after the gap).
 const HELD_BYTES: usize = 64 << 20;
 
+/// How long after a failed reload from the store the worker tries again.
+const RELOAD_RETRY: Duration = Duration::from_millis(250);
+
 /// Bytes of the sealed message's epoch and nonce before its ciphertext.
 const SEALED_HEAD: usize = 8 + 24;
 
@@ -79,7 +82,7 @@ const SEALED_HEAD: usize = 8 + 24;
 pub(super) struct WorkerSetup {
     pub node_id: u64,
     pub config: StreamsSection,
-    pub db: Database,
+    pub db: Box<dyn StreamStore>,
     pub shards: Arc<[ShardHandle]>,
     pub key_book: Arc<KeyBook>,
     pub tenant_keys: SharedTenantKeys,
@@ -158,7 +161,7 @@ fn message_key(stream: u128, seq: Seq) -> u64 {
 pub(super) struct Worker {
     node_id: u64,
     config: StreamsSection,
-    db: Database,
+    db: Box<dyn StreamStore>,
     shards: Arc<[ShardHandle]>,
     key_book: Arc<KeyBook>,
     keys: KeyCache,
@@ -185,10 +188,15 @@ pub(super) struct Worker {
     turns: usize,
     /// The order of this turn (kept to reuse its allocation).
     scratch: Vec<u128>,
+    /// The store failed and the streams are not loaded: when to try again, and why. Until
+    /// then the worker holds no stream state (what it had may be ahead of the store), refuses
+    /// opens, publishes and closes with UNAVAILABLE and drops stream frames (their senders
+    /// send them again).
+    unloaded: Option<(Instant, String)>,
 }
 
 impl Worker {
-    pub(super) fn new(setup: WorkerSetup) -> Result<Self, store::StoreError> {
+    pub(super) fn new(setup: WorkerSetup) -> Result<Self, BackendError> {
         let limits = reassembly_limits(&setup.config);
         let mut worker = Self {
             node_id: setup.node_id,
@@ -214,6 +222,7 @@ impl Worker {
             order_dirty: true,
             turns: 0,
             scratch: Vec::new(),
+            unloaded: None,
         };
         worker.load()?;
         Ok(worker)
@@ -235,8 +244,10 @@ impl Worker {
         }
     }
 
-    /// (Re)builds every stream from the database.
-    fn load(&mut self) -> Result<(), store::StoreError> {
+    /// (Re)builds every stream from the database. On failure the worker is left with no
+    /// streams (never with state the store may not hold).
+    fn load(&mut self) -> Result<(), BackendError> {
+        let records = self.db.load();
         self.sources.clear();
         self.targets.clear();
         self.order_dirty = true;
@@ -246,7 +257,7 @@ impl Worker {
             sub.unacked_bytes = 0;
         }
         self.reassembler = Reassembler::new(reassembly_limits(&self.config));
-        for (id, record) in store::load(&self.db)? {
+        for (id, record) in records? {
             match record.role {
                 Role::Source => {
                     let group = self.join_group(&record);
@@ -378,7 +389,8 @@ impl Worker {
             loop {
                 let busy = self.more || !self.unsent.is_empty();
                 // Timers matter only while there are streams: an idle worker sleeps until asked.
-                let timers = !self.sources.is_empty() || !self.targets.is_empty();
+                let timers =
+                    !self.sources.is_empty() || !self.targets.is_empty() || self.unloaded.is_some();
                 tokio::select! {
                     biased;
                     _ = &mut stop => break,
@@ -415,8 +427,33 @@ impl Worker {
         });
     }
 
+    /// Rebuilds the streams from the store; on failure, tries again `RELOAD_RETRY` later.
+    fn reload(&mut self) {
+        match self.load() {
+            Ok(()) => {
+                if self.unloaded.take().is_some() {
+                    tracing::info!("stream storage answers again; streams reloaded");
+                }
+            }
+            Err(e) => {
+                if self.unloaded.is_none() {
+                    tracing::error!(error = %e, "reloading the streams failed; retrying");
+                }
+                self.unloaded = Some((Instant::now() + RELOAD_RETRY, e.to_string()));
+            }
+        }
+    }
+
     fn turn(&mut self) {
         self.turns = self.turns.wrapping_add(1);
+        if let Some((at, _)) = &self.unloaded {
+            if Instant::now() >= *at {
+                self.reload();
+            }
+            if self.unloaded.is_some() {
+                return;
+            }
+        }
         self.commit();
         let now = self.now();
         self.flush_unsent();
@@ -445,7 +482,7 @@ impl Worker {
             Ok(())
         } else {
             let started = Instant::now();
-            let result = store::commit(&self.db, &batch, now_ms());
+            let result = self.db.commit(batch, now_ms());
             crate::metrics::RECORDED
                 .stream_commit_latency
                 .observe(started.elapsed().as_secs_f64());
@@ -471,9 +508,7 @@ impl Worker {
                     let _ = w.reply.send(Err(status()));
                 }
             }
-            if let Err(e) = self.load() {
-                tracing::error!(error = %e, "reloading the streams failed");
-            }
+            self.reload();
             return;
         }
         for d in done {
@@ -513,6 +548,33 @@ impl Worker {
     }
 
     fn on_input(&mut self, input: WorkerInput) {
+        if let Some((_, why)) = &self.unloaded {
+            let status = Status::unavailable(format!(
+                "stream storage unavailable ({why}); nothing was stored: retry"
+            ));
+            match input {
+                WorkerInput::Open { reply, .. } => {
+                    let _ = reply.send(Err(status));
+                    return;
+                }
+                WorkerInput::Publish { reply, .. } => {
+                    let _ = reply.send(Err(status));
+                    return;
+                }
+                WorkerInput::Close { reply, .. } => {
+                    let _ = reply.send(Err(status));
+                    return;
+                }
+                // Subscriptions are kept (attached once the streams are back); acks of
+                // deliveries from before the failure are moot (they are delivered again).
+                WorkerInput::Ack { .. } => return,
+                input => return self.on_input_loaded(input),
+            }
+        }
+        self.on_input_loaded(input);
+    }
+
+    fn on_input_loaded(&mut self, input: WorkerInput) {
         match input {
             WorkerInput::Open { request, reply } => self.open(request, reply),
             WorkerInput::Publish {
@@ -591,6 +653,10 @@ impl Worker {
         let ApiEvent::Stream { header, payload } = event else {
             return;
         };
+        if self.unloaded.is_some() {
+            // No state to judge it by; its sender sends it again.
+            return;
+        }
         match header.frame_type {
             FrameType::StreamOpen => match StreamOpen::decode(payload) {
                 Ok(open) => self.on_open(header.src, header.stream_id, open),

@@ -374,7 +374,7 @@ impl Worker {
         let mut keys: Vec<(u128, Seq)> = sends.iter().map(|(_, id, seq)| (*id, *seq)).collect();
         keys.sort_unstable();
         keys.dedup();
-        let read = match store::read(&self.db, Queue::Outbox, &keys, 0, TURN_BYTES) {
+        let read = match self.db.read(Queue::Outbox, &keys, 0, TURN_BYTES) {
             Ok(read) => read,
             Err(e) => {
                 // The retransmission timer sends them again.

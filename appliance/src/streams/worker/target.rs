@@ -341,7 +341,7 @@ impl Worker {
         if deliveries.is_empty() {
             return;
         }
-        let messages = match store::read(&self.db, Queue::Inbox, &deliveries, 0, TURN_BYTES) {
+        let messages = match self.db.read(Queue::Inbox, &deliveries, 0, TURN_BYTES) {
             Ok(messages) => messages,
             Err(e) => {
                 tracing::error!(error = %e, "reading the inbox failed");
