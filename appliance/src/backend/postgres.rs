@@ -122,10 +122,22 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The error and its causes ("error connecting to server: Connection refused").
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 fn classify(e: &tokio_postgres::Error) -> BackendError {
-    let text = e
-        .as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_string());
+    let text = describe(e);
     if connection_lost(e) {
         unavailable(text)
     } else {

@@ -193,6 +193,9 @@ pub(super) struct Worker {
     /// opens, publishes and closes with UNAVAILABLE and drops stream frames (their senders
     /// send them again).
     unloaded: Option<(Instant, String)>,
+    /// Subscribers ended by a store failure whose ending has not reached them yet (their
+    /// queue was full): tried again every turn.
+    farewells: Vec<mpsc::Sender<Result<ClientData, Status>>>,
 }
 
 impl Worker {
@@ -223,6 +226,7 @@ impl Worker {
             turns: 0,
             scratch: Vec::new(),
             unloaded: None,
+            farewells: Vec::new(),
         };
         worker.load()?;
         Ok(worker)
@@ -444,8 +448,24 @@ impl Worker {
         }
     }
 
+    /// Ends the subscriptions in `farewells` (UNAVAILABLE), keeping those whose queue is full.
+    fn say_farewells(&mut self) {
+        self.farewells.retain(|tx| {
+            let status = Status::unavailable(
+                "stream storage failed: subscribe again (unacknowledged messages come again)",
+            );
+            matches!(
+                tx.try_send(Err(status)),
+                Err(mpsc::error::TrySendError::Full(_))
+            )
+        });
+    }
+
     fn turn(&mut self) {
         self.turns = self.turns.wrapping_add(1);
+        if !self.farewells.is_empty() {
+            self.say_farewells();
+        }
         if let Some((at, _)) = &self.unloaded {
             if Instant::now() >= *at {
                 self.reload();
@@ -508,6 +528,13 @@ impl Worker {
                     let _ = w.reply.send(Err(status()));
                 }
             }
+            // The streams go back to what the store holds, so deliveries whose acks were not
+            // stored come again: end the subscriptions first, so that within one
+            // subscription a stream's seqs stay consecutive (the subscriber subscribes again
+            // and dedupes by seq, as after a restart).
+            self.farewells
+                .extend(std::mem::take(&mut self.subs).into_values().map(|s| s.tx));
+            self.say_farewells();
             self.reload();
             return;
         }
