@@ -121,8 +121,20 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
         duration: 5,
         warmup: 1,
         compare: nats_available,
+        backend: "redb".into(),
     };
     let streams = crate::stream::run(&stream_args).await?;
+    // The same load with the streams on PostgreSQL (when installed): the per-backend figure.
+    let on_postgres = if meshd_tests::dbs::postgres_installed() {
+        crate::stream::run(&StreamArgs {
+            compare: false,
+            backend: "postgres".into(),
+            ..stream_args.clone()
+        })
+        .await?
+    } else {
+        Vec::new()
+    };
     let scale = scale::measure(50, 10, 1).await?;
     let mut text = String::new();
     text.push_str(BEGIN);
@@ -150,6 +162,13 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     for r in crate::stream::rows(&streams) {
         text.push_str(&r);
         text.push('\n');
+    }
+    for r in crate::stream::rows(&on_postgres) {
+        text.push_str(&r.replacen("| meshd |", "| meshd on PostgreSQL |", 1));
+        text.push('\n');
+    }
+    if on_postgres.is_empty() {
+        text.push_str("\nThe PostgreSQL row is missing: PostgreSQL was not installed (`sudo apt-get install -y postgresql`).\n");
     }
     text.push_str(&format!(
         "\n{} meshd processes on this host, random asymmetric topology ({} links, {} behind NAT, seed {}): all ready {:.2} s after the first start, every node routes to every other after {:.2} s and sees every member alive after {:.2} s; resident memory {:.1} MiB per node on average ({:.1} MiB max).\n\n",

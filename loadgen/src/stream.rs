@@ -72,6 +72,10 @@ pub(crate) struct StreamArgs {
     /// Also run the load on JetStream (needs Debian's nats-server).
     #[arg(long)]
     pub(crate) compare: bool,
+    /// Where the nodes keep their streams: `redb` (embedded) or `postgres` (a PostgreSQL
+    /// started by loadgen in a temporary directory, one database shared by every node).
+    #[arg(long, default_value = "redb", value_parser = ["redb", "postgres"])]
+    pub(crate) backend: String,
 }
 
 /// What one system did.
@@ -223,14 +227,28 @@ async fn channel(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
 /// The load on meshd.
 pub(crate) async fn run_meshd(args: &StreamArgs) -> anyhow::Result<StreamReport> {
     let replicas = args.replicas.max(2);
+    // Declared before the cluster, so the nodes stop before their database.
+    let postgres = if args.backend == "postgres" {
+        let pg = meshd_tests::dbs::Postgres::start()?;
+        let url = pg.create_database("loadgen")?;
+        Some((pg, url))
+    } else {
+        None
+    };
+    let storage = postgres.as_ref().map_or_else(String::new, |(_, url)| {
+        format!("\n[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\n")
+    });
     let specs: Vec<NodeSpec> = (0..replicas)
         .map(|i| {
             let mut spec = NodeSpec::listener(i as u64 + 1).dialing((0..i).collect());
-            spec.extra = format!("tenants = [\"{TENANT}\"]\n");
+            spec.extra = format!("tenants = [\"{TENANT}\"]\n{storage}");
             spec
         })
         .collect();
-    eprintln!("meshd: {replicas} nodes, fully linked; streams from node 1 to the others…");
+    eprintln!(
+        "meshd: {replicas} nodes, fully linked, streams on {}; streams from node 1 to the others…",
+        args.backend
+    );
     let cluster = Cluster::start(specs)?;
     let targets: Vec<u64> = (2..=replicas as u64).collect();
     cluster
@@ -288,8 +306,8 @@ pub(crate) async fn run_meshd(args: &StreamArgs) -> anyhow::Result<StreamReport>
     }
     let (sink, reordered) = measured.context("node 2's subscriber")?;
     let mesh = format!(
-        "meshd, {replicas} nodes fully linked, {} streams node 1 → {targets:?}, fsync on every node before the ack",
-        args.publishers
+        "meshd ({} backend), {replicas} nodes fully linked, {} streams node 1 → {targets:?}, durable on every node before the ack",
+        args.backend, args.publishers
     );
     plan.finish(args, sink, reordered, mesh)
 }

@@ -48,6 +48,11 @@ fn postgres_bin_dir() -> anyhow::Result<PathBuf> {
         .context("no initdb under /usr/lib/postgresql (apt-get install postgresql)")
 }
 
+/// Whether PostgreSQL's server binaries are installed.
+pub fn postgres_installed() -> bool {
+    postgres_bin_dir().is_ok()
+}
+
 /// (uid, gid) to run PostgreSQL as: ourselves unless we are root.
 fn server_user() -> anyhow::Result<Option<(u32, u32)>> {
     // SAFETY: getuid has no preconditions.

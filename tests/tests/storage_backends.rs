@@ -98,3 +98,58 @@ fn redis_passes_the_suite_but_holds_no_streams() {
     let err = open(1).streams(0).err().unwrap();
     assert!(err.to_string().contains("holds no streams"), "{err}");
 }
+
+/// One stream worker turn's commit (64 messages of 256 B into the outbox and a record) per
+/// backend, printed; the bound only catches a collapse (a figure, not a timed assert).
+#[test]
+fn commit_latency_per_backend() {
+    use meshd::streams::store::{Batch, Role, StreamRecord};
+    fn measure(store: &dyn MeshStore) -> (Duration, Duration) {
+        let db = store.streams(0).unwrap();
+        let mut record = StreamRecord {
+            role: Role::Source,
+            tenant: "acme".into(),
+            source: 1,
+            targets: vec![2, 3],
+            quorum: 0,
+            ack_on_source: false,
+            high: 0,
+            low: 0,
+            closed: None,
+            priority: 0,
+        };
+        let mut took = Vec::new();
+        for turn in 0..200u64 {
+            let mut batch = Batch::default();
+            for i in 0..64 {
+                batch.outbox.push((9, turn * 64 + i + 1, vec![7; 256]));
+            }
+            record.high = (turn + 1) * 64;
+            batch.records.push((9, Some(record.clone())));
+            if turn > 0 {
+                batch.released.push((9, turn * 64));
+                record.low = turn * 64;
+            }
+            let start = std::time::Instant::now();
+            db.commit(batch, turn).unwrap();
+            took.push(start.elapsed());
+        }
+        took.sort();
+        (took[took.len() / 2], took[took.len() * 99 / 100])
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let redb = RedbStore::open(dir.path(), 1).unwrap();
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("latency").unwrap();
+    let postgres = PgStore::connect(&pg_setup(1, &url)).unwrap();
+    for (name, store) in [("redb", &redb as &dyn MeshStore), ("postgres", &postgres)] {
+        let (p50, p99) = measure(store);
+        println!(
+            "{name}: one turn's commit (64 × 256 B + record + release): p50 {p50:?}, p99 {p99:?}"
+        );
+        assert!(
+            p99 < Duration::from_secs(1),
+            "{name} commits collapsed: p99 {p99:?}"
+        );
+    }
+}
