@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context;
 use meshd_proto::link::OpenClientDataStreamRequest;
 use meshd_proto::supervisor::{
-    GetHealthRequest, GetHealthResponse, HealthStatus,
+    GetHealthRequest, GetHealthResponse, HealthStatus, StopRequest,
     service_controller_service_client::ServiceControllerServiceClient,
 };
 use meshd_tests::{
@@ -237,5 +237,32 @@ async fn streams_on_postgres_survive_the_database_dying_mid_stream() -> anyhow::
     };
     assert_eq!(redis_cli(&["HEXISTS", "meshd:1:node_state", "1"])?, "1");
     assert_eq!(redis_cli(&["HEXISTS", "meshd:1:routes", "2"])?, "1");
+
+    // The supervisor's Stop with a grace and save_state: nothing published is left behind,
+    // and the platform reads a deliberate stop in node 1's final row.
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", cluster.node(0).grpc))?
+            .connect()
+            .await?;
+    let answer = ServiceControllerServiceClient::new(channel)
+        .stop(StopRequest {
+            grace_period_seconds: 5,
+            save_state: true,
+        })
+        .await?
+        .into_inner();
+    println!("stop: {}", answer.message);
+    assert!(answer.success);
+    assert!(answer.message.contains("final state"), "{}", answer.message);
+    let mut cluster = cluster;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.node_mut(0).is_running() {
+        anyhow::ensure!(Instant::now() < deadline, "node 1 did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        q("SELECT state->>'status' FROM mesh_node_state WHERE owner = 1 AND node_id = 1")?,
+        "STOPPING"
+    );
     Ok(())
 }

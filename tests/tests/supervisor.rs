@@ -1,75 +1,66 @@
 //! The platform supervisor, both ways, against real meshd processes: a small fake supervisor
-//! (a gRPC server in this test) that is away when the node starts, then comes up; the node
+//! (a process of its own, `tests/src/bin/fake-supervisor.rs`) that is away when the node starts, then comes up; the node
 //! registers, sends heartbeats with its components' health, answers GetHealth and Configure,
 //! and on Stop leaves and unregisters.
 
 use std::{
+    io::{BufRead, BufReader},
     net::SocketAddr,
+    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use meshd_proto::supervisor::{
-    ConfigureRequest, GetHealthRequest, HealthStatus, RegisterServiceRequest,
-    RegisterServiceResponse, SendHeartbeatRequest, SendHeartbeatResponse, StopRequest,
-    UnregisterServiceRequest, UnregisterServiceResponse,
+    ConfigureRequest, GetHealthRequest, HealthStatus, StopRequest,
     service_controller_service_client::ServiceControllerServiceClient,
-    supervisor_service_server::{SupervisorService, SupervisorServiceServer},
 };
 use meshd_tests::{Cluster, NodeSpec, exclusive};
-use tonic::{Request, Response, Status};
 
-/// What the fake supervisor heard.
-#[derive(Default)]
-struct Heard {
-    registered: Vec<RegisterServiceRequest>,
-    heartbeats: Vec<SendHeartbeatRequest>,
-    unregistered: Vec<UnregisterServiceRequest>,
-}
-
-#[derive(Clone, Default)]
+/// The fake supervisor, a process of its own (`tests/src/bin/fake-supervisor.rs`), and the
+/// lines it printed: one per call it heard.
 struct FakeSupervisor {
-    heard: Arc<Mutex<Heard>>,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
 }
 
-#[tonic::async_trait]
-impl SupervisorService for FakeSupervisor {
-    async fn register_service(
-        &self,
-        request: Request<RegisterServiceRequest>,
-    ) -> Result<Response<RegisterServiceResponse>, Status> {
-        let mut heard = self.heard.lock().unwrap();
-        heard.registered.push(request.into_inner());
-        Ok(Response::new(RegisterServiceResponse {
-            success: true,
-            service_id: format!("mesh-{}", heard.registered.len()),
-            message: String::new(),
-        }))
+impl FakeSupervisor {
+    fn start(address: SocketAddr) -> anyhow::Result<Self> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fake-supervisor"))
+            .arg(address.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting fake-supervisor")?;
+        let stdout = child.stdout.take().context("its stdout")?;
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Ok(Self { child, lines })
     }
 
-    async fn send_heartbeat(
-        &self,
-        request: Request<SendHeartbeatRequest>,
-    ) -> Result<Response<SendHeartbeatResponse>, Status> {
-        self.heard
+    /// The calls of one kind heard so far, each split into words (the kind dropped).
+    fn heard(&self, kind: &str) -> Vec<Vec<String>> {
+        self.lines
             .lock()
             .unwrap()
-            .heartbeats
-            .push(request.into_inner());
-        Ok(Response::new(SendHeartbeatResponse { acknowledged: true }))
+            .iter()
+            .filter_map(|line| {
+                let mut words = line.split(' ').map(str::to_owned);
+                (words.next().as_deref() == Some(kind)).then(|| words.collect())
+            })
+            .collect()
     }
+}
 
-    async fn unregister_service(
-        &self,
-        request: Request<UnregisterServiceRequest>,
-    ) -> Result<Response<UnregisterServiceResponse>, Status> {
-        self.heard
-            .lock()
-            .unwrap()
-            .unregistered
-            .push(request.into_inner());
-        Ok(Response::new(UnregisterServiceResponse { success: true }))
+impl Drop for FakeSupervisor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -120,42 +111,36 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
         "the node runs without its supervisor"
     );
 
-    let fake = FakeSupervisor::default();
-    let heard = Arc::clone(&fake.heard);
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(SupervisorServiceServer::new(fake))
-            .serve(address),
-    );
+    let fake = FakeSupervisor::start(address)?;
     let up = Instant::now();
     wait_until("a registration", Duration::from_secs(40), || {
-        !heard.lock().unwrap().registered.is_empty()
+        !fake.heard("register").is_empty()
     })
     .await?;
     println!("registered {:?} after the supervisor came up", up.elapsed());
-    {
-        let heard = heard.lock().unwrap();
-        let service = heard.registered[0]
-            .service
-            .as_ref()
-            .context("service info")?;
-        assert_eq!(service.node_id, 1);
-        assert_eq!(service.name, "mesh");
-        assert_eq!(service.grpc_address, cluster.node(0).grpc.to_string());
-    }
+    let registered = fake.heard("register");
+    // service_id, node_id, name, grpc_address
+    assert_eq!(
+        registered[0],
+        ["mesh-1", "1", "mesh", &cluster.node(0).grpc.to_string()]
+    );
     wait_until("three heartbeats", Duration::from_secs(10), || {
-        heard.lock().unwrap().heartbeats.len() >= 3
+        fake.heard("heartbeat").len() >= 3
     })
     .await?;
     {
-        let heard = heard.lock().unwrap();
-        let beat = heard.heartbeats.last().context("a heartbeat")?;
-        assert_eq!(beat.service_id, "mesh-1");
-        let names: Vec<&str> = beat.components.iter().map(|c| c.name.as_str()).collect();
+        let beats = fake.heard("heartbeat");
+        // service_id, status, name=status,…, metric keys
+        let beat = beats.last().context("a heartbeat")?;
+        assert_eq!(beat[0], "mesh-1");
+        let names: Vec<&str> = beat[2]
+            .split(',')
+            .filter_map(|c| c.split('=').next())
+            .collect();
         for name in ["transport", "routing", "membership", "consensus", "storage"] {
             assert!(names.contains(&name), "{name} in {names:?}");
         }
-        assert!(beat.metrics.contains_key("raft_term"));
+        assert!(beat[3].split(',').any(|k| k == "raft_term"), "{beat:?}");
     }
 
     // GetHealth on the node's own port.
@@ -219,10 +204,10 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
         "a heartbeat saying the mesh degraded",
         Duration::from_secs(20),
         || {
-            heard.lock().unwrap().heartbeats.last().is_some_and(|b| {
-                b.components
-                    .iter()
-                    .any(|c| c.name == "membership" && c.status != HealthStatus::Healthy as i32)
+            let healthy = format!("membership={}", HealthStatus::Healthy as i32);
+            fake.heard("heartbeat").last().is_some_and(|b| {
+                b[2].split(',')
+                    .any(|c| c.starts_with("membership=") && c != healthy)
             })
         },
     )
@@ -239,9 +224,14 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
         !cluster.node_mut(0).is_running()
     })
     .await?;
-    let heard = heard.lock().unwrap();
-    assert_eq!(heard.unregistered.len(), 1, "unregistered at stop");
-    assert_eq!(heard.unregistered[0].service_id, "mesh-1");
-    server.abort();
+    wait_until("the unregistration is read", Duration::from_secs(5), || {
+        !fake.heard("unregister").is_empty()
+    })
+    .await?;
+    assert_eq!(
+        fake.heard("unregister"),
+        [["mesh-1"]],
+        "unregistered once, at stop"
+    );
     Ok(())
 }

@@ -119,6 +119,40 @@ pub(super) async fn run(state: Arc<ApiState>, sync: PlatformSync, mut stop: ones
     }
 }
 
+/// Writes this node's row one last time before a stop asked with `save_state`: status
+/// `STOPPING`, its last view and routes, so the platform tells a deliberate stop from a crash.
+/// Whether it landed (within `deadline`).
+pub(super) async fn save_final(state: &Arc<ApiState>, deadline: Duration) -> bool {
+    let work = async {
+        let view = super::metrics::status_view(state).await.ok()?;
+        let routes: Vec<(u64, Value)> = view["routes"]
+            .as_array()
+            .map(|routes| {
+                routes
+                    .iter()
+                    .filter_map(|r| Some((r["destination"].as_u64()?, r.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let node_state = json!({
+            "status": "STOPPING",
+            "mesh_id": view["mesh_id"],
+            "mesh_health": view["health"],
+            "members": view["members"],
+            "links": view["links"],
+            "raft": view["raft"],
+            "storage": view["storage"],
+            "checked_at_ms": crate::storage::now_ms(),
+        });
+        let writes = vec![
+            Write::PutNodeState(state.node_id, node_state),
+            Write::ReplaceRoutes(routes),
+        ];
+        Some(write(Arc::clone(&state.stores.primary), writes).await)
+    };
+    matches!(tokio::time::timeout(deadline, work).await, Ok(Some(true)))
+}
+
 /// Applies one write set off the api thread; whether it landed.
 async fn write(store: Arc<dyn MeshStore>, writes: Vec<Write>) -> bool {
     let backend = store.kind().name();

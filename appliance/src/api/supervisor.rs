@@ -237,24 +237,55 @@ impl ServiceControllerService for Controller {
                 "grace_period_seconds is at most 300",
             ));
         }
-        // The same way out as SIGTERM: goodbyes to the peers, the stream workers commit, the
-        // api ends its calls (each stage bounded), then the process exits.
+        let grace = Duration::from_secs(request.grace_period_seconds.into());
+        let save_state = request.save_state;
         tracing::info!(
             grace = request.grace_period_seconds,
-            save_state = request.save_state,
+            save_state,
             "stop asked by the supervisor"
         );
-        tokio::spawn(async {
+        let unreleased = self.state.streams.unreleased().await;
+        let state = Arc::clone(&self.state);
+        tokio::spawn(async move {
             // Let the answer leave first.
             tokio::time::sleep(Duration::from_millis(100)).await;
+            // The grace: messages already published on this node's streams reach their
+            // targets (and are released) before it goes, for up to the grace period.
+            let deadline = tokio::time::Instant::now() + grace;
+            while tokio::time::Instant::now() < deadline {
+                match state.streams.unreleased().await {
+                    Some(0) => break,
+                    _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            if save_state && !super::platform::save_final(&state, Duration::from_secs(3)).await {
+                tracing::warn!("the final state could not be written to the storage backend");
+            }
+            // Then the same way out as SIGTERM: goodbyes to the peers, the stream workers
+            // commit, the api ends its calls (each stage bounded), and the process exits.
             // SAFETY: kill(2) on our own pid with a valid signal has no memory effects.
             unsafe {
                 libc::kill(libc::getpid(), libc::SIGTERM);
             }
         });
+        let waiting = match unreleased {
+            Some(0) => String::new(),
+            Some(n) => format!(
+                "; waiting up to {} s for {n} published stream messages to reach their targets",
+                grace.as_secs()
+            ),
+            None => "; the stream store is failing: nothing to wait for".into(),
+        };
         Ok(Response::new(StopResponse {
             success: true,
-            message: "stopping: peers are told goodbye and the process exits".into(),
+            message: format!(
+                "stopping{waiting}{}: peers are told goodbye and the process exits",
+                if save_state {
+                    "; this node's final state is written to the platform tables"
+                } else {
+                    ""
+                }
+            ),
         }))
     }
 

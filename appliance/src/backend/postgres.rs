@@ -22,7 +22,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tokio_postgres::{Client, NoTls, error::SqlState};
+use tokio_postgres::{NoTls, Row, Statement, error::SqlState, types::ToSql};
 use uuid::Uuid;
 
 use super::{
@@ -73,6 +73,81 @@ impl PgSetup {
 }
 
 type Slot = Mutex<Option<Arc<Client>>>;
+
+/// Statements asked for often (a stream worker's every turn) are prepared once per
+/// connection: a bare query string costs a parse round trip each time.
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// A connection and its prepared statements (by SQL text; bounded by the few texts meshd
+/// uses).
+pub(crate) struct Client {
+    inner: tokio_postgres::Client,
+    prepared: Mutex<HashMap<String, Statement>>,
+}
+
+impl Client {
+    async fn statement(&self, sql: &str) -> std::result::Result<Statement, tokio_postgres::Error> {
+        let cached = self
+            .prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(sql)
+            .cloned();
+        if let Some(statement) = cached {
+            return Ok(statement);
+        }
+        let statement = self.inner.prepare(sql).await?;
+        self.prepared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+
+    async fn execute(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> std::result::Result<u64, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.inner.execute(&statement, params).await
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.inner.query(&statement, params).await
+    }
+
+    async fn query_one(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> std::result::Result<Row, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.inner.query_one(&statement, params).await
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> std::result::Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.inner.query_opt(&statement, params).await
+    }
+
+    async fn batch_execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        self.inner.batch_execute(sql).await
+    }
+
+    fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+}
 
 /// What every connection of one store shares.
 struct Shared {
@@ -217,7 +292,10 @@ async fn connect(
             tracing::debug!(error = %e, "postgres connection ended");
         }
     });
-    Ok(client)
+    Ok(Client {
+        inner: client,
+        prepared: Mutex::default(),
+    })
 }
 
 /// Runs `body` inside `BEGIN … COMMIT`, rolling back when it fails.
@@ -289,7 +367,7 @@ impl PgStore {
         let applied = store
             .shared
             .run(&store.pool[0], |client| async move {
-                Ok(super::migrate::migrate(&client).await)
+                Ok(super::migrate::migrate(&client.inner).await)
             })
             .map_err(|e| anyhow::anyhow!("connecting to PostgreSQL: {e}"))?
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -323,7 +401,7 @@ impl PgStore {
     }
 }
 
-fn message_row(row: &tokio_postgres::Row) -> StoredMessage {
+fn message_row(row: &Row) -> StoredMessage {
     StoredMessage {
         id: row.get(0),
         from: row.get::<_, i64>(1) as u64,
@@ -747,7 +825,7 @@ impl PgStreams {
     }
 }
 
-fn record_row(row: &tokio_postgres::Row) -> std::result::Result<(u128, StreamRecord), String> {
+fn record_row(row: &Row) -> std::result::Result<(u128, StreamRecord), String> {
     let id: Uuid = row.get(0);
     let role = match row.get::<_, &str>(1) {
         "source" => Role::Source,

@@ -148,6 +148,12 @@ pub enum WorkerInput {
         /// The subscriber.
         sub: u64,
     },
+    /// How many published messages of this worker's source streams are not yet released
+    /// (stored and processed where they must be); `None` while its store is failing.
+    Unreleased {
+        /// The answer.
+        reply: oneshot::Sender<Option<u64>>,
+    },
 }
 
 /// What the stream workers are started with.
@@ -230,6 +236,18 @@ impl Streams {
     /// Every worker.
     pub fn workers(&self) -> &[mpsc::Sender<WorkerInput>] {
         &self.inputs
+    }
+
+    /// Published messages of this node's source streams not yet released, over every
+    /// worker; `None` when a worker could not say (its store is failing, or it is stopping).
+    pub async fn unreleased(&self) -> Option<u64> {
+        let mut total = 0;
+        for worker in &self.inputs {
+            let (reply, answer) = oneshot::channel();
+            worker.send(WorkerInput::Unreleased { reply }).await.ok()?;
+            total += answer.await.ok()??;
+        }
+        Some(total)
     }
 
     /// A fresh subscriber id.

@@ -595,6 +595,10 @@ impl Worker {
                 // Subscriptions are kept (attached once the streams are back); acks of
                 // deliveries from before the failure are moot (they are delivered again).
                 WorkerInput::Ack { .. } => return,
+                WorkerInput::Unreleased { reply } => {
+                    let _ = reply.send(None);
+                    return;
+                }
                 input => return self.on_input_loaded(input),
             }
         }
@@ -673,6 +677,14 @@ impl Worker {
                 }
             }
             WorkerInput::Unsubscribe { sub } => self.unsubscribe(sub),
+            WorkerInput::Unreleased { reply } => {
+                let unreleased = self
+                    .sources
+                    .values()
+                    .map(|s| s.core.last().saturating_sub(s.record.low))
+                    .sum();
+                let _ = reply.send(Some(unreleased));
+            }
         }
     }
 

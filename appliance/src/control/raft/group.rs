@@ -406,6 +406,29 @@ impl Consensus {
     /// Orders `command` through the group and answers the committed entry's index: on the
     /// leader directly, elsewhere by forwarding it to the leader over the mesh.
     pub async fn write(&self, command: MeshCommand) -> Result<u64, WriteError> {
+        use tracing::Instrument as _;
+        let kind = match &command {
+            MeshCommand::Update { .. } => "update",
+            MeshCommand::Evict { .. } => "evict",
+            MeshCommand::Leave { .. } => "leave",
+            MeshCommand::Admit { .. } => "admit",
+            MeshCommand::SetPolicy { .. } => "set_policy",
+        };
+        // Group 0 is the control group (data stream groups name theirs in `group_write`).
+        let span = tracing::debug_span!(
+            "group_write",
+            group = 0,
+            kind,
+            index = tracing::field::Empty
+        );
+        let written = self.write_traced(command).instrument(span.clone()).await;
+        if let Ok(index) = &written {
+            span.record("index", index);
+        }
+        written
+    }
+
+    async fn write_traced(&self, command: MeshCommand) -> Result<u64, WriteError> {
         if self.critical.load(std::sync::atomic::Ordering::Relaxed)
             && !matches!(command, MeshCommand::Evict { .. })
         {
