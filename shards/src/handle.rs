@@ -122,6 +122,15 @@ pub(crate) fn shard_rings(
 }
 
 impl ShardHandle {
+    /// Each ring's depth now, `(ring, items, bytes)`: what waits for the shard (metrics).
+    pub fn depths(&self) -> [(&'static str, usize, usize); 3] {
+        [
+            ("ctl", self.ctl.len(), self.ctl.queued_bytes()),
+            ("send", self.send.len(), self.send.queued_bytes()),
+            ("fwd", self.fwd.len(), self.fwd.queued_bytes()),
+        ]
+    }
+
     fn lane(&self, lane: Lane) -> &Producer<ShardInput> {
         match lane {
             Lane::Ctl => &self.ctl,

@@ -429,6 +429,53 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
         }
     }
 
+    // Queue depths: each shard's rings, bytes in flight per linked member, stream messages
+    // waiting for their targets.
+    if let (Some(items), Some(bytes)) = (
+        scrape.ints(
+            "meshd_shard_ring_items",
+            "Inputs waiting in a shard's ring (ctl: control, send: this node's data, fwd: relayed).",
+            &["shard", "ring"],
+        ),
+        scrape.ints(
+            "meshd_shard_ring_bytes",
+            "Payload bytes waiting in a shard's ring.",
+            &["shard", "ring"],
+        ),
+    ) {
+        for (i, shard) in state.shards.iter().enumerate() {
+            let i = i.to_string();
+            for (ring, n, b) in shard.depths() {
+                items.with_label_values(&[&i, ring]).set(n as i64);
+                bytes.with_label_values(&[&i, ring]).set(b as i64);
+            }
+        }
+    }
+    if let Some(in_flight) = scrape.ints(
+        "meshd_destination_in_flight_bytes",
+        "Bytes this node originated for a destination that have not left its shards yet \
+         (callers wait past 1 MiB).",
+        &["destination"],
+    ) {
+        for member in status.members.iter().filter(|m| m.node_id != status.local_node_id) {
+            in_flight
+                .with_label_values(&[&member.node_id.to_string()])
+                .set(state.congestion.in_flight(member.node_id) as i64);
+        }
+    }
+    if let Some(unreleased) = tokio::time::timeout(SCRAPE_DEADLINE, state.streams.unreleased())
+        .await
+        .ok()
+        .flatten()
+    {
+        scrape.int(
+            "meshd_stream_unreleased_messages",
+            "Messages published on this node's streams not yet stored and processed where they \
+             must be (still in the outbox).",
+            unreleased as i64,
+        );
+    }
+
     // Data stream groups.
     let groups = state.streams.groups.status();
     scrape.int(
