@@ -139,9 +139,17 @@ async fn a_scrape_shows_members_links_raft_and_streams_and_follows_a_link_going_
     assert_eq!(value(&samples, "meshd_storage_up{backend=\"redb\"}"), 1.0);
     for gauge in ["meshd_shard_ring_items{", "meshd_shard_ring_bytes{"] {
         let rings = samples.keys().filter(|k| k.starts_with(gauge)).count();
-        assert!(rings >= 3, "{gauge}: three rings per shard, {rings} samples");
+        assert!(
+            rings >= 3,
+            "{gauge}: three rings per shard, {rings} samples"
+        );
     }
-    assert!(value(&samples, "meshd_destination_in_flight_bytes{destination=\"3\"}") >= 0.0);
+    assert!(
+        value(
+            &samples,
+            "meshd_destination_in_flight_bytes{destination=\"3\"}"
+        ) >= 0.0
+    );
     assert_eq!(value(&samples, "meshd_stream_unreleased_messages"), 0.0);
     println!("node 1 scrape: {} samples", samples.len());
 

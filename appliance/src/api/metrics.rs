@@ -457,7 +457,11 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
          (callers wait past 1 MiB).",
         &["destination"],
     ) {
-        for member in status.members.iter().filter(|m| m.node_id != status.local_node_id) {
+        for member in status
+            .members
+            .iter()
+            .filter(|m| m.node_id != status.local_node_id)
+        {
             in_flight
                 .with_label_values(&[&member.node_id.to_string()])
                 .set(state.congestion.in_flight(member.node_id) as i64);
