@@ -56,26 +56,13 @@ pub(super) async fn run(state: Arc<ApiState>, sync: PlatformSync, mut stop: ones
                 })
             })
             .collect();
-        let node_state = json!({
-            "status": status_name(health.status),
-            "components": components,
-            "mesh_id": view["mesh_id"],
-            "mesh_health": view["health"],
-            "members": view["members"],
-            "links": view["links"],
-            "raft": view["raft"],
-            "storage": view["storage"],
-            "checked_at_ms": health.checked_at_unix_ms,
-        });
-        let routes: Vec<(u64, Value)> = view["routes"]
-            .as_array()
-            .map(|routes| {
-                routes
-                    .iter()
-                    .filter_map(|r| Some((r["destination"].as_u64()?, r.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let node_state = node_state(
+            &view,
+            status_name(health.status),
+            components,
+            health.checked_at_unix_ms,
+        );
+        let routes = routes_of(&view);
         let mut writes = vec![
             Write::PutNodeState(state.node_id, node_state.clone()),
             Write::ReplaceRoutes(routes.clone()),
@@ -125,25 +112,8 @@ pub(super) async fn run(state: Arc<ApiState>, sync: PlatformSync, mut stop: ones
 pub(super) async fn save_final(state: &Arc<ApiState>, deadline: Duration) -> bool {
     let work = async {
         let view = super::metrics::status_view(state).await.ok()?;
-        let routes: Vec<(u64, Value)> = view["routes"]
-            .as_array()
-            .map(|routes| {
-                routes
-                    .iter()
-                    .filter_map(|r| Some((r["destination"].as_u64()?, r.clone())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let node_state = json!({
-            "status": "STOPPING",
-            "mesh_id": view["mesh_id"],
-            "mesh_health": view["health"],
-            "members": view["members"],
-            "links": view["links"],
-            "raft": view["raft"],
-            "storage": view["storage"],
-            "checked_at_ms": crate::storage::now_ms(),
-        });
+        let routes = routes_of(&view);
+        let node_state = node_state(&view, "STOPPING", Vec::new(), crate::storage::now_ms());
         let writes = vec![
             Write::PutNodeState(state.node_id, node_state),
             Write::ReplaceRoutes(routes),
@@ -151,6 +121,34 @@ pub(super) async fn save_final(state: &Arc<ApiState>, deadline: Duration) -> boo
         Some(write(Arc::clone(&state.stores.primary), writes).await)
     };
     matches!(tokio::time::timeout(deadline, work).await, Ok(Some(true)))
+}
+
+/// The routing table of a status view, by destination.
+fn routes_of(view: &Value) -> Vec<(u64, Value)> {
+    view["routes"]
+        .as_array()
+        .map(|routes| {
+            routes
+                .iter()
+                .filter_map(|r| Some((r["destination"].as_u64()?, r.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// This node's `mesh_node_state` row.
+fn node_state(view: &Value, status: &str, components: Vec<Value>, at_ms: u64) -> Value {
+    json!({
+        "status": status,
+        "components": components,
+        "mesh_id": view["mesh_id"],
+        "mesh_health": view["health"],
+        "members": view["members"],
+        "links": view["links"],
+        "raft": view["raft"],
+        "storage": view["storage"],
+        "checked_at_ms": at_ms,
+    })
 }
 
 /// Applies one write set off the api thread; whether it landed.

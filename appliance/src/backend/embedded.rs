@@ -9,7 +9,6 @@ use std::{
 };
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
@@ -32,14 +31,6 @@ const CREDITS: TableDefinition<'_, &str, (f64, u64)> = TableDefinition::new("cre
 
 /// File name of the mesh store inside the data directory.
 pub const MESH_DB_FILE: &str = "mesh.redb";
-
-#[derive(Serialize, Deserialize)]
-struct MessageRow {
-    from: u64,
-    to: u64,
-    content: Vec<u8>,
-    timestamp_ms: u64,
-}
 
 fn failed(e: impl std::fmt::Display) -> BackendError {
     BackendError::Failed {
@@ -98,13 +89,7 @@ impl RedbStore {
             for write in writes {
                 match write {
                     Write::PutMessage(m) => {
-                        let row = postcard::to_allocvec(&MessageRow {
-                            from: m.from,
-                            to: m.to,
-                            content: m.content.clone(),
-                            timestamp_ms: m.timestamp_ms,
-                        })
-                        .map_err(failed)?;
+                        let row = m.encode_row();
                         messages
                             .insert(m.id.as_str(), row.as_slice())
                             .map_err(failed)?;
@@ -157,14 +142,7 @@ impl RedbStore {
 }
 
 fn message(id: &str, bytes: &[u8]) -> Result<StoredMessage> {
-    let row: MessageRow = postcard::from_bytes(bytes).map_err(failed)?;
-    Ok(StoredMessage {
-        id: id.to_string(),
-        from: row.from,
-        to: row.to,
-        content: row.content,
-        timestamp_ms: row.timestamp_ms,
-    })
+    StoredMessage::decode_row(id.to_string(), bytes).ok_or_else(|| failed("corrupt message row"))
 }
 
 impl MeshStore for RedbStore {
@@ -296,8 +274,8 @@ impl MeshStore for RedbStore {
             let mut table = txn.open_table(MESSAGES).map_err(failed)?;
             table
                 .retain(|_, bytes| {
-                    let old = postcard::from_bytes::<MessageRow>(bytes)
-                        .is_ok_and(|row| row.timestamp_ms < before_ms);
+                    let old = StoredMessage::decode_row(String::new(), bytes)
+                        .is_some_and(|m| m.timestamp_ms < before_ms);
                     gone += u64::from(old);
                     !old
                 })

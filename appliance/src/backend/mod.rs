@@ -117,6 +117,42 @@ pub struct StoredMessage {
     pub timestamp_ms: u64,
 }
 
+/// A message's stored form on the key/value backends (redb, Redis): its fields but the id,
+/// which is the key.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MessageRow {
+    from: u64,
+    to: u64,
+    content: Vec<u8>,
+    timestamp_ms: u64,
+}
+
+impl StoredMessage {
+    /// Its stored form (without the id).
+    pub(crate) fn encode_row(&self) -> Vec<u8> {
+        let row = MessageRow {
+            from: self.from,
+            to: self.to,
+            content: self.content.clone(),
+            timestamp_ms: self.timestamp_ms,
+        };
+        // Integers and a byte vector: postcard cannot fail on them.
+        postcard::to_allocvec(&row).unwrap_or_default()
+    }
+
+    /// The message `id` whose stored form is `bytes`; `None` if they are not one.
+    pub(crate) fn decode_row(id: String, bytes: &[u8]) -> Option<Self> {
+        let row: MessageRow = postcard::from_bytes(bytes).ok()?;
+        Some(Self {
+            id,
+            from: row.from,
+            to: row.to,
+            content: row.content,
+            timestamp_ms: row.timestamp_ms,
+        })
+    }
+}
+
 /// One entry of the consensus log as the platform sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConsensusEntry {

@@ -15,21 +15,12 @@ use std::{
 };
 
 use redis::{Commands, Connection, RedisError};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
     BackendError, BackendKind, ConsensusEntry, Counts, Health, MeshStore, Result, StoredMessage,
     StreamStore, Write,
 };
-
-#[derive(Serialize, Deserialize)]
-struct MessageRow {
-    from: u64,
-    to: u64,
-    content: Vec<u8>,
-    timestamp_ms: u64,
-}
 
 /// The credit bucket's refill-and-take, atomically in Redis (the arithmetic of `refill`).
 const TAKE_CREDITS: &str = r"
@@ -147,20 +138,13 @@ impl RedisStore {
 
     /// Drops a message's entry in its receiver's index (the old row, before a replace).
     fn unindex(&self, pipe: &mut redis::Pipeline, id: &str, old: Option<Vec<u8>>) {
-        if let Some(row) = old.and_then(|b| postcard::from_bytes::<MessageRow>(&b).ok()) {
-            pipe.zrem(self.to_key(row.to), id).ignore();
+        if let Some(old) = old.and_then(|b| StoredMessage::decode_row(String::new(), &b)) {
+            pipe.zrem(self.to_key(old.to), id).ignore();
         }
     }
 
     fn decode_message(id: String, bytes: &[u8]) -> Result<StoredMessage> {
-        let row: MessageRow = postcard::from_bytes(bytes).map_err(failed)?;
-        Ok(StoredMessage {
-            id,
-            from: row.from,
-            to: row.to,
-            content: row.content,
-            timestamp_ms: row.timestamp_ms,
-        })
+        StoredMessage::decode_row(id, bytes).ok_or_else(|| failed("corrupt message row"))
     }
 }
 
@@ -227,13 +211,7 @@ impl MeshStore for RedisStore {
             match write {
                 Write::PutMessage(m) => {
                     self.unindex(&mut pipe, &m.id, old.next().flatten());
-                    let row = postcard::to_allocvec(&MessageRow {
-                        from: m.from,
-                        to: m.to,
-                        content: m.content.clone(),
-                        timestamp_ms: m.timestamp_ms,
-                    })
-                    .map_err(failed)?;
+                    let row = m.encode_row();
                     pipe.hset(self.message_key(), &m.id, row).ignore();
                     pipe.zadd(self.by_time_key(), &m.id, m.timestamp_ms as f64)
                         .ignore();
