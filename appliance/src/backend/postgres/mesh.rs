@@ -384,7 +384,7 @@ impl MeshStore for PgStore {
                         &[&owner, &bucket],
                     )
                     .await?;
-                let (granted, left) = super::refill(
+                let (granted, left) = crate::backend::refill(
                     row.get(0),
                     row.get::<_, i64>(1) as u64,
                     now,
