@@ -105,6 +105,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Figures come from the build users run, not the tests' quicker one.
+    meshd_tests::measure_with_release_build();
     match Cli::parse().command {
         Command::Local {
             size,

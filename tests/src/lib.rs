@@ -31,7 +31,18 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig},
 };
 
-/// The `meshd` binary the harness runs, built once per process in release mode.
+/// The cargo profile the harness builds `meshd` with: `harness` (release without LTO, quicker
+/// to build) unless a benchmark asked for `release` first.
+static PROFILE: OnceLock<&'static str> = OnceLock::new();
+
+/// Makes this process run the `release` build of meshd (LTO, one codegen unit): for figures.
+/// Call before the first cluster starts; later calls change nothing.
+pub fn measure_with_release_build() {
+    let _ = PROFILE.set("release");
+}
+
+/// The `meshd` binary the harness runs, built once per process (profile `harness`, or
+/// `release` after [`measure_with_release_build`]).
 ///
 /// `TEST_MESHD_BIN` overrides it (a prebuilt binary; not `MESHD_…`, which meshd reads as config).
 pub fn meshd_binary() -> anyhow::Result<PathBuf> {
@@ -51,16 +62,25 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?;
+    let profile = *PROFILE.get_or_init(|| "harness");
     let status = Command::new(cargo)
         .current_dir(workspace)
-        .args(["build", "--release", "-p", "meshd", "--bin", "meshd"])
+        .args([
+            "build",
+            "--profile",
+            profile,
+            "-p",
+            "meshd",
+            "--bin",
+            "meshd",
+        ])
         .env("CARGO_TARGET_DIR", &target_dir)
         .status()
         .context("running cargo build for meshd")?;
     if !status.success() {
         bail!("cargo build of meshd failed");
     }
-    Ok(target_dir.join("release").join("meshd"))
+    Ok(target_dir.join(profile).join("meshd"))
 }
 
 fn target_dir() -> anyhow::Result<PathBuf> {
