@@ -136,6 +136,18 @@ impl RedisStore {
         self.key(&format!("messages_to:{to}"))
     }
 
+    /// Every field of hash `name` with its JSON value, in field order.
+    fn json_hash<K: redis::FromRedisValue + Ord>(&self, name: &str) -> Result<Vec<(K, Value)>> {
+        let hash = self.key(name);
+        let rows: Vec<(K, Vec<u8>)> = self.run(|c| c.hgetall(&hash))?;
+        let mut out = rows
+            .into_iter()
+            .map(|(k, v)| Ok((k, json(&v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Drops a message's entry in its receiver's index (the old row, before a replace).
     fn unindex(&self, pipe: &mut redis::Pipeline, id: &str, old: Option<Vec<u8>>) {
         if let Some(old) = old.and_then(|b| StoredMessage::decode_row(String::new(), &b)) {
@@ -303,14 +315,7 @@ impl MeshStore for RedisStore {
     }
 
     fn node_states(&self) -> Result<Vec<(u64, Value)>> {
-        let hash = self.key("node_state");
-        let rows: Vec<(u64, Vec<u8>)> = self.run(|c| c.hgetall(&hash))?;
-        let mut out = rows
-            .into_iter()
-            .map(|(n, v)| Ok((n, json(&v)?)))
-            .collect::<Result<Vec<_>>>()?;
-        out.sort_by_key(|(n, _)| *n);
-        Ok(out)
+        self.json_hash("node_state")
     }
 
     fn consensus_entries(&self, from: u64, limit: usize) -> Result<Vec<ConsensusEntry>> {
@@ -348,25 +353,11 @@ impl MeshStore for RedisStore {
     }
 
     fn routes(&self) -> Result<Vec<(u64, Value)>> {
-        let hash = self.key("routes");
-        let rows: Vec<(u64, Vec<u8>)> = self.run(|c| c.hgetall(&hash))?;
-        let mut out = rows
-            .into_iter()
-            .map(|(n, v)| Ok((n, json(&v)?)))
-            .collect::<Result<Vec<_>>>()?;
-        out.sort_by_key(|(n, _)| *n);
-        Ok(out)
+        self.json_hash("routes")
     }
 
     fn config(&self) -> Result<Vec<(String, Value)>> {
-        let hash = self.key("config");
-        let rows: Vec<(String, Vec<u8>)> = self.run(|c| c.hgetall(&hash))?;
-        let mut out = rows
-            .into_iter()
-            .map(|(k, v)| Ok((k, json(&v)?)))
-            .collect::<Result<Vec<_>>>()?;
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        self.json_hash("config")
     }
 
     fn counts(&self) -> Result<Counts> {
