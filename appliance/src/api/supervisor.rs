@@ -244,7 +244,11 @@ impl ServiceControllerService for Controller {
             save_state,
             "stop asked by the supervisor"
         );
-        let unreleased = self.state.streams.unreleased().await;
+        // The workers answer after their turn; a turn waits on the store at most its timeout.
+        let unreleased = tokio::time::timeout(CALL_DEADLINE, self.state.streams.unreleased())
+            .await
+            .ok()
+            .flatten();
         let state = Arc::clone(&self.state);
         tokio::spawn(async move {
             // Let the answer leave first.
