@@ -469,6 +469,20 @@ pub struct RuntimeConfig {
 pub struct LogConfig {
     /// A `tracing` filter such as `info` or `meshd=debug,info`; `RUST_LOG` wins when set.
     pub level: String,
+    /// `text` for people (colours only when stderr is a terminal), `json` (one object per
+    /// line) for log shippers; `meshd run --log-format` wins when given.
+    pub format: LogFormat,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, target, thread, fields, span.
+    Json,
 }
 
 /// Shard count setting.
@@ -533,6 +547,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         Self {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }

@@ -3,7 +3,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use meshd::{config::Config, storage::ControlDb};
+use meshd::{
+    config::{Config, LogFormat},
+    storage::ControlDb,
+};
 
 #[derive(Parser)]
 #[command(
@@ -23,6 +26,9 @@ enum Command {
         /// TOML config file; every key can be overridden by MESHD_<SECTION>__<KEY>.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Log line format (overrides `[log] format`).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Create a node's data directory: control database, node id, Ed25519 and TLS keys.
     Init {
@@ -78,20 +84,33 @@ fn write_new_secret(path: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Replaceable: `log.level` is a live setting (SetPolicy through the control group).
     let (filter, handle) = reload::Layer::new(filter);
+    // Colour codes only for a person at a terminal: a log file or a journal gets plain text.
+    let text = (format == LogFormat::Text).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_thread_names(true)
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    });
+    let json = (format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_thread_names(true)
+            .with_current_span(true)
+            .with_span_list(false)
+    });
     tracing_subscriber::registry()
         .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_thread_names(true),
-        )
+        .with(text)
+        .with(json)
         .init();
     meshd::control::live::set_log_reloader(Box::new(move |text| {
         let filter = EnvFilter::try_new(text).map_err(|e| e.to_string())?;
@@ -134,9 +153,9 @@ fn main() -> ExitCode {
     install_panic_hook();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => match Config::load(config.as_deref()) {
+        Command::Run { config, log_format } => match Config::load(config.as_deref()) {
             Ok((config, resolved)) => {
-                init_logging(&config.log.level);
+                init_logging(&config.log.level, log_format.unwrap_or(config.log.format));
                 meshd::node::run(config, resolved)
             }
             Err(e) => Err(e.into()),
@@ -146,7 +165,7 @@ fn main() -> ExitCode {
             node_id,
             mesh_secret_file,
         } => {
-            init_logging("info");
+            init_logging("info", LogFormat::Text);
             if let Some(path) = mesh_secret_file
                 && let Err(e) = write_new_secret(&path)
             {

@@ -7,9 +7,14 @@
 //! Used by the integration tests in `tests/tests/` and by `loadgen local`.
 
 pub mod dbs;
+pub mod deadline;
 pub mod netns;
 pub mod rogue;
 pub mod streams_support;
+
+/// `#[meshd_tests::test]`, `#[meshd_tests::test(limit = SECONDS)]`: a `#[tokio::test]` with an
+/// overall deadline ([`deadline`]).
+pub use meshd_test_macros::test;
 
 use std::{
     io::{BufRead, BufReader},
@@ -63,9 +68,21 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
         .parent()
         .context("workspace root")?;
     let profile = *PROFILE.get_or_init(|| "harness");
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args([
+    // The harness profile is built exactly as `tests/run` builds it (the whole workspace, every
+    // target): any other selection resolves features differently and would rebuild half the
+    // tree on the next `tests/run`. `release -p meshd` resolves as `release --workspace` does
+    // (appliance/Cargo.toml's feature alignment), so loadgen shares one release build.
+    let args: &[&str] = if profile == "harness" {
+        &[
+            "test",
+            "--workspace",
+            "--all-targets",
+            "--profile",
+            "harness",
+            "--no-run",
+        ]
+    } else {
+        &[
             "build",
             "--profile",
             profile,
@@ -73,7 +90,11 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
             "meshd",
             "--bin",
             "meshd",
-        ])
+        ]
+    };
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(args)
         .env("CARGO_TARGET_DIR", &target_dir)
         .status()
         .context("running cargo build for meshd")?;
@@ -201,6 +222,14 @@ impl ApiSecret {
     }
 }
 
+/// The longest a test waits for a node's answer to one call (or a stream's headers); the
+/// slowest calls (a supervisor `Stop` with its grace, a join) take seconds.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A stream's HTTP/2 pings: a node that answers none for `KEEPALIVE_TIMEOUT` (frozen longer
+/// than any test freezes one on purpose, or wedged) ends the stream with an error.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Adds a node's bearer token to every call (nothing for an api on loopback).
 #[derive(Clone, Debug, Default)]
 pub struct Auth(Option<MetadataValue<Ascii>>);
@@ -234,6 +263,12 @@ impl Api {
             )?,
         }
         .connect_timeout(timeout)
+        // No call waits on a node for ever: unary calls (and a stream's opening) get
+        // `CALL_TIMEOUT`, and a stream whose node stops answering HTTP/2 pings ends.
+        .timeout(CALL_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect()
         .await?;
         Ok(InterceptedService::new(
@@ -513,6 +548,7 @@ impl Node {
                 };
             }
         }
+        deadline::register(&self.log_path, self.spec.node_id, Some(child.id()));
         self.child = Some(child);
         self.write_config()?;
         Ok(())
@@ -528,6 +564,7 @@ impl Node {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            deadline::register(&self.log_path, self.spec.node_id, None);
         }
     }
 
@@ -546,6 +583,7 @@ impl Node {
         let Some(mut child) = self.child.take() else {
             return false;
         };
+        deadline::register(&self.log_path, self.spec.node_id, None);
         // SAFETY: as in `signal`.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGTERM);
@@ -688,7 +726,8 @@ impl Node {
             .unwrap_or_default())
     }
 
-    async fn channel(&self) -> anyhow::Result<ApiChannel> {
+    /// A connection to its api (calls carry [`CALL_TIMEOUT`]), for any generated client.
+    pub async fn channel(&self) -> anyhow::Result<ApiChannel> {
         self.api().connect(Duration::from_secs(5)).await
     }
 
@@ -738,9 +777,14 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        // A failing test (or one past its limit) kills at once: a frozen node would make a
+        // clean stop wait its full 10 s, per node.
+        if std::thread::panicking() {
+            self.kill();
+        } else if self.child.is_some() {
             let _ = self.stop();
         }
+        deadline::unregister(&self.log_path);
     }
 }
 

@@ -463,7 +463,7 @@ async fn watch_a(
 ///
 /// Printed, not asserted here: D's link *into* A (D → B relayed by A, D's membership at A);
 /// see `the_other_peers_link_into_a_node_with_a_full_api_ring_keeps_flowing`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_others_flow()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -857,7 +857,7 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
 /// delivery reports into the ring B's data filled and waited there, and everything behind a
 /// report on D's link (relayed frames, heartbeats, gossip) waited with it: D → B held 4-9 s,
 /// A declared D dead ~4 s in while its link stayed up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn the_other_peers_link_into_a_node_with_a_full_api_ring_keeps_flowing() -> anyhow::Result<()>
 {
     let _serial = exclusive().await;

@@ -12,7 +12,7 @@ use tonic::{
 
 const TOKEN: &str = "a-long-random-api-token-0123456789";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn an_api_reachable_from_other_hosts_needs_tls_and_a_token() -> anyhow::Result<()> {
     let _serial = exclusive().await;
 
@@ -69,6 +69,8 @@ async fn an_api_reachable_from_other_hosts_needs_tls_and_a_token() -> anyhow::Re
                 .ca_certificate(Certificate::from_pem(&cert_pem))
                 .domain_name("localhost"),
         )?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(meshd_tests::CALL_TIMEOUT)
         .connect()
         .await?;
     // TLS without the token, and with a wrong one: UNAUTHENTICATED.

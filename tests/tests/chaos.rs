@@ -34,7 +34,7 @@ async fn collect(node: &meshd_tests::Node, receipts: Receipts) -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn waiting_sends_keep_their_promises_while_relays_and_the_sink_crash() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     // 1 = source; 2, 3 = relays (both dial the source); 4 = sink behind NAT, dialing both

@@ -133,7 +133,7 @@ fn three_nodes() -> anyhow::Result<Cluster> {
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn updates_commit_in_one_order_everywhere_and_survive_a_killed_leader() -> anyhow::Result<()>
 {
     let _serial = exclusive().await;
@@ -420,7 +420,7 @@ async fn log_of(node: &Node, last: u64) -> anyhow::Result<Vec<(u64, u64)>> {
 ///  │                     │
 ///  4 (NAT)               5 (NAT)
 /// ```
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_minority_refuses_writes_the_majority_goes_on_and_the_heal_converges()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -515,7 +515,7 @@ async fn a_minority_refuses_writes_the_majority_goes_on_and_the_heal_converges()
 
 /// A node down while the group moves on past its snapshot interval catches up from a
 /// snapshot (the entries it missed were compacted away), and the log stays bounded.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_node_down_for_many_entries_catches_up_from_a_snapshot() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let small = "[consensus]\nsnapshot_every = 50\nkeep_behind_snapshot = 10\n";
@@ -576,7 +576,7 @@ async fn a_node_down_for_many_entries_catches_up_from_a_snapshot() -> anyhow::Re
 /// SetPolicy writes a live setting through the group and every node applies it (here the
 /// per-hop charge, seen in every node's route costs); EvictNode and LeaveMesh commit
 /// through the group and the group stops counting on the node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn settings_evictions_and_departures_go_through_the_group() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     // Meshes made by SeedMesh and JoinMesh (LeaveMesh and EvictNode need one).

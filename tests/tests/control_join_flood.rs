@@ -225,7 +225,7 @@ fn bad_join(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_member_flooded_with_bad_joins_keeps_its_mesh_healthy_and_refuses_the_excess_busy()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;

@@ -62,7 +62,7 @@ fn generation_of(status: &MeshStatus, node: u64) -> Option<u32> {
         .map(|m| m.generation)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_member_that_left_is_not_remembered_as_dead_after_a_restart() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut cluster = Cluster::start(vec![
@@ -121,7 +121,7 @@ async fn own_generation(node: &Node) -> anyhow::Result<u32> {
     Ok(generation_of(&status, node.spec.node_id).unwrap_or_default())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_generation_renewed_after_a_false_death_is_never_handed_out_again() -> anyhow::Result<()>
 {
     let _serial = exclusive().await;

@@ -25,7 +25,7 @@ fn waiting(dst: u64, payload: &[u8], timeout_seconds: u32) -> SendRequest {
 /// first addressed to the old one, which may have delivered it, so node 2 answers "outcome
 /// unknown" and delivers nothing, and node 1's caller gets QUEUED with that detail — not
 /// DELIVERED (never delivered), not PENDING_NODE (a copy did leave), not a duplicate.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_retransmission_to_a_restarted_destination_is_never_delivered_twice() -> anyhow::Result<()>
 {
     let _serial = exclusive().await;

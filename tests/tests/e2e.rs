@@ -65,7 +65,7 @@ fn memory_holds(pid: u32, needle: &[u8]) -> anyhow::Result<bool> {
     Ok(false)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn an_encrypted_send_crosses_a_relay_as_ciphertext_only() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![
@@ -127,7 +127,7 @@ async fn an_encrypted_send_crosses_a_relay_as_ciphertext_only() -> anyhow::Resul
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_node_without_the_tenant_key_says_so_and_nothing_is_delivered() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![

@@ -124,7 +124,7 @@ impl Drop for Driver {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_member_cannot_speak_for_another_node() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut cluster = Cluster::start(vec![

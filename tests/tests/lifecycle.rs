@@ -47,7 +47,7 @@ async fn join_pinned(
         .map(tonic::Response::into_inner)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut cluster = Cluster::start(vec![
@@ -240,7 +240,7 @@ async fn seed_join_crash_restart_evict_and_the_critical_gate() -> anyhow::Result
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn stop_start_and_leave_and_the_operator_cli() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![

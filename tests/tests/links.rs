@@ -52,7 +52,7 @@ fn send(dst: u64, corr_id: u64, mode: SendMode, require_ack: bool, payload: &[u8
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn messages_flow_both_ways_between_linked_nodes_with_payload_headers_and_corr_id_intact()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -138,7 +138,7 @@ async fn messages_flow_both_ways_between_linked_nodes_with_payload_headers_and_c
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn send_statuses_tell_unknown_unreachable_and_unsubscribed_destinations_apart()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -226,7 +226,7 @@ async fn send_statuses_tell_unknown_unreachable_and_unsubscribed_destinations_ap
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn session_figures_move_with_traffic_and_heartbeats() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = triangle()?;
@@ -265,7 +265,7 @@ async fn session_figures_move_with_traffic_and_heartbeats() -> anyhow::Result<()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_killed_node_is_seen_down_within_500_ms_and_relinks_when_it_restarts()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -309,7 +309,7 @@ async fn a_killed_node_is_seen_down_within_500_ms_and_relinks_when_it_restarts()
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_frozen_peer_is_declared_down_by_missed_heartbeats_and_relinks_when_it_thaws()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -334,7 +334,7 @@ async fn a_frozen_peer_is_declared_down_by_missed_heartbeats_and_relinks_when_it
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn handshakes_without_the_mesh_credential_or_with_a_wrong_mesh_a_bad_signature_or_an_old_version_are_refused()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -459,7 +459,7 @@ fn sent_summary(options: &RogueOptions) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn add_session_dials_and_returns_the_peer_and_drop_session_ends_it_for_good()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -526,7 +526,7 @@ async fn add_session_dials_and_returns_the_peer_and_drop_session_ends_it_for_goo
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn two_nodes_dialing_each_other_keep_exactly_one_link() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut cluster = Cluster::start(vec![
@@ -603,7 +603,7 @@ fn a_bad_config_is_refused_at_start_with_the_key_and_a_fix() -> anyhow::Result<(
 /// Admission across real processes: a `meshd` configured with the right mesh id but another
 /// secret dials a member and is refused every time; a node with the secret links at once; a
 /// node with no secret at all does not start.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_node_without_the_mesh_secret_cannot_link_whatever_mesh_id_it_claims()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -663,5 +663,91 @@ async fn a_node_without_the_mesh_secret_cannot_link_whatever_mesh_id_it_claims()
             assert!(message.contains("no mesh secret"), "{message}");
         }
     }
+    Ok(())
+}
+
+/// A log file reads as plain text (no colour codes when stderr is not a terminal), and
+/// `[log] format = "json"` (here through the environment) writes one JSON object per line that
+/// a shipper can parse: level, target, thread and the event's fields.
+#[meshd_tests::test]
+async fn logs_are_plain_text_in_a_file_and_one_json_object_per_line_when_asked()
+-> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let mut cluster = Cluster::start(vec![
+        NodeSpec::listener(1),
+        NodeSpec::listener(2)
+            .dialing(vec![0])
+            .with_env("MESHD_LOG__FORMAT", "json"),
+    ])?;
+    cluster
+        .node(0)
+        .wait_for_peers(&[2], Duration::from_secs(10))
+        .await?;
+    cluster
+        .node(1)
+        .wait_for_peers(&[1], Duration::from_secs(10))
+        .await?;
+    assert!(cluster.node_mut(1).stop(), "node 2 stops cleanly");
+
+    let text = cluster.node(0).log();
+    assert!(text.lines().count() > 5, "node 1 logged: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "node 1's log file holds escape codes:\n{text}"
+    );
+
+    let json = cluster.node(1).log();
+    let mut levels = std::collections::BTreeSet::new();
+    for line in json.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("not one JSON object per line ({e}): {line}"))?;
+        for key in ["timestamp", "level", "target", "fields", "threadName"] {
+            assert!(event.get(key).is_some(), "no {key} in {line}");
+        }
+        levels.insert(event["level"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(json.lines().count() > 5, "node 2 logged: {json}");
+    assert!(levels.contains("INFO"), "levels {levels:?}");
+    Ok(())
+}
+
+/// The deadline every test here runs under (`#[meshd_tests::test]`): a test wedged on a frozen
+/// node fails at its limit with the node's log tail in its message, and the node is killed (not
+/// left to a 10 s clean stop that a frozen process never finishes).
+#[meshd_tests::test]
+async fn a_test_past_its_limit_fails_with_its_nodes_log_tails_and_kills_them() -> anyhow::Result<()>
+{
+    let _serial = exclusive().await;
+    const LIMIT: Duration = Duration::from_secs(4);
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+    let started = Instant::now();
+    let wedged = tokio::spawn(meshd_tests::deadline::run("wedged", LIMIT, async move {
+        let cluster = Cluster::start(vec![NodeSpec::listener(1)])?;
+        let _ = pid_tx.send(cluster.node(0).pid());
+        cluster.node(0).signal(libc::SIGSTOP);
+        // Frozen: the call gets no answer (its own timeout is far past the limit).
+        let _ = cluster.node(0).sessions().await;
+        anyhow::Ok(())
+    }));
+    let panic = wedged
+        .await
+        .expect_err("a test past its limit fails")
+        .into_panic();
+    let elapsed = started.elapsed();
+    let message = panic.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        message.contains("test `wedged` exceeded its overall limit of 4s"),
+        "{message}"
+    );
+    assert!(message.contains("--- node 1 ("), "{message}");
+    assert!(message.contains("INFO"), "no log lines in {message}");
+    let pid = pid_rx.await?.expect("the node ran");
+    // SAFETY: signal 0 only asks whether the process exists.
+    let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
+    assert!(!alive, "the frozen node {pid} was left running");
+    assert!(
+        elapsed < LIMIT + Duration::from_secs(8),
+        "failing took {elapsed:?}"
+    );
     Ok(())
 }

@@ -32,7 +32,7 @@ fn five_nodes() -> anyhow::Result<Cluster> {
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn members_learn_each_other_detect_a_crash_recover_a_restart_and_go_critical()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -154,7 +154,7 @@ async fn members_learn_each_other_detect_a_crash_recover_a_restart_and_go_critic
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_state_event_reaches_every_subscriber_once() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = five_nodes()?;

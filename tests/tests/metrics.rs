@@ -91,7 +91,7 @@ fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
     samples.get(key).copied().unwrap_or(-1.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_scrape_shows_members_links_raft_and_streams_and_follows_a_link_going_down()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -252,7 +252,7 @@ async fn render_until(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn the_status_page_renders_every_member_in_a_browser_and_follows_a_link_going_down()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;

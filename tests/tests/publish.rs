@@ -24,7 +24,7 @@ fn message(dst: u64, seq: u64, size: usize) -> PublishMessage {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn batches_arrive_once_in_order_through_a_relay_and_a_paused_subscriber_loses_nothing()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;

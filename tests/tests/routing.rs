@@ -53,7 +53,7 @@ fn request(dst: u64, seq: u64, mode: SendMode) -> SendRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn nodes_behind_nat_talk_through_relays_and_traffic_moves_when_a_relay_dies()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -173,7 +173,7 @@ async fn nodes_behind_nat_talk_through_relays_and_traffic_moves_when_a_relay_die
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_broadcast_reaches_every_subscriber_once_the_senders_own_included() -> anyhow::Result<()>
 {
     let _serial = exclusive().await;
@@ -246,7 +246,7 @@ async fn a_broadcast_reaches_every_subscriber_once_the_senders_own_included() ->
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn topology_lists_neighbours_and_establish_full_links_dials_every_listener()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -267,7 +267,7 @@ async fn topology_lists_neighbours_and_establish_full_links_dials_every_listener
     assert_eq!(topology.routes.len(), 5);
     assert!(topology.routes.iter().all(|r| r.next_hops == vec![1]));
 
-    let mut mesh = MeshServiceClient::connect(format!("http://{}", e.grpc)).await?;
+    let mut mesh = MeshServiceClient::new(e.channel().await?);
     let dialing = mesh
         .establish_full_links(EstablishFullLinksRequest {})
         .await?

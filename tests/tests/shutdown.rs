@@ -56,7 +56,7 @@ async fn ends_within<T>(
     Ok(start.elapsed())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn sigterm_stops_a_node_within_seconds_even_with_open_streams() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut cluster = pair()?;
@@ -108,7 +108,7 @@ async fn sigterm_stops_a_node_within_seconds_even_with_open_streams() -> anyhow:
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_second_signal_during_the_stop_exits_at_once() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut cluster = pair()?;
@@ -139,7 +139,7 @@ async fn a_second_signal_during_the_stop_exits_at_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_fire_and_forget_send_to_a_node_never_in_the_mesh_is_undeliverable_at_once()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;

@@ -35,9 +35,7 @@ const TOTAL: u64 = 4000;
 const OUTAGE: Duration = Duration::from_secs(2);
 
 async fn health(node: &Node) -> anyhow::Result<GetHealthResponse> {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", node.grpc))?
-        .connect()
-        .await?;
+    let channel = node.channel().await?;
     Ok(ServiceControllerServiceClient::new(channel)
         .get_health(GetHealthRequest {})
         .await?
@@ -80,7 +78,7 @@ async fn wait_storage(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn streams_on_postgres_survive_the_database_dying_mid_stream() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut pg = Postgres::start()?;
@@ -240,10 +238,7 @@ async fn streams_on_postgres_survive_the_database_dying_mid_stream() -> anyhow::
 
     // The supervisor's Stop with a grace and save_state: nothing published is left behind,
     // and the platform reads a deliberate stop in node 1's final row.
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{}", cluster.node(0).grpc))?
-            .connect()
-            .await?;
+    let channel = cluster.node(0).channel().await?;
     let answer = ServiceControllerServiceClient::new(channel)
         .stop(StopRequest {
             grace_period_seconds: 5,

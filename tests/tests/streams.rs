@@ -65,7 +65,7 @@ async fn wait_group(
 /// Node 1 streams to nodes 2, 3 and 4: 2 links to 1; 3 and 4 are behind NAT and reach 1 only
 /// through 2. Under load, node 3 (a target behind NAT), node 1 (the source) and node 2 (a
 /// target and the relay of the others) are killed with SIGKILL and restarted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_the_relay()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
@@ -226,7 +226,7 @@ async fn a_stream_to_three_targets_survives_kill_9_of_a_target_the_source_and_th
 /// One 64 MiB message from node 1 to node 3, which is behind NAT and reached through node 2:
 /// it travels as 1 MiB chunks (CRC32C per frame on every hop), is reassembled and checked
 /// with BLAKE3 at node 3, and arrives whole, followed in order by a small message.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_64_mib_message_crosses_a_relay_in_chunks_and_arrives_whole() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = relay_chain(None).await?;
@@ -292,7 +292,7 @@ async fn a_64_mib_message_crosses_a_relay_in_chunks_and_arrives_whole() -> anyho
 
 /// Node 1 streams to node 2, whose subscriber takes 20 ms per message with a window of 4,
 /// and to node 3, whose subscriber is fast. The slow stream holds back only itself.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_slow_subscriber_slows_only_its_own_stream() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![
@@ -375,7 +375,7 @@ async fn a_slow_subscriber_slows_only_its_own_stream() -> anyhow::Result<()> {
 /// not re-dialed), publishes acknowledged by the source alone meanwhile, then the heal; then a
 /// silent one (the relay frozen with SIGSTOP, so its links go quiet without closing) and its
 /// thaw: everything arrives once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_partition_and_heal_lose_and_repeat_nothing() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = relay_chain(None).await?;
@@ -467,7 +467,7 @@ async fn a_partition_and_heal_lose_and_repeat_nothing() -> anyhow::Result<()> {
 }
 
 /// Every stream rpc refuses bad arguments with a clear status.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn stream_rpcs_refuse_bad_arguments_clearly() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let mut first = serving(NodeSpec::listener(1));

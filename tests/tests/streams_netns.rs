@@ -33,7 +33,7 @@ const DELIVER: Duration = Duration::from_secs(30);
 /// are published, then healed; then node 3's mesh link is pulled (down on both ends) while
 /// 1000 more are published, then healed. Every message arrives once, in order, and every
 /// publish is acknowledged once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_silent_and_a_hard_network_partition_lose_and_repeat_nothing() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     // Declared before the cluster, so the nodes stop before their namespaces go.

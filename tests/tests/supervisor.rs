@@ -79,7 +79,7 @@ async fn wait_until(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() -> anyhow::Result<()>
 {
     let _serial = exclusive().await;
@@ -144,10 +144,7 @@ async fn a_node_registers_heartbeats_reports_health_and_unregisters_at_stop() ->
     }
 
     // GetHealth on the node's own port.
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{}", cluster.node(0).grpc))?
-            .connect()
-            .await?;
+    let channel = cluster.node(0).channel().await?;
     let mut controller = ServiceControllerServiceClient::new(channel);
     let started = Instant::now();
     let health = loop {

@@ -135,3 +135,85 @@ fn shipped_code_has_no_todo_or_unimplemented_macros() {
         .collect();
     assert!(stubs.is_empty(), "stubs in shipped code: {stubs:?}");
 }
+
+/// Every multi-process test has an overall deadline: one wedged node fails its test, with the
+/// nodes' log tails, instead of hanging the run. A plain tokio test attribute here has none.
+#[test]
+fn every_multi_process_test_has_an_overall_deadline() {
+    let mut files = Vec::new();
+    rust_files(&workspace().join("tests/tests"), &mut files);
+    let plain: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .contains(concat!("#[tokio", "::test"))
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(
+        plain.is_empty(),
+        "use #[meshd_tests::test] (an overall limit) instead of a plain tokio test in {plain:?}"
+    );
+}
+
+/// The features each crate meshd uses is built with, as `cargo tree` resolves them for `sel`.
+fn resolved_features(sel: &[&str]) -> std::collections::BTreeMap<String, Vec<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .current_dir(workspace())
+        .arg("tree")
+        .args(sel)
+        .args(["-e", "normal,build", "--prefix", "none", "-f", "{p}|{f}"])
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        output.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut crates: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some((package, features)) = line.trim_end_matches(" (*)").split_once('|') else {
+            continue;
+        };
+        let package = package.replace(" (proc-macro)", "");
+        let entry = crates.entry(package).or_default();
+        entry.extend(
+            features
+                .split(',')
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned),
+        );
+        entry.sort();
+        entry.dedup();
+    }
+    crates
+}
+
+/// `cargo build -p meshd` (what loadgen and the harness run) and `cargo build --workspace`
+/// build one and the same meshd: every crate in meshd's tree gets the same features from both
+/// (appliance/Cargo.toml's "feature alignment" block).
+#[test]
+fn meshd_alone_and_the_workspace_resolve_the_same_features() {
+    let alone = resolved_features(&["-p", "meshd"]);
+    let whole = resolved_features(&["--workspace"]);
+    let drift: Vec<String> = alone
+        .iter()
+        .filter(|(package, _)| !package.starts_with("meshd"))
+        .filter_map(|(package, features)| {
+            let wanted = whole.get(package)?;
+            (wanted != features).then(|| {
+                let missing: Vec<&String> =
+                    wanted.iter().filter(|f| !features.contains(f)).collect();
+                format!("{package}: add features {missing:?}")
+            })
+        })
+        .collect();
+    assert!(
+        drift.is_empty(),
+        "meshd alone resolves other features than the workspace; add these to the feature \
+         alignment block of appliance/Cargo.toml:\n{}",
+        drift.join("\n")
+    );
+}

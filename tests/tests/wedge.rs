@@ -27,7 +27,7 @@ fn request(dst: u64, mode: SendMode, payload: Vec<u8>) -> SendRequest {
 /// while node 1 is asked to send it 64 KiB messages. Node 1 → node 2 waiting sends must keep
 /// being delivered throughout, without waiting behind the rogue's frames, and the rogue's link
 /// must be cut for not reading.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn a_peer_that_never_reads_is_cut_off_while_other_traffic_keeps_flowing() -> anyhow::Result<()>
 {
     let _serial = exclusive().await;
@@ -146,7 +146,7 @@ fn publish_message(dst: u64, seq: u64, size: usize) -> meshd_proto::link::Publis
 /// both directions at once (each shard's readers feed the other shard's fwd ring). Before the
 /// rings were split, the two input loops could each wait on the other's full ring for ever.
 /// Every message must arrive once and in order, and no link may drop.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn two_shards_cross_forwarding_at_saturation_keep_flowing() -> anyhow::Result<()> {
     use meshd_shards::ownership::owner_shard;
     let _serial = exclusive().await;
@@ -259,7 +259,7 @@ async fn two_shards_cross_forwarding_at_saturation_keep_flowing() -> anyhow::Res
 /// data-sized WebSocket message (megabytes). 48 connections each start a message claiming
 /// 4 MiB and send 2 MiB of it: the node stops reading each one at the handshake's read budget
 /// (64 KiB) and closes it, so its memory grows by a few MiB, not by 96.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[meshd_tests::test]
 async fn unauthenticated_peers_cannot_make_a_node_buffer_megabytes() -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![NodeSpec::listener(1)])?;
