@@ -44,8 +44,12 @@ pub(crate) enum Topology {
 /// Systems to compare with.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub(crate) enum Compare {
-    /// A 3-server core NATS cluster (nats-server on the PATH or in /usr/sbin).
+    /// Core NATS with plaintext routes and leaf connections (nats-server on the PATH or in
+    /// /usr/sbin).
     Nats,
+    /// Core NATS whose routes and leaf connections run TLS 1.3 with both ends verified, as
+    /// meshd's links always do: the like-for-like comparison.
+    NatsTls,
 }
 
 /// What is sent.

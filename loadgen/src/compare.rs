@@ -5,9 +5,9 @@ use anyhow::bail;
 
 use crate::bench::{BenchArgs, BenchReport, Compare, Workload};
 
-/// Runs `args` on meshd and, with `--compare nats`, on a NATS cluster; prints one table.
+/// Runs `args` on meshd and, with `--compare nats` or `nats-tls`, on NATS; prints one table.
 pub(crate) async fn run_compared(args: BenchArgs) -> anyhow::Result<Vec<BenchReport>> {
-    let Some(Compare::Nats) = args.compare else {
+    let Some(Compare::Nats | Compare::NatsTls) = args.compare else {
         return Ok(vec![crate::bench::run(args).await?]);
     };
     let (meshd, nats) = compare(&args).await?;
@@ -19,15 +19,21 @@ pub(crate) async fn run_compared(args: BenchArgs) -> anyhow::Result<Vec<BenchRep
     Ok(vec![meshd, nats])
 }
 
-/// The same fire-and-forget workload on meshd, then on a 3-server NATS cluster; prints nothing.
+/// The same fire-and-forget workload on meshd, then on NATS (TLS between its servers with
+/// `--compare nats-tls`); prints nothing.
 pub(crate) async fn compare(args: &BenchArgs) -> anyhow::Result<(BenchReport, BenchReport)> {
+    let meshd = meshd_side(args).await?;
+    let nats = nats_side(args, args.compare == Some(Compare::NatsTls)).await?;
+    Ok((meshd, nats))
+}
+
+/// The meshd side of a comparison: a chain with the same hops.
+pub(crate) async fn meshd_side(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if !matches!(args.workload, Workload::Fire) {
         bail!("--compare nats runs the fire workload (core NATS has no delivery or ack statuses)");
     }
     // Fail before the meshd run when the comparison cannot happen.
     crate::nats::find_server()?;
-    let log_dir = std::env::temp_dir().join(format!("loadgen-nats-{}", std::process::id()));
-    std::fs::create_dir_all(&log_dir)?;
     // Like for like: the same hops on both sides.
     let quiet = BenchArgs {
         silent: true,
@@ -40,14 +46,24 @@ pub(crate) async fn compare(args: &BenchArgs) -> anyhow::Result<(BenchReport, Be
         "meshd: {} nodes in a chain ({} hop(s))…",
         quiet.nodes, args.hops
     );
-    let meshd = run_quiet(quiet).await?;
+    run_quiet(quiet).await
+}
+
+/// The NATS side of a comparison, plaintext or with TLS between its servers.
+pub(crate) async fn nats_side(args: &BenchArgs, tls: bool) -> anyhow::Result<BenchReport> {
+    let log_dir = std::env::temp_dir().join(format!("loadgen-nats-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir)?;
+    let args = BenchArgs {
+        compare: Some(if tls { Compare::NatsTls } else { Compare::Nats }),
+        ..args.clone()
+    };
     let shape = crate::nats::Shape::for_hops(usize::from(args.hops));
-    eprintln!("NATS: {}…", shape.describe());
-    let cluster = crate::nats::start_cluster(&log_dir, shape).await?;
-    let nats = crate::nats::run(&cluster, shape, args).await?;
+    eprintln!("NATS: {}…", shape.describe(tls));
+    let cluster = crate::nats::start_cluster(&log_dir, shape, tls).await?;
+    let nats = crate::nats::run(&cluster, shape, &args).await?;
     drop(cluster);
     let _ = std::fs::remove_dir_all(&log_dir);
-    Ok((meshd, nats))
+    Ok(nats)
 }
 
 async fn run_quiet(args: BenchArgs) -> anyhow::Result<BenchReport> {

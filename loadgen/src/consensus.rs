@@ -57,7 +57,7 @@ pub(crate) struct ConsensusReport {
     pub(crate) snapshot_catch_up: Option<(u64, Duration)>,
 }
 
-fn update(key: u64, size: usize) -> DbUpdate {
+pub(crate) fn update(key: u64, size: usize) -> DbUpdate {
     DbUpdate {
         table_name: "bench".into(),
         operation: "INSERT".into(),

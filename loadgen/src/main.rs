@@ -27,6 +27,7 @@ mod nats;
 mod publish;
 mod report;
 mod results;
+mod saturate;
 mod scale;
 mod stream;
 
@@ -81,6 +82,10 @@ enum Command {
     /// delivery latency, loss / duplicates / order; with --compare, the same load on a
     /// JetStream R3 stream (Debian's nats-server).
     Stream(stream::StreamArgs),
+    /// Liveness under a saturated data path: A floods B, whose subscriber is slow, while C
+    /// writes to the control group; members suspected, link RTT, commit latency, links
+    /// re-made and messages lost, idle and flooded.
+    Saturate(saturate::SaturateArgs),
     /// Run the standard loads on meshd and NATS and the 50-node mesh, and rewrite the
     /// generated section of benches/RESULTS.md with the figures and the machine.
     Results {
@@ -137,6 +142,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Scale { nodes, nat, seed } => scale::run(nodes, nat, seed).await,
+        Command::Saturate(args) => {
+            let report = saturate::run(&args).await?;
+            saturate::print(&args, &report);
+            Ok(())
+        }
         Command::Stream(args) => stream::run(&args).await.map(|_| ()),
         Command::Bench(args) => {
             let reports = compare::run_compared(args).await?;

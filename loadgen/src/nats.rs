@@ -81,16 +81,68 @@ impl Shape {
         }
     }
 
-    pub(crate) fn describe(self) -> String {
+    pub(crate) fn describe(self, tls: bool) -> String {
+        let security = if tls {
+            "routes and leaf connections over TLS 1.3, both ends verified"
+        } else {
+            "plaintext routes and leaf connections"
+        };
         match self {
-            Self::Cluster(n) => {
-                format!("NATS 2.9 cluster of {n} servers, publish on 1, subscribe on {n} (1 hop)")
-            }
-            Self::LeafChain => {
-                "NATS 2.9 leaf → hub → leaf, publish on one leaf, subscribe on the other (2 hops)"
-                    .to_owned()
-            }
+            Self::Cluster(n) => format!(
+                "NATS 2.9 cluster of {n} servers, publish on 1, subscribe on {n} (1 hop), {security}"
+            ),
+            Self::LeafChain => format!(
+                "NATS 2.9 leaf → hub → leaf, publish on one leaf, subscribe on the other (2 hops), {security}"
+            ),
         }
+    }
+}
+
+/// Server-to-server TLS for the NATS side, as meshd's links always have it: one self-signed
+/// certificate (127.0.0.1, usable as server and client) that is also the only trusted root,
+/// with `verify: true` so both ends of every route and leaf connection present and check it
+/// (meshd authenticates both ends of a link too). Client connections stay plaintext on both
+/// sides (meshd's api on loopback is plaintext gRPC).
+struct Tls {
+    cert: String,
+    key: String,
+}
+
+impl Tls {
+    fn create(dir: &Path) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyCertSign,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let tls = Self {
+            cert: dir.join("nats-tls.pem").display().to_string(),
+            key: dir.join("nats-tls.key").display().to_string(),
+        };
+        std::fs::write(&tls.cert, cert.pem())?;
+        std::fs::write(&tls.key, key.serialize_pem())?;
+        Ok(tls)
+    }
+
+    /// A `tls { }` block: this certificate, trusted as the root, peers verified.
+    fn block(&self) -> String {
+        format!(
+            "tls {{\n    cert_file: \"{}\"\n    key_file: \"{}\"\n    ca_file: \"{}\"\n    verify: true\n    timeout: 5\n  }}",
+            self.cert, self.key, self.cert
+        )
     }
 }
 
@@ -107,8 +159,21 @@ fn spawn_server(server: &str, config: &Path, log: &Path) -> anyhow::Result<Child
 
 /// Starts the servers of `shape` on loopback and waits until a message published on the
 /// first reaches a subscriber on the last.
-pub(crate) async fn start_cluster(log_dir: &Path, shape: Shape) -> anyhow::Result<NatsCluster> {
+/// With `tls`, routes and leaf connections run TLS 1.3 with both ends verified.
+pub(crate) async fn start_cluster(
+    log_dir: &Path,
+    shape: Shape,
+    tls: bool,
+) -> anyhow::Result<NatsCluster> {
     let server = find_server()?;
+    let tls = if tls {
+        Some(Tls::create(log_dir)?)
+    } else {
+        None
+    };
+    let tls_block = tls
+        .as_ref()
+        .map_or(String::new(), |t| format!("  {}\n", t.block()));
     let mut cluster = NatsCluster {
         children: Vec::new(),
         urls: Vec::new(),
@@ -126,7 +191,7 @@ pub(crate) async fn start_cluster(log_dir: &Path, shape: Shape) -> anyhow::Resul
                 std::fs::write(
                     &config,
                     format!(
-                        "listen: 127.0.0.1:{}\nserver_name: loadgen-{}\ncluster {{\n  name: loadgen\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                        "listen: 127.0.0.1:{}\nserver_name: loadgen-{}\ncluster {{\n  name: loadgen\n  listen: 127.0.0.1:{}\n  routes: [{}]\n{tls_block}}}\n",
                         client_ports[i],
                         i + 1,
                         cluster_ports[i],
@@ -147,7 +212,7 @@ pub(crate) async fn start_cluster(log_dir: &Path, shape: Shape) -> anyhow::Resul
             std::fs::write(
                 &hub_config,
                 format!(
-                    "listen: 127.0.0.1:{hub}\nserver_name: hub\nleafnodes {{\n  listen: 127.0.0.1:{hub_leaf}\n}}\n"
+                    "listen: 127.0.0.1:{hub}\nserver_name: hub\nleafnodes {{\n  listen: 127.0.0.1:{hub_leaf}\n{tls_block}}}\n"
                 ),
             )?;
             cluster.children.push(spawn_server(
@@ -155,12 +220,19 @@ pub(crate) async fn start_cluster(log_dir: &Path, shape: Shape) -> anyhow::Resul
                 &hub_config,
                 &log_dir.join("nats-hub.log"),
             )?);
+            let remote = match &tls {
+                None => format!("{{ url: \"nats-leaf://127.0.0.1:{hub_leaf}\" }}"),
+                Some(t) => format!(
+                    "{{ url: \"tls://127.0.0.1:{hub_leaf}\"\n    {} }}",
+                    t.block()
+                ),
+            };
             for (name, port) in [("leaf-a", leaf_a), ("leaf-b", leaf_b)] {
                 let config = log_dir.join(format!("nats-{name}.conf"));
                 std::fs::write(
                     &config,
                     format!(
-                        "listen: 127.0.0.1:{port}\nserver_name: {name}\nleafnodes {{\n  remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf}\" }} ]\n}}\n"
+                        "listen: 127.0.0.1:{port}\nserver_name: {name}\nleafnodes {{\n  remotes: [ {remote} ]\n}}\n"
                     ),
                 )?;
                 cluster.children.push(spawn_server(
@@ -342,7 +414,7 @@ pub(crate) async fn run(
     };
     let describe = (
         "fire".to_owned(),
-        shape.describe(),
+        shape.describe(args.compare == Some(crate::bench::Compare::NatsTls)),
         args.rate,
         args.in_flight,
         args.batch,

@@ -99,9 +99,12 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     let nats_available = crate::nats::find_server().is_ok();
     for (load, args) in &loads {
         if nats_available {
-            let (meshd, nats) = compare::compare(args).await?;
+            let meshd = compare::meshd_side(args).await?;
+            let nats = compare::nats_side(args, false).await?;
+            let nats_tls = compare::nats_side(args, true).await?;
             rows.push(row("meshd", load, &meshd));
             rows.push(row("NATS", load, &nats));
+            rows.push(row("NATS, TLS routes", load, &nats_tls));
         } else {
             let quiet = BenchArgs {
                 compare: None,
@@ -135,10 +138,24 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    // Liveness with the data path saturated: a slow subscriber, then a fast one.
+    let mut saturated = Vec::new();
+    for slow_ms in [20, 0] {
+        let args = crate::saturate::SaturateArgs {
+            slow_ms,
+            size: 65_536,
+            in_flight: 16,
+            idle: 3,
+            duration: 10,
+            writes: 20,
+        };
+        let report = crate::saturate::run(&args).await?;
+        saturated.extend(crate::saturate::rows(&args, &report));
+    }
     let scale = scale::measure(50, 10, 1).await?;
     let mut text = String::new();
     text.push_str(BEGIN);
-    text.push_str(&format!("\n\nMachine: {}. Like for like: 1 hop is a 2-node meshd chain against a 2-server NATS cluster; 2 hops a 3-node meshd chain (one relay) against NATS leaf → hub → leaf. Fire-and-forget through meshd's `Publish` and core NATS `publish` + `flush`, the same batches in flight on both sides (closed loop: that many publishing lanes; open loop: at most in-flight / batch batches outstanding), subscribers bounded alike (4096 messages). Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when each message was due to its arrival at the subscriber.\n\n", machine()));
+    text.push_str(&format!("\n\nMachine: {}. Like for like: 1 hop is a 2-node meshd chain against a 2-server NATS cluster; 2 hops a 3-node meshd chain (one relay) against NATS leaf → hub → leaf. Fire-and-forget through meshd's `Publish` and core NATS `publish` + `flush`, the same batches in flight on both sides (closed loop: that many publishing lanes; open loop: at most in-flight / batch batches outstanding), subscribers bounded alike (4096 messages). meshd's links are always TLS 1.3 (both ends authenticated); the NATS rows have plaintext routes and leaf connections, the \"NATS, TLS routes\" rows TLS 1.3 between servers with both ends verified (clients plaintext on both sides, as meshd's api on loopback). Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when each message was due to its arrival at the subscriber.\n\n", machine()));
     text.push_str("| system | load | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | max µs | lost / dup |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for r in &rows {
         text.push_str(r);
@@ -169,6 +186,13 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     }
     if on_postgres.is_empty() {
         text.push_str("\nThe PostgreSQL row is missing: PostgreSQL was not installed (`sudo apt-get install -y postgresql`).\n");
+    }
+    text.push_str("\nLiveness with the data path saturated (`loadgen saturate`): A, B, C fully linked, one control group; A floods B with 64 KiB fire-and-forget messages from 16 senders for 10 s after a 3 s idle baseline while B's subscriber reads one message per 20 ms (then as fast as it can); C, which sends no data, writes 20 control-group updates/s throughout. Members and links polled on every node every 100 ms; RTT is the smoothed heartbeat round trip `GetSessions` reports; lost = accepted sends B's subscriber never got, after a drain at full speed.\n\n");
+    text.push_str(crate::saturate::HEAD);
+    text.push('\n');
+    for r in &saturated {
+        text.push_str(r);
+        text.push('\n');
     }
     text.push_str(&format!(
         "\n{} meshd processes on this host, random asymmetric topology ({} links, {} behind NAT, seed {}): all ready {:.2} s after the first start, every node routes to every other after {:.2} s and sees every member alive after {:.2} s; resident memory {:.1} MiB per node on average ({:.1} MiB max).\n\n",
