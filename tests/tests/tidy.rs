@@ -85,14 +85,19 @@ fn protocol_cores_import_no_runtime_socket_or_storage_crate_and_read_no_clock() 
     );
 }
 
+/// Runs cargo (the one running this test) in the workspace.
+fn cargo(args: &[&str]) -> std::process::Output {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    Command::new(cargo)
+        .current_dir(workspace())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cargo {args:?}: {e}"))
+}
+
 #[test]
 fn the_code_is_formatted() {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(workspace())
-        .args(["fmt", "--all", "--", "--check"])
-        .output()
-        .expect("cargo fmt runs");
+    let output = cargo(&["fmt", "--all", "--", "--check"]);
     assert!(
         output.status.success(),
         "run `cargo fmt --all`:\n{}",
@@ -159,14 +164,10 @@ fn every_multi_process_test_has_an_overall_deadline() {
 
 /// The features each crate meshd uses is built with, as `cargo tree` resolves them for `sel`.
 fn resolved_features(sel: &[&str]) -> std::collections::BTreeMap<String, Vec<String>> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(workspace())
-        .arg("tree")
-        .args(sel)
-        .args(["-e", "normal,build", "--prefix", "none", "-f", "{p}|{f}"])
-        .output()
-        .expect("cargo tree runs");
+    let mut args = vec!["tree"];
+    args.extend(sel);
+    args.extend(["-e", "normal,build", "--prefix", "none", "-f", "{p}|{f}"]);
+    let output = cargo(&args);
     assert!(
         output.status.success(),
         "cargo tree: {}",
