@@ -63,11 +63,21 @@ fn build_meshd() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(path));
     }
     let target_dir = target_dir()?;
+    let profile = *PROFILE.get_or_init(|| "harness");
+    // A test binary of the harness profile runs under a `cargo test` that holds that profile's
+    // build lock: a nested build there would wait for it for ever. (`cargo run` of loadgen
+    // holds no lock while it runs.)
+    let exe = std::env::current_exe()?;
+    if profile == "harness" && exe.starts_with(target_dir.join(profile)) {
+        bail!(
+            "this test runs from the `{profile}` profile without TEST_MESHD_BIN: run it through \
+             tests/run (e.g. `tests/run --test links`), which builds meshd and sets it"
+        );
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?;
-    let profile = *PROFILE.get_or_init(|| "harness");
     // The harness profile is built exactly as `tests/run` builds it (the whole workspace, every
     // target): any other selection resolves features differently and would rebuild half the
     // tree on the next `tests/run`. `release -p meshd` resolves as `release --workspace` does
