@@ -143,6 +143,24 @@ impl FrameType {
         }
     }
 
+    /// True for frames a link's writer sends before any data queued on that link: liveness,
+    /// routing, membership, consensus and delivery outcomes (seed 002's control class). They
+    /// keep their order among themselves and may overtake data queued before them, which no
+    /// protocol here depends on. A goodbye keeps its place (it ends what was queued before it),
+    /// and stream frames stay with data (a stream's open comes before its data).
+    pub const fn is_served_first(self) -> bool {
+        matches!(
+            self,
+            Self::Heartbeat
+                | Self::HeartbeatAck
+                | Self::Routing
+                | Self::Gossip
+                | Self::Raft
+                | Self::DeliveryReport
+                | Self::AppAck
+        )
+    }
+
     /// True for frames between direct neighbours only (handshake, heartbeats, goodbye,
     /// routing), which are never forwarded.
     pub const fn is_control(self) -> bool {

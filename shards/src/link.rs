@@ -92,11 +92,15 @@ const MAX_JOIN_FRAMES: u32 = 2;
 
 /// Frames waiting to be written to one link, batched into WebSocket messages.
 ///
-/// Senders encode straight into the open batch; the writer takes sealed batches first, then
-/// the open one, and writes each as one WebSocket message. Data frames are queued while fewer
-/// than `max_pending_bytes` wait ([`Outbox::push`] waits for room, [`Outbox::try_push`] does
-/// not); control frames ([`Outbox::push_now`]) may use [`CONTROL_ALLOWANCE_BYTES`] more.
-/// Nothing else ever grows it.
+/// Two queues: frames that are served first ([`FrameType::is_served_first`]: heartbeats,
+/// routing, gossip, Raft, delivery reports and acks) and everything else. Senders encode
+/// straight into a queue's open batch; the writer takes the served-first queue's batches
+/// before any data batch, so a heartbeat or a Raft message waits behind at most the one
+/// WebSocket message being written, never behind the data queued before it. Data frames are
+/// queued while fewer than `max_pending_bytes` wait (both queues counted; [`Outbox::push`]
+/// waits for room, [`Outbox::try_push`] does not); served-first frames, and control frames
+/// pushed with [`Outbox::push_now`], may use [`CONTROL_ALLOWANCE_BYTES`] more. Nothing else
+/// ever grows it.
 pub(crate) struct Outbox {
     inner: RefCell<OutboxInner>,
     ready: Event,
@@ -106,12 +110,54 @@ pub(crate) struct Outbox {
 }
 
 struct OutboxInner {
+    first: Queue,
+    data: Queue,
+    /// Bytes in both queues.
+    queued: usize,
+    closing: Option<String>,
+}
+
+/// One queue of an [`Outbox`]: sealed batches and the open one.
+#[derive(Default)]
+struct Queue {
     sealed: VecDeque<(Vec<u8>, u64)>,
     batch: Vec<u8>,
     frames: u64,
-    /// Bytes in `sealed` and `batch`.
-    queued: usize,
-    closing: Option<String>,
+}
+
+impl Queue {
+    /// Encodes a frame into the open batch (sealing it first when the frame would overfill
+    /// it); returns the bytes added.
+    fn encode(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        max_payload: usize,
+    ) -> Result<usize, OutboxError> {
+        let frame_len = frame::HEADER_LEN + payload.len();
+        if !self.batch.is_empty() && self.batch.len() + frame_len > MAX_BATCH_BYTES {
+            let batch = mem::take(&mut self.batch);
+            let frames = mem::take(&mut self.frames);
+            self.sealed.push_back((batch, frames));
+        }
+        if self.batch.capacity() == 0 {
+            self.batch
+                .reserve(frame_len.clamp(64 * 1024, MAX_BATCH_BYTES));
+        }
+        let before = self.batch.len();
+        frame::encode_into(&mut self.batch, header, payload, max_payload)
+            .map_err(|_| OutboxError::Oversized)?;
+        self.frames += 1;
+        Ok(self.batch.len() - before)
+    }
+
+    /// The oldest sealed batch, else the open one.
+    fn take(&mut self) -> Option<(Vec<u8>, u64)> {
+        self.sealed.pop_front().or_else(|| {
+            (!self.batch.is_empty())
+                .then(|| (mem::take(&mut self.batch), mem::take(&mut self.frames)))
+        })
+    }
 }
 
 /// What the writer takes from the outbox.
@@ -135,9 +181,8 @@ impl Outbox {
     pub(crate) fn new(max_pending_bytes: usize, max_payload_bytes: usize) -> Self {
         Self {
             inner: RefCell::new(OutboxInner {
-                sealed: VecDeque::new(),
-                batch: Vec::new(),
-                frames: 0,
+                first: Queue::default(),
+                data: Queue::default(),
                 queued: 0,
                 closing: None,
             }),
@@ -196,6 +241,12 @@ impl Outbox {
     }
 
     fn queue(&self, header: &Header, payload: &[u8], bound: usize) -> Result<(), OutboxError> {
+        let first = header.frame_type.is_served_first();
+        let bound = if first {
+            bound.max(self.max_pending_bytes + CONTROL_ALLOWANCE_BYTES)
+        } else {
+            bound
+        };
         let mut inner = self.inner.borrow_mut();
         if inner.closing.is_some() {
             return Err(OutboxError::Closed);
@@ -203,22 +254,13 @@ impl Outbox {
         if inner.queued >= bound {
             return Err(OutboxError::Full);
         }
-        let frame_len = frame::HEADER_LEN + payload.len();
-        if !inner.batch.is_empty() && inner.batch.len() + frame_len > MAX_BATCH_BYTES {
-            let batch = mem::take(&mut inner.batch);
-            let frames = mem::take(&mut inner.frames);
-            inner.sealed.push_back((batch, frames));
-        }
-        if inner.batch.capacity() == 0 {
-            inner
-                .batch
-                .reserve(frame_len.clamp(64 * 1024, MAX_BATCH_BYTES));
-        }
-        let before = inner.batch.len();
-        frame::encode_into(&mut inner.batch, header, payload, self.max_payload_bytes)
-            .map_err(|_| OutboxError::Oversized)?;
-        inner.queued += inner.batch.len() - before;
-        inner.frames += 1;
+        let queue = if first {
+            &mut inner.first
+        } else {
+            &mut inner.data
+        };
+        let added = queue.encode(header, payload, self.max_payload_bytes)?;
+        inner.queued += added;
         drop(inner);
         self.ready.notify(1);
         Ok(())
@@ -241,15 +283,7 @@ impl Outbox {
 
     fn try_take(&self) -> Option<Take> {
         let mut inner = self.inner.borrow_mut();
-        let taken = match inner.sealed.pop_front() {
-            Some(sealed) => Some(sealed),
-            None if !inner.batch.is_empty() => {
-                let batch = mem::take(&mut inner.batch);
-                let frames = mem::take(&mut inner.frames);
-                Some((batch, frames))
-            }
-            None => None,
-        };
+        let taken = inner.first.take().or_else(|| inner.data.take());
         if let Some((batch, frames)) = taken {
             inner.queued -= batch.len();
             drop(inner);
@@ -743,4 +777,84 @@ pub(crate) fn peer_addr(stream: &TcpStream) -> SocketAddr {
     stream
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FrameType, TrafficClass};
+
+    fn header(frame_type: FrameType) -> Header {
+        Header::new(frame_type, TrafficClass::Client, 1, 2)
+    }
+
+    /// What the writer would send next: the frame types of one WebSocket message.
+    fn next_message(outbox: &Outbox) -> Vec<FrameType> {
+        let Some(Take::Batch(batch, frames)) = outbox.try_take() else {
+            return Vec::new();
+        };
+        let mut types = Vec::new();
+        let mut rest = &batch[..];
+        while !rest.is_empty() {
+            let (frame, used) = frame::decode(rest, 4 << 20).expect("a frame the outbox encoded");
+            types.push(frame.header.frame_type);
+            rest = &rest[used..];
+        }
+        assert_eq!(types.len() as u64, frames);
+        types
+    }
+
+    #[test]
+    fn heartbeats_raft_and_reports_overtake_queued_data_in_their_own_order() {
+        use FrameType::{AppAck, Data, DeliveryReport, Goodbye, Heartbeat, Raft};
+        let outbox = Outbox::new(1 << 20, 4 << 20);
+        // 600 KiB of data first: three WebSocket messages' worth.
+        for _ in 0..3 {
+            outbox.try_push(&header(Data), &[0; 200 << 10]).unwrap();
+        }
+        outbox.push_now(&header(Heartbeat), &[]).unwrap();
+        outbox.try_push(&header(Raft), b"append").unwrap();
+        outbox.try_push(&header(Data), b"late").unwrap();
+        outbox.try_push(&header(DeliveryReport), b"run").unwrap();
+        outbox.push_now(&header(Goodbye), b"bye").unwrap();
+        outbox.try_push(&header(AppAck), b"ack").unwrap();
+
+        assert_eq!(
+            next_message(&outbox),
+            [Heartbeat, Raft, DeliveryReport, AppAck]
+        );
+        // Then the data, in order, the goodbye after everything queued before it.
+        let mut rest = Vec::new();
+        loop {
+            let message = next_message(&outbox);
+            if message.is_empty() {
+                break;
+            }
+            rest.extend(message);
+        }
+        assert_eq!(rest, [Data, Data, Data, Data, Goodbye]);
+    }
+
+    #[test]
+    fn served_first_frames_get_the_control_allowance_when_data_fills_the_outbox() {
+        use FrameType::{Data, Gossip, Raft};
+        let outbox = Outbox::new(64 << 10, 4 << 20);
+        while outbox.try_push(&header(Data), &[0; 8 << 10]).is_ok() {}
+        assert_eq!(
+            outbox.try_push(&header(Data), b"more"),
+            Err(OutboxError::Full)
+        );
+        outbox.try_push(&header(Raft), &[0; 1024]).unwrap();
+        outbox.try_push(&header(Gossip), &[0; 1024]).unwrap();
+        // The allowance is a bound too: a flood of them stops at it.
+        let mut queued = 0;
+        while outbox.try_push(&header(Raft), &[0; 1024]).is_ok() {
+            queued += 1;
+            assert!(
+                queued < 100,
+                "served-first frames grew the outbox unbounded"
+            );
+        }
+        assert_eq!(next_message(&outbox)[0], Raft);
+    }
 }
