@@ -111,8 +111,6 @@ pub struct NetworkConfig {
     pub handshake_timeout_ms: u64,
     /// Longest a write to a link may make no progress before the link is closed (the peer
     /// stopped reading). Relayed frames wait at most half of it for room at their next hop.
-    /// Keep it above the 1 s a delivery waits for a full subscriber queue, or a slow
-    /// subscriber's backpressure closes links instead of slowing senders.
     pub write_timeout_ms: u64,
     /// Largest frame payload (a message with its headers). Bigger sends are refused.
     pub max_payload_bytes: usize,
@@ -121,6 +119,32 @@ pub struct NetworkConfig {
     pub link_queue_bytes: usize,
     /// Connections in set-up on the whole node; more are closed at once (a flood guard).
     pub max_pending_handshakes: usize,
+    /// `split` (default): each link gets a control lane, a second connection for heartbeats,
+    /// routing, gossip, Raft, delivery reports and acks, so they never queue behind data.
+    /// `collapsed`: one connection carries everything (constrained peers, tests). A link is
+    /// split only when both ends say `split`.
+    pub lanes: Lanes,
+}
+
+/// `network.lanes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lanes {
+    /// A control lane beside the data connection.
+    #[default]
+    Split,
+    /// One connection per link.
+    Collapsed,
+}
+
+impl Lanes {
+    /// What `Hello.lanes` says.
+    pub fn count(self) -> u32 {
+        match self {
+            Self::Split => 2,
+            Self::Collapsed => 1,
+        }
+    }
 }
 
 /// `[grpc]`: the api `core` calls.
@@ -513,6 +537,7 @@ impl Default for NetworkConfig {
             max_payload_bytes: 4 << 20,
             link_queue_bytes: 1 << 20,
             max_pending_handshakes: 256,
+            lanes: Lanes::Split,
         }
     }
 }

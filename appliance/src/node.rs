@@ -113,6 +113,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
             software_version: env!("CARGO_PKG_VERSION").into(),
             certificate,
             authority,
+            lane: 0,
+            lanes: config.network.lanes.count(),
         },
         signing_key: identity.signing_key.clone(),
         tls_server,

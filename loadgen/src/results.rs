@@ -140,7 +140,7 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     };
     // Liveness with the data path saturated: a slow subscriber, then a fast one.
     let mut saturated = Vec::new();
-    for slow_ms in [20, 0] {
+    for (slow_ms, collapsed) in [(20, false), (0, false), (20, true), (0, true)] {
         let args = crate::saturate::SaturateArgs {
             slow_ms,
             size: 65_536,
@@ -148,6 +148,7 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
             idle: 3,
             duration: 10,
             writes: 20,
+            collapsed,
         };
         let report = crate::saturate::run(&args).await?;
         saturated.extend(crate::saturate::rows(&args, &report));

@@ -83,6 +83,10 @@ pub struct LocalHello {
     /// The public key of this node's mesh authority: peers' certificates are checked against
     /// it. `None` only without a mesh (a joiner, whose links are guest links).
     pub authority: Option<[u8; 32]>,
+    /// Which lane of a link this connection is (`Hello.lane`): 0 the first, 1 a control lane.
+    pub lane: u32,
+    /// Lanes this node runs per link (`Hello.lanes`): 1 collapsed, 2 with a control lane.
+    pub lanes: u32,
 }
 
 /// What the shell knows about the peer before the handshake starts.
@@ -111,6 +115,10 @@ pub struct PeerInfo {
     pub software_version: String,
     /// One side belongs to no mesh yet: the link carries only the join exchange.
     pub guest: bool,
+    /// Which lane the peer says this connection is (`Hello.lane`).
+    pub lane: u32,
+    /// Lanes the peer runs per link (`Hello.lanes`).
+    pub lanes: u32,
 }
 
 /// How a handshake ended.
@@ -175,6 +183,8 @@ impl Handshake {
             listen_addr: local.listen_addr.clone(),
             software_version: local.software_version.clone(),
             certificate: local.certificate.clone().into(),
+            lane: local.lane,
+            lanes: local.lanes,
         };
         let local_hello_bytes = hello.encode_to_vec();
         let mut this = Self {
@@ -377,6 +387,8 @@ impl Handshake {
                 listen_addr: hello.listen_addr,
                 software_version: hello.software_version,
                 guest,
+                lane: hello.lane,
+                lanes: hello.lanes,
             },
         };
     }
@@ -526,6 +538,8 @@ mod tests {
             software_version: "test".into(),
             certificate,
             authority,
+            lane: 0,
+            lanes: 2,
         }
     }
 

@@ -90,20 +90,54 @@ pub(crate) const CONTROL_ALLOWANCE_BYTES: usize = 64 * 1024;
 /// challenge and the answer the other (`control::lifecycle::pake` in the appliance).
 const MAX_JOIN_FRAMES: u32 = 2;
 
+/// Largest payload a frame may have on a control lane. Served-first frames above it (a Raft
+/// append of big entries, a snapshot chunk) go in the data queue instead, so a control lane
+/// write never takes long, and a control lane reader refuses anything bigger: a peer cannot
+/// make the lane that carries liveness carry bulk.
+pub(crate) const CONTROL_LANE_MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Bytes of heartbeats and acks one lane may have waiting (its own, written before anything
+/// else on that connection). A lane that cannot write them is about to be declared stalled.
+const BEATS_BOUND_BYTES: usize = 4 * 1024;
+
+/// Which connection of a link a writer (or reader) serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// The link's first connection: data and stream frames, goodbyes, and everything while
+    /// no control lane is attached (collapsed).
+    Data = 0,
+    /// The control lane: frames served first ([`FrameType::is_served_first`]) up to
+    /// [`CONTROL_LANE_MAX_PAYLOAD`], and its own heartbeats.
+    Control = 1,
+}
+
+impl Lane {
+    /// The name in sessions, metrics and logs.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Data => "data",
+            Self::Control => "control",
+        }
+    }
+}
+
 /// Frames waiting to be written to one link, batched into WebSocket messages.
 ///
-/// Two queues: frames that are served first ([`FrameType::is_served_first`]: heartbeats,
-/// routing, gossip, Raft, delivery reports and acks) and everything else. Senders encode
-/// straight into a queue's open batch; the writer takes the served-first queue's batches
-/// before any data batch, so a heartbeat or a Raft message waits behind at most the one
-/// WebSocket message being written, never behind the data queued before it. Data frames are
-/// queued while fewer than `max_pending_bytes` wait (both queues counted; [`Outbox::push`]
-/// waits for room, [`Outbox::try_push`] does not); served-first frames, and control frames
-/// pushed with [`Outbox::push_now`], may use [`CONTROL_ALLOWANCE_BYTES`] more. Nothing else
-/// ever grows it.
+/// Two shared queues: frames that are served first ([`FrameType::is_served_first`]:
+/// heartbeats, routing, gossip, Raft, delivery reports and acks, each up to
+/// [`CONTROL_LANE_MAX_PAYLOAD`]) and everything else; and per lane a small queue of that
+/// connection's own heartbeats and acks. Senders encode straight into a queue's open batch.
+/// With a control lane attached, its writer takes the served-first queue and the data lane's
+/// writer the data queue, so a heartbeat or a Raft message never waits behind data, not even
+/// in the kernel's socket buffers. Collapsed (no control lane), the one writer takes the
+/// served-first queue's batches before any data batch. Data frames are queued while fewer
+/// than `max_pending_bytes` wait (both shared queues counted; [`Outbox::push`] waits for
+/// room, [`Outbox::try_push`] does not); served-first frames, and control frames pushed with
+/// [`Outbox::push_now`], may use [`CONTROL_ALLOWANCE_BYTES`] more. Nothing else ever grows it.
 pub(crate) struct Outbox {
     inner: RefCell<OutboxInner>,
-    ready: Event,
+    /// Per lane: something to write.
+    ready: [Event; 2],
     room: Event,
     max_pending_bytes: usize,
     max_payload_bytes: usize,
@@ -112,7 +146,11 @@ pub(crate) struct Outbox {
 struct OutboxInner {
     first: Queue,
     data: Queue,
-    /// Bytes in both queues.
+    /// Each lane's own heartbeats and heartbeat acks, indexed by [`Lane`].
+    beats: [Queue; 2],
+    /// A control lane is attached and writes `first`.
+    control_lane: bool,
+    /// Bytes in `first` and `data`.
     queued: usize,
     closing: Option<String>,
 }
@@ -123,6 +161,8 @@ struct Queue {
     sealed: VecDeque<(Vec<u8>, u64)>,
     batch: Vec<u8>,
     frames: u64,
+    /// Bytes in `sealed` and `batch`.
+    bytes: usize,
 }
 
 impl Queue {
@@ -148,15 +188,21 @@ impl Queue {
         frame::encode_into(&mut self.batch, header, payload, max_payload)
             .map_err(|_| OutboxError::Oversized)?;
         self.frames += 1;
-        Ok(self.batch.len() - before)
+        let added = self.batch.len() - before;
+        self.bytes += added;
+        Ok(added)
     }
 
     /// The oldest sealed batch, else the open one.
     fn take(&mut self) -> Option<(Vec<u8>, u64)> {
-        self.sealed.pop_front().or_else(|| {
+        let taken = self.sealed.pop_front().or_else(|| {
             (!self.batch.is_empty())
                 .then(|| (mem::take(&mut self.batch), mem::take(&mut self.frames)))
-        })
+        });
+        if let Some((batch, _)) = &taken {
+            self.bytes -= batch.len();
+        }
+        taken
     }
 }
 
@@ -183,10 +229,12 @@ impl Outbox {
             inner: RefCell::new(OutboxInner {
                 first: Queue::default(),
                 data: Queue::default(),
+                beats: [Queue::default(), Queue::default()],
+                control_lane: false,
                 queued: 0,
                 closing: None,
             }),
-            ready: Event::new(),
+            ready: [Event::new(), Event::new()],
             room: Event::new(),
             max_pending_bytes,
             max_payload_bytes,
@@ -240,8 +288,26 @@ impl Outbox {
         )
     }
 
+    /// Queues a heartbeat or heartbeat ack of `lane`, written on that connection before
+    /// anything else (its round trip measures that connection).
+    pub(crate) fn push_beat(&self, lane: Lane, header: &Header) -> Result<(), OutboxError> {
+        let mut inner = self.inner.borrow_mut();
+        if inner.closing.is_some() {
+            return Err(OutboxError::Closed);
+        }
+        let queue = &mut inner.beats[lane as usize];
+        if queue.bytes >= BEATS_BOUND_BYTES {
+            return Err(OutboxError::Full);
+        }
+        queue.encode(header, &[], self.max_payload_bytes)?;
+        drop(inner);
+        self.ready[lane as usize].notify(1);
+        Ok(())
+    }
+
     fn queue(&self, header: &Header, payload: &[u8], bound: usize) -> Result<(), OutboxError> {
-        let first = header.frame_type.is_served_first();
+        let first =
+            header.frame_type.is_served_first() && payload.len() <= CONTROL_LANE_MAX_PAYLOAD;
         let bound = if first {
             bound.max(self.max_pending_bytes + CONTROL_ALLOWANCE_BYTES)
         } else {
@@ -254,26 +320,54 @@ impl Outbox {
         if inner.queued >= bound {
             return Err(OutboxError::Full);
         }
-        let queue = if first {
-            &mut inner.first
+        let (queue, lane) = if first {
+            let lane = if inner.control_lane {
+                Lane::Control
+            } else {
+                Lane::Data
+            };
+            (&mut inner.first, lane)
         } else {
-            &mut inner.data
+            (&mut inner.data, Lane::Data)
         };
         let added = queue.encode(header, payload, self.max_payload_bytes)?;
         inner.queued += added;
         drop(inner);
-        self.ready.notify(1);
+        self.ready[lane as usize].notify(1);
         Ok(())
     }
 
-    /// Stops accepting frames; the writer flushes what is queued, then ends the link.
+    /// A control lane now writes the served-first queue (`true`), or no longer does and the
+    /// data lane takes it back at once (`false`; what the lost connection had taken is gone
+    /// with it, as on any broken connection).
+    pub(crate) fn set_control_lane(&self, attached: bool) {
+        self.inner.borrow_mut().control_lane = attached;
+        for ready in &self.ready {
+            ready.notify(usize::MAX);
+        }
+    }
+
+    /// Bytes waiting for `lane` now (its own heartbeats included).
+    pub(crate) fn queued_for(&self, lane: Lane) -> usize {
+        let inner = self.inner.borrow();
+        let beats = inner.beats[lane as usize].bytes;
+        match lane {
+            Lane::Control => beats + inner.first.bytes,
+            Lane::Data if inner.control_lane => beats + inner.data.bytes,
+            Lane::Data => beats + inner.data.bytes + inner.first.bytes,
+        }
+    }
+
+    /// Stops accepting frames; the writers flush what is queued, then end the link.
     pub(crate) fn close(&self, reason: String) {
         let mut inner = self.inner.borrow_mut();
         if inner.closing.is_none() {
             inner.closing = Some(reason);
         }
         drop(inner);
-        self.ready.notify(usize::MAX);
+        for ready in &self.ready {
+            ready.notify(usize::MAX);
+        }
         self.room.notify(usize::MAX);
     }
 
@@ -281,9 +375,19 @@ impl Outbox {
         self.inner.borrow().closing.is_some()
     }
 
-    fn try_take(&self) -> Option<Take> {
+    fn try_take(&self, lane: Lane) -> Option<Take> {
         let mut inner = self.inner.borrow_mut();
-        let taken = inner.first.take().or_else(|| inner.data.take());
+        if let Some((batch, frames)) = inner.beats[lane as usize].take() {
+            return Some(Take::Batch(batch, frames));
+        }
+        let takes_first = lane == Lane::Control || !inner.control_lane;
+        let mut taken = None;
+        if takes_first {
+            taken = inner.first.take();
+        }
+        if taken.is_none() && lane == Lane::Data {
+            taken = inner.data.take();
+        }
         if let Some((batch, frames)) = taken {
             inner.queued -= batch.len();
             drop(inner);
@@ -296,13 +400,13 @@ impl Outbox {
             .map(|reason| Take::Closed(reason.clone()))
     }
 
-    async fn take(&self) -> Take {
+    async fn take(&self, lane: Lane) -> Take {
         loop {
-            if let Some(take) = self.try_take() {
+            if let Some(take) = self.try_take(lane) {
                 return take;
             }
-            listener!(self.ready => ready);
-            if let Some(take) = self.try_take() {
+            listener!(self.ready[lane as usize] => ready);
+            if let Some(take) = self.try_take(lane) {
                 return take;
             }
             ready.await;
@@ -325,6 +429,7 @@ pub(crate) async fn set_up(
     stream: TcpStream,
     role: Role,
     peer_hint: u64,
+    lane: Lane,
 ) -> Result<(LinkSocket, PeerInfo), DialError> {
     let config = &shard.config;
     let ws_config = WebSocketConfig::default()
@@ -368,7 +473,7 @@ pub(crate) async fn set_up(
             (socket, exporter, budget)
         }
     };
-    let established = handshake(shard, socket, role, peer_hint, exporter).await?;
+    let established = handshake(shard, socket, role, peer_hint, exporter, lane).await?;
     // Proven: from here on the WebSocket's own (data) limit applies.
     budget.set(None);
     Ok(established)
@@ -380,6 +485,7 @@ async fn handshake(
     role: Role,
     peer_hint: u64,
     exporter: [u8; 32],
+    lane: Lane,
 ) -> Result<(LinkSocket, PeerInfo), DialError> {
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
@@ -391,7 +497,8 @@ async fn handshake(
         pinned_key: shard.pinned_key(peer_hint),
         now_ms,
     };
-    let local_hello = shard.local_hello();
+    let mut local_hello = shard.local_hello();
+    local_hello.lane = lane as u32;
     let mut machine = Handshake::new(
         role,
         &local_hello,
@@ -487,7 +594,13 @@ fn detach(message: &Bytes, payload: &[u8]) -> Bytes {
     }
 }
 
-/// Carries traffic on an established link until it ends.
+/// Carries traffic on one established connection (`lane`) of a link until it ends.
+///
+/// A control lane's reader takes only frames served first, each within
+/// [`CONTROL_LANE_MAX_PAYLOAD`], and never waits on anything data can fill: a relayed frame
+/// that finds no room at its next hop is dropped and counted (gossip tolerates loss; LSAs,
+/// Raft and waiting sends retransmit). Anything else on it is a protocol violation that ends
+/// the lane.
 pub(crate) async fn run(
     shard: Rc<Shard>,
     socket: LinkSocket,
@@ -495,6 +608,7 @@ pub(crate) async fn run(
     guest: bool,
     outbox: Rc<Outbox>,
     stats: Rc<LinkStats>,
+    lane: Lane,
 ) -> LinkEnd {
     let (mut sink, mut stream) = socket.split();
     let config = &shard.config;
@@ -531,6 +645,19 @@ pub(crate) async fn run(
                 };
                 stats.on_frame_received();
                 let header = frame.header;
+                if lane == Lane::Control
+                    && (!header.frame_type.is_served_first()
+                        && header.frame_type != FrameType::Goodbye
+                        || frame.payload.len() > CONTROL_LANE_MAX_PAYLOAD)
+                {
+                    stats.on_frame_dropped();
+                    shard.count_drop("not_for_control_lane");
+                    return LinkEnd::Closed(format!(
+                        "the peer sent a {:?} frame of {} bytes on the control lane",
+                        header.frame_type,
+                        frame.payload.len()
+                    ));
+                }
                 match header.frame_type {
                     FrameType::Heartbeat => {
                         let mut ack = Header::new(
@@ -540,7 +667,7 @@ pub(crate) async fn run(
                             peer,
                         );
                         ack.seq = header.seq;
-                        if outbox.push_now(&ack, &[]) == Err(OutboxError::Full) {
+                        if outbox.push_beat(lane, &ack) == Err(OutboxError::Full) {
                             shard.count_drop("heartbeat_ack_outbox_full");
                         }
                     }
@@ -615,12 +742,16 @@ pub(crate) async fn run(
                             // take the frame within `relay_wait` loses it (counted), so a
                             // stuck peer downstream never holds this link's reader long
                             // enough for the sender upstream to give up on this link.
+                            let wait = match lane {
+                                Lane::Data => Wait::Upto(relay_wait),
+                                Lane::Control => Wait::Control,
+                            };
                             let routed = gate
                                 .hold(shard.route(
                                     relayed,
                                     message.slice_ref(frame.payload),
                                     1,
-                                    Wait::Upto(relay_wait),
+                                    wait,
                                 ))
                                 .await;
                             if let Err(error) = routed {
@@ -698,7 +829,7 @@ pub(crate) async fn run(
     let writing_since: Cell<Option<Instant>> = Cell::new(None);
     let writer = async {
         loop {
-            match outbox.take().await {
+            match outbox.take(lane).await {
                 Take::Batch(batch, frames) => {
                     let len = batch.len();
                     writing_since.set(Some(Instant::now()));
@@ -736,7 +867,7 @@ pub(crate) async fn run(
             let mut beat = Header::new(FrameType::Heartbeat, TrafficClass::Control, local, peer);
             beat.seq = epoch.elapsed().as_micros() as u64;
             stats.on_heartbeat_sent();
-            match outbox.push_now(&beat, &[]) {
+            match outbox.push_beat(lane, &beat) {
                 Ok(()) | Err(OutboxError::Full | OutboxError::Oversized) => {}
                 Err(OutboxError::Closed) => {
                     // Closing: the writer decides when the link ends.
@@ -788,9 +919,14 @@ mod tests {
         Header::new(frame_type, TrafficClass::Client, 1, 2)
     }
 
-    /// What the writer would send next: the frame types of one WebSocket message.
+    /// What the data lane's writer would send next: the frame types of one WebSocket message.
     fn next_message(outbox: &Outbox) -> Vec<FrameType> {
-        let Some(Take::Batch(batch, frames)) = outbox.try_take() else {
+        next_on(outbox, Lane::Data)
+    }
+
+    /// What `lane`'s writer would send next.
+    fn next_on(outbox: &Outbox, lane: Lane) -> Vec<FrameType> {
+        let Some(Take::Batch(batch, frames)) = outbox.try_take(lane) else {
             return Vec::new();
         };
         let mut types = Vec::new();
@@ -812,17 +948,16 @@ mod tests {
         for _ in 0..3 {
             outbox.try_push(&header(Data), &[0; 200 << 10]).unwrap();
         }
-        outbox.push_now(&header(Heartbeat), &[]).unwrap();
+        outbox.push_beat(Lane::Data, &header(Heartbeat)).unwrap();
         outbox.try_push(&header(Raft), b"append").unwrap();
         outbox.try_push(&header(Data), b"late").unwrap();
         outbox.try_push(&header(DeliveryReport), b"run").unwrap();
         outbox.push_now(&header(Goodbye), b"bye").unwrap();
         outbox.try_push(&header(AppAck), b"ack").unwrap();
 
-        assert_eq!(
-            next_message(&outbox),
-            [Heartbeat, Raft, DeliveryReport, AppAck]
-        );
+        // The lane's own heartbeat alone (it measures this connection), then the rest.
+        assert_eq!(next_message(&outbox), [Heartbeat]);
+        assert_eq!(next_message(&outbox), [Raft, DeliveryReport, AppAck]);
         // Then the data, in order, the goodbye after everything queued before it.
         let mut rest = Vec::new();
         loop {
@@ -856,5 +991,57 @@ mod tests {
             );
         }
         assert_eq!(next_message(&outbox)[0], Raft);
+    }
+
+    #[test]
+    fn with_a_control_lane_attached_served_first_frames_leave_by_it_and_come_back_when_it_goes() {
+        use FrameType::{Data, DeliveryReport, Goodbye, Heartbeat, HeartbeatAck, Raft};
+        let outbox = Outbox::new(1 << 20, 4 << 20);
+        outbox.set_control_lane(true);
+        outbox.try_push(&header(Data), &[0; 1000]).unwrap();
+        outbox.try_push(&header(Raft), b"vote").unwrap();
+        outbox.push_beat(Lane::Control, &header(Heartbeat)).unwrap();
+        outbox.push_beat(Lane::Data, &header(HeartbeatAck)).unwrap();
+        // A served-first frame too big for the control lane rides with the data.
+        outbox
+            .try_push(&header(Raft), &[0; CONTROL_LANE_MAX_PAYLOAD + 1])
+            .unwrap();
+        assert_eq!(outbox.queued_for(Lane::Control), 2 * frame::HEADER_LEN + 4);
+        // Each lane's own beats first, then its queue; neither writer sees the other's.
+        assert_eq!(next_on(&outbox, Lane::Control), [Heartbeat]);
+        assert_eq!(next_on(&outbox, Lane::Control), [Raft]);
+        assert!(next_on(&outbox, Lane::Control).is_empty());
+        assert_eq!(next_on(&outbox, Lane::Data), [HeartbeatAck]);
+        assert_eq!(next_on(&outbox, Lane::Data), [Data, Raft]);
+        // The control lane goes: what is queued for it is the data lane's again.
+        outbox.try_push(&header(DeliveryReport), b"run").unwrap();
+        outbox.set_control_lane(false);
+        assert_eq!(next_on(&outbox, Lane::Data), [DeliveryReport]);
+        // Closing: each lane flushes its queue, then sees the end.
+        outbox.set_control_lane(true);
+        outbox.try_push(&header(Raft), b"last").unwrap();
+        outbox.push_now(&header(Goodbye), b"bye").unwrap();
+        outbox.close("shutdown".into());
+        assert_eq!(next_on(&outbox, Lane::Data), [Goodbye]);
+        assert_eq!(next_on(&outbox, Lane::Control), [Raft]);
+        assert!(matches!(
+            outbox.try_take(Lane::Control),
+            Some(Take::Closed(_))
+        ));
+        assert!(matches!(outbox.try_take(Lane::Data), Some(Take::Closed(_))));
+    }
+
+    #[test]
+    fn a_lanes_own_beats_are_bounded() {
+        let outbox = Outbox::new(1 << 20, 4 << 20);
+        let mut queued = 0;
+        while outbox
+            .push_beat(Lane::Control, &header(FrameType::Heartbeat))
+            .is_ok()
+        {
+            queued += 1;
+            assert!(queued < 1000, "beats grew unbounded");
+        }
+        assert!(queued * frame::HEADER_LEN >= BEATS_BOUND_BYTES);
     }
 }

@@ -45,7 +45,7 @@ use crate::{
     frame::{FrameType, Header},
     handle::{ShardHandle, ShardRings, shard_rings},
     handshake::{LocalHello, PeerInfo},
-    link::{self, Outbox, OutboxError},
+    link::{self, Lane, Outbox, OutboxError},
     origin::{KeyBook, KeyCache, OpenError},
     ownership::owner_shard,
     ring::{Producer, PushError},
@@ -270,7 +270,10 @@ struct LinkEntry {
     peer: PeerInfo,
     dialer: u64,
     outbox: Rc<Outbox>,
+    /// The data lane's figures (the link's first connection).
     stats: Rc<LinkStats>,
+    /// The control lane's figures, while one is attached.
+    control: Option<Rc<LinkStats>>,
 }
 
 /// State and rings of one shard; shared by its tasks through `Rc`.
@@ -749,14 +752,24 @@ async fn shard_main(
                     .borrow()
                     .iter()
                     .map(|(peer, link)| {
-                        link.stats.snapshot(
-                            *peer,
-                            if link.outbox.is_closing() {
-                                "closing"
-                            } else {
-                                "up"
-                            },
-                        )
+                        let state = if link.outbox.is_closing() {
+                            "closing"
+                        } else {
+                            "up"
+                        };
+                        let mut snapshot = link.stats.snapshot(*peer, state);
+                        snapshot.lanes.push(
+                            link.stats
+                                .lane(Lane::Data.name(), link.outbox.queued_for(Lane::Data)),
+                        );
+                        if let Some(control) = &link.control {
+                            let lane = control
+                                .lane(Lane::Control.name(), link.outbox.queued_for(Lane::Control));
+                            // The network's round trip, not the data queued ahead of a beat.
+                            snapshot.srtt_us = lane.srtt_us;
+                            snapshot.lanes.push(lane);
+                        }
+                        snapshot
                     })
                     .collect();
                 let _ = reply.send(snapshots);

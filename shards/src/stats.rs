@@ -110,8 +110,47 @@ impl LinkStats {
             heartbeats_sent: self.heartbeats_sent.get(),
             heartbeat_acks: self.heartbeat_acks.get(),
             uptime_ms: self.established_at.elapsed().as_millis() as u64,
+            lanes: Vec::new(),
         }
     }
+
+    /// This connection's figures as one lane of its link, with `queued_bytes` waiting for it.
+    pub fn lane(&self, name: &'static str, queued_bytes: usize) -> LaneSnapshot {
+        LaneSnapshot {
+            name,
+            remote_addr: self.remote_addr,
+            srtt_us: self.srtt_us.get(),
+            bytes_sent: self.bytes_sent.get(),
+            bytes_received: self.bytes_received.get(),
+            frames_sent: self.frames_sent.get(),
+            frames_received: self.frames_received.get(),
+            queued_bytes: queued_bytes as u64,
+            uptime_ms: self.established_at.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+/// A copy of one lane's (connection's) figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LaneSnapshot {
+    /// "data" or "control".
+    pub name: &'static str,
+    /// Peer socket address of this connection.
+    pub remote_addr: SocketAddr,
+    /// Smoothed heartbeat RTT on this connection, µs (0 until the first sample).
+    pub srtt_us: u64,
+    /// WebSocket payload bytes written.
+    pub bytes_sent: u64,
+    /// WebSocket payload bytes read.
+    pub bytes_received: u64,
+    /// Frames written.
+    pub frames_sent: u64,
+    /// Well-formed frames read.
+    pub frames_received: u64,
+    /// Bytes waiting to be written on it.
+    pub queued_bytes: u64,
+    /// Time since its handshake completed.
+    pub uptime_ms: u64,
 }
 
 /// A copy of one link's figures.
@@ -143,6 +182,8 @@ pub struct SessionSnapshot {
     pub heartbeat_acks: u64,
     /// Time since the handshake completed.
     pub uptime_ms: u64,
+    /// Its connections: the data lane, then the control lane when one is attached.
+    pub lanes: Vec<LaneSnapshot>,
 }
 
 #[cfg(test)]

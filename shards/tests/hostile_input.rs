@@ -488,6 +488,8 @@ fn local(node: u64) -> LocalHello {
         software_version: "test".into(),
         certificate: authority.issue(MESH, node, key(node).verifying_key().to_bytes(), NOW_MS),
         authority: Some(authority.public_key()),
+        lane: 0,
+        lanes: 2,
     }
 }
 
@@ -707,6 +709,8 @@ fn arb_hello() -> impl Strategy<Value = Hello> {
                 listen_addr: text.clone(),
                 software_version: text.clone(),
                 certificate: text.into_bytes().into(),
+                lane: (boot_id % 3) as u32,
+                lanes: (boot_id % 5) as u32,
             },
         )
 }
@@ -909,6 +913,8 @@ fn found_a_refusal_of_a_long_escaped_mesh_id_is_never_sent() {
         // Certified for this mesh (a stranger's claim is refused for its missing credential
         // before its mesh id is ever looked at, let alone echoed).
         certificate: local(DIALER).certificate.into(),
+        lane: 0,
+        lanes: 2,
     };
     let payload = hello.encode_to_vec();
     assert!(

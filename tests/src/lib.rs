@@ -10,6 +10,7 @@ pub mod dbs;
 pub mod deadline;
 pub mod netns;
 pub mod rogue;
+pub mod saturate;
 pub mod streams_support;
 
 /// `#[meshd_tests::test]`, `#[meshd_tests::test(limit = SECONDS)]`: a `#[tokio::test]` with an

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
-use meshd_proto::link::{Auth, Hello, Refuse, RefuseReason};
+use meshd_proto::link::{Auth, Goodbye, Hello, Refuse, RefuseReason};
 use meshd_shards::{
     credential::MeshAuthority,
     frame::{self, FrameReader, FrameType, Header, TrafficClass},
@@ -39,6 +39,10 @@ pub struct RogueOptions {
     pub mesh_secret: Option<[u8; 32]>,
     /// A certificate to present instead (captured from another node, or forged).
     pub certificate: Option<Vec<u8>>,
+    /// `Hello.lane`: 1 claims the connection is a control lane of an existing link.
+    pub lane: u32,
+    /// The identity key's secret; a fresh random key per connection when `None`.
+    pub key: Option<[u8; 32]>,
 }
 
 impl RogueOptions {
@@ -52,6 +56,8 @@ impl RogueOptions {
             bad_signature: false,
             mesh_secret: None,
             certificate: None,
+            lane: 0,
+            key: None,
         }
     }
 
@@ -71,6 +77,8 @@ pub enum RogueOutcome {
     Refused(RefuseReason, String),
     /// The node accepted the rogue and started heartbeats.
     Accepted,
+    /// The handshake completed, then the node said goodbye (this reason) and closed.
+    Goodbye(String),
 }
 
 pub type Ws = tungstenite::WebSocket<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>;
@@ -325,8 +333,11 @@ fn dial(
 ) -> anyhow::Result<(RogueOutcome, Option<Linked>)> {
     let (mut ws, exporter) = open_ws(addr, options.node_id)?;
 
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
+    let secret = options.key.unwrap_or_else(|| {
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        secret
+    });
     let key = SigningKey::from_bytes(&secret);
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
@@ -357,6 +368,9 @@ fn dial(
         listen_addr: String::new(),
         software_version: "rogue".into(),
         certificate: certificate.into(),
+        lane: options.lane,
+        // Collapsed: the node never dials it a control lane.
+        lanes: 1,
     };
     let hello_bytes = hello.encode_to_vec();
     ws.send(Message::Binary(
@@ -398,6 +412,10 @@ fn dial(
                 ))?;
             }
             FrameType::Auth => {}
+            FrameType::Goodbye => {
+                let goodbye = Goodbye::decode(payload.as_slice())?;
+                return Ok((RogueOutcome::Goodbye(goodbye.reason), None));
+            }
             FrameType::Heartbeat if peer_hello.is_some() => {
                 let peer = Hello::decode(peer_hello.as_deref().unwrap_or_default())?;
                 return Ok((RogueOutcome::Accepted, Some((ws, key, peer, presented))));

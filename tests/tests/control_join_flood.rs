@@ -125,6 +125,7 @@ fn guest_link(addr: SocketAddr, node_id: u64) -> anyhow::Result<Ws> {
         listen_addr: String::new(),
         software_version: "join-flood".into(),
         certificate: Default::default(),
+        ..Hello::default()
     };
     let hello_bytes = hello.encode_to_vec();
     ws.send(Message::Binary(

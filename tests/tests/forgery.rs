@@ -204,6 +204,7 @@ async fn a_member_cannot_speak_for_another_node() -> anyhow::Result<()> {
             count: 1000,
         }],
         generation: 0,
+        saturated: false,
     }
     .encode_to_vec();
     let waiting = tokio::spawn(async move {

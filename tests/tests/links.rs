@@ -428,7 +428,7 @@ async fn handshakes_without_the_mesh_credential_or_with_a_wrong_mesh_a_bad_signa
                 println!("{:?} refused: {reason:?}: {detail}", sent_summary(&options));
                 assert_eq!(reason, expected, "{detail}");
             }
-            RogueOutcome::Accepted => panic!("{options:?} was accepted"),
+            other => panic!("{options:?}: {other:?}"),
         }
     }
     // Not meshd at all: the connection is closed.

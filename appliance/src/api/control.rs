@@ -18,7 +18,7 @@ use meshd_proto::{
         AddSessionRequest, AddSessionResponse, DropSessionRequest, DropSessionResponse,
         GetConsensusStateRequest, GetConsensusStateResponse, GetMessageMetricsRequest,
         GetMessageMetricsResponse, GetRoutingTableRequest, GetRoutingTableResponse,
-        GetSessionsRequest, GetSessionsResponse, GetTopologyRequest, GetTopologyResponse,
+        GetSessionsRequest, GetSessionsResponse, GetTopologyRequest, GetTopologyResponse, LaneInfo,
         MessageStatus, NeighborInfo, RouteEntry, SessionInfo, TopologySnapshot,
         TriggerConsensusCheckRequest, TriggerConsensusCheckResponse,
         mesh_control_server::MeshControl,
@@ -190,6 +190,21 @@ impl MeshControl for ControlService {
                 frames_sent: s.frames_sent,
                 frames_received: s.frames_received,
                 is_tls: true,
+                lanes: s
+                    .lanes
+                    .iter()
+                    .map(|l| LaneInfo {
+                        name: l.name.into(),
+                        remote_addr: l.remote_addr.to_string(),
+                        rtt_microseconds: l.srtt_us,
+                        bytes_sent: l.bytes_sent,
+                        bytes_received: l.bytes_received,
+                        frames_sent: l.frames_sent,
+                        frames_received: l.frames_received,
+                        queued_bytes: l.queued_bytes,
+                        uptime_ms: l.uptime_ms,
+                    })
+                    .collect(),
             })
             .collect();
         sessions.sort_by_key(|s| s.peer_node_id);

@@ -230,6 +230,10 @@ pub(crate) async fn submit(
             state.tracker().settle(msg_id, None);
             return Err(status);
         }
+        if let Err(status) = state.hold_if_saturated(dst).await {
+            state.tracker().settle(msg_id, None);
+            return Err(status);
+        }
         let payload = super::wire_payload(&data);
         state
             .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
@@ -272,9 +276,14 @@ pub(crate) async fn submit(
             return Err(status);
         }
         let payload = super::wire_payload(&data);
-        let sent = state
-            .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
-            .await;
+        let sent = match state.hold_if_saturated(dst).await {
+            Ok(()) => {
+                state
+                    .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)
+                    .await
+            }
+            Err(status) => Err(status),
+        };
         if let Err(status) = sent {
             state.tracker().settle(msg_id, None);
             state.close_waiting(dst, seq);

@@ -4,10 +4,7 @@
 //! senders without ever waiting on a shard.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
@@ -40,16 +37,7 @@ pub(super) struct Subscriber {
     qos_class: u32,
     src_node: u64,
     tx: mpsc::Sender<Result<Received, Status>>,
-    /// Set when the subscriber let a message wait [`SUBSCRIBER_WAIT`] in vain; cleared once
-    /// its queue is half empty again. A lagging subscriber is not waited for.
-    lagging: Arc<AtomicBool>,
 }
-
-/// How long a delivery waits for room in a full subscriber queue. The wait holds the node's
-/// inbound pipeline, so TCP pushes back on the senders instead of messages being dropped; a
-/// subscriber that stays full this long is marked lagging and misses messages
-/// (`PENDING_CLIENT`, "queue full") until it catches up.
-pub(crate) const SUBSCRIBER_WAIT: Duration = Duration::from_secs(1);
 
 impl Subscriber {
     fn wants(&self, src: u64, partition: u32, qos_class: u32) -> bool {
@@ -61,11 +49,12 @@ impl Subscriber {
 
 impl ApiState {
     /// Delivers a message from another node, opening it first if it is end-to-end encrypted
-    /// (this is the only place its plaintext exists on this node).
-    async fn open_and_deliver(&self, src: u64, data: &mut Data) -> Verdict {
+    /// (this is the only place its plaintext exists on this node); also says whether a
+    /// matching subscriber's queue is near full (see `saturation`).
+    fn open_and_deliver(&self, src: u64, data: &mut Data) -> (Verdict, bool) {
         if !data.tenant.is_empty() {
             let Ok(nonce) = <[u8; 24]>::try_from(data.nonce.as_ref()) else {
-                return Verdict::NoTenantKey;
+                return (Verdict::NoTenantKey, false);
             };
             let sealed = tenant::Sealed {
                 epoch: data.key_epoch,
@@ -81,15 +70,20 @@ impl ApiState {
                 Ok(plaintext) => data.payload = plaintext.into(),
                 Err(error) => {
                     tracing::debug!(src, msg_id = data.msg_id, %error, "end-to-end message not opened");
-                    return Verdict::NoTenantKey;
+                    return (Verdict::NoTenantKey, false);
                 }
             }
         }
-        self.deliver_locally(src, data).await
+        self.offer(src, data)
     }
 
     /// Offers a message to the matching local subscribers; returns the resulting status.
     pub(crate) async fn deliver_locally(&self, src: u64, data: &Data) -> Verdict {
+        self.offer(src, data).0
+    }
+
+    /// [`Self::deliver_locally`], and whether a matching queue is over three quarters full.
+    fn offer(&self, src: u64, data: &Data) -> (Verdict, bool) {
         let received = Received {
             src_node: src,
             dst_node: self.node_id,
@@ -108,9 +102,7 @@ impl ApiState {
         };
         let mut delivered = 0usize;
         let mut full = 0usize;
-        // The common case (room in every queue) is served under the lock without waiting or
-        // allocating; only subscribers with a full queue are collected to be waited for.
-        let mut waiting = Vec::new();
+        let mut near_full = false;
         {
             let mut subscribers = self
                 .subscribers
@@ -121,48 +113,29 @@ impl ApiState {
                 .iter()
                 .filter(|s| s.wants(src, data.partition, data.qos_class))
             {
+                // Never waits: this pump serves every link's deliveries, so a wait on one
+                // slow reader would stop the node reading all of them (issue 23). A full
+                // queue is the subscriber's own problem, reported to the sender.
                 match s.tx.try_send(Ok(received.clone())) {
                     Ok(()) => {
                         delivered += 1;
-                        if s.tx.capacity() * 2 >= s.tx.max_capacity() {
-                            s.lagging.store(false, Ordering::Relaxed);
-                        }
+                        near_full |= s.tx.capacity() * 4 < s.tx.max_capacity();
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
-                    Err(mpsc::error::TrySendError::Full(_))
-                        if s.lagging.load(Ordering::Relaxed) =>
-                    {
-                        full += 1;
-                    }
-                    Err(mpsc::error::TrySendError::Full(item)) => {
-                        waiting.push((s.tx.clone(), Arc::clone(&s.lagging), item));
-                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => full += 1,
                 }
             }
             if closed {
                 subscribers.retain(|s| !s.tx.is_closed());
             }
         }
-        for (tx, lagging, item) in waiting {
-            match tokio::time::timeout(SUBSCRIBER_WAIT, tx.send(item)).await {
-                Ok(Ok(())) => delivered += 1,
-                Ok(Err(_)) => {}
-                Err(_) => {
-                    tracing::warn!(
-                        src,
-                        "a subscriber stayed full for {SUBSCRIBER_WAIT:?}; it misses messages until it catches up"
-                    );
-                    lagging.store(true, Ordering::Relaxed);
-                    full += 1;
-                }
-            }
-        }
-        match (delivered, full) {
+        let verdict = match (delivered, full) {
             (0, 0) => Verdict::NoSubscriber,
             (0, _) => Verdict::SubscribersFull,
             _ if data.require_ack => Verdict::WaitingForAck,
             _ => Verdict::Delivered,
-        }
+        };
+        (verdict, near_full || full > 0)
     }
 
     pub(crate) fn add_subscriber(
@@ -187,7 +160,6 @@ impl ApiState {
             qos_class,
             src_node,
             tx,
-            lagging: Arc::default(),
         });
         Ok(rx)
     }
@@ -228,9 +200,12 @@ impl ApiState {
                     return;
                 };
                 let msg_id = data.msg_id;
+                let mut saturated = false;
                 let verdict = if data.seq == 0 {
                     // Fire-and-forget or broadcast: never retransmitted, nothing to remember.
-                    self.open_and_deliver(src, &mut data).await
+                    let (verdict, near_full) = self.open_and_deliver(src, &mut data);
+                    saturated = near_full;
+                    verdict
                 } else {
                     let arrival = Arrival {
                         source: src,
@@ -245,13 +220,24 @@ impl ApiState {
                         Decision::Ignore => return,
                         Decision::Answer(verdict) => verdict,
                         Decision::Deliver => {
-                            let verdict = self.open_and_deliver(src, &mut data).await;
-                            self.recent().record(arrival, verdict);
-                            verdict
+                            let (verdict, near_full) = self.open_and_deliver(src, &mut data);
+                            saturated = near_full;
+                            match verdict {
+                                // Not remembered: the sender's next copy (200 ms on) is
+                                // offered again, so a subscriber that catches up gets it.
+                                Verdict::SubscribersFull => Verdict::SubscribersBusy,
+                                verdict => {
+                                    self.recent().record(arrival, verdict);
+                                    verdict
+                                }
+                            }
                         }
                     }
                 };
                 reports.push(src, traffic_class, msg_id, verdict);
+                if saturated {
+                    reports.mark_saturated(src);
+                }
             }
             ApiEvent::Frame {
                 src,
@@ -272,6 +258,8 @@ impl ApiState {
                         known.generations.insert(src, batch.generation);
                     }
                 }
+                self.saturation()
+                    .on_report(src, batch.saturated, Instant::now());
                 let applied = reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
                 if applied.skipped > 0 {
                     tracing::debug!(src, ?applied, "skipped report runs outside what is tracked");

@@ -18,6 +18,7 @@ mod metrics;
 pub mod platform;
 mod recent;
 mod reports;
+mod saturation;
 mod streams;
 pub mod supervisor;
 pub mod tenant;
@@ -112,6 +113,8 @@ pub(crate) struct ApiState {
     pub(crate) mesh_events: tokio::sync::broadcast::Sender<MeshEvent>,
     known: Mutex<KnownNodes>,
     waiting_seqs: Mutex<WaitingSeqs>,
+    /// Destinations whose subscribers said they are near full: sends to them are held.
+    saturation: Mutex<saturation::Saturation>,
     /// Set once shut-down begins: no new `Subscribe` stream is opened after the open ones
     /// were ended.
     closing: AtomicBool,
@@ -191,6 +194,33 @@ impl ApiState {
         self.tracker
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn saturation(&self) -> std::sync::MutexGuard<'_, saturation::Saturation> {
+        self.saturation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Holds a new message to `dst` while `dst` says its subscribers are near full (see
+    /// [`saturation`]), at most `congestion_wait`; past it the send is refused, so a message
+    /// a saturated destination would turn away is never accepted.
+    pub(crate) async fn hold_if_saturated(&self, dst: u64) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + self.congestion_wait;
+        loop {
+            let now = std::time::Instant::now();
+            let Some(until) = self.saturation().held_until(dst, now) else {
+                return Ok(());
+            };
+            let wake = tokio::time::Instant::now() + (until - now);
+            if wake > deadline {
+                return Err(Status::resource_exhausted(format!(
+                    "destination {dst} saturated: its subscribers' queues stayed near full for                      {} ms; nothing was sent, try again later",
+                    self.congestion_wait.as_millis()
+                )));
+            }
+            tokio::time::sleep_until(wake).await;
+        }
     }
 
     /// Hands a frame to the shard that owns the link to `dst`, waiting while `dst` is congested
@@ -473,6 +503,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         subscribers: Mutex::new(Vec::new()),
         recent: Mutex::new(RecentDeliveries::new(setup.generation)),
         known: Mutex::default(),
+        saturation: Mutex::default(),
         waiting_seqs: Mutex::new(WaitingSeqs {
             session: rand::random::<u64>() | 1,
             per_dst: HashMap::new(),

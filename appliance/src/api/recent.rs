@@ -59,7 +59,7 @@ pub(crate) enum Verdict {
     WaitingForAck = 2,
     /// No subscriber wants it.
     NoSubscriber = 3,
-    /// Every matching subscriber's queue stayed full.
+    /// Every matching subscriber's queue was full (fire-and-forget: final).
     SubscribersFull = 4,
     /// A retransmitted copy reached a later life of this node than the first copy did: an
     /// earlier life may have delivered it, so it is not delivered again and the outcome is
@@ -70,6 +70,9 @@ pub(crate) enum Verdict {
     /// End-to-end encrypted for a tenant this node does not serve, or not opening: not
     /// delivered, and never will be here.
     NoTenantKey = 7,
+    /// Every matching subscriber's queue was full when a waiting send's copy came: not
+    /// delivered and not remembered, so the sender's next copy is offered again.
+    SubscribersBusy = 8,
 }
 
 impl Verdict {
@@ -82,6 +85,7 @@ impl Verdict {
             5 => Some(Self::Unknown),
             6 => Some(Self::Busy),
             7 => Some(Self::NoTenantKey),
+            8 => Some(Self::SubscribersBusy),
             _ => None,
         }
     }
@@ -94,7 +98,7 @@ impl Verdict {
             Self::NoSubscriber | Self::SubscribersFull | Self::NoTenantKey => {
                 MessageStatus::PendingClient
             }
-            Self::Unknown | Self::Busy => MessageStatus::Queued,
+            Self::Unknown | Self::Busy | Self::SubscribersBusy => MessageStatus::Queued,
         }
     }
 
@@ -106,6 +110,7 @@ impl Verdict {
             Self::SubscribersFull => "every matching subscriber's queue is full",
             Self::Unknown => UNKNOWN_DETAIL,
             Self::Busy => BUSY_DETAIL,
+            Self::SubscribersBusy => SUBSCRIBERS_BUSY_DETAIL,
             Self::NoTenantKey => {
                 "end-to-end encrypted for a tenant the destination does not serve (its config \
                  `tenants`), or the payload did not open"
@@ -121,6 +126,10 @@ pub(crate) const UNKNOWN_DETAIL: &str = "outcome unknown: the destination restar
 
 /// The detail of [`Verdict::Busy`]; the sender keeps retransmitting.
 pub(crate) const BUSY_DETAIL: &str = "destination busy: too many open waiting sends";
+
+/// The detail of [`Verdict::SubscribersBusy`]; the sender keeps retransmitting.
+pub(crate) const SUBSCRIBERS_BUSY_DETAIL: &str =
+    "destination busy: every matching subscriber's queue is full; sent again";
 
 /// What a copy of a waiting send says about itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -11,7 +11,11 @@
 //! feeds it and hands [`ReportBatch::flush`] a [`ReportSink`].
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, ops::Range, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ops::Range,
+    sync::Arc,
+};
 
 use meshd_proto::{
     link::{DeliveryReport, DeliveryReports},
@@ -59,6 +63,8 @@ pub(crate) struct ReportBatch {
     dropped: u64,
     /// This node's generation, said in every frame (see `DeliveryReports.generation`).
     pub(crate) generation: u32,
+    /// Sources whose next frame says `saturated` (a subset of `by_source`'s sources).
+    saturated: BTreeSet<u64>,
 }
 
 impl Default for ReportBatch {
@@ -89,6 +95,7 @@ impl ReportBatch {
             next_seq: 0,
             dropped: 0,
             generation: 0,
+            saturated: BTreeSet::new(),
         }
     }
 
@@ -132,6 +139,12 @@ impl ReportBatch {
         }
     }
 
+    /// The next frame to `source` says its subscribers are near full. Only for a source with
+    /// a run waiting (call after [`Self::push`]), so the set never outgrows the batch.
+    pub(crate) fn mark_saturated(&mut self, source: u64) {
+        self.saturated.insert(source);
+    }
+
     /// Drops the oldest runs down to three quarters of the bound, so the O(runs) pass runs
     /// once per quarter bound of pushes rather than on every push of an overloaded batch.
     fn shed(&mut self) {
@@ -165,10 +178,12 @@ impl ReportBatch {
     pub(crate) fn flush(&mut self, max_payload: usize, sink: &mut impl ReportSink) {
         let (mut runs_sent, mut verdicts_sent) = (0, 0);
         let generation = self.generation;
+        let saturated = &self.saturated;
         self.by_source.retain(|&(source, class), runs| {
             let mut done = 0;
+            let flag = saturated.contains(&source);
             while done < runs.len() && sink.ready(source) {
-                let (n, payload) = encode_chunk(&runs[done..], max_payload, generation);
+                let (n, payload) = encode_chunk(&runs[done..], max_payload, generation, flag);
                 if !sink.send(source, class, payload) {
                     break;
                 }
@@ -182,6 +197,10 @@ impl ReportBatch {
         });
         self.runs -= runs_sent;
         self.verdicts = self.verdicts.saturating_sub(verdicts_sent);
+        if !self.saturated.is_empty() {
+            let waiting: BTreeSet<u64> = self.by_source.keys().map(|(source, _)| *source).collect();
+            self.saturated.retain(|source| waiting.contains(source));
+        }
     }
 
     /// Every waiting report as frames: (source, class, payload). Leaves the batch empty.
@@ -205,9 +224,15 @@ impl ReportBatch {
 
 /// The first runs of `runs` (at least one) that fit in `max_payload` bytes, encoded; and how
 /// many they are.
-fn encode_chunk(runs: &[Run], max_payload: usize, generation: u32) -> (usize, Vec<u8>) {
+fn encode_chunk(
+    runs: &[Run],
+    max_payload: usize,
+    generation: u32,
+    saturated: bool,
+) -> (usize, Vec<u8>) {
     let mut chunk = DeliveryReports {
         generation,
+        saturated,
         ..DeliveryReports::default()
     };
     let mut size = 0;

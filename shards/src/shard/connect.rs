@@ -25,7 +25,7 @@ use super::{LinkEntry, Shard};
 use crate::{
     command::{AdoptedSocket, ControlEvent, DialError, ShardInput},
     handshake::{PeerInfo, Role},
-    link::{self, Outbox},
+    link::{self, Lane, Outbox},
     ownership::{PREAMBLE_LEN, decode_preamble, encode_preamble},
     stats::LinkStats,
 };
@@ -206,7 +206,7 @@ pub(super) async fn establish(
     let slot = HandshakeSlot::take(&shard);
     let set_up = link::timeout(
         shard.config.handshake_timeout,
-        link::set_up(&shard, stream, role, peer_hint),
+        link::set_up(&shard, stream, role, peer_hint, Lane::Data),
     )
     .await;
     drop(slot);
@@ -227,6 +227,21 @@ pub(super) async fn establish(
         }
     };
     if shard.stopping.get() {
+        return;
+    }
+    if peer.lane == Lane::Control as u32 {
+        // A control lane the peer dialed for a link it dialed before: bound to it, or refused.
+        if dial_id.is_none() {
+            return accept_control_lane(shard, socket, peer, remote_addr).await;
+        }
+        tracing::info!(
+            peer = peer.node_id,
+            "a dialed peer answered as a control lane"
+        );
+        if let Some(dial_id) = dial_id {
+            let error = DialError::Refused("the peer answered as a control lane".into());
+            dial_failed(&shard, dial_id, remote_addr, error).await;
+        }
         return;
     }
     if *shard.mesh_id.borrow() != mesh_at_start {
@@ -287,6 +302,7 @@ pub(super) async fn establish(
             peer.guest,
             outbox,
             stats,
+            Lane::Data,
         )
         .await;
         return;
@@ -301,6 +317,16 @@ pub(super) async fn establish(
         })
         .await;
 
+    if role == Role::Dialer && !peer.guest && shard.config.local.lanes >= 2 && peer.lanes >= 2 {
+        glommio::spawn_local(keep_control_lane(
+            Rc::clone(&shard),
+            peer.clone(),
+            conn_id,
+            remote_addr,
+        ))
+        .detach();
+    }
+
     let end = link::run(
         Rc::clone(&shard),
         socket,
@@ -308,6 +334,7 @@ pub(super) async fn establish(
         peer.guest,
         outbox,
         stats,
+        Lane::Data,
     )
     .await;
 
@@ -380,7 +407,170 @@ fn register(
             dialer,
             outbox,
             stats,
+            control: None,
         },
     );
     true
+}
+
+/// The link `conn_id` to `peer`'s outbox, while that link is the registered one and open.
+fn link_outbox(shard: &Shard, peer: u64, conn_id: u64) -> Option<Rc<Outbox>> {
+    shard
+        .links
+        .borrow()
+        .get(&peer)
+        .filter(|l| l.conn_id == conn_id && !l.outbox.is_closing())
+        .map(|l| Rc::clone(&l.outbox))
+}
+
+/// The dialing side of a split link: dials its control lane to the address the link was
+/// dialed at, runs it, and dials again (with backoff) whenever it ends, for as long as the
+/// link lives. While no control lane is attached the link runs collapsed: its data
+/// connection carries everything, served first.
+async fn keep_control_lane(shard: Rc<Shard>, peer: PeerInfo, conn_id: u64, addr: SocketAddr) {
+    let min_backoff = shard.config.heartbeat_interval;
+    let max_backoff = Duration::from_secs(5);
+    let mut backoff = min_backoff;
+    while link_outbox(&shard, peer.node_id, conn_id).is_some() && !shard.stopping.get() {
+        match dial_lane(&shard, addr, peer.node_id).await {
+            Ok((socket, lane_peer)) => {
+                let same_life = lane_peer.node_id == peer.node_id
+                    && lane_peer.boot_id == peer.boot_id
+                    && lane_peer.public_key == peer.public_key;
+                if same_life {
+                    let lived = run_control_lane(&shard, socket, conn_id, addr, Role::Dialer).await;
+                    if lived > Duration::from_secs(10) {
+                        backoff = min_backoff;
+                    }
+                } else {
+                    // The peer restarted: this link is about to be replaced.
+                    tracing::debug!(peer = peer.node_id, "control lane reached another life");
+                }
+            }
+            Err(error) => {
+                tracing::debug!(peer = peer.node_id, %addr, %error, "control lane dial failed");
+            }
+        }
+        glommio::timer::sleep(backoff).await;
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// TCP, preamble, TLS, WebSocket and the handshake of a control lane to `peer` at `addr`.
+async fn dial_lane(
+    shard: &Rc<Shard>,
+    addr: SocketAddr,
+    peer: u64,
+) -> Result<(link::LinkSocket, PeerInfo), DialError> {
+    let limit = shard.config.handshake_timeout;
+    let slot = HandshakeSlot::take(shard);
+    let set_up = link::timeout(limit, async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| DialError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let hint = exchange_preamble(shard, &mut stream, Role::Dialer).await?;
+        if hint != peer {
+            return Err(DialError::Refused(format!(
+                "node {hint} answered at {addr}, not node {peer}"
+            )));
+        }
+        link::set_up(shard, stream, Role::Dialer, peer, Lane::Control).await
+    })
+    .await;
+    drop(slot);
+    set_up.unwrap_or(Err(DialError::Timeout))
+}
+
+/// The accepting side: binds a control lane to the link the same peer dialed in this same
+/// life (proven id, key and boot id), or refuses it with a goodbye that says why.
+async fn accept_control_lane(
+    shard: Rc<Shard>,
+    mut socket: link::LinkSocket,
+    peer: PeerInfo,
+    remote_addr: SocketAddr,
+) {
+    let refusal = match shard.links.borrow().get(&peer.node_id) {
+        _ if peer.guest => Some("a guest has no control lane"),
+        _ if shard.config.local.lanes < 2 => Some("this node runs collapsed links"),
+        None => Some("no link to bind the control lane to"),
+        Some(l) if l.outbox.is_closing() => Some("the link is closing"),
+        Some(l)
+            if l.peer.boot_id != peer.boot_id
+                || l.peer.public_key != peer.public_key
+                || l.dialer != peer.node_id =>
+        {
+            Some("the link was not dialed by this life of the peer")
+        }
+        Some(l) if l.control.is_some() => Some("the link has a control lane"),
+        Some(_) => None,
+    };
+    if let Some(why) = refusal {
+        tracing::info!(peer = peer.node_id, %remote_addr, why, "control lane refused");
+        shard.count_drop("control_lane_refused");
+        let (header, payload) = link::goodbye(shard.config.local.node_id, peer.node_id, why);
+        let mut frame = Vec::new();
+        if crate::frame::encode_into(&mut frame, &header, &payload, usize::MAX).is_ok() {
+            let send = socket.send(async_tungstenite::tungstenite::Message::Binary(
+                frame.into(),
+            ));
+            let _ = link::timeout(Duration::from_millis(200), send).await;
+        }
+        let _ = link::timeout(Duration::from_millis(200), socket.close(None)).await;
+        return;
+    }
+    let conn_id = shard
+        .links
+        .borrow()
+        .get(&peer.node_id)
+        .map_or(0, |l| l.conn_id);
+    run_control_lane(&shard, socket, conn_id, remote_addr, Role::Acceptor).await;
+}
+
+/// Attaches a control lane to the link `conn_id`, runs it until it (or the link) ends, and
+/// detaches it; returns how long it ran.
+async fn run_control_lane(
+    shard: &Rc<Shard>,
+    socket: link::LinkSocket,
+    conn_id: u64,
+    remote_addr: SocketAddr,
+    role: Role,
+) -> Duration {
+    let started = Instant::now();
+    let attached = {
+        let mut links = shard.links.borrow_mut();
+        links
+            .values_mut()
+            .find(|l| l.conn_id == conn_id && !l.outbox.is_closing() && l.control.is_none())
+            .map(|l| {
+                let stats = Rc::new(LinkStats::new(remote_addr, role, started));
+                l.control = Some(Rc::clone(&stats));
+                (l.peer.node_id, Rc::clone(&l.outbox), stats)
+            })
+    };
+    let Some((peer, outbox, stats)) = attached else {
+        return Duration::ZERO;
+    };
+    outbox.set_control_lane(true);
+    tracing::info!(peer, %remote_addr, ?role, "control lane up");
+    let end = link::run(
+        Rc::clone(shard),
+        socket,
+        peer,
+        false,
+        Rc::clone(&outbox),
+        stats,
+        Lane::Control,
+    )
+    .await;
+    outbox.set_control_lane(false);
+    if let Some(l) = shard.links.borrow_mut().get_mut(&peer)
+        && l.conn_id == conn_id
+    {
+        l.control = None;
+    }
+    if !outbox.is_closing() {
+        tracing::info!(peer, reason = %end.describe(), "control lane down; the link runs collapsed until it is back");
+    }
+    started.elapsed()
 }

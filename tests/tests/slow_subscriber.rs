@@ -1,12 +1,15 @@
-//! Sends to a node that just died while the sender's api ring is full, and the other peers'
-//! traffic meanwhile (real processes, real sockets).
+//! A node whose subscriber reads slowly while another node floods it: it keeps reading every
+//! link, sends to a node that just died return, other peers' traffic flows, and nothing the
+//! flood sent is silently lost (real processes, real sockets).
 //!
-//! The api ring (a node's shards → its api thread: deliveries, delivery reports, send
-//! failures) is bounded at 4 MiB of payload (`EVENT_RING_BYTES`) and 4096 events. It fills
-//! when the api thread's delivery pump is slow: the pump waits for room in a `Subscribe`
-//! stream's queue (up to `api::SUBSCRIBER_WAIT`, 1 s). A subscriber that reads slowly but
-//! steadily never lags, so it holds the pump to its pace for as long as another node floods
-//! this one, and the ring stays full.
+//! A node's api thread delivers into each `Subscribe` stream's queue without ever waiting
+//! (issue 23): a full queue turns a message away (`PENDING_CLIENT`, "queue full"; a waiting
+//! send's copy is answered "busy" and sent again), and a queue over three quarters full makes
+//! the node's delivery reports say `saturated`, so the sender holds its next sends briefly.
+//! Before, the delivery waited up to 1 s for room, the api ring behind it filled and the
+//! node's link readers waited on the ring: one slow subscriber stopped the node reading its
+//! links. These tests were written for that full ring and now check that it no longer
+//! happens: the same flood, the same kill, the same other traffic.
 //!
 //! ```text
 //!   B (2) ══flood══► A (1) ◄──► D (4)     A: one shard, subscriber queue of 8, read every 20 ms
@@ -30,7 +33,6 @@ use meshd_proto::{
         SendResponse,
     },
 };
-use meshd_shards::command::EVENT_RING_BYTES;
 use meshd_tests::{Cluster, Node, NodeSpec, exclusive, member_state, mesh_status, wait_for_mesh};
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
@@ -46,9 +48,8 @@ const SUBSCRIBER_QUEUE: &str = "8";
 const READ_EVERY: Duration = Duration::from_millis(20);
 const FLOOD_SIZE: usize = 16 << 10;
 const FLOOD_BATCH: u64 = 32;
-/// The api ring's byte bound in B's messages: it is full with this many (its 4096 slots
-/// never bite for them).
-const RING: u64 = (EVENT_RING_BYTES / FLOOD_SIZE) as u64;
+/// A's subscriber queue, in messages.
+const QUEUE: u64 = 8;
 /// `timeout_seconds` of the waiting sends under test.
 const WAIT_SECONDS: u32 = 2;
 /// A waiting `Send` returns at most `api::data::SETTLE_GRACE` (0.5 s) after its timeout; this
@@ -271,8 +272,10 @@ struct Flood {
     read: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     publisher: JoinHandle<anyhow::Result<u64>>,
-    acks: JoinHandle<anyhow::Result<u64>>,
-    reader: JoinHandle<anyhow::Result<Vec<(u64, u64)>>>,
+    /// B's message ids of the accepted messages, and how many B refused.
+    acks: JoinHandle<anyhow::Result<(Vec<u64>, u64)>>,
+    /// Out-of-order arrivals (expected above, got), and how many arrived.
+    reader: JoinHandle<anyhow::Result<(Vec<(u64, u64)>, u64)>>,
 }
 
 impl Flood {
@@ -296,7 +299,9 @@ impl Flood {
                             let got = got?;
                             anyhow::ensure!(got.src_node == B, "unexpected at A: {got:?}");
                             let seq = u64::from_le_bytes(got.payload[..8].try_into()?);
-                            if seq != next && out_of_order.len() < 10 {
+                            // Gaps are messages A turned away (full queue); never a message
+                            // twice or out of order.
+                            if seq < next && out_of_order.len() < 10 {
                                 out_of_order.push((next, seq));
                             }
                             next = seq + 1;
@@ -305,7 +310,7 @@ impl Flood {
                     }
                 }
                 // The stream is dropped here: the subscriber goes away.
-                Ok(out_of_order)
+                Ok((out_of_order, read.load(Ordering::Relaxed)))
             })
         };
         let (batches, rx) = tokio::sync::mpsc::channel(2);
@@ -341,11 +346,21 @@ impl Flood {
         let acks = {
             let accepted = Arc::clone(&accepted);
             tokio::spawn(async move {
+                let (mut ids, mut refused) = (Vec::new(), 0u64);
                 while let Some(ack) = acks.message().await? {
-                    anyhow::ensure!(ack.rejected == 0, "B refused a batch: {}", ack.error);
+                    // Refused only as "destination saturated", with nothing sent.
+                    if ack.rejected > 0 {
+                        anyhow::ensure!(
+                            ack.error.contains("saturated"),
+                            "B refused a batch: {}",
+                            ack.error
+                        );
+                        refused += u64::from(ack.rejected);
+                    }
                     accepted.fetch_add(ack.msg_ids.len() as u64, Ordering::Relaxed);
+                    ids.extend(ack.msg_ids);
                 }
-                Ok(accepted.load(Ordering::Relaxed))
+                Ok((ids, refused))
             })
         };
         Ok(Self {
@@ -365,11 +380,10 @@ impl Flood {
             .saturating_sub(self.read.load(Ordering::Relaxed))
     }
 
-    /// Waits until A's api ring is full: twice as many of B's messages are on their way as
-    /// the ring holds, and B is held to A's pace (its accepted count grows no faster than A's
-    /// subscriber reads, give or take). A's shard's own count of failure reports it could not
-    /// hand to the ring, read at the end of the test, confirms it.
-    async fn until_full(&self, a: &Node) -> anyhow::Result<Duration> {
+    /// Waits until A's subscriber is saturated: more of B's messages accepted than it read by
+    /// well over its queue, and B held to A's pace (its accepted count grows no faster than
+    /// A's subscriber reads, give or take).
+    async fn until_saturated(&self, a: &Node) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let mut last = (Instant::now(), self.accepted.load(Ordering::Relaxed));
         loop {
@@ -384,28 +398,54 @@ impl Flood {
                 self.read.load(Ordering::Relaxed),
                 self.backlog()
             );
-            if self.backlog() > 2 * RING && rate < 200.0 {
+            if self.backlog() > 4 * QUEUE && rate < 2000.0 {
                 return Ok(started.elapsed());
             }
             anyhow::ensure!(
                 started.elapsed() < Duration::from_secs(20),
-                "B never filled A's api ring; A's log:\n{}",
+                "B never saturated A's subscriber; A's log:\n{}",
                 a.log_tail(20)
             );
         }
     }
 
-    /// Stops the flood and the slow subscriber; returns what A's subscriber read and the
-    /// messages it found out of order.
-    async fn stop(self) -> anyhow::Result<(u64, Vec<(u64, u64)>)> {
+    /// Stops the flood and the slow subscriber; checks with B that every message it accepted
+    /// and A's subscriber did not read has a status saying so (`PENDING_CLIENT`, "queue
+    /// full"): none silently lost. Returns what A's subscriber read and the messages it
+    /// found out of order.
+    async fn stop(self, b: &Node) -> anyhow::Result<(u64, Vec<(u64, u64)>)> {
         self.stop.store(true, Ordering::Relaxed);
-        let out_of_order = self.reader.await??;
+        let (out_of_order, read) = self.reader.await??;
         let offered = self.publisher.await??;
-        let accepted = self.acks.await??;
-        let read = self.read.load(Ordering::Relaxed);
+        let (ids, refused) = self.acks.await??;
+        let mut by_status = BTreeMap::<String, u64>::new();
+        let mut client = b.data().await?;
+        // Reports of the last messages may still be on their way.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for chunk in ids.chunks(10_000) {
+            let statuses = client
+                .query_message_status(QueryMessageStatusRequest {
+                    msg_ids: chunk.to_vec(),
+                })
+                .await?
+                .into_inner()
+                .message_statuses;
+            for s in statuses {
+                *by_status.entry(format!("{:?}", s.status())).or_default() += 1;
+            }
+        }
         println!(
-            "flood over: B offered {offered} messages, accepted {accepted}; A's slow subscriber \
-             read {read}, out of order {out_of_order:?}"
+            "flood over: B offered {offered} messages, accepted {}, refused {refused} \
+             (destination saturated); their statuses at B: {by_status:?}; A's slow subscriber \
+             read {read}, out of order {out_of_order:?}",
+            ids.len()
+        );
+        let delivered = by_status.get("Delivered").copied().unwrap_or(0);
+        let turned_away = by_status.get("PendingClient").copied().unwrap_or(0);
+        anyhow::ensure!(
+            delivered >= read && delivered + turned_away == ids.len() as u64,
+            "every accepted message is DELIVERED or PENDING_CLIENT (A read {read}): \
+             {by_status:?}"
         );
         Ok((read, out_of_order))
     }
@@ -454,17 +494,17 @@ async fn watch_a(
 }
 
 /// Node A runs one shard and a subscriber queue of 8 read every 20 ms; B floods A with 16 KiB
-/// messages until A's api ring is full. While it is, C is killed and A sends to it (waiting and
+/// messages until A's subscriber is saturated. While it is, C is killed and A sends to it (waiting and
 /// fire-and-forget): every call returns in bounded time and none claims a delivery. Meanwhile
 /// A's own traffic to D keeps flowing (delivered at D promptly, once) and A's links to B and D
 /// stay up. Once the flood stops and the slow subscriber goes, A recovers: a waiting send to D
 /// is DELIVERED and one to dead C is PENDING_NODE; A stops cleanly, and its shard counted the
-/// failure reports the full ring could not take.
+/// failure reports it could not hand to the api (none).
 ///
 /// Printed, not asserted here: D's link *into* A (D → B relayed by A, D's membership at A);
 /// see `the_other_peers_link_into_a_node_with_a_full_api_ring_keeps_flowing`.
 #[meshd_tests::test]
-async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_others_flow()
+async fn sends_to_a_node_that_just_died_while_a_subscriber_is_saturated_return_and_others_flow()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let test_started = Instant::now();
@@ -496,10 +536,10 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
     assert_eq!(reply.status(), MessageStatus::Delivered, "{reply:?}");
 
     let flood = Flood::start(cluster.node(0), cluster.node(1)).await?;
-    let filled = flood.until_full(cluster.node(0)).await?;
+    let filled = flood.until_saturated(cluster.node(0)).await?;
     let full_at = Instant::now();
     println!(
-        "A's api ring full after {} ms of flood: backlog {} (the ring holds {RING})",
+        "A's subscriber saturated after {} ms of flood: backlog {} (its queue holds {QUEUE})",
         filled.as_millis(),
         flood.backlog()
     );
@@ -533,7 +573,7 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
     .await?;
     let watch = watch_a(cluster.node(0), vec![B, D], full_at, &window_done).await?;
 
-    // A second of the full ring before C dies, then kill -9 of C and A sends to it at once:
+    // A second of the saturated subscriber before C dies, then kill -9 of C and A sends to it at once:
     // waiting and fire-and-forget, every 250 ms for 6 s, each call on its own task.
     tokio::time::sleep(Duration::from_secs(1)).await;
     cluster.node_mut(2).kill();
@@ -585,7 +625,9 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
         )),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("a waiting send to dead C hung while A's api ring was full"))??
+    .map_err(|_| {
+        anyhow::anyhow!("a waiting send to dead C hung while A's subscriber was saturated")
+    })??
     .into_inner();
     let fresh_took = at.elapsed();
     let backlog_at_end = flood.backlog();
@@ -602,14 +644,14 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
     let fire_db = fire_db.await?;
     let (polls, missing, not_alive) = watch.await??;
 
-    // The ring was still full at the end of the window.
+    // The subscriber was still saturated at the end of the window.
     println!(
         "backlog at the end of the {} ms window: {backlog_at_end}",
         window.as_millis()
     );
     assert!(
-        backlog_at_end > RING,
-        "the flood no longer filled A's api ring (backlog {backlog_at_end})"
+        backlog_at_end > QUEUE,
+        "the flood no longer saturated A's subscriber (backlog {backlog_at_end})"
     );
 
     // Sends to C: every call answered in bounded time, none claims a delivery.
@@ -649,7 +691,7 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
         }
     }
     println!(
-        "C killed {} ms into the full ring; dead in A's member table by {} ms after the kill",
+        "C killed {} ms into the saturation; dead in A's member table by {} ms after the kill",
         killed.duration_since(full_at).as_millis(),
         dead_by.as_millis()
     );
@@ -672,7 +714,7 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
     assert!(fresh_took <= WAIT_BOUND, "{fresh_took:?}");
 
     // A → D: every message reached D once, promptly; waiting sends answered in bounded time
-    // (D's reports wait in A's full ring, so mostly "outcome unknown").
+    // (DELIVERED, or "outcome unknown" when a report came too late).
     let fired = flow(
         "A → D",
         &fire_ad,
@@ -722,7 +764,7 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
     println!("A's sessions and members polled {polls} times: links missing {missing:?}");
     assert!(
         missing.is_empty(),
-        "A's link to B or D went down while its api ring was full: {missing:?}\n{}",
+        "A's link to B or D went down while its subscriber was saturated: {missing:?}\n{}",
         cluster.log_tails(0, 40)
     );
     // Asserted in the test below: D's link into A.
@@ -741,10 +783,10 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
     println!("A's member table, first time each peer was seen not alive: {not_alive:?}");
 
     // Recovery: the flood stops and the slow subscriber goes.
-    let (_, out_of_order) = flood.stop().await?;
+    let (_, out_of_order) = flood.stop(cluster.node(1)).await?;
     assert!(
         out_of_order.is_empty(),
-        "A's steady subscriber missed messages: {out_of_order:?}"
+        "A's subscriber got B's messages twice or out of order: {out_of_order:?}"
     );
     let recovering = Instant::now();
     let recovered = loop {
@@ -830,7 +872,7 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
     );
     assert!(cluster.node_mut(0).is_running(), "A must still be running");
     assert!(cluster.node_mut(0).stop(), "A must stop cleanly");
-    // The shard's own count: failure reports it could not hand to the full ring.
+    // The shard's own count: failure reports it could not hand to the api.
     let log = cluster.node(0).log();
     let drops = log
         .lines()
@@ -842,24 +884,25 @@ async fn sends_to_a_node_that_just_died_while_the_api_ring_is_full_return_and_ot
         .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or(0);
-    println!("A's shard lost {lost} send-failure reports while its data ring was full");
+    println!("A's shard lost {lost} send-failure reports");
     // Send failures travel on the api's verdicts ring, which data never fills.
     assert_eq!(lost, 0, "send-failure reports lost: {drops:?}");
     println!("whole test: {} ms", test_started.elapsed().as_millis());
     Ok(())
 }
 
-/// The other peer's link *into* a node whose api ring is full: D → B messages relayed by A
-/// must keep flowing, and A must not declare D dead, while A's own messages to D make D send
+/// The other peer's link *into* a node whose subscriber is saturated: D → B messages relayed by
+/// A must keep flowing, and A must not declare D dead, while A's own messages to D make D send
 /// delivery reports back into A.
 ///
-/// Failed before the api got a second ring for verdicts: D's link reader at A pushed D's
+/// Written when a saturated subscriber filled the api ring; failed before the api got a
+/// second ring for verdicts: D's link reader at A pushed D's
 /// delivery reports into the ring B's data filled and waited there, and everything behind a
 /// report on D's link (relayed frames, heartbeats, gossip) waited with it: D → B held 4-9 s,
 /// A declared D dead ~4 s in while its link stayed up.
 #[meshd_tests::test]
-async fn the_other_peers_link_into_a_node_with_a_full_api_ring_keeps_flowing() -> anyhow::Result<()>
-{
+async fn the_other_peers_link_into_a_node_with_a_saturated_subscriber_keeps_flowing()
+-> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![
         NodeSpec::listener(A)
@@ -879,7 +922,7 @@ async fn the_other_peers_link_into_a_node_with_a_full_api_ring_keeps_flowing() -
     let (arrivals_b, b_reader) = prompt_reader(cluster.node(1), &all_done).await?;
 
     let flood = Flood::start(cluster.node(0), cluster.node(1)).await?;
-    flood.until_full(cluster.node(0)).await?;
+    flood.until_saturated(cluster.node(0)).await?;
     let full_at = Instant::now();
     let window_done = Arc::new(AtomicBool::new(false));
     let fire_ad = send_every(
@@ -925,7 +968,7 @@ async fn the_other_peers_link_into_a_node_with_a_full_api_ring_keeps_flowing() -
     )?;
     print_flow("fire-and-forget D → B through A", &relayed);
     println!("A: links missing {missing:?}; D not alive {not_alive:?}");
-    flood.stop().await?;
+    flood.stop(cluster.node(1)).await?;
     all_done.store(true, Ordering::Relaxed);
     d_reader.await??;
     b_reader.await??;

@@ -1,0 +1,108 @@
+//! Destinations whose subscribers are not keeping up, as their delivery reports say.
+//!
+//! A destination never waits on a slow subscriber (that would stop it reading every link,
+//! issue 23); it delivers into the subscriber's queue while there is room and says in its
+//! report frame when a queue is over three quarters full (`DeliveryReports.saturated`). The
+//! sender then holds its next sends to that destination for [`HOLD`]: what is already on its
+//! way lands in the queue's last quarter instead of overflowing it, and the sender's callers
+//! are slowed to the subscriber's pace instead of their messages being turned away there. A
+//! send held past its patience is refused with `RESOURCE_EXHAUSTED` ("destination
+//! saturated"), never queued to be lost. Pure: the caller passes the time.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+/// How long a "saturated" report holds sends to its destination. Each report that still
+/// says so renews it; when it lapses the held callers go, and their verdicts say whether
+/// the queue has room again. At 200 ms, a flood of 16 callers adds at most ~80 messages a
+/// second to a queue its subscriber does not drain: minutes before a default queue's last
+/// quarter (1024 messages) is used up.
+pub(crate) const HOLD: Duration = Duration::from_millis(200);
+
+/// Destinations remembered at once. Only nodes this node sends to report to it, and a lapsed
+/// entry is dropped when the map is full, so this is never reached in an honest mesh.
+pub(crate) const MAX_HELD: usize = 4096;
+
+/// Destinations held, with the end of their hold.
+#[derive(Debug, Default)]
+pub(crate) struct Saturation {
+    held: HashMap<u64, Instant>,
+}
+
+impl Saturation {
+    /// A report frame from `dst` arrived: `saturated` starts or renews its hold, a frame
+    /// without it ends the hold at once (the queue has room again).
+    pub(crate) fn on_report(&mut self, dst: u64, saturated: bool, now: Instant) {
+        if !saturated {
+            self.held.remove(&dst);
+            return;
+        }
+        if self.held.len() >= MAX_HELD && !self.held.contains_key(&dst) {
+            self.held.retain(|_, until| *until > now);
+            if self.held.len() >= MAX_HELD {
+                return;
+            }
+        }
+        self.held.insert(dst, now + HOLD);
+    }
+
+    /// Until when sends to `dst` are held, if they are.
+    pub(crate) fn held_until(&mut self, dst: u64, now: Instant) -> Option<Instant> {
+        match self.held.get(&dst) {
+            Some(&until) if until > now => Some(until),
+            Some(_) => {
+                self.held.remove(&dst);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Destinations held now.
+    #[cfg(test)]
+    pub(crate) fn held(&self, now: Instant) -> usize {
+        self.held.values().filter(|until| **until > now).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saturated_report_holds_its_destination_until_it_lapses_or_room_is_reported() {
+        let t0 = Instant::now();
+        let mut s = Saturation::default();
+        assert_eq!(s.held_until(7, t0), None);
+        s.on_report(7, true, t0);
+        assert_eq!(s.held_until(7, t0), Some(t0 + HOLD));
+        assert_eq!(s.held_until(8, t0), None, "only the reporting destination");
+        // Renewed by the next saturated report, lapses without one.
+        s.on_report(7, true, t0 + HOLD / 2);
+        assert_eq!(s.held_until(7, t0 + HOLD), Some(t0 + HOLD / 2 + HOLD));
+        assert_eq!(s.held_until(7, t0 + 2 * HOLD), None);
+        // A report without the flag ends the hold at once.
+        s.on_report(7, true, t0);
+        s.on_report(7, false, t0);
+        assert_eq!(s.held_until(7, t0), None);
+        assert_eq!(s.held(t0), 0);
+    }
+
+    #[test]
+    fn the_map_stays_bounded_and_lapsed_entries_make_room() {
+        let t0 = Instant::now();
+        let mut s = Saturation::default();
+        for dst in 0..MAX_HELD as u64 {
+            s.on_report(dst, true, t0);
+        }
+        s.on_report(u64::MAX, true, t0);
+        assert_eq!(s.held_until(u64::MAX, t0), None, "full: not remembered");
+        assert_eq!(s.held(t0), MAX_HELD);
+        let later = t0 + HOLD;
+        s.on_report(u64::MAX, true, later);
+        assert_eq!(s.held_until(u64::MAX, later), Some(later + HOLD));
+        assert_eq!(s.held(later), 1);
+    }
+}
