@@ -485,6 +485,10 @@ pub struct RuntimeConfig {
     pub ring_capacity: usize,
     /// io_uring buffer memory per shard.
     pub io_memory_bytes: usize,
+    /// Nice value of the threads that carry the control plane (shards, which run the control
+    /// lanes; control; consensus; stream groups), -20..=19: below the api thread's 0, so under a
+    /// data flood heartbeats and Raft get a CPU first. Needs `CAP_SYS_NICE`; 0 leaves them.
+    pub control_nice: i32,
 }
 
 /// `[log]`.
@@ -564,6 +568,7 @@ impl Default for RuntimeConfig {
             pin_cores: false,
             ring_capacity: 4096,
             io_memory_bytes: 2 << 20,
+            control_nice: -5,
         }
     }
 }

@@ -97,6 +97,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     // and control seal.
     let key_book = Arc::new(meshd_shards::origin::KeyBook::default());
     let capacity = config.runtime.ring_capacity;
+    // Before any thread that applies it starts.
+    meshd_shards::priority::set_control_nice(config.runtime.control_nice);
     let (control_events_tx, control_events_rx) =
         weighed_ring(capacity, EVENT_RING_BYTES, ControlEvent::weight);
     let (api_events_tx, api_events_rx) = weighed_ring(capacity, EVENT_RING_BYTES, ApiEvent::weight);

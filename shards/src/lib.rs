@@ -17,6 +17,7 @@ pub mod handshake;
 mod link;
 pub mod origin;
 pub mod ownership;
+pub mod priority;
 mod read_budget;
 pub mod ring;
 pub mod shard;

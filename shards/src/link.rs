@@ -633,6 +633,11 @@ pub(crate) async fn run(
                 Some(Err(e)) => return LinkEnd::Broken(e.to_string()),
             };
             stats.on_received(message.len(), Instant::now());
+            if lane == Lane::Data {
+                // A flood keeps this loop busy without ever waiting; give the control lanes'
+                // task queue its turn when the executor asks (every millisecond).
+                glommio::yield_if_needed().await;
+            }
             for decoded in FrameReader::new(&message, max_payload) {
                 let frame = match decoded {
                     Ok(frame) => frame,

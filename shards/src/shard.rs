@@ -52,6 +52,10 @@ use crate::{
     stats::LinkStats,
 };
 
+/// How soon the executor turns to a ready control lane while data tasks run: the preemption
+/// period glommio derives from the control lanes' task queue.
+const CONTROL_LATENCY: Duration = Duration::from_millis(1);
+
 /// Everything a shard needs to know; shared read-only by every shard.
 #[derive(Clone)]
 pub struct ShardConfig {
@@ -184,6 +188,7 @@ impl Shards {
                 .io_memory(config.io_memory_bytes);
             let handle = builder
                 .spawn(move || async move {
+                    crate::priority::apply();
                     let wiring = Wiring {
                         inbound: consumer,
                         peers,
@@ -313,6 +318,9 @@ pub(crate) struct Shard {
     parked_sends: parked::Parked<Outgoing>,
     /// Frames of the fwd task waiting for a congested next hop.
     parked_forwards: parked::Parked<Forwarded>,
+    /// The task queue control lanes run in: latency-sensitive, so the executor preempts the
+    /// data tasks (which yield when asked) every millisecond to serve it.
+    pub(crate) control_queue: glommio::TaskQueueHandle,
 }
 
 /// Why a frame could not be handed on.
@@ -635,6 +643,11 @@ async fn shard_main(
         forwards,
         parked_sends: parked::Parked::new(),
         parked_forwards: parked::Parked::new(),
+        control_queue: glommio::executor().create_task_queue(
+            glommio::Shares::Static(4000),
+            glommio::Latency::Matters(CONTROL_LATENCY),
+            "control-lanes",
+        ),
     });
 
     let listener = match config.listen {
@@ -676,116 +689,133 @@ async fn shard_main(
     glommio::spawn_local(parked::send_task(Rc::clone(&shard), send)).detach();
     glommio::spawn_local(parked::fwd_task(Rc::clone(&shard), fwd)).detach();
 
-    while let Some(input) = ctl.pop().await {
-        match input {
-            ShardInput::Dial { addr, dial_id } => {
-                glommio::spawn_local(connect::dial(Rc::clone(&shard), addr, dial_id)).detach();
-            }
-            ShardInput::Adopt(adopted) => {
-                // SAFETY: the descriptor is a connected TCP socket that the sending shard
-                // duplicated for us and no longer uses; ownership moves into the stream.
-                let stream = unsafe { TcpStream::from_raw_fd(adopted.fd.into_raw_fd()) };
-                glommio::spawn_local(connect::establish(
-                    Rc::clone(&shard),
-                    stream,
-                    adopted.role,
-                    adopted.peer_hint,
-                    adopted.remote_addr,
-                    adopted.dial_id,
-                ))
-                .detach();
-            }
-            ShardInput::Send(outgoing) => send_control_frame(&shard, outgoing).await,
-            ShardInput::Forward(forwarded) => {
-                // Not sent here by `ShardHandle`; served without waiting all the same.
-                let result = shard
-                    .route(forwarded.header, forwarded.payload, 0, Wait::Never)
-                    .await;
-                if let Err(error) = result {
-                    shard.count_drop(error.kind());
-                }
-            }
-            ShardInput::Fib(fib) => *shard.fib.borrow_mut() = fib,
-            ShardInput::SetMesh { mesh_id, reason } => {
-                // Links of the old mesh (or guest links) end; new handshakes use the new id.
-                *shard.mesh_id.borrow_mut() = mesh_id;
-                let links: Vec<(u64, Rc<Outbox>)> = shard
-                    .links
-                    .borrow()
-                    .iter()
-                    .map(|(peer, l)| (*peer, Rc::clone(&l.outbox)))
-                    .collect();
-                for (peer, outbox) in links {
-                    let (header, payload) = link::goodbye(config.local.node_id, peer, &reason);
-                    let _ = outbox.push_now(&header, &payload);
-                    outbox.close(reason.clone());
-                }
-            }
-            ShardInput::SetCredential {
-                certificate,
-                authority,
-            } => {
-                // New handshakes present and check these; links already up stay (they were
-                // checked when they were set up).
-                *shard.credential.borrow_mut() = (certificate, authority);
-            }
-            ShardInput::DropPeer {
-                peer,
-                reason,
-                reply,
-            } => {
-                let outbox = shard
-                    .links
-                    .borrow()
-                    .get(&peer)
-                    .map(|l| Rc::clone(&l.outbox));
-                if let Some(outbox) = &outbox {
-                    let (header, payload) = link::goodbye(config.local.node_id, peer, &reason);
-                    let _ = outbox.push_now(&header, &payload);
-                    outbox.close(reason);
-                }
-                let _ = reply.send(outbox.is_some());
-            }
-            ShardInput::Sessions { reply } => {
-                let snapshots = shard
-                    .links
-                    .borrow()
-                    .iter()
-                    .map(|(peer, link)| {
-                        let state = if link.outbox.is_closing() {
-                            "closing"
-                        } else {
-                            "up"
-                        };
-                        let mut snapshot = link.stats.snapshot(*peer, state);
-                        snapshot.lanes.push(
-                            link.stats
-                                .lane(Lane::Data.name(), link.outbox.queued_for(Lane::Data)),
-                        );
-                        if let Some(control) = &link.control {
-                            let lane = control
-                                .lane(Lane::Control.name(), link.outbox.queued_for(Lane::Control));
-                            // The network's round trip, not the data queued ahead of a beat.
-                            snapshot.srtt_us = lane.srtt_us;
-                            snapshot.lanes.push(lane);
+    // The ctl loop carries Raft, gossip and routing frames to the outboxes: it runs in the
+    // control lanes' latency-sensitive task queue, never behind a flood's data tasks.
+    let ctl_loop = {
+        let shard = Rc::clone(&shard);
+        async move {
+            while let Some(input) = ctl.pop().await {
+                match input {
+                    ShardInput::Dial { addr, dial_id } => {
+                        glommio::spawn_local(connect::dial(Rc::clone(&shard), addr, dial_id))
+                            .detach();
+                    }
+                    ShardInput::Adopt(adopted) => {
+                        // SAFETY: the descriptor is a connected TCP socket that the sending shard
+                        // duplicated for us and no longer uses; ownership moves into the stream.
+                        let stream = unsafe { TcpStream::from_raw_fd(adopted.fd.into_raw_fd()) };
+                        glommio::spawn_local(connect::establish(
+                            Rc::clone(&shard),
+                            stream,
+                            adopted.role,
+                            adopted.peer_hint,
+                            adopted.remote_addr,
+                            adopted.dial_id,
+                        ))
+                        .detach();
+                    }
+                    ShardInput::Send(outgoing) => send_control_frame(&shard, outgoing).await,
+                    ShardInput::Forward(forwarded) => {
+                        // Not sent here by `ShardHandle`; served without waiting all the same.
+                        let result = shard
+                            .route(forwarded.header, forwarded.payload, 0, Wait::Never)
+                            .await;
+                        if let Err(error) = result {
+                            shard.count_drop(error.kind());
                         }
-                        snapshot
-                    })
-                    .collect();
-                let _ = reply.send(snapshots);
+                    }
+                    ShardInput::Fib(fib) => *shard.fib.borrow_mut() = fib,
+                    ShardInput::SetMesh { mesh_id, reason } => {
+                        // Links of the old mesh (or guest links) end; new handshakes use the new id.
+                        *shard.mesh_id.borrow_mut() = mesh_id;
+                        let links: Vec<(u64, Rc<Outbox>)> = shard
+                            .links
+                            .borrow()
+                            .iter()
+                            .map(|(peer, l)| (*peer, Rc::clone(&l.outbox)))
+                            .collect();
+                        for (peer, outbox) in links {
+                            let (header, payload) =
+                                link::goodbye(config.local.node_id, peer, &reason);
+                            let _ = outbox.push_now(&header, &payload);
+                            outbox.close(reason.clone());
+                        }
+                    }
+                    ShardInput::SetCredential {
+                        certificate,
+                        authority,
+                    } => {
+                        // New handshakes present and check these; links already up stay (they were
+                        // checked when they were set up).
+                        *shard.credential.borrow_mut() = (certificate, authority);
+                    }
+                    ShardInput::DropPeer {
+                        peer,
+                        reason,
+                        reply,
+                    } => {
+                        let outbox = shard
+                            .links
+                            .borrow()
+                            .get(&peer)
+                            .map(|l| Rc::clone(&l.outbox));
+                        if let Some(outbox) = &outbox {
+                            let (header, payload) =
+                                link::goodbye(config.local.node_id, peer, &reason);
+                            let _ = outbox.push_now(&header, &payload);
+                            outbox.close(reason);
+                        }
+                        let _ = reply.send(outbox.is_some());
+                    }
+                    ShardInput::Sessions { reply } => {
+                        let snapshots =
+                            shard
+                                .links
+                                .borrow()
+                                .iter()
+                                .map(|(peer, link)| {
+                                    let state = if link.outbox.is_closing() {
+                                        "closing"
+                                    } else {
+                                        "up"
+                                    };
+                                    let mut snapshot = link.stats.snapshot(*peer, state);
+                                    snapshot.lanes.push(link.stats.lane(
+                                        Lane::Data.name(),
+                                        link.outbox.queued_for(Lane::Data),
+                                    ));
+                                    if let Some(control) = &link.control {
+                                        let lane = control.lane(
+                                            Lane::Control.name(),
+                                            link.outbox.queued_for(Lane::Control),
+                                        );
+                                        // The network's round trip, not the data queued ahead of a beat.
+                                        snapshot.srtt_us = lane.srtt_us;
+                                        snapshot.lanes.push(lane);
+                                    }
+                                    snapshot
+                                })
+                                .collect();
+                        let _ = reply.send(snapshots);
+                    }
+                    ShardInput::Figures { reply } => {
+                        let _ = reply.send(crate::command::ShardFigures {
+                            drops: shard.drops.borrow().clone(),
+                            reroutes: shard.reroutes.get(),
+                        });
+                    }
+                    ShardInput::PinKey { peer, public_key } => {
+                        shard.pinned.borrow_mut().insert(peer, public_key);
+                        shard.known.borrow_mut().insert(peer);
+                    }
+                    ShardInput::Shutdown => break,
+                }
             }
-            ShardInput::Figures { reply } => {
-                let _ = reply.send(crate::command::ShardFigures {
-                    drops: shard.drops.borrow().clone(),
-                    reroutes: shard.reroutes.get(),
-                });
-            }
-            ShardInput::PinKey { peer, public_key } => {
-                shard.pinned.borrow_mut().insert(peer, public_key);
-                shard.known.borrow_mut().insert(peer);
-            }
-            ShardInput::Shutdown => break,
         }
+    };
+    match glommio::spawn_local_into(ctl_loop, shard.control_queue) {
+        Ok(task) => task.await,
+        Err(error) => tracing::error!(shard = shard_id, %error, "could not start the ctl loop"),
     }
     shut_down(&shard).await;
 }

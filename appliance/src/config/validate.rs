@@ -414,6 +414,16 @@ impl Config {
                 "use 2097152 (the default)",
             ));
         }
+        if !(-20..=19).contains(&self.runtime.control_nice) {
+            return Err(invalid(
+                "runtime.control_nice",
+                format!(
+                    "{} is not a nice value (-20..=19)",
+                    self.runtime.control_nice
+                ),
+                "use -5 (the default), or 0 to leave thread priorities alone",
+            ));
+        }
         Ok(Resolved {
             listen,
             peers,

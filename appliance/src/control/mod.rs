@@ -200,6 +200,7 @@ impl ControlThread {
         let thread = thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                meshd_shards::priority::apply();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -553,7 +553,7 @@ async fn run_control_lane(
     };
     outbox.set_control_lane(true);
     tracing::info!(peer, %remote_addr, ?role, "control lane up");
-    let end = link::run(
+    let lane = link::run(
         Rc::clone(shard),
         socket,
         peer,
@@ -561,8 +561,13 @@ async fn run_control_lane(
         Rc::clone(&outbox),
         stats,
         Lane::Control,
-    )
-    .await;
+    );
+    // In its own latency-sensitive task queue: served within a millisecond of becoming ready
+    // however busy the data lanes keep the shard.
+    let end = match glommio::spawn_local_into(lane, shard.control_queue) {
+        Ok(task) => task.await,
+        Err(error) => link::LinkEnd::Closed(format!("no control task queue: {error}")),
+    };
     outbox.set_control_lane(false);
     if let Some(l) = shard.links.borrow_mut().get_mut(&peer)
         && l.conn_id == conn_id

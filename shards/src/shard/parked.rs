@@ -153,6 +153,8 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
             }
         }
         shard.parked_sends.until_room().await;
+        // A full send ring never makes `pop` wait: let the control lanes in when asked.
+        glommio::yield_if_needed().await;
     }
 }
 
@@ -204,6 +206,7 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
             }
         }
         shard.parked_forwards.until_room().await;
+        glommio::yield_if_needed().await;
     }
 }
 

@@ -171,8 +171,11 @@ impl ConsensusThread {
         let thread = thread::Builder::new()
             .name("consensus".into())
             .spawn(move || {
+                meshd_shards::priority::apply();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    // Its blocking pool writes the log (fsync): the same priority.
+                    .on_thread_start(meshd_shards::priority::apply)
                     .build()
                 {
                     Ok(runtime) => runtime,

@@ -160,8 +160,10 @@ impl GroupsThread {
         let thread = thread::Builder::new()
             .name("stream-groups".into())
             .spawn(move || {
+                meshd_shards::priority::apply();
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .on_thread_start(meshd_shards::priority::apply)
                     .build()
                 {
                     Ok(runtime) => runtime,
