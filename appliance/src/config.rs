@@ -485,9 +485,9 @@ pub struct RuntimeConfig {
     pub ring_capacity: usize,
     /// io_uring buffer memory per shard.
     pub io_memory_bytes: usize,
-    /// Nice value of the threads that carry the control plane (shards, which run the control
-    /// lanes; control; consensus; stream groups), -20..=19: below the api thread's 0, so under a
-    /// data flood heartbeats and Raft get a CPU first. Needs `CAP_SYS_NICE`; 0 leaves them.
+    /// Nice value of the control plane's threads (control, consensus, stream groups),
+    /// -20..=19: below everything else's 0, so under a data flood gossip and Raft get a CPU
+    /// first. Needs `CAP_SYS_NICE`; 0 leaves them.
     pub control_nice: i32,
 }
 

@@ -1,10 +1,11 @@
 //! Scheduling priority of the threads that carry the control plane.
 //!
-//! On a host busy with data (a flood in, a flood out), heartbeats, gossip and Raft must not wait
-//! for a CPU behind the api thread's gRPC work: the shards (which run the control lanes), the
-//! control thread and the consensus threads are given a lower nice value than the rest
-//! (`runtime.control_nice`, -5 by default), so the kernel runs them first when they wake. It
-//! needs `CAP_SYS_NICE` (root has it); without it the node runs at the default priority and
+//! On a host busy with data (a flood in, a flood out), gossip and Raft must not wait for a CPU
+//! behind the data path: the control thread and the consensus threads are given a lower nice
+//! value than the rest (`runtime.control_nice`, -5 by default), so the kernel runs them first
+//! when they wake. The shards are not: reniced, they preempt the api threads that feed and
+//! drain them and cost a quarter of 64 KiB throughput (ARCHITECTURE "Who gets a CPU first").
+//! It needs `CAP_SYS_NICE` (root has it); without it the node runs at the default priority and
 //! says so once.
 
 use std::sync::{

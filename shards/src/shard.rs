@@ -188,7 +188,6 @@ impl Shards {
                 .io_memory(config.io_memory_bytes);
             let handle = builder
                 .spawn(move || async move {
-                    crate::priority::apply();
                     let wiring = Wiring {
                         inbound: consumer,
                         peers,

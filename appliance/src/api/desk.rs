@@ -4,7 +4,10 @@
 //! senders without ever waiting on a shard.
 
 use std::{
-    sync::atomic::Ordering,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -37,7 +40,17 @@ pub(super) struct Subscriber {
     qos_class: u32,
     src_node: u64,
     tx: mpsc::Sender<Result<Received, Status>>,
+    /// Set when the subscriber let a message wait [`SUBSCRIBER_WAIT`] in vain; cleared once
+    /// its queue is half empty again. A lagging subscriber is not waited for.
+    lagging: Arc<AtomicBool>,
 }
+
+/// How long a delivery may wait for room in a full subscriber queue. A subscriber that keeps
+/// up, but not at every instant, is waited for, so a closed-loop flood is slowed over TCP
+/// instead of turned away; one still full after this is marked lagging and not waited for
+/// again until its queue is half empty, so a slow subscriber holds the node's inbound data at
+/// most this long per episode (issue 23: it was 1 s, and the node's links starved).
+pub(crate) const SUBSCRIBER_WAIT: Duration = Duration::from_millis(50);
 
 impl Subscriber {
     fn wants(&self, src: u64, partition: u32, qos_class: u32) -> bool {
@@ -51,7 +64,7 @@ impl ApiState {
     /// Delivers a message from another node, opening it first if it is end-to-end encrypted
     /// (this is the only place its plaintext exists on this node); also says whether a
     /// matching subscriber's queue is near full (see `saturation`).
-    fn open_and_deliver(&self, src: u64, data: &mut Data) -> (Verdict, bool) {
+    async fn open_and_deliver(&self, src: u64, data: &mut Data) -> (Verdict, bool) {
         if !data.tenant.is_empty() {
             let Ok(nonce) = <[u8; 24]>::try_from(data.nonce.as_ref()) else {
                 return (Verdict::NoTenantKey, false);
@@ -74,16 +87,17 @@ impl ApiState {
                 }
             }
         }
-        self.offer(src, data)
+        self.offer(src, data).await
     }
 
     /// Offers a message to the matching local subscribers; returns the resulting status.
     pub(crate) async fn deliver_locally(&self, src: u64, data: &Data) -> Verdict {
-        self.offer(src, data).0
+        self.offer(src, data).await.0
     }
 
-    /// [`Self::deliver_locally`], and whether a matching queue is over three quarters full.
-    fn offer(&self, src: u64, data: &Data) -> (Verdict, bool) {
+    /// [`Self::deliver_locally`], and whether a matching subscriber turned it away (the
+    /// sender is then told this node is saturated, see `saturation`).
+    async fn offer(&self, src: u64, data: &Data) -> (Verdict, bool) {
         let received = Received {
             src_node: src,
             dst_node: self.node_id,
@@ -102,7 +116,9 @@ impl ApiState {
         };
         let mut delivered = 0usize;
         let mut full = 0usize;
-        let mut near_full = false;
+        // The common case (room in every queue) is served under the lock without waiting or
+        // allocating; only subscribers with a full queue are collected to be waited for.
+        let mut waiting = Vec::new();
         {
             let mut subscribers = self
                 .subscribers
@@ -113,20 +129,42 @@ impl ApiState {
                 .iter()
                 .filter(|s| s.wants(src, data.partition, data.qos_class))
             {
-                // Never waits: this pump serves every link's deliveries, so a wait on one
-                // slow reader would stop the node reading all of them (issue 23). A full
-                // queue is the subscriber's own problem, reported to the sender.
                 match s.tx.try_send(Ok(received.clone())) {
                     Ok(()) => {
                         delivered += 1;
-                        near_full |= s.tx.capacity() * 4 < s.tx.max_capacity();
+                        if s.tx.capacity() * 2 >= s.tx.max_capacity() {
+                            s.lagging.store(false, Ordering::Relaxed);
+                        }
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => closed = true,
-                    Err(mpsc::error::TrySendError::Full(_)) => full += 1,
+                    // A lagging subscriber's own traffic is turned away at once: waiting on
+                    // it would hold every link's data behind one slow reader.
+                    Err(mpsc::error::TrySendError::Full(_))
+                        if s.lagging.load(Ordering::Relaxed) =>
+                    {
+                        full += 1;
+                    }
+                    Err(mpsc::error::TrySendError::Full(item)) => {
+                        waiting.push((s.tx.clone(), Arc::clone(&s.lagging), item));
+                    }
                 }
             }
             if closed {
                 subscribers.retain(|s| !s.tx.is_closed());
+            }
+        }
+        for (tx, lagging, item) in waiting {
+            match tokio::time::timeout(SUBSCRIBER_WAIT, tx.send(item)).await {
+                Ok(Ok(())) => delivered += 1,
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    tracing::debug!(
+                        src,
+                        "a subscriber stayed full for {SUBSCRIBER_WAIT:?}; its messages are turned away until its queue is half empty"
+                    );
+                    lagging.store(true, Ordering::Relaxed);
+                    full += 1;
+                }
             }
         }
         let verdict = match (delivered, full) {
@@ -135,7 +173,7 @@ impl ApiState {
             _ if data.require_ack => Verdict::WaitingForAck,
             _ => Verdict::Delivered,
         };
-        (verdict, near_full || full > 0)
+        (verdict, full > 0)
     }
 
     pub(crate) fn add_subscriber(
@@ -160,6 +198,7 @@ impl ApiState {
             qos_class,
             src_node,
             tx,
+            lagging: Arc::default(),
         });
         Ok(rx)
     }
@@ -203,7 +242,7 @@ impl ApiState {
                 let mut saturated = false;
                 let verdict = if data.seq == 0 {
                     // Fire-and-forget or broadcast: never retransmitted, nothing to remember.
-                    let (verdict, near_full) = self.open_and_deliver(src, &mut data);
+                    let (verdict, near_full) = self.open_and_deliver(src, &mut data).await;
                     saturated = near_full;
                     verdict
                 } else {
@@ -220,7 +259,7 @@ impl ApiState {
                         Decision::Ignore => return,
                         Decision::Answer(verdict) => verdict,
                         Decision::Deliver => {
-                            let (verdict, near_full) = self.open_and_deliver(src, &mut data);
+                            let (verdict, near_full) = self.open_and_deliver(src, &mut data).await;
                             saturated = near_full;
                             match verdict {
                                 // Not remembered: the sender's next copy (200 ms on) is

@@ -1,13 +1,13 @@
 //! Destinations whose subscribers are not keeping up, as their delivery reports say.
 //!
-//! A destination never waits on a slow subscriber (that would stop it reading every link,
-//! issue 23); it delivers into the subscriber's queue while there is room and says in its
-//! report frame when a queue is over three quarters full (`DeliveryReports.saturated`). The
-//! sender then holds its next sends to that destination for [`HOLD`]: what is already on its
-//! way lands in the queue's last quarter instead of overflowing it, and the sender's callers
-//! are slowed to the subscriber's pace instead of their messages being turned away there. A
-//! send held past its patience is refused with `RESOURCE_EXHAUSTED` ("destination
-//! saturated"), never queued to be lost. Pure: the caller passes the time.
+//! A destination waits on a full subscriber at most briefly (`desk::SUBSCRIBER_WAIT`, 50 ms),
+//! then turns that subscriber's messages away until it catches up (a longer wait would stop
+//! the node reading its links' data, issue 23), and says so in its report frame
+//! (`DeliveryReports.saturated`). The sender then holds its next sends to that destination
+//! for [`HOLD`], so its callers are slowed to about the subscriber's pace instead of sending
+//! messages that would be turned away. A send held past its patience is refused with
+//! `RESOURCE_EXHAUSTED` ("destination saturated"), never queued to be lost. Pure: the caller
+//! passes the time.
 
 use std::{
     collections::HashMap,
@@ -16,9 +16,7 @@ use std::{
 
 /// How long a "saturated" report holds sends to its destination. Each report that still
 /// says so renews it; when it lapses the held callers go, and their verdicts say whether
-/// the queue has room again. At 200 ms, a flood of 16 callers adds at most ~80 messages a
-/// second to a queue its subscriber does not drain: minutes before a default queue's last
-/// quarter (1024 messages) is used up.
+/// the queue has room again.
 pub(crate) const HOLD: Duration = Duration::from_millis(200);
 
 /// Destinations remembered at once. Only nodes this node sends to report to it, and a lapsed
