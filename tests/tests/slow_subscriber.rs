@@ -2,9 +2,9 @@
 //! link, sends to a node that just died return, other peers' traffic flows, and nothing the
 //! flood sent is silently lost (real processes, real sockets).
 //!
-//! A node's api thread delivers into each `Subscribe` stream's queue without ever waiting
-//! (issue 23): a full queue turns a message away (`PENDING_CLIENT`, "queue full"; a waiting
-//! send's copy is answered "busy" and sent again), and a queue over three quarters full makes
+//! A node's api thread waits for room in a full `Subscribe` queue at most 50 ms (issue 23);
+//! then the subscriber lags and its messages are turned away (`PENDING_CLIENT`, "queue full";
+//! a waiting send's copy is answered "busy" and sent again) until its queue is half empty, and
 //! the node's delivery reports say `saturated`, so the sender holds its next sends briefly.
 //! Before, the delivery waited up to 1 s for room, the api ring behind it filled and the
 //! node's link readers waited on the ring: one slow subscriber stopped the node reading its
