@@ -149,6 +149,13 @@ impl ShardHandle {
             .inspect_err(|_| Self::uncount(counted))
     }
 
+    /// Pushes a control-plane frame another shard routed (`ShardInput::Forward`) onto the ctl
+    /// ring without waiting: it never queues behind, nor is refused because of, the data
+    /// forwards of the fwd ring.
+    pub fn try_push_ctl(&self, input: ShardInput) -> Result<(), PushError<ShardInput>> {
+        self.ctl.try_push(input)
+    }
+
     /// Adds a data input's bytes to its gauge (released by the shard's send or fwd task);
     /// returns what to take back if the push fails.
     fn count(&self, lane: Lane, input: &ShardInput) -> Option<(&Congestion, u64, usize)> {

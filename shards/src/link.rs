@@ -747,10 +747,14 @@ pub(crate) async fn run(
                             // take the frame within `relay_wait` loses it (counted), so a
                             // stuck peer downstream never holds this link's reader long
                             // enough for the sender upstream to give up on this link.
-                            let wait = match lane {
-                                Lane::Data => Wait::Upto(relay_wait),
-                                Lane::Control => Wait::Control,
-                            };
+                            // Control-plane frames (on a collapsed link they come on the data
+                            // lane) never wait behind data, here or on the next shard.
+                            let wait =
+                                if lane == Lane::Control || relayed.frame_type.is_served_first() {
+                                    Wait::Control
+                                } else {
+                                    Wait::Upto(relay_wait)
+                                };
                             let routed = gate
                                 .hold(shard.route(
                                     relayed,

@@ -52,8 +52,12 @@ use crate::{
     stats::LinkStats,
 };
 
-/// How soon the executor turns to a ready control lane while data tasks run: the preemption
-/// period glommio derives from the control lanes' task queue.
+/// How soon the executor turns to a ready control lane while data tasks run: the executor's
+/// preemption period. Set on the executor, not as the control queue's `Latency::Matters`: a
+/// latency-sensitive queue makes every wake-up from another thread (the control thread's and
+/// the api's rings) force a write to the executor's eventfd, glommio's least-trodden path
+/// (DataDog/glommio#434, #457, #459, #494), and a shard once stopped answering the api with
+/// it in CI.
 const CONTROL_LATENCY: Duration = Duration::from_millis(1);
 
 /// Everything a shard needs to know; shared read-only by every shard.
@@ -185,6 +189,7 @@ impl Shards {
             };
             let builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{shard_id}"))
+                .preempt_timer(CONTROL_LATENCY)
                 .io_memory(config.io_memory_bytes);
             let handle = builder
                 .spawn(move || async move {
@@ -470,15 +475,22 @@ impl Shard {
                 reroutes_left,
             });
             let ring = &self.peers[owner];
+            let refused = |e: PushError<ShardInput>| match e {
+                PushError::Full(_) => RouteError::Congested,
+                PushError::Closed(_) => RouteError::LinkClosed,
+            };
             return match wait {
-                Wait::Never | Wait::Control => {
+                // Control-plane frames cross on the owner's ctl ring, which carries no data:
+                // a data flood relayed towards the same next hop (its fwd ring full, its
+                // congestion gauge high) must not refuse a Raft answer or a heartbeat. Under
+                // issue 23's flood, relays dropped Raft frames here and control-group writes
+                // waited out their 5 s deadline.
+                Wait::Control => ring.try_push_ctl(forwarded).map_err(refused),
+                Wait::Never => {
                     if self.forwards.is_congested(next) {
                         return Err(RouteError::Congested);
                     }
-                    ring.try_push(forwarded).map_err(|e| match e {
-                        PushError::Full(_) => RouteError::Congested,
-                        PushError::Closed(_) => RouteError::LinkClosed,
-                    })
+                    ring.try_push(forwarded).map_err(refused)
                 }
                 // A timer only when the ring is actually full or the next hop congested:
                 // arming one per frame costs more than the hand-over itself.
@@ -644,7 +656,7 @@ async fn shard_main(
         parked_forwards: parked::Parked::new(),
         control_queue: glommio::executor().create_task_queue(
             glommio::Shares::Static(4000),
-            glommio::Latency::Matters(CONTROL_LATENCY),
+            glommio::Latency::NotImportant,
             "control-lanes",
         ),
     });
@@ -715,9 +727,15 @@ async fn shard_main(
                     }
                     ShardInput::Send(outgoing) => send_control_frame(&shard, outgoing).await,
                     ShardInput::Forward(forwarded) => {
-                        // Not sent here by `ShardHandle`; served without waiting all the same.
+                        // A control-plane frame another shard routed here (`Wait::Control`):
+                        // served without waiting, with the outbox's control allowance.
+                        let wait = if forwarded.header.frame_type.is_served_first() {
+                            Wait::Control
+                        } else {
+                            Wait::Never
+                        };
                         let result = shard
-                            .route(forwarded.header, forwarded.payload, 0, Wait::Never)
+                            .route(forwarded.header, forwarded.payload, 0, wait)
                             .await;
                         if let Err(error) = result {
                             shard.count_drop(error.kind());

@@ -1,7 +1,8 @@
 //! Overall limits for multi-process tests: `#[meshd_tests::test]` runs a test's body under
 //! [`run`]. Past the limit the test fails with the log tails of every node it started (their
 //! processes killed first, so dropping them does not wait on a frozen one), instead of a wedged
-//! node hanging the whole run until CI's own limit.
+//! node hanging the whole run until CI's own limit. A test that fails sooner (an `Err` or a
+//! panic) prints the log tails of the nodes it had started, kept when they were dropped.
 //!
 //! Nodes register their logs here when they start ([`register`]) and leave when dropped; each
 //! entry records the thread that started it, so a timeout prints its own test's nodes even when
@@ -24,6 +25,14 @@ struct Entry {
 
 static LIVE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
+/// The log tails of nodes already dropped, kept (per starting thread) until their test ends: a
+/// test that fails with an error or a panic prints them, after its clusters (and their
+/// temporary directories) are gone.
+static DROPPED: Mutex<Vec<(Option<String>, String)>> = Mutex::new(Vec::new());
+
+/// Log tails kept per thread; the oldest go first past it.
+const DROPPED_KEPT: usize = 12;
+
 /// Lines of each node's log a timeout prints.
 const TAIL_LINES: usize = 40;
 
@@ -44,19 +53,105 @@ pub(crate) fn register(log: &Path, node_id: u64, pid: Option<u32>) {
     }
 }
 
-/// Forgets a node (it was dropped).
+/// Forgets a node (it was dropped), keeping its log tail in case its test fails.
 pub(crate) fn unregister(log: &Path) {
-    LIVE.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .retain(|e| e.log != log);
+    let gone: Vec<Entry> = {
+        let mut live = LIVE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (gone, kept) = std::mem::take(&mut *live)
+            .into_iter()
+            .partition(|e| e.log == log);
+        *live = kept;
+        gone
+    };
+    let mut dropped = DROPPED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for entry in gone {
+        let tail = tail_of(&entry);
+        let mine = dropped.iter().filter(|(o, _)| *o == entry.owner).count();
+        if mine >= DROPPED_KEPT
+            && let Some(oldest) = dropped.iter().position(|(o, _)| *o == entry.owner)
+        {
+            dropped.remove(oldest);
+        }
+        dropped.push((entry.owner, tail));
+    }
+}
+
+/// The node's last [`TAIL_LINES`] log lines, headed by its id and path.
+fn tail_of(entry: &Entry) -> String {
+    let text = std::fs::read_to_string(&entry.log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "\n--- node {} ({}) ---\n{}",
+        entry.node_id,
+        entry.log.display(),
+        lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+    )
+}
+
+/// Whether a test body's outcome is a failure (an `Err`).
+pub trait Outcome {
+    fn failed(&self) -> bool;
+}
+
+impl Outcome for () {
+    fn failed(&self) -> bool {
+        false
+    }
+}
+
+impl<T, E> Outcome for Result<T, E> {
+    fn failed(&self) -> bool {
+        self.is_err()
+    }
+}
+
+/// Prints the kept log tails of this thread's dropped nodes when the test fails (an `Err` or a
+/// panic), and forgets them either way.
+struct Reporter {
+    test: String,
+    failed: bool,
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        let me = std::thread::current().name().map(str::to_owned);
+        let tails: Vec<String> = {
+            let mut dropped = DROPPED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (mine, others) = std::mem::take(&mut *dropped)
+                .into_iter()
+                .partition(|(o, _)| *o == me);
+            *dropped = others;
+            mine.into_iter().map(|(_, t)| t).collect()
+        };
+        if (self.failed || std::thread::panicking()) && !tails.is_empty() {
+            eprintln!(
+                "test `{}` failed; the last {TAIL_LINES} lines of each of its nodes' logs:{}",
+                self.test,
+                tails.concat()
+            );
+        }
+    }
 }
 
 /// Runs a test body with an overall limit; past it, kills the test's nodes and panics with their
 /// log tails.
-pub async fn run<T>(test: &str, limit: Duration, body: impl Future<Output = T>) -> T {
+pub async fn run<T: Outcome>(test: &str, limit: Duration, body: impl Future<Output = T>) -> T {
+    let mut reporter = Reporter {
+        test: test.to_owned(),
+        failed: false,
+    };
     let mut body = std::pin::pin!(body);
     tokio::select! {
-        out = &mut body => out,
+        out = &mut body => {
+            reporter.failed = out.failed();
+            out
+        }
         () = tokio::time::sleep(limit) => {
             let report = expire();
             // `body` (and the clusters in it) is dropped while this unwinds.
@@ -89,14 +184,7 @@ fn expire() -> String {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
-        let text = std::fs::read_to_string(&entry.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        report.push_str(&format!(
-            "\n--- node {} ({}) ---\n{}",
-            entry.node_id,
-            entry.log.display(),
-            lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
-        ));
+        report.push_str(&tail_of(entry));
     }
     report
 }

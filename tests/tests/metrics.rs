@@ -87,6 +87,20 @@ async fn scrape_until(
     }
 }
 
+/// A per-lane sample (labels in whichever order the exposition writes them); -1 when absent.
+fn lane_value(samples: &BTreeMap<String, f64>, name: &str, peer: &str, lane: &str) -> f64 {
+    let (peer, lane) = (format!("peer=\"{peer}\""), format!("lane=\"{lane}\""));
+    samples
+        .iter()
+        .find(|(k, _)| {
+            k.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{'))
+                && k.contains(&peer)
+                && k.contains(&lane)
+        })
+        .map_or(-1.0, |(_, v)| *v)
+}
+
 fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
     samples.get(key).copied().unwrap_or(-1.0)
 }
@@ -116,15 +130,22 @@ async fn a_scrape_shows_members_links_raft_and_streams_and_follows_a_link_going_
 
     let samples = scrape_until(
         m1,
-        "three alive members, a link to node 2, a control group",
+        "three alive members, a link to node 2 with both its lanes, a control group",
         |s| {
             value(s, "meshd_members{state=\"alive\"}") == 3.0
                 && value(s, "meshd_links") == 1.0
                 && value(s, "meshd_raft_voters") >= 1.0
                 && value(s, "meshd_raft_term") >= 1.0
+                && lane_value(s, "meshd_lane_received_frames_total", "2", "control") > 0.0
         },
     )
     .await?;
+    // Each lane of the link: its own connection, its own figures.
+    for lane in ["data", "control"] {
+        assert!(lane_value(&samples, "meshd_lane_sent_bytes_total", "2", lane) > 0.0);
+        assert!(lane_value(&samples, "meshd_lane_rtt_seconds", "2", lane) >= 0.0);
+        assert!(lane_value(&samples, "meshd_lane_queued_bytes", "2", lane) >= 0.0);
+    }
     assert!(value(&samples, "meshd_link_rtt_seconds{peer=\"2\"}") >= 0.0);
     assert!(value(&samples, "meshd_link_sent_bytes_total{peer=\"2\"}") > 0.0);
     assert_eq!(value(&samples, "meshd_routes"), 2.0);
@@ -267,13 +288,25 @@ async fn the_status_page_renders_every_member_in_a_browser_and_follows_a_link_go
         cluster.node(0).metrics.context("metrics port")?
     );
     let started = Instant::now();
-    let dom = render_until(&url, "every member and both links", |dom| {
-        [
-            "member-1", "member-2", "member-3", "vertex-3", "edge-1-2", "edge-2-3", "route-3",
-        ]
-        .iter()
-        .all(|id| dom.contains(&format!("id=\"{id}\"")))
-    })
+    let dom = render_until(
+        &url,
+        "every member, both links and both lanes to node 2",
+        |dom| {
+            [
+                "member-1",
+                "member-2",
+                "member-3",
+                "vertex-3",
+                "edge-1-2",
+                "edge-2-3",
+                "route-3",
+                "lane-2-data",
+                "lane-2-control",
+            ]
+            .iter()
+            .all(|id| dom.contains(&format!("id=\"{id}\"")))
+        },
+    )
     .await?;
     assert!(dom.contains("data-state=\"alive\""));
     println!(

@@ -73,16 +73,17 @@ async fn status_json(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
-/// The status page's view: health, members, links, routes, Raft (also what the platform
+/// The status page's view: health, members, links, this node's lanes, routes, Raft (also what the platform
 /// sync writes to `mesh_node_state` and `mesh_routing_table`).
 pub(super) async fn status_view(state: &ApiState) -> Result<serde_json::Value, String> {
     let view = tokio::time::timeout(SCRAPE_DEADLINE, async {
         let mesh = state.mesh().await?;
         let routing = state.routing().await?;
-        Ok::<_, Status>((mesh, routing))
+        let sessions = state.sessions().await?;
+        Ok::<_, Status>((mesh, routing, sessions))
     })
     .await;
-    let (mesh, routing) = match view {
+    let (mesh, routing, sessions) = match view {
         Ok(Ok(view)) => view,
         Ok(Err(status)) => return Err(status.message().to_owned()),
         Err(_) => {
@@ -114,6 +115,17 @@ pub(super) async fn status_view(state: &ApiState) -> Result<serde_json::Value, S
             "rtt_us": l.rtt_us,
             "loss_ppm": l.loss_ppm,
         })).collect::<Vec<_>>(),
+        "lanes": sessions.iter().flat_map(|s| s.lanes.iter().map(|l| serde_json::json!({
+            "peer": s.peer,
+            "lane": l.name,
+            "remote_addr": l.remote_addr.to_string(),
+            "rtt_us": l.srtt_us,
+            "bytes_sent": l.bytes_sent,
+            "bytes_received": l.bytes_received,
+            "frames_sent": l.frames_sent,
+            "frames_received": l.frames_received,
+            "queued_bytes": l.queued_bytes,
+        }))).collect::<Vec<_>>(),
         "routes": routing.routes.iter().map(|r| serde_json::json!({
             "destination": r.destination,
             "next_hops": r.next_hops,
@@ -366,6 +378,7 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
             dropped.with_label_values(&[&peer]).inc_by(s.frames_dropped);
         }
     }
+    lane_metrics(&scrape, &sessions);
     scrape.int(
         "meshd_links",
         "Links up on this node.",
@@ -549,4 +562,67 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
         .encode(&families, &mut out)
         .map_err(|e| Status::internal(e.to_string()))?;
     String::from_utf8(out).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// Each connection (lane) of each link: a link runs a data lane and, split, a control lane.
+fn lane_metrics(scrape: &Scrape, sessions: &[meshd_shards::stats::SessionSnapshot]) {
+    const LABELS: &[&str] = &["peer", "lane"];
+    let lanes = (
+        scrape.gauges(
+            "meshd_lane_rtt_seconds",
+            "Smoothed heartbeat round-trip time of each lane (connection) of each link.",
+            LABELS,
+        ),
+        scrape.counts(
+            "meshd_lane_sent_bytes_total",
+            "Bytes written on each lane of each link since the lane came up.",
+            LABELS,
+        ),
+        scrape.counts(
+            "meshd_lane_received_bytes_total",
+            "Bytes read on each lane of each link since the lane came up.",
+            LABELS,
+        ),
+        scrape.counts(
+            "meshd_lane_sent_frames_total",
+            "Frames written on each lane of each link since the lane came up.",
+            LABELS,
+        ),
+        scrape.counts(
+            "meshd_lane_received_frames_total",
+            "Well-formed frames read on each lane of each link since the lane came up.",
+            LABELS,
+        ),
+        scrape.gauges(
+            "meshd_lane_queued_bytes",
+            "Bytes waiting to be written on each lane of each link.",
+            LABELS,
+        ),
+    );
+    let (Some(rtt), Some(sent), Some(received), Some(frames_out), Some(frames_in), Some(queued)) =
+        lanes
+    else {
+        return;
+    };
+    for s in sessions {
+        let peer = s.peer.to_string();
+        for lane in &s.lanes {
+            let labels = [peer.as_str(), lane.name];
+            rtt.with_label_values(&labels)
+                .set(lane.srtt_us as f64 / 1e6);
+            sent.with_label_values(&labels).inc_by(lane.bytes_sent);
+            received
+                .with_label_values(&labels)
+                .inc_by(lane.bytes_received);
+            frames_out
+                .with_label_values(&labels)
+                .inc_by(lane.frames_sent);
+            frames_in
+                .with_label_values(&labels)
+                .inc_by(lane.frames_received);
+            queued
+                .with_label_values(&labels)
+                .set(lane.queued_bytes as f64);
+        }
+    }
 }
