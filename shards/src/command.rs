@@ -118,7 +118,8 @@ pub struct Outgoing {
     pub flow: u128,
     /// Encoded frame payload.
     pub payload: Bytes,
-    /// (index, count) of one chunk of a larger stream message; (0, 0) when not chunked.
+    /// (index, count) of one chunk of a larger stream message; (0, 0) when not chunked. For a
+    /// `DataBatch` frame (0, its number of messages), whose ids are `msg_id` on.
     pub chunk: (u16, u16),
 }
 
@@ -259,10 +260,12 @@ pub enum ApiEvent {
         /// The payload, sharing the received WebSocket message's buffer.
         payload: Bytes,
     },
-    /// A `Data` frame could not be sent: no route to its destination.
+    /// A `Data` (or `DataBatch`) frame could not be sent: no route to its destination.
     SendFailed {
-        /// The message.
+        /// The message (the first of a batch).
         msg_id: u64,
+        /// How many messages from `msg_id` on (1 for a `Data` frame).
+        count: u32,
         /// The destination.
         dst: u64,
         /// Whether `dst` has ever been part of the mesh, as far as this node knows.
@@ -323,7 +326,7 @@ impl ApiLanes {
     pub fn lane(&self, event: &ApiEvent) -> &crate::ring::Producer<ApiEvent> {
         match event {
             ApiEvent::Frame {
-                frame_type: FrameType::Data,
+                frame_type: FrameType::Data | FrameType::DataBatch,
                 ..
             } => &self.data,
             _ => &self.verdicts,

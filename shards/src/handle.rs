@@ -54,6 +54,7 @@ pub(crate) fn lane_of(input: &ShardInput) -> Lane {
     match input {
         ShardInput::Send(outgoing) => match outgoing.frame_type {
             FrameType::Data
+            | FrameType::DataBatch
             | FrameType::DeliveryReport
             | FrameType::AppAck
             | FrameType::StreamData

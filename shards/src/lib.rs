@@ -24,5 +24,6 @@ pub mod shard;
 pub mod stats;
 pub mod streams;
 pub mod tls;
+mod watchdog;
 
 pub use meshd_proto as proto;

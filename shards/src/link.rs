@@ -723,6 +723,7 @@ pub(crate) async fn run(
                         gate.hold(shard.emit_routing(peer, payload)).await;
                     }
                     FrameType::Data
+                    | FrameType::DataBatch
                     | FrameType::DeliveryReport
                     | FrameType::AppAck
                     | FrameType::StreamData

@@ -60,6 +60,9 @@ use crate::{
 /// it in CI.
 const CONTROL_LATENCY: Duration = Duration::from_millis(1);
 
+/// How long the shards may take to start (executor, rings, listener) before the node gives up.
+const SHARD_START_LIMIT: Duration = Duration::from_secs(15);
+
 /// Everything a shard needs to know; shared read-only by every shard.
 #[derive(Clone)]
 pub struct ShardConfig {
@@ -147,6 +150,7 @@ pub struct Shards {
     congestion: Arc<Congestion>,
     threads: Vec<thread::JoinHandle<()>>,
     listen_addr: Option<SocketAddr>,
+    watchdog: crate::watchdog::Watchdog,
 }
 
 impl Shards {
@@ -169,6 +173,7 @@ impl Shards {
             })
             .unzip();
         let handshakes = Arc::new(AtomicUsize::new(0));
+        let watchdog = crate::watchdog::Watchdog::new(n);
         let config = Arc::new(config);
         let (ready_tx, ready_rx) =
             mpsc::channel::<(usize, Result<Option<SocketAddr>, StartError>)>();
@@ -182,6 +187,7 @@ impl Shards {
             let handshakes = Arc::clone(&handshakes);
             let congestion = Arc::clone(&congestion);
             let forwards = Arc::clone(&forwards);
+            let beat = watchdog.beat(shard_id);
             let placement = if config.pin_cores {
                 Placement::Fixed(shard_id % num_cpus())
             } else {
@@ -201,6 +207,7 @@ impl Shards {
                         handshakes,
                         congestion,
                         forwards,
+                        beat,
                     };
                     shard_main(shard_id, config, wiring, ready_tx).await;
                 })
@@ -216,11 +223,25 @@ impl Shards {
         }
         drop(ready_tx);
         let mut listen_addr = None;
+        let mut started = vec![false; n];
+        let deadline = Instant::now() + SHARD_START_LIMIT;
         for _ in 0..n {
-            match ready_rx.recv() {
-                Ok((_, Ok(addr))) => listen_addr = listen_addr.or(addr),
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ready_rx.recv_timeout(left) {
+                Ok((shard, Ok(addr))) => {
+                    started[shard] = true;
+                    listen_addr = listen_addr.or(addr);
+                }
                 Ok((_, Err(e))) => return Err(e),
-                Err(_) => {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // A node that hangs in start-up is worse than one that fails: say which.
+                    let shard = started.iter().position(|s| !s).unwrap_or(0);
+                    return Err(StartError::Executor {
+                        shard,
+                        reason: format!("did not start within {SHARD_START_LIMIT:?}"),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(StartError::Executor {
                         shard: 0,
                         reason: "a shard thread exited during start-up".into(),
@@ -228,11 +249,14 @@ impl Shards {
                 }
             }
         }
+        tracing::debug!(shards = n, "shards started");
+        watchdog.start();
         Ok(Self {
             inputs,
             congestion,
             threads,
             listen_addr,
+            watchdog,
         })
     }
 
@@ -259,6 +283,7 @@ impl Shards {
 
     /// Tells every shard to say goodbye to its peers, then waits for the shard threads.
     pub fn shutdown(self) {
+        self.watchdog.stop();
         for input in &self.inputs {
             let _ = input.try_push(ShardInput::Shutdown);
         }
@@ -599,6 +624,7 @@ struct Wiring {
     handshakes: Arc<AtomicUsize>,
     congestion: Arc<Congestion>,
     forwards: Arc<Congestion>,
+    beat: crate::watchdog::Beat,
 }
 
 async fn shard_main(
@@ -615,7 +641,9 @@ async fn shard_main(
         handshakes,
         congestion,
         forwards,
+        beat,
     } = wiring;
+    beat.register();
     let n = config.n_shards.max(1);
     let known: HashSet<u64> = config
         .known_peers
@@ -692,6 +720,24 @@ async fn shard_main(
     if let Some(listener) = listener {
         let shard = Rc::clone(&shard);
         glommio::spawn_local(connect::accept_loop(shard, listener)).detach();
+    }
+
+    // The watchdog's pulse, from the control queue: a shard whose control queue stops running
+    // is reported (`watchdog`).
+    let pulse = {
+        let shard = Rc::clone(&shard);
+        async move {
+            while !shard.stopping.get() {
+                glommio::timer::sleep(crate::watchdog::TICK).await;
+                beat.tick();
+            }
+        }
+    };
+    match glommio::spawn_local_into(pulse, shard.control_queue) {
+        Ok(task) => {
+            task.detach();
+        }
+        Err(error) => tracing::warn!(shard = shard_id, %error, "no watchdog pulse"),
     }
 
     // The send and fwd tasks may wait (on outboxes, whose writers have deadlines); the ctl
@@ -884,11 +930,16 @@ fn send_header(shard: &Shard, outgoing: &Outgoing) -> Header {
 /// Counts a frame this node could not send, and tells the api of a lost `Data` frame.
 fn report_send_failure(shard: &Shard, outgoing: &Outgoing, error: &RouteError) {
     shard.count_drop(error.kind());
-    if outgoing.frame_type == FrameType::Data {
+    if matches!(outgoing.frame_type, FrameType::Data | FrameType::DataBatch) {
         let dst = outgoing.dst;
         let known = shard.known.borrow().contains(&dst) || shard.fib.borrow().is_known(dst);
+        let count = match outgoing.frame_type {
+            FrameType::DataBatch => u32::from(outgoing.chunk.1),
+            _ => 1,
+        };
         let event = ApiEvent::SendFailed {
             msg_id: outgoing.msg_id,
+            count,
             dst,
             known,
         };

@@ -1,6 +1,7 @@
 //! meshd's batched `Publish` stream between real processes: every message of every batch
 //! arrives once and in order through a relay, a bad message refuses the rest of its batch with a
-//! reason, and a subscriber that pauses makes the mesh wait instead of dropping.
+//! reason, a subscriber that pauses makes the mesh wait instead of dropping, and a batch that
+//! cannot leave gives every one of its messages the status PENDING_NODE.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -114,4 +115,74 @@ async fn batches_arrive_once_in_order_through_a_relay_and_a_paused_subscriber_lo
         "nothing after the refused rest of the last batch: {extra:?}"
     );
     Ok(())
+}
+
+/// A run of messages to a node that is known but has no route left travels as one
+/// `DataBatch` frame; the frame cannot leave (no route, or no key to sign it) and that is said
+/// once for the whole run: every message of it (not only the first) gets PENDING_NODE.
+#[meshd_tests::test]
+async fn every_message_of_a_batch_that_cannot_leave_is_pending_node() -> anyhow::Result<()> {
+    let _serial = exclusive().await;
+    let mut cluster = Cluster::start(vec![
+        NodeSpec::listener(1),
+        NodeSpec::listener(2).dialing(vec![0]),
+    ])?;
+    cluster.node(0).wait_for_routes(&[2], SETTLE).await?;
+    cluster.node_mut(1).kill();
+    cluster.node(0).wait_for_peers(&[], SETTLE).await?;
+    let mut control = cluster.node(0).control().await?;
+    let deadline = std::time::Instant::now() + SETTLE;
+    while control
+        .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
+        .await?
+        .into_inner()
+        .routes
+        .iter()
+        .any(|r| r.dst_node == 2)
+    {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "route to 2 kept");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut acks = cluster
+        .node(0)
+        .mesh()
+        .await?
+        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tx.send(PublishBatch {
+        messages: (0..100).map(|i| message(2, i, 64)).collect(),
+    })
+    .await?;
+    let ack = tokio::time::timeout(SETTLE, acks.message())
+        .await??
+        .expect("ack");
+    assert_eq!((ack.msg_ids.len(), ack.rejected), (100, 0), "{}", ack.error);
+
+    let mut data = cluster.node(0).data().await?;
+    let deadline = std::time::Instant::now() + SETTLE;
+    loop {
+        let statuses = data
+            .query_message_status(meshd_proto::mesh::QueryMessageStatusRequest {
+                msg_ids: ack.msg_ids.clone(),
+            })
+            .await?
+            .into_inner()
+            .message_statuses;
+        let pending = statuses
+            .iter()
+            .filter(|s| s.status() == meshd_proto::mesh::MessageStatus::PendingNode)
+            .count();
+        if pending == 100 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{pending} of 100 PENDING_NODE: {:?}",
+            statuses.iter().map(|s| s.status()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

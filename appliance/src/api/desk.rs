@@ -12,7 +12,7 @@ use std::{
 };
 
 use meshd_proto::{
-    link::{AppAck, Data, DeliveryReports},
+    link::{AppAck, Data, DataBatch, DeliveryReports},
     mesh::{MessageStatus, Received},
 };
 use meshd_shards::{
@@ -225,6 +225,56 @@ impl ApiState {
         }
     }
 
+    /// One message from `src` (a `Data` frame, or one of a `DataBatch`): delivered (at most
+    /// once for a waiting send), its verdict into `reports`.
+    async fn handle_data(
+        &self,
+        src: u64,
+        traffic_class: TrafficClass,
+        mut data: Data,
+        reports: &mut ReportBatch,
+    ) {
+        let msg_id = data.msg_id;
+        let mut saturated = false;
+        let verdict = if data.seq == 0 {
+            // Fire-and-forget or broadcast: never retransmitted, nothing to remember.
+            let (verdict, near_full) = self.open_and_deliver(src, &mut data).await;
+            saturated = near_full;
+            verdict
+        } else {
+            let arrival = Arrival {
+                source: src,
+                session: data.src_session,
+                seq: data.seq,
+                floor: data.floor,
+                attempt: data.attempt,
+                dst_generation: data.dst_generation,
+            };
+            let decision = self.recent().check(arrival, Instant::now());
+            match decision {
+                Decision::Ignore => return,
+                Decision::Answer(verdict) => verdict,
+                Decision::Deliver => {
+                    let (verdict, near_full) = self.open_and_deliver(src, &mut data).await;
+                    saturated = near_full;
+                    match verdict {
+                        // Not remembered: the sender's next copy (200 ms on) is
+                        // offered again, so a subscriber that catches up gets it.
+                        Verdict::SubscribersFull => Verdict::SubscribersBusy,
+                        verdict => {
+                            self.recent().record(arrival, verdict);
+                            verdict
+                        }
+                    }
+                }
+            }
+        };
+        reports.push(src, traffic_class, msg_id, verdict);
+        if saturated {
+            reports.mark_saturated(src);
+        }
+    }
+
     /// Verdicts on Data frames go into `reports`, for [`Self::send_reports`].
     pub(super) async fn handle_event(&self, event: ApiEvent, reports: &mut ReportBatch) {
         match event {
@@ -234,48 +284,32 @@ impl ApiState {
                 payload,
                 traffic_class,
             } => {
-                let Ok(mut data) = Data::decode(payload) else {
+                let Ok(data) = Data::decode(payload) else {
                     tracing::debug!(src, "dropped an undecodable data frame");
                     return;
                 };
-                let msg_id = data.msg_id;
-                let mut saturated = false;
-                let verdict = if data.seq == 0 {
-                    // Fire-and-forget or broadcast: never retransmitted, nothing to remember.
-                    let (verdict, near_full) = self.open_and_deliver(src, &mut data).await;
-                    saturated = near_full;
-                    verdict
-                } else {
-                    let arrival = Arrival {
-                        source: src,
-                        session: data.src_session,
-                        seq: data.seq,
-                        floor: data.floor,
-                        attempt: data.attempt,
-                        dst_generation: data.dst_generation,
-                    };
-                    let decision = self.recent().check(arrival, Instant::now());
-                    match decision {
-                        Decision::Ignore => return,
-                        Decision::Answer(verdict) => verdict,
-                        Decision::Deliver => {
-                            let (verdict, near_full) = self.open_and_deliver(src, &mut data).await;
-                            saturated = near_full;
-                            match verdict {
-                                // Not remembered: the sender's next copy (200 ms on) is
-                                // offered again, so a subscriber that catches up gets it.
-                                Verdict::SubscribersFull => Verdict::SubscribersBusy,
-                                verdict => {
-                                    self.recent().record(arrival, verdict);
-                                    verdict
-                                }
-                            }
-                        }
-                    }
+                self.handle_data(src, traffic_class, data, reports).await;
+            }
+            ApiEvent::Frame {
+                src,
+                frame_type: FrameType::DataBatch,
+                payload,
+                traffic_class,
+            } => {
+                let Ok(batch) = DataBatch::decode(payload) else {
+                    tracing::debug!(src, "dropped an undecodable data batch");
+                    return;
                 };
-                reports.push(src, traffic_class, msg_id, verdict);
-                if saturated {
-                    reports.mark_saturated(src);
+                if batch.messages.len() > super::data::MAX_DATA_BATCH {
+                    tracing::debug!(
+                        src,
+                        messages = batch.messages.len(),
+                        "dropped a data batch over the bound"
+                    );
+                    return;
+                }
+                for data in batch.messages {
+                    self.handle_data(src, traffic_class, data, reports).await;
                 }
             }
             ApiEvent::Frame {
@@ -341,12 +375,12 @@ impl ApiState {
                 // Stream frames go to the stream workers' own rings, never here.
                 tracing::debug!(src = header.src, "api ignored a stream frame");
             }
-            ApiEvent::SendFailed { msg_id, dst, known } => {
-                if self.tracker().note_failure(msg_id) {
-                    // An open waiting send: tried again until its time is up (another next
-                    // hop may come up); its final status is decided then.
-                    return;
-                }
+            ApiEvent::SendFailed {
+                msg_id,
+                count,
+                dst,
+                known,
+            } => {
                 let (status, detail) = if known {
                     (
                         MessageStatus::PendingNode,
@@ -358,15 +392,23 @@ impl ApiState {
                         format!("node {dst} has never been part of this mesh"),
                     )
                 };
-                self.tracker().update(
-                    msg_id,
-                    None,
-                    StatusUpdate {
-                        status,
-                        detail: detail.into(),
-                        timestamp_ms: now_ms(),
-                    },
-                );
+                let update = StatusUpdate {
+                    status,
+                    detail: detail.into(),
+                    timestamp_ms: now_ms(),
+                };
+                let mut tracker = self.tracker();
+                // A batch's ids follow on from its first; the shard says how many (bounded by
+                // the batch bound, since this node made the frame).
+                let count = u64::from(count.clamp(1, super::data::MAX_DATA_BATCH as u32));
+                for id in msg_id..msg_id.saturating_add(count) {
+                    if tracker.note_failure(id) {
+                        // An open waiting send: tried again until its time is up (another
+                        // next hop may come up); its final status is decided then.
+                        continue;
+                    }
+                    tracker.update(id, None, update.clone());
+                }
             }
         }
     }

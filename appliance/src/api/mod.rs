@@ -215,7 +215,8 @@ impl ApiState {
             let wake = tokio::time::Instant::now() + (until - now);
             if wake > deadline {
                 return Err(Status::resource_exhausted(format!(
-                    "destination {dst} saturated: its subscribers' queues stayed near full for                      {} ms; nothing was sent, try again later",
+                    "destination {dst} saturated: its subscribers' queues stayed near full for \
+                     {} ms; nothing was sent, try again later",
                     self.congestion_wait.as_millis()
                 )));
             }
@@ -235,12 +236,46 @@ impl ApiState {
         flow: u128,
         payload: Bytes,
     ) -> Result<(), Status> {
+        self.send_frame_of(dst, frame_type, traffic_class, (msg_id, 0), flow, payload)
+            .await
+    }
+
+    /// [`Self::send_frame`] for a `DataBatch` frame of `count` messages from `first` on.
+    pub(crate) async fn send_batch_frame(
+        &self,
+        dst: u64,
+        traffic_class: TrafficClass,
+        (first, count): (u64, u16),
+        flow: u128,
+        payload: Bytes,
+    ) -> Result<(), Status> {
+        let frame_type = FrameType::DataBatch;
+        self.send_frame_of(
+            dst,
+            frame_type,
+            traffic_class,
+            (first, count),
+            flow,
+            payload,
+        )
+        .await
+    }
+
+    async fn send_frame_of(
+        &self,
+        dst: u64,
+        frame_type: FrameType,
+        traffic_class: TrafficClass,
+        (msg_id, batch): (u64, u16),
+        flow: u128,
+        payload: Bytes,
+    ) -> Result<(), Status> {
         if self.congestion.is_congested(dst) {
             let _ =
                 tokio::time::timeout(self.congestion_wait, self.congestion.until_clear(dst)).await;
         }
         self.hand_over(Outgoing {
-            chunk: (0, 0),
+            chunk: (0, batch),
             dst,
             frame_type,
             traffic_class,
@@ -258,22 +293,25 @@ impl ApiState {
         if !self.seal(&mut outgoing) {
             // Without the destination's certified key no tag can be made, and it would
             // refuse the frame: like a node not reachable yet.
-            if outgoing.frame_type == FrameType::Data
-                && !self.tracker().note_failure(outgoing.msg_id)
-            {
-                self.tracker().update(
-                    outgoing.msg_id,
-                    None,
-                    tracker::StatusUpdate {
-                        status: meshd_proto::mesh::MessageStatus::PendingNode,
-                        detail: format!(
-                            "no certified key of node {} yet: the frame could not be signed",
-                            outgoing.dst
-                        )
-                        .into(),
-                        timestamp_ms: now_ms(),
-                    },
-                );
+            let count = match outgoing.frame_type {
+                FrameType::Data => 1,
+                FrameType::DataBatch => u64::from(outgoing.chunk.1),
+                _ => 0,
+            };
+            let update = tracker::StatusUpdate {
+                status: meshd_proto::mesh::MessageStatus::PendingNode,
+                detail: format!(
+                    "no certified key of node {} yet: the frame could not be signed",
+                    outgoing.dst
+                )
+                .into(),
+                timestamp_ms: now_ms(),
+            };
+            let mut tracker = self.tracker();
+            for id in outgoing.msg_id..outgoing.msg_id.saturating_add(count) {
+                if !tracker.note_failure(id) {
+                    tracker.update(id, None, update.clone());
+                }
             }
             return Ok(());
         }
