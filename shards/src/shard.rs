@@ -52,14 +52,6 @@ use crate::{
     stats::LinkStats,
 };
 
-/// How soon the executor turns to a ready control lane while data tasks run: the executor's
-/// preemption period. Set on the executor, not as the control queue's `Latency::Matters`: a
-/// latency-sensitive queue makes every wake-up from another thread (the control thread's and
-/// the api's rings) force a write to the executor's eventfd, glommio's least-trodden path
-/// (DataDog/glommio#434, #457, #459, #494), and a shard once stopped answering the api with
-/// it in CI.
-const CONTROL_LATENCY: Duration = Duration::from_millis(1);
-
 /// How long the shards may take to start (executor, rings, listener) before the node gives up.
 const SHARD_START_LIMIT: Duration = Duration::from_secs(15);
 
@@ -195,7 +187,6 @@ impl Shards {
             };
             let builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{shard_id}"))
-                .preempt_timer(CONTROL_LATENCY)
                 .io_memory(config.io_memory_bytes);
             let handle = builder
                 .spawn(move || async move {
@@ -347,8 +338,8 @@ pub(crate) struct Shard {
     parked_sends: parked::Parked<Outgoing>,
     /// Frames of the fwd task waiting for a congested next hop.
     parked_forwards: parked::Parked<Forwarded>,
-    /// The task queue control lanes run in: latency-sensitive, so the executor preempts the
-    /// data tasks (which yield when asked) every millisecond to serve it.
+    /// The task queue control lanes, the ctl loop and the watchdog pulse run in: four times the
+    /// default shares, so the executor picks it first whenever it picks a queue.
     pub(crate) control_queue: glommio::TaskQueueHandle,
 }
 
@@ -684,6 +675,12 @@ async fn shard_main(
         parked_forwards: parked::Parked::new(),
         control_queue: glommio::executor().create_task_queue(
             glommio::Shares::Static(4000),
+            // Not `Latency::Matters`, and the executor keeps glommio's default preemption
+            // timer: both arm 1 ms latency-ring timers, and since they were on, shards wedged
+            // now and then (a shard that never started, one that answered nothing for a
+            // minute; CI and here, 2026-12-07); glommio has reported hangs on that path
+            // (DataDog/glommio#434, #459, #494). The share still puts control first whenever
+            // the executor picks a queue. `watchdog` reports a wedge if one comes back.
             glommio::Latency::NotImportant,
             "control-lanes",
         ),
@@ -747,7 +744,7 @@ async fn shard_main(
     glommio::spawn_local(parked::fwd_task(Rc::clone(&shard), fwd)).detach();
 
     // The ctl loop carries Raft, gossip and routing frames to the outboxes: it runs in the
-    // control lanes' latency-sensitive task queue, never behind a flood's data tasks.
+    // control lanes' task queue, picked before a flood's data tasks.
     let ctl_loop = {
         let shard = Rc::clone(&shard);
         async move {

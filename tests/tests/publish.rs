@@ -25,6 +25,30 @@ fn message(dst: u64, seq: u64, size: usize) -> PublishMessage {
     }
 }
 
+/// Waits until node `i`'s routing table has (`present`) or no longer has a route to `dst`.
+async fn until_route(cluster: &Cluster, i: usize, dst: u64, present: bool) -> anyhow::Result<()> {
+    let mut control = cluster.node(i).control().await?;
+    let deadline = std::time::Instant::now() + SETTLE;
+    while control
+        .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
+        .await?
+        .into_inner()
+        .routes
+        .iter()
+        .any(|r| r.dst_node == dst)
+        != present
+    {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "node {}: a route to {dst} never {}",
+            cluster.node(i).spec.node_id,
+            if present { "came" } else { "went" }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 #[meshd_tests::test]
 async fn batches_arrive_once_in_order_through_a_relay_and_a_paused_subscriber_loses_nothing()
 -> anyhow::Result<()> {
@@ -36,19 +60,7 @@ async fn batches_arrive_once_in_order_through_a_relay_and_a_paused_subscriber_lo
     ])?;
     cluster.node(1).wait_for_peers(&[1, 3], SETTLE).await?;
     // Node 1 reaches 3 only through 2; wait for the route.
-    let mut control = cluster.node(0).control().await?;
-    let deadline = std::time::Instant::now() + SETTLE;
-    while !control
-        .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
-        .await?
-        .into_inner()
-        .routes
-        .iter()
-        .any(|r| r.dst_node == 3)
-    {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "no route 1 → 3");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_route(&cluster, 0, 3, true).await?;
 
     let mut inbox = cluster.node(2).inbox().await?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -130,19 +142,7 @@ async fn every_message_of_a_batch_that_cannot_leave_is_pending_node() -> anyhow:
     cluster.node(0).wait_for_routes(&[2], SETTLE).await?;
     cluster.node_mut(1).kill();
     cluster.node(0).wait_for_peers(&[], SETTLE).await?;
-    let mut control = cluster.node(0).control().await?;
-    let deadline = std::time::Instant::now() + SETTLE;
-    while control
-        .get_routing_table(meshd_proto::mesh::GetRoutingTableRequest {})
-        .await?
-        .into_inner()
-        .routes
-        .iter()
-        .any(|r| r.dst_node == 2)
-    {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "route to 2 kept");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_route(&cluster, 0, 2, false).await?;
 
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut acks = cluster

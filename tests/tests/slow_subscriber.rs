@@ -2,7 +2,7 @@
 //! link, sends to a node that just died return, other peers' traffic flows, and nothing the
 //! flood sent is silently lost (real processes, real sockets).
 //!
-//! A node's api thread waits for room in a full `Subscribe` queue at most 50 ms (issue 23);
+//! A node's api thread waits for room in a full `Subscribe` queue at most 250 ms per second (issue 23);
 //! then the subscriber lags and its messages are turned away (`PENDING_CLIENT`, "queue full";
 //! a waiting send's copy is answered "busy" and sent again) until its queue is half empty, and
 //! the node's delivery reports say `saturated`, so the sender holds its next sends briefly.

@@ -40,17 +40,56 @@ pub(super) struct Subscriber {
     qos_class: u32,
     src_node: u64,
     tx: mpsc::Sender<Result<Received, Status>>,
-    /// Set when the subscriber let a message wait [`SUBSCRIBER_WAIT`] in vain; cleared once
-    /// its queue is half empty again. A lagging subscriber is not waited for.
+    /// Set when the subscriber used up its wait budget ([`SUBSCRIBER_WAIT`] per
+    /// [`WAIT_WINDOW`]); cleared once its queue is half empty again. A lagging subscriber is
+    /// not waited for.
     lagging: Arc<AtomicBool>,
+    /// How long deliveries waited for this subscriber in the current window.
+    waited: Arc<std::sync::Mutex<WaitBudget>>,
 }
 
-/// How long a delivery may wait for room in a full subscriber queue. A subscriber that keeps
-/// up, but not at every instant, is waited for, so a closed-loop flood is slowed over TCP
-/// instead of turned away; one still full after this is marked lagging and not waited for
-/// again until its queue is half empty, so a slow subscriber holds the node's inbound data at
-/// most this long per episode (issue 23: it was 1 s, and the node's links starved).
-pub(crate) const SUBSCRIBER_WAIT: Duration = Duration::from_millis(50);
+/// What one subscriber may still make the node's inbound data wait in this window.
+#[derive(Debug)]
+pub(crate) struct WaitBudget {
+    window_start: Instant,
+    waited: Duration,
+}
+
+impl WaitBudget {
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// How long a delivery may wait now (zero: the budget is spent; turn the message away).
+    pub(crate) fn allowance(&mut self, now: Instant) -> Duration {
+        if now.duration_since(self.window_start) >= WAIT_WINDOW {
+            *self = Self::new(now);
+        }
+        SUBSCRIBER_WAIT.saturating_sub(self.waited)
+    }
+
+    pub(crate) fn spent(&mut self, waited: Duration) {
+        self.waited += waited;
+    }
+}
+
+/// The window a subscriber's wait budget ([`SUBSCRIBER_WAIT`]) is counted over.
+pub(crate) const WAIT_WINDOW: Duration = Duration::from_secs(1);
+
+/// How long deliveries may wait for room in one subscriber's full queue, in all, per
+/// [`WAIT_WINDOW`]. A subscriber that keeps up, but not at every instant, is waited for, so a
+/// closed-loop flood is slowed over TCP instead of turned away; one that uses up the budget is
+/// marked lagging and not waited for again until its queue is half empty, so a slow subscriber
+/// holds the node's inbound data at most a quarter of each second (a relay cuts a link that
+/// makes no progress for `write_timeout_ms`, 3 s); a subscriber that only hiccups (a
+/// benchmark's, on a busy host) is waited for and loses nothing (issue 23: it was 1 s per
+/// message, and the node's links starved; then 50 ms per message, and a subscriber that freed
+/// a slot every 20 ms held every link's data to its pace until a relay cut the link for not
+/// reading).
+pub(crate) const SUBSCRIBER_WAIT: Duration = Duration::from_millis(250);
 
 impl Subscriber {
     fn wants(&self, src: u64, partition: u32, qos_class: u32) -> bool {
@@ -145,7 +184,12 @@ impl ApiState {
                         full += 1;
                     }
                     Err(mpsc::error::TrySendError::Full(item)) => {
-                        waiting.push((s.tx.clone(), Arc::clone(&s.lagging), item));
+                        waiting.push((
+                            s.tx.clone(),
+                            Arc::clone(&s.lagging),
+                            Arc::clone(&s.waited),
+                            item,
+                        ));
                     }
                 }
             }
@@ -153,14 +197,28 @@ impl ApiState {
                 subscribers.retain(|s| !s.tx.is_closed());
             }
         }
-        for (tx, lagging, item) in waiting {
-            match tokio::time::timeout(SUBSCRIBER_WAIT, tx.send(item)).await {
-                Ok(Ok(())) => delivered += 1,
-                Ok(Err(_)) => {}
-                Err(_) => {
+        for (tx, lagging, waited, item) in waiting {
+            let allowance = waited
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .allowance(Instant::now());
+            let started = Instant::now();
+            let sent = if allowance.is_zero() {
+                None
+            } else {
+                tokio::time::timeout(allowance, tx.send(item)).await.ok()
+            };
+            waited
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .spent(started.elapsed());
+            match sent {
+                Some(Ok(())) => delivered += 1,
+                Some(Err(_)) => {}
+                None => {
                     tracing::debug!(
                         src,
-                        "a subscriber stayed full for {SUBSCRIBER_WAIT:?}; its messages are turned away until its queue is half empty"
+                        "a subscriber's queue kept deliveries waiting {SUBSCRIBER_WAIT:?} within {WAIT_WINDOW:?}; its messages are turned away until its queue is half empty"
                     );
                     lagging.store(true, Ordering::Relaxed);
                     full += 1;
@@ -199,6 +257,7 @@ impl ApiState {
             src_node,
             tx,
             lagging: Arc::default(),
+            waited: Arc::new(std::sync::Mutex::new(WaitBudget::new(Instant::now()))),
         });
         Ok(rx)
     }
@@ -484,5 +543,30 @@ impl ApiState {
                  oldest (waiting senders retransmit and get the remembered verdict)"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn a_subscriber_may_hold_deliveries_its_budget_per_window_and_no_more() {
+        let start = Instant::now();
+        let mut budget = WaitBudget::new(start);
+        assert_eq!(budget.allowance(start), SUBSCRIBER_WAIT);
+        // A slot freed every 20 ms: each wait is short, but together they use the budget up.
+        for _ in 0..12 {
+            budget.spent(Duration::from_millis(20));
+        }
+        assert_eq!(budget.allowance(start), Duration::from_millis(10));
+        budget.spent(Duration::from_millis(20));
+        assert!(
+            budget
+                .allowance(start + Duration::from_millis(900))
+                .is_zero()
+        );
+        // The next window starts afresh.
+        assert_eq!(budget.allowance(start + WAIT_WINDOW), SUBSCRIBER_WAIT);
     }
 }

@@ -1,6 +1,6 @@
 //! Destinations whose subscribers are not keeping up, as their delivery reports say.
 //!
-//! A destination waits on a full subscriber at most briefly (`desk::SUBSCRIBER_WAIT`, 50 ms),
+//! A destination waits on a full subscriber at most briefly (`desk::SUBSCRIBER_WAIT`, 250 ms in all per second),
 //! then turns that subscriber's messages away until it catches up (a longer wait would stop
 //! the node reading its links' data, issue 23), and says so in its report frame
 //! (`DeliveryReports.saturated`). The sender then holds its next sends to that destination

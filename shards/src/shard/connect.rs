@@ -562,8 +562,8 @@ async fn run_control_lane(
         stats,
         Lane::Control,
     );
-    // In its own latency-sensitive task queue: served within a millisecond of becoming ready
-    // however busy the data lanes keep the shard.
+    // In the control task queue: picked before the data lanes' tasks whenever the executor
+    // picks a queue, however busy they keep the shard.
     let end = match glommio::spawn_local_into(lane, shard.control_queue) {
         Ok(task) => task.await,
         Err(error) => link::LinkEnd::Closed(format!("no control task queue: {error}")),
