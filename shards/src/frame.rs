@@ -103,6 +103,10 @@ pub enum FrameType {
     DataBatch = 22,
 }
 
+/// Most messages one `DataBatch` frame may carry: its maker never puts more in one, and a
+/// destination drops a frame with more (bounds the work one authenticated frame can cause).
+pub const MAX_DATA_BATCH: usize = 1024;
+
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
     pub const ALL: [Self; 18] = [

@@ -537,7 +537,7 @@ impl MeshService for ControlService {
                 }
                 match batches.message().await {
                     Ok(Some(batch)) => {
-                        let ack = super::data::publish_batch(&state, batch).await;
+                        let ack = super::publish::publish_batch(&state, batch).await;
                         Some((Ok(ack), (state, batches, false)))
                     }
                     Ok(None) => None,

@@ -359,7 +359,7 @@ impl ApiState {
                     tracing::debug!(src, "dropped an undecodable data batch");
                     return;
                 };
-                if batch.messages.len() > super::data::MAX_DATA_BATCH {
+                if batch.messages.len() > meshd_shards::frame::MAX_DATA_BATCH {
                     tracing::debug!(
                         src,
                         messages = batch.messages.len(),
@@ -459,7 +459,7 @@ impl ApiState {
                 let mut tracker = self.tracker();
                 // A batch's ids follow on from its first; the shard says how many (bounded by
                 // the batch bound, since this node made the frame).
-                let count = u64::from(count.clamp(1, super::data::MAX_DATA_BATCH as u32));
+                let count = u64::from(count.clamp(1, meshd_shards::frame::MAX_DATA_BATCH as u32));
                 for id in msg_id..msg_id.saturating_add(count) {
                     if tracker.note_failure(id) {
                         // An open waiting send: tried again until its time is up (another

@@ -16,6 +16,7 @@ mod known;
 mod mesh;
 mod metrics;
 pub mod platform;
+mod publish;
 mod recent;
 mod reports;
 mod saturation;
