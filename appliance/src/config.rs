@@ -120,9 +120,10 @@ pub struct NetworkConfig {
     /// Connections in set-up on the whole node; more are closed at once (a flood guard).
     pub max_pending_handshakes: usize,
     /// `split` (default): each link gets a control lane, a second connection for heartbeats,
-    /// routing, gossip, Raft, delivery reports and acks, so they never queue behind data.
-    /// `collapsed`: one connection carries everything (constrained peers, tests). A link is
-    /// split only when both ends say `split`.
+    /// routing, gossip, Raft, delivery reports and acks, and a priority lane, a third for
+    /// system and internal-DB traffic, so neither queues behind client data. `collapsed`: one
+    /// connection carries everything (constrained peers, tests). A link runs a lane only when
+    /// both ends run it.
     pub lanes: Lanes,
 }
 
@@ -130,7 +131,7 @@ pub struct NetworkConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Lanes {
-    /// A control lane beside the data connection.
+    /// A control lane and a priority lane beside the data connection.
     #[default]
     Split,
     /// One connection per link.
@@ -141,7 +142,7 @@ impl Lanes {
     /// What `Hello.lanes` says.
     pub fn count(self) -> u32 {
         match self {
-            Self::Split => 2,
+            Self::Split => 3,
             Self::Collapsed => 1,
         }
     }

@@ -104,6 +104,8 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     let (api_events_tx, api_events_rx) = weighed_ring(capacity, EVENT_RING_BYTES, ApiEvent::weight);
     let (api_verdicts_tx, api_verdicts_rx) =
         weighed_ring(capacity, EVENT_RING_BYTES, ApiEvent::weight);
+    let (api_priority_tx, api_priority_rx) =
+        weighed_ring(capacity, EVENT_RING_BYTES, ApiEvent::weight);
     let (control_requests_tx, control_requests_rx) = ring(capacity);
 
     let shard_config = ShardConfig {
@@ -154,6 +156,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         .unzip();
     let api_lanes = ApiLanes {
         data: api_events_tx,
+        priority: api_priority_tx,
         verdicts: api_verdicts_tx,
         streams: stream_frames_tx.into(),
     };
@@ -343,6 +346,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         ),
         control: control_requests_tx,
         events: api_events_rx,
+        priority_events: api_priority_rx,
         verdicts: api_verdicts_rx,
         max_payload_bytes: config.network.max_payload_bytes,
         subscriber_queue: config.grpc.subscriber_queue,

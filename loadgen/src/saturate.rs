@@ -70,7 +70,7 @@ fn name(id: u64) -> &'static str {
 }
 
 /// The table's head.
-pub(crate) const HEAD: &str = "| subscriber | phase | seen SUSPECT (observer→member) | seen DEAD | C touched | links re-made | worst link RTT p99 | commit p50 / p99 | writes ok / refused | polls unanswered | flood: accepted / delivered / turned away (PENDING_CLIENT) / lost silently |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
+pub(crate) const HEAD: &str = "| subscriber | phase | seen SUSPECT (observer→member) | seen DEAD | C touched | links re-made | worst link RTT p99 | commit p50 / p99 | writes ok / refused | DB updates A→B: delivered (failed), p50 / p99 | polls unanswered | flood: accepted / delivered / turned away (PENDING_CLIENT) / lost silently |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
 
 /// One table row per phase.
 pub(crate) fn rows(args: &SaturateArgs, report: &SaturateReport) -> Vec<String> {
@@ -85,6 +85,7 @@ pub(crate) fn rows(args: &SaturateArgs, report: &SaturateReport) -> Vec<String> 
     for phase in &report.phases {
         let (rtt, link) = phase.worst_rtt_p99();
         let (p50, p99) = phase.commit_us();
+        let (db_delivered, db_p50, db_p99) = phase.db_us();
         let c_touched = phase.c_touched();
         let refused: u64 = phase.writes_refused.values().sum();
         let flood = if phase.name == "flood" {
@@ -104,7 +105,7 @@ pub(crate) fn rows(args: &SaturateArgs, report: &SaturateReport) -> Vec<String> 
             "-".into()
         };
         rows.push(format!(
-            "| {subscriber} | {} | {} | {} | {} | {} | {:.1} ms ({}) | {:.1} / {:.1} ms | {} / {}{} | {} | {flood} |",
+            "| {subscriber} | {} | {} | {} | {} | {} | {:.1} ms ({}) | {:.1} / {:.1} ms | {} / {}{} | {db_delivered} ({}), {:.1} / {:.1} ms | {} | {flood} |",
             phase.name,
             pairs(&phase.suspected),
             pairs(&phase.dead),
@@ -121,6 +122,9 @@ pub(crate) fn rows(args: &SaturateArgs, report: &SaturateReport) -> Vec<String> 
             } else {
                 format!(" {:?}", phase.writes_refused)
             },
+            phase.db_failed,
+            db_p50 as f64 / 1000.0,
+            db_p99 as f64 / 1000.0,
             phase.unanswered_polls
         ));
     }

@@ -295,15 +295,19 @@ impl ApiEvent {
 /// their item capacity (see `ring::weighed_ring`).
 pub const EVENT_RING_BYTES: usize = 4 << 20;
 
-/// The two rings from the shards to the api thread. Data waits for subscribers (backpressure
-/// that a flooding peer can hold for as long as it floods); verdicts on this node's own sends
-/// (delivery reports, application acks, send failures) are handled at once and never wait
-/// behind data, so one peer's flood cannot stall another peer's link reader on its way to the
-/// api, nor hide a send failure.
+/// The rings from the shards to the api thread. Data waits for subscribers (backpressure
+/// that a flooding peer can hold for as long as it floods); system and DB data has a ring and
+/// a delivery pump of its own, so it never waits behind client data held up by a slow
+/// subscriber (the priority lane's other half); verdicts on this node's own sends (delivery
+/// reports, application acks, send failures) are handled at once and never wait behind data,
+/// so one peer's flood cannot stall another peer's link reader on its way to the api, nor
+/// hide a send failure.
 #[derive(Clone)]
 pub struct ApiLanes {
-    /// `Data` frames for this node's subscribers.
+    /// Client `Data` frames for this node's subscribers.
     pub data: crate::ring::Producer<ApiEvent>,
+    /// System and DB-update `Data` frames for this node's subscribers.
+    pub priority: crate::ring::Producer<ApiEvent>,
     /// Everything else.
     pub verdicts: crate::ring::Producer<ApiEvent>,
     /// Stream frames: one ring per stream worker, picked by [`stream_worker`].
@@ -325,6 +329,11 @@ impl ApiLanes {
     /// The lane an event travels on.
     pub fn lane(&self, event: &ApiEvent) -> &crate::ring::Producer<ApiEvent> {
         match event {
+            ApiEvent::Frame {
+                frame_type: FrameType::Data | FrameType::DataBatch,
+                traffic_class: TrafficClass::System | TrafficClass::DbUpdate,
+                ..
+            } => &self.priority,
             ApiEvent::Frame {
                 frame_type: FrameType::Data | FrameType::DataBatch,
                 ..

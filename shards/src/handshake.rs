@@ -83,9 +83,11 @@ pub struct LocalHello {
     /// The public key of this node's mesh authority: peers' certificates are checked against
     /// it. `None` only without a mesh (a joiner, whose links are guest links).
     pub authority: Option<[u8; 32]>,
-    /// Which lane of a link this connection is (`Hello.lane`): 0 the first, 1 a control lane.
+    /// Which lane of a link this connection is (`Hello.lane`): 0 the first, 1 a control lane,
+    /// 2 a priority lane.
     pub lane: u32,
-    /// Lanes this node runs per link (`Hello.lanes`): 1 collapsed, 2 with a control lane.
+    /// Lanes this node runs per link (`Hello.lanes`): 1 collapsed, 2 with a control lane, 3
+    /// with a priority lane too.
     pub lanes: u32,
 }
 

@@ -100,59 +100,121 @@ pub(crate) const CONTROL_LANE_MAX_PAYLOAD: usize = 64 * 1024;
 /// else on that connection). A lane that cannot write them is about to be declared stalled.
 const BEATS_BOUND_BYTES: usize = 4 * 1024;
 
+/// What one WebSocket read asks TLS for (see [`set_up`]).
+const READ_BUFFER_BYTES: usize = 32 * 1024;
+
 /// Which connection of a link a writer (or reader) serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Lane {
-    /// The link's first connection: data and stream frames, goodbyes, and everything while
-    /// no control lane is attached (collapsed).
+    /// The link's first connection: client data and stream frames, goodbyes, and whatever
+    /// another lane would carry while that lane is not attached.
     Data = 0,
     /// The control lane: frames served first ([`FrameType::is_served_first`]) up to
     /// [`CONTROL_LANE_MAX_PAYLOAD`], and its own heartbeats.
     Control = 1,
+    /// The priority lane: system and internal-DB traffic ([`TrafficClass::System`],
+    /// [`TrafficClass::DbUpdate`]) that is not served first, so a DB update never queues
+    /// behind client data.
+    Priority = 2,
 }
 
 impl Lane {
+    /// Every lane, indexed by its number.
+    pub(crate) const ALL: [Self; 3] = [Self::Data, Self::Control, Self::Priority];
+
     /// The name in sessions, metrics and logs.
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Data => "data",
             Self::Control => "control",
+            Self::Priority => "priority",
         }
+    }
+
+    /// The lane `Hello.lane` names, if any.
+    pub(crate) fn from_hello(lane: u32) -> Option<Self> {
+        Self::ALL.get(usize::try_from(lane).ok()?).copied()
+    }
+
+    /// Lanes a link runs when its ends say they run `lanes` (`Hello.lanes`) each: a side lane
+    /// is dialed only when both ends run it.
+    pub(crate) fn runs(self, local_lanes: u32, peer_lanes: u32) -> bool {
+        local_lanes.min(peer_lanes) > self as u32
+    }
+
+    /// Where a frame waits in an [`Outbox`] (and so which lane carries it when attached):
+    /// served first within the control cap, else system and DB traffic, else data.
+    pub(crate) fn of(header: &Header, payload_len: usize) -> Self {
+        if header.frame_type.is_served_first() && payload_len <= CONTROL_LANE_MAX_PAYLOAD {
+            Self::Control
+        } else if matches!(
+            header.traffic_class,
+            TrafficClass::System | TrafficClass::DbUpdate
+        ) && header.frame_type != FrameType::Goodbye
+        {
+            Self::Priority
+        } else {
+            Self::Data
+        }
+    }
+
+    /// Whether this lane's reader takes such a frame: the data lane takes anything (it stands
+    /// in for a side lane that is down); a side lane only what [`Lane::of`] gives it, its own
+    /// heartbeats and a goodbye, so a peer cannot make a side lane carry bulk.
+    pub(crate) fn accepts(self, header: &Header, payload_len: usize) -> bool {
+        self == Self::Data
+            || matches!(
+                header.frame_type,
+                FrameType::Goodbye | FrameType::Heartbeat | FrameType::HeartbeatAck
+            )
+            || Self::of(header, payload_len) == self
     }
 }
 
 /// Frames waiting to be written to one link, batched into WebSocket messages.
 ///
-/// Two shared queues: frames that are served first ([`FrameType::is_served_first`]:
-/// heartbeats, routing, gossip, Raft, delivery reports and acks, each up to
-/// [`CONTROL_LANE_MAX_PAYLOAD`]) and everything else; and per lane a small queue of that
-/// connection's own heartbeats and acks. Senders encode straight into a queue's open batch.
-/// With a control lane attached, its writer takes the served-first queue and the data lane's
-/// writer the data queue, so a heartbeat or a Raft message never waits behind data, not even
-/// in the kernel's socket buffers. Collapsed (no control lane), the one writer takes the
-/// served-first queue's batches before any data batch. Data frames are queued while fewer
-/// than `max_pending_bytes` wait (both shared queues counted; [`Outbox::push`] waits for
-/// room, [`Outbox::try_push`] does not); served-first frames, and control frames pushed with
-/// [`Outbox::push_now`], may use [`CONTROL_ALLOWANCE_BYTES`] more. Nothing else ever grows it.
+/// Three shared queues, one per [`Lane`] ([`Lane::of`] picks): frames that are served first
+/// ([`FrameType::is_served_first`]: heartbeats, routing, gossip, Raft, delivery reports and
+/// acks, each up to [`CONTROL_LANE_MAX_PAYLOAD`]), system and DB traffic, and everything
+/// else; and per lane a small queue of that connection's own heartbeats and acks. Senders
+/// encode straight into a queue's open batch. A side lane (control, priority) that is
+/// attached writes its queue, so a heartbeat, a Raft message or a DB update never waits
+/// behind client data, not even in the kernel's socket buffers; while one is not attached
+/// the data lane's writer takes its queue before any data batch (control, then priority,
+/// then data). Data frames are queued while fewer than `max_pending_bytes` wait (the shared
+/// queues counted; [`Outbox::push`] waits for room, [`Outbox::try_push`] does not);
+/// served-first frames, and control frames pushed with [`Outbox::push_now`], may use
+/// [`CONTROL_ALLOWANCE_BYTES`] more. Nothing else ever grows it.
 pub(crate) struct Outbox {
     inner: RefCell<OutboxInner>,
     /// Per lane: something to write.
-    ready: [Event; 2],
+    ready: [Event; 3],
     room: Event,
     max_pending_bytes: usize,
     max_payload_bytes: usize,
 }
 
 struct OutboxInner {
-    first: Queue,
-    data: Queue,
+    /// The shared queues, indexed by [`Lane`].
+    queues: [Queue; 3],
     /// Each lane's own heartbeats and heartbeat acks, indexed by [`Lane`].
-    beats: [Queue; 2],
-    /// A control lane is attached and writes `first`.
-    control_lane: bool,
-    /// Bytes in `first` and `data`.
+    beats: [Queue; 3],
+    /// Per side lane: attached, writing its queue (the data lane is always).
+    attached: [bool; 3],
+    /// Bytes in the shared queues.
     queued: usize,
     closing: Option<String>,
+}
+
+impl OutboxInner {
+    /// The lane whose writer takes `queue`'s batches now.
+    fn writer_of(&self, queue: Lane) -> Lane {
+        if self.attached[queue as usize] {
+            queue
+        } else {
+            Lane::Data
+        }
+    }
 }
 
 /// One queue of an [`Outbox`]: sealed batches and the open one.
@@ -227,14 +289,13 @@ impl Outbox {
     pub(crate) fn new(max_pending_bytes: usize, max_payload_bytes: usize) -> Self {
         Self {
             inner: RefCell::new(OutboxInner {
-                first: Queue::default(),
-                data: Queue::default(),
-                beats: [Queue::default(), Queue::default()],
-                control_lane: false,
+                queues: Default::default(),
+                beats: Default::default(),
+                attached: [true, false, false],
                 queued: 0,
                 closing: None,
             }),
-            ready: [Event::new(), Event::new()],
+            ready: [Event::new(), Event::new(), Event::new()],
             room: Event::new(),
             max_pending_bytes,
             max_payload_bytes,
@@ -306,9 +367,8 @@ impl Outbox {
     }
 
     fn queue(&self, header: &Header, payload: &[u8], bound: usize) -> Result<(), OutboxError> {
-        let first =
-            header.frame_type.is_served_first() && payload.len() <= CONTROL_LANE_MAX_PAYLOAD;
-        let bound = if first {
+        let queue = Lane::of(header, payload.len());
+        let bound = if queue == Lane::Control {
             bound.max(self.max_pending_bytes + CONTROL_ALLOWANCE_BYTES)
         } else {
             bound
@@ -317,31 +377,32 @@ impl Outbox {
         if inner.closing.is_some() {
             return Err(OutboxError::Closed);
         }
-        if inner.queued >= bound {
+        // System and DB traffic has a bound of its own, so a data flood cannot refuse it; the
+        // served-first and data queues share theirs as before.
+        let priority = inner.queues[Lane::Priority as usize].bytes;
+        let held = match queue {
+            Lane::Priority => priority,
+            Lane::Control | Lane::Data => inner.queued - priority,
+        };
+        if held >= bound {
             return Err(OutboxError::Full);
         }
-        let (queue, lane) = if first {
-            let lane = if inner.control_lane {
-                Lane::Control
-            } else {
-                Lane::Data
-            };
-            (&mut inner.first, lane)
-        } else {
-            (&mut inner.data, Lane::Data)
-        };
-        let added = queue.encode(header, payload, self.max_payload_bytes)?;
+        let lane = inner.writer_of(queue);
+        let added = inner.queues[queue as usize].encode(header, payload, self.max_payload_bytes)?;
         inner.queued += added;
         drop(inner);
         self.ready[lane as usize].notify(1);
         Ok(())
     }
 
-    /// A control lane now writes the served-first queue (`true`), or no longer does and the
-    /// data lane takes it back at once (`false`; what the lost connection had taken is gone
-    /// with it, as on any broken connection).
-    pub(crate) fn set_control_lane(&self, attached: bool) {
-        self.inner.borrow_mut().control_lane = attached;
+    /// A side lane now writes its queue (`true`), or no longer does and the data lane takes
+    /// it back at once (`false`; what the lost connection had taken is gone with it, as on
+    /// any broken connection). The data lane is always attached.
+    pub(crate) fn set_attached(&self, lane: Lane, attached: bool) {
+        if lane == Lane::Data {
+            return;
+        }
+        self.inner.borrow_mut().attached[lane as usize] = attached;
         for ready in &self.ready {
             ready.notify(usize::MAX);
         }
@@ -350,12 +411,12 @@ impl Outbox {
     /// Bytes waiting for `lane` now (its own heartbeats included).
     pub(crate) fn queued_for(&self, lane: Lane) -> usize {
         let inner = self.inner.borrow();
-        let beats = inner.beats[lane as usize].bytes;
-        match lane {
-            Lane::Control => beats + inner.first.bytes,
-            Lane::Data if inner.control_lane => beats + inner.data.bytes,
-            Lane::Data => beats + inner.data.bytes + inner.first.bytes,
-        }
+        let shared: usize = Lane::ALL
+            .iter()
+            .filter(|&&queue| inner.writer_of(queue) == lane)
+            .map(|&queue| inner.queues[queue as usize].bytes)
+            .sum();
+        inner.beats[lane as usize].bytes + shared
     }
 
     /// Stops accepting frames; the writers flush what is queued, then end the link.
@@ -380,13 +441,16 @@ impl Outbox {
         if let Some((batch, frames)) = inner.beats[lane as usize].take() {
             return Some(Take::Batch(batch, frames));
         }
-        let takes_first = lane == Lane::Control || !inner.control_lane;
+        // Served first, then system and DB traffic, then data: the order the data lane takes
+        // what it stands in for.
         let mut taken = None;
-        if takes_first {
-            taken = inner.first.take();
-        }
-        if taken.is_none() && lane == Lane::Data {
-            taken = inner.data.take();
+        for queue in [Lane::Control, Lane::Priority, Lane::Data] {
+            if inner.writer_of(queue) == lane {
+                taken = inner.queues[queue as usize].take();
+                if taken.is_some() {
+                    break;
+                }
+            }
         }
         if let Some((batch, frames)) = taken {
             inner.queued -= batch.len();
@@ -432,7 +496,11 @@ pub(crate) async fn set_up(
     lane: Lane,
 ) -> Result<(LinkSocket, PeerInfo), DialError> {
     let config = &shard.config;
+    // tungstenite zeroes `read_buffer_size` bytes before every read, and a read from TLS
+    // returns at most a few 16 KiB records: its 128 KiB default was 2-3 % of all CPU in the
+    // 256 B profile (memset in `read_in`).
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_message_bytes()))
         .max_frame_size(Some(config.max_message_bytes()));
     let (socket, exporter, budget) = match role {
@@ -633,9 +701,9 @@ pub(crate) async fn run(
                 Some(Err(e)) => return LinkEnd::Broken(e.to_string()),
             };
             stats.on_received(message.len(), Instant::now());
-            if lane == Lane::Data {
+            if lane != Lane::Control {
                 // A flood keeps this loop busy without ever waiting; give the control lanes'
-                // task queue its turn when the executor asks (every millisecond).
+                // task queue its turn when the executor asks.
                 glommio::yield_if_needed().await;
             }
             for decoded in FrameReader::new(&message, max_payload) {
@@ -650,17 +718,18 @@ pub(crate) async fn run(
                 };
                 stats.on_frame_received();
                 let header = frame.header;
-                if lane == Lane::Control
-                    && (!header.frame_type.is_served_first()
-                        && header.frame_type != FrameType::Goodbye
-                        || frame.payload.len() > CONTROL_LANE_MAX_PAYLOAD)
-                {
+                if !lane.accepts(&header, frame.payload.len()) {
                     stats.on_frame_dropped();
-                    shard.count_drop("not_for_control_lane");
+                    shard.count_drop(match lane {
+                        Lane::Priority => "not_for_priority_lane",
+                        _ => "not_for_control_lane",
+                    });
                     return LinkEnd::Closed(format!(
-                        "the peer sent a {:?} frame of {} bytes on the control lane",
+                        "the peer sent a {:?} frame ({:?}) of {} bytes on the {} lane",
                         header.frame_type,
-                        frame.payload.len()
+                        header.traffic_class,
+                        frame.payload.len(),
+                        lane.name()
                     ));
                 }
                 match header.frame_type {
@@ -1007,7 +1076,7 @@ mod tests {
     fn with_a_control_lane_attached_served_first_frames_leave_by_it_and_come_back_when_it_goes() {
         use FrameType::{Data, DeliveryReport, Goodbye, Heartbeat, HeartbeatAck, Raft};
         let outbox = Outbox::new(1 << 20, 4 << 20);
-        outbox.set_control_lane(true);
+        outbox.set_attached(Lane::Control, true);
         outbox.try_push(&header(Data), &[0; 1000]).unwrap();
         outbox.try_push(&header(Raft), b"vote").unwrap();
         outbox.push_beat(Lane::Control, &header(Heartbeat)).unwrap();
@@ -1025,10 +1094,10 @@ mod tests {
         assert_eq!(next_on(&outbox, Lane::Data), [Data, Raft]);
         // The control lane goes: what is queued for it is the data lane's again.
         outbox.try_push(&header(DeliveryReport), b"run").unwrap();
-        outbox.set_control_lane(false);
+        outbox.set_attached(Lane::Control, false);
         assert_eq!(next_on(&outbox, Lane::Data), [DeliveryReport]);
         // Closing: each lane flushes its queue, then sees the end.
-        outbox.set_control_lane(true);
+        outbox.set_attached(Lane::Control, true);
         outbox.try_push(&header(Raft), b"last").unwrap();
         outbox.push_now(&header(Goodbye), b"bye").unwrap();
         outbox.close("shutdown".into());
@@ -1039,6 +1108,73 @@ mod tests {
             Some(Take::Closed(_))
         ));
         assert!(matches!(outbox.try_take(Lane::Data), Some(Take::Closed(_))));
+    }
+
+    #[test]
+    fn system_and_db_traffic_takes_the_priority_lane_and_never_waits_behind_client_data() {
+        use FrameType::{Data, DataBatch, Heartbeat, Raft};
+        let of = |class| Header::new(Data, class, 1, 2);
+        let outbox = Outbox::new(64 * 1024, 4 << 20);
+        // Client data fills the data bound; a DB update still finds room.
+        while outbox.try_push(&header(Data), &[0; 4096]).is_ok() {}
+        outbox.try_push(&of(TrafficClass::DbUpdate), b"db").unwrap();
+        // Without a priority lane, the data lane writes it before any client data.
+        assert_eq!(next_on(&outbox, Lane::Data), [Data]);
+        outbox.set_attached(Lane::Priority, true);
+        outbox
+            .try_push(&Header::new(DataBatch, TrafficClass::System, 1, 2), b"sys")
+            .unwrap();
+        // A big Raft message (over the control cap) of the system class rides priority too.
+        outbox
+            .try_push(
+                &Header::new(Raft, TrafficClass::System, 1, 2),
+                &[0; CONTROL_LANE_MAX_PAYLOAD + 1],
+            )
+            .unwrap();
+        outbox
+            .push_beat(Lane::Priority, &header(Heartbeat))
+            .unwrap();
+        assert_eq!(next_on(&outbox, Lane::Priority), [Heartbeat]);
+        assert_eq!(next_on(&outbox, Lane::Priority), [DataBatch, Raft]);
+        assert!(next_on(&outbox, Lane::Priority).is_empty());
+        // Client data never leaves on the priority lane.
+        while let Some(Take::Batch(..)) = outbox.try_take(Lane::Data) {}
+        outbox.try_push(&header(Data), b"client").unwrap();
+        assert!(next_on(&outbox, Lane::Priority).is_empty());
+        assert_eq!(next_on(&outbox, Lane::Data), [Data]);
+        // The priority lane goes: the data lane takes its queue back, ahead of client data.
+        outbox.try_push(&header(Data), b"client").unwrap();
+        outbox.try_push(&of(TrafficClass::DbUpdate), b"db").unwrap();
+        outbox.set_attached(Lane::Priority, false);
+        assert_eq!(next_on(&outbox, Lane::Data), [Data]);
+        assert_eq!(outbox.queued_for(Lane::Priority), 0);
+    }
+
+    #[test]
+    fn a_side_lane_reader_takes_only_its_own_traffic() {
+        use FrameType::{Data, Goodbye, Gossip, Heartbeat, Raft};
+        let frame = |t, class| Header::new(t, class, 1, 2);
+        let client = frame(Data, TrafficClass::Client);
+        let db = frame(Data, TrafficClass::DbUpdate);
+        let gossip = frame(Gossip, TrafficClass::System);
+        assert!(Lane::Data.accepts(&client, 100) && Lane::Data.accepts(&gossip, 100));
+        assert!(!Lane::Priority.accepts(&client, 100));
+        assert!(Lane::Priority.accepts(&db, 100));
+        assert!(
+            !Lane::Priority.accepts(&gossip, 100),
+            "served first: control"
+        );
+        assert!(Lane::Priority.accepts(&frame(Raft, TrafficClass::System), 1 << 20));
+        assert!(!Lane::Control.accepts(&frame(Raft, TrafficClass::System), 1 << 20));
+        assert!(!Lane::Control.accepts(&db, 100));
+        for lane in Lane::ALL {
+            assert!(lane.accepts(&frame(Heartbeat, TrafficClass::Control), 0));
+            assert!(lane.accepts(&frame(Goodbye, TrafficClass::Control), 10));
+        }
+        assert_eq!(Lane::from_hello(2), Some(Lane::Priority));
+        assert_eq!(Lane::from_hello(3), None);
+        assert!(Lane::Priority.runs(3, 3) && !Lane::Priority.runs(3, 2));
+        assert!(Lane::Control.runs(2, 3) && !Lane::Control.runs(1, 3));
     }
 
     #[test]

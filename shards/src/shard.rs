@@ -297,8 +297,9 @@ struct LinkEntry {
     outbox: Rc<Outbox>,
     /// The data lane's figures (the link's first connection).
     stats: Rc<LinkStats>,
-    /// The control lane's figures, while one is attached.
-    control: Option<Rc<LinkStats>>,
+    /// Each side lane's figures while it is attached, indexed by [`Lane`] (the data slot
+    /// stays empty: `stats` is the data lane's).
+    side: [Option<Rc<LinkStats>>; 3],
 }
 
 /// State and rings of one shard; shared by its tasks through `Rc`.
@@ -828,34 +829,48 @@ async fn shard_main(
                         let _ = reply.send(outbox.is_some());
                     }
                     ShardInput::Sessions { reply } => {
-                        let snapshots =
-                            shard
-                                .links
-                                .borrow()
-                                .iter()
-                                .map(|(peer, link)| {
-                                    let state = if link.outbox.is_closing() {
-                                        "closing"
-                                    } else {
-                                        "up"
-                                    };
-                                    let mut snapshot = link.stats.snapshot(*peer, state);
-                                    snapshot.lanes.push(link.stats.lane(
+                        let snapshots = shard
+                            .links
+                            .borrow()
+                            .iter()
+                            .map(|(peer, link)| {
+                                let state = if link.outbox.is_closing() {
+                                    "closing"
+                                } else {
+                                    "up"
+                                };
+                                let mut snapshot = link.stats.snapshot(*peer, state);
+                                snapshot.lanes.push(
+                                    link.stats.lane(
                                         Lane::Data.name(),
                                         link.outbox.queued_for(Lane::Data),
-                                    ));
-                                    if let Some(control) = &link.control {
-                                        let lane = control.lane(
-                                            Lane::Control.name(),
-                                            link.outbox.queued_for(Lane::Control),
-                                        );
-                                        // The network's round trip, not the data queued ahead of a beat.
+                                    ),
+                                );
+                                for side in [Lane::Control, Lane::Priority] {
+                                    let Some(stats) = &link.side[side as usize] else {
+                                        continue;
+                                    };
+                                    let lane =
+                                        stats.lane(side.name(), link.outbox.queued_for(side));
+                                    if side == Lane::Control {
+                                        // The network's round trip, not the data queued
+                                        // ahead of a beat.
                                         snapshot.srtt_us = lane.srtt_us;
-                                        snapshot.lanes.push(lane);
                                     }
-                                    snapshot
-                                })
-                                .collect();
+                                    snapshot.lanes.push(lane);
+                                }
+                                // The link's figures are its lanes' together (the data
+                                // lane's alone would miss what the side lanes carry).
+                                let lanes = &snapshot.lanes;
+                                snapshot.bytes_sent = lanes.iter().map(|l| l.bytes_sent).sum();
+                                snapshot.bytes_received =
+                                    lanes.iter().map(|l| l.bytes_received).sum();
+                                snapshot.frames_sent = lanes.iter().map(|l| l.frames_sent).sum();
+                                snapshot.frames_received =
+                                    lanes.iter().map(|l| l.frames_received).sum();
+                                snapshot
+                            })
+                            .collect();
                         let _ = reply.send(snapshots);
                     }
                     ShardInput::Figures { reply } => {

@@ -133,7 +133,7 @@ impl LinkStats {
 /// A copy of one lane's (connection's) figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaneSnapshot {
-    /// "data" or "control".
+    /// "data", "control" or "priority".
     pub name: &'static str,
     /// Peer socket address of this connection.
     pub remote_addr: SocketAddr,

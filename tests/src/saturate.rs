@@ -8,8 +8,9 @@
 //! `writes` per second, and every node's membership view and links are polled every 100 ms.
 //! Each phase reports: members seen SUSPECT or DEAD (and whether C was among them), link RTT
 //! p99 as `GetSessions` reports it (the smoothed heartbeat round trip of the link's control
-//! lane when it has one), links re-made, control group commit latency and refused writes; the
-//! flood reports its sends by answer and, after B's subscriber has drained at full speed, how
+//! lane when it has one), links re-made, control group commit latency and refused writes, and
+//! the latency of internal DB updates A sends B (`qos_class = 2`, waiting for delivery to a
+//! second subscriber on B, every 50 ms: the priority lane's traffic); the flood reports its sends by answer and, after B's subscriber has drained at full speed, how
 //! many accepted sends never arrived and what A's tracker says of those.
 
 use std::{
@@ -24,7 +25,9 @@ use std::{
 use hdrhistogram::Histogram;
 use meshd_proto::{
     link::DbUpdate,
-    mesh::{Header, MessageStatus, QueryMessageStatusRequest, SendMode, SendRequest},
+    mesh::{
+        Header, MessageStatus, QueryMessageStatusRequest, SendMode, SendRequest, SubscribeRequest,
+    },
 };
 use tokio_stream::StreamExt;
 
@@ -67,6 +70,10 @@ pub struct Phase {
     pub writes_ok: u64,
     /// Refused writes by gRPC code.
     pub writes_refused: BTreeMap<String, u64>,
+    /// A → B internal DB updates: delivery latency.
+    db: Histogram<u64>,
+    /// A → B internal DB updates not answered DELIVERED within their 5 s.
+    pub db_failed: u64,
 }
 
 impl Phase {
@@ -81,6 +88,8 @@ impl Phase {
             commit: Histogram::new(3).expect("3 significant digits"),
             writes_ok: 0,
             writes_refused: BTreeMap::new(),
+            db: Histogram::new(3).expect("3 significant digits"),
+            db_failed: 0,
         }
     }
 
@@ -91,6 +100,15 @@ impl Phase {
             .map(|(link, h)| (h.value_at_quantile(0.99), Some(*link)))
             .max()
             .unwrap_or((0, None))
+    }
+
+    /// A → B DB updates delivered, and their latency p50 and p99, µs.
+    pub fn db_us(&self) -> (u64, u64, u64) {
+        (
+            self.db.len(),
+            self.db.value_at_quantile(0.5),
+            self.db.value_at_quantile(0.99),
+        )
     }
 
     /// Commit latency p50 and p99, µs.
@@ -232,6 +250,41 @@ async fn write(
     Ok(())
 }
 
+/// Sends B an internal DB update from A every 50 ms, each waiting for its delivery, until
+/// `stop`.
+async fn db_updates(
+    cluster: Arc<Cluster>,
+    phase: Arc<Mutex<Phase>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut client = cluster.node(0).data().await?;
+    let gap = Duration::from_millis(50);
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let request = SendRequest {
+            qos_class: 2,
+            mode: SendMode::WaitForDelivery as i32,
+            timeout_seconds: 5,
+            ..request(B, 0, vec![0xdb; 256])
+        };
+        let answer = client.send(request).await;
+        let took = started.elapsed();
+        {
+            let mut phase = phase
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match answer {
+                Ok(answer) if answer.get_ref().status() == MessageStatus::Delivered => {
+                    let _ = phase.db.record(took.as_micros() as u64);
+                }
+                _ => phase.db_failed += 1,
+            }
+        }
+        tokio::time::sleep(gap.saturating_sub(took)).await;
+    }
+    Ok(())
+}
+
 /// Runs the scenario on a fresh local mesh.
 pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
     let lanes = if args.collapsed { "collapsed" } else { "split" };
@@ -282,7 +335,24 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
     // B's subscriber: slow until the drain, noting distinct messages by A's message id.
     let slow = Arc::new(AtomicBool::new(args.slow_ms > 0));
     let received = Arc::new(Mutex::new(HashSet::<u64>::new()));
-    let mut inbox = cluster.node(1).inbox().await?;
+    let mut b_data = cluster.node(1).data().await?;
+    let mut inbox = b_data
+        .subscribe(SubscribeRequest {
+            qos_class: 1,
+            ..SubscribeRequest::default()
+        })
+        .await?
+        .into_inner();
+    // B's DB-update subscriber, fast.
+    let mut db_inbox = b_data
+        .subscribe(SubscribeRequest {
+            qos_class: 2,
+            ..SubscribeRequest::default()
+        })
+        .await?
+        .into_inner();
+    let db_subscriber =
+        tokio::spawn(async move { while let Some(Ok(_)) = db_inbox.next().await {} });
     let subscriber = {
         let slow = Arc::clone(&slow);
         let received = Arc::clone(&received);
@@ -316,6 +386,11 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
             Arc::clone(&stop),
             args.writes,
         ));
+        let db = tokio::spawn(db_updates(
+            Arc::clone(&cluster),
+            Arc::clone(&phase),
+            Arc::clone(&stop),
+        ));
         if name == "idle" {
             tokio::time::sleep(Duration::from_secs(args.idle)).await;
         } else {
@@ -324,6 +399,7 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
         stop.store(true, Ordering::Relaxed);
         watcher.await?;
         writer.await??;
+        db.await??;
         phases.push(
             Arc::try_unwrap(phase)
                 .map_err(|_| anyhow::anyhow!("phase still shared"))?
@@ -350,6 +426,7 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
     }
     flood.delivered = last as u64;
     subscriber.abort();
+    db_subscriber.abort();
     let missing: Vec<u64> = {
         let received = received
             .lock()

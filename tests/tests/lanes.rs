@@ -1,9 +1,9 @@
 //! VirtualLink lanes across real processes: a link is its data connection plus a control lane
-//! (heartbeats, routing, gossip, Raft, reports), both dialed by the side that dialed the link
-//! and bound to the same proven identity; a collapsed node runs one connection; a lost
-//! control lane hands control back to the data connection at once and is dialed again; a
-//! member cannot use a control lane to carry anything else, nor bind one to a link it did not
-//! dial.
+//! (heartbeats, routing, gossip, Raft, reports) and a priority lane (system and internal-DB
+//! traffic), all dialed by the side that dialed the link and bound to the same proven
+//! identity; a collapsed node runs one connection; a lost control lane hands control back to
+//! the data connection at once and is dialed again; a member cannot use a side lane to carry
+//! anything else, nor bind one to a link it did not dial.
 
 use std::{
     process::Command,
@@ -56,8 +56,15 @@ async fn wait_for_lanes(node: &Node, peer: u64, names: &[&str]) -> anyhow::Resul
     }
 }
 
+const SPLIT: [&str; 3] = ["data", "control", "priority"];
+
 /// A waiting send from `from` to `to`, which must be delivered to `to`'s subscriber.
 async fn delivered(from: &Node, to: &Node, body: &[u8]) -> anyhow::Result<()> {
+    delivered_as(from, to, body, 0).await
+}
+
+/// [`delivered`] in `qos_class` (2: an internal DB update).
+async fn delivered_as(from: &Node, to: &Node, body: &[u8], qos_class: u32) -> anyhow::Result<()> {
     let mut inbox = to.inbox().await?;
     let reply = from
         .data()
@@ -67,6 +74,7 @@ async fn delivered(from: &Node, to: &Node, body: &[u8]) -> anyhow::Result<()> {
             payload: body.to_vec().into(),
             mode: SendMode::WaitForDelivery as i32,
             timeout_seconds: 5,
+            qos_class,
             ..SendRequest::default()
         })
         .await?
@@ -85,7 +93,7 @@ async fn delivered(from: &Node, to: &Node, body: &[u8]) -> anyhow::Result<()> {
 }
 
 #[meshd_tests::test]
-async fn a_link_runs_a_control_lane_beside_its_data_lane_unless_either_end_is_collapsed()
+async fn a_link_runs_control_and_priority_lanes_beside_its_data_lane_unless_either_end_is_collapsed()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![
@@ -96,16 +104,16 @@ async fn a_link_runs_a_control_lane_beside_its_data_lane_unless_either_end_is_co
     let (a, b, c) = (cluster.node(0), cluster.node(1), cluster.node(2));
     a.wait_for_peers(&[2, 3], SETTLE).await?;
 
-    // A–B split on both ends: the control lane is dialed by B (behind NAT, the dialer) to the
+    // A–B split on both ends: the side lanes are dialed by B (behind NAT, the dialer) to the
     // same address as its data lane.
-    let at_a = wait_for_lanes(a, 2, &["data", "control"]).await?;
-    let at_b = wait_for_lanes(b, 1, &["data", "control"]).await?;
+    let at_a = wait_for_lanes(a, 2, &SPLIT).await?;
+    let at_b = wait_for_lanes(b, 1, &SPLIT).await?;
     assert_eq!(at_b.lanes[0].remote_addr, at_b.lanes[1].remote_addr);
-    assert_ne!(
-        at_a.lanes[0].remote_addr, at_a.lanes[1].remote_addr,
-        "two connections"
-    );
-    // A–C collapsed: C said so in its Hello, so nobody dials a control lane.
+    assert_eq!(at_b.lanes[0].remote_addr, at_b.lanes[2].remote_addr);
+    let remote: std::collections::HashSet<_> =
+        at_a.lanes.iter().map(|l| l.remote_addr.clone()).collect();
+    assert_eq!(remote.len(), 3, "three connections: {at_a:?}");
+    // A–C collapsed: C said so in its Hello, so nobody dials a side lane.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (node, peer) in [(a, 3), (c, 1)] {
         let s = session(node, peer).await?.expect("linked");
@@ -118,8 +126,25 @@ async fn a_link_runs_a_control_lane_beside_its_data_lane_unless_either_end_is_co
     delivered(b, a, b"split back").await?;
     delivered(a, c, b"collapsed").await?;
     delivered(c, a, b"collapsed back").await?;
+    // An internal DB update takes the priority lane (the collapsed link carries it on its one
+    // connection), and client data never does: 20 kB each, far above what heartbeats add.
+    const BIG: usize = 20_000;
+    let before = session(a, 2).await?.expect("linked");
+    delivered_as(b, a, &[0xdb; BIG], 2).await?;
+    delivered_as(a, c, &[0xdb; BIG], 2).await?;
+    let middle = session(a, 2).await?.expect("linked");
+    delivered(b, a, &[0xc1; BIG]).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let at_a = session(a, 2).await?.expect("linked");
+    let got = |s: &SessionInfo, lane: usize| s.lanes[lane].bytes_received;
+    anyhow::ensure!(
+        got(&middle, 2) >= got(&before, 2) + BIG as u64 && got(&middle, 0) < got(&before, 0) + 4096,
+        "the DB update did not come on the priority lane alone: {before:?} → {middle:?}"
+    );
+    anyhow::ensure!(
+        got(&at_a, 0) >= got(&middle, 0) + BIG as u64 && got(&at_a, 2) < got(&middle, 2) + 4096,
+        "the client message did not come on the data lane alone: {middle:?} → {at_a:?}"
+    );
     let control = &at_a.lanes[1];
     assert!(
         control.frames_sent > 5 && control.frames_received > 5,
@@ -141,7 +166,7 @@ async fn a_lost_control_lane_hands_control_to_the_data_lane_at_once_and_is_diale
     ])?;
     let (a, b) = (cluster.node(0), cluster.node(1));
     a.wait_for_peers(&[2], SETTLE).await?;
-    let before = wait_for_lanes(a, 2, &["data", "control"]).await?;
+    let before = wait_for_lanes(a, 2, &SPLIT).await?;
     let data_addr = before.lanes[0].remote_addr.clone();
     let control_addr = before.lanes[1].remote_addr.clone();
     let port = control_addr.rsplit(':').next().expect("a port").to_owned();
@@ -166,7 +191,7 @@ async fn a_lost_control_lane_hands_control_to_the_data_lane_at_once_and_is_diale
     let after = loop {
         let s = session(a, 2).await?;
         if let Some(s) = &s
-            && lane_names(s) == ["data", "control"]
+            && lane_names(s) == SPLIT
             && s.lanes[1].remote_addr != control_addr
         {
             break s.clone();
@@ -202,7 +227,7 @@ async fn a_lost_control_lane_hands_control_to_the_data_lane_at_once_and_is_diale
 }
 
 #[meshd_tests::test]
-async fn a_member_cannot_bind_a_control_lane_to_a_link_it_did_not_dial_nor_carry_data_on_one()
+async fn a_member_cannot_bind_a_side_lane_to_a_link_it_did_not_dial_nor_carry_data_on_one()
 -> anyhow::Result<()> {
     let _serial = exclusive().await;
     let cluster = Cluster::start(vec![
@@ -215,17 +240,20 @@ async fn a_member_cannot_bind_a_control_lane_to_a_link_it_did_not_dial_nor_carry
     let secret = cluster.mesh_secret();
     const ROGUE: u64 = 66;
 
-    // A certified member (it holds the mesh secret, so it is one) dials a control lane with
-    // no link of its own: refused and closed.
-    let lone = RogueOptions {
-        lane: 1,
-        ..RogueOptions::member(ROGUE, "default", secret)
-    };
-    let outcome = tokio::task::spawn_blocking(move || rogue::handshake(addr, &lone)).await??;
-    assert_eq!(
-        outcome,
-        RogueOutcome::Goodbye("no link to bind the control lane to".into())
-    );
+    // A certified member (it holds the mesh secret, so it is one) dials a side lane with no
+    // link of its own, or a lane that does not exist: refused and closed.
+    for (lane, why) in [
+        (1, "no link to bind the lane to"),
+        (2, "no link to bind the lane to"),
+        (7, "lane 7 is not a lane"),
+    ] {
+        let lone = RogueOptions {
+            lane,
+            ..RogueOptions::member(ROGUE, "default", secret)
+        };
+        let outcome = tokio::task::spawn_blocking(move || rogue::handshake(addr, &lone)).await??;
+        assert_eq!(outcome, RogueOutcome::Goodbye(why.into()), "lane {lane}");
+    }
 
     // With its own link: it may bind a control lane (it acts as itself), but a data frame on
     // it ends the lane, and the link stays.
@@ -233,28 +261,40 @@ async fn a_member_cannot_bind_a_control_lane_to_a_link_it_did_not_dial_nor_carry
         key: Some([0x66; 32]),
         ..RogueOptions::member(ROGUE, "default", secret)
     };
-    let lane_options = RogueOptions {
+    let control_options = RogueOptions {
         lane: 1,
         ..member.clone()
     };
-    let (lane_closed, link_open) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let priority_options = RogueOptions {
+        lane: 2,
+        ..member.clone()
+    };
+    let (closed, link_open) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut link = RogueLink::connect(addr, &member)?;
         link.beat()?;
-        let mut lane = RogueLink::connect(addr, &lane_options)?;
-        lane.beat()?;
-        let mut data = Header::new(FrameType::Data, TrafficClass::Client, ROGUE, 1);
-        data.ttl = 8;
-        lane.send_frame(&data, b"bulk on the control lane")?;
-        let lane_closed = !lane.drain(Duration::from_secs(2));
+        let mut closed = Vec::new();
+        for options in [control_options, priority_options] {
+            let mut lane = RogueLink::connect(addr, &options)?;
+            lane.beat()?;
+            let mut data = Header::new(FrameType::Data, TrafficClass::Client, ROGUE, 1);
+            data.ttl = 8;
+            lane.send_frame(&data, b"client bulk on a side lane")?;
+            closed.push(!lane.drain(Duration::from_secs(2)));
+        }
         link.beat()?;
         let link_open = link.drain(Duration::from_millis(200));
-        Ok((lane_closed, link_open))
+        Ok((closed, link_open))
     })
     .await??;
-    assert!(lane_closed, "a control lane carrying data was kept");
-    assert!(link_open, "the rogue's own link went down with its lane");
+    assert_eq!(
+        closed,
+        [true, true],
+        "a side lane carrying client data was kept"
+    );
+    assert!(link_open, "the rogue's own link went down with its lanes");
     let log = a.log();
-    assert!(log.contains("control lane refused"), "{}", a.log_tail(20));
+    assert!(log.contains("side lane refused"), "{}", a.log_tail(20));
     assert!(log.contains("on the control lane"), "{}", a.log_tail(20));
+    assert!(log.contains("on the priority lane"), "{}", a.log_tail(20));
     Ok(())
 }

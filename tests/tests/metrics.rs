@@ -130,18 +130,19 @@ async fn a_scrape_shows_members_links_raft_and_streams_and_follows_a_link_going_
 
     let samples = scrape_until(
         m1,
-        "three alive members, a link to node 2 with both its lanes, a control group",
+        "three alive members, a link to node 2 with its three lanes, a control group",
         |s| {
             value(s, "meshd_members{state=\"alive\"}") == 3.0
                 && value(s, "meshd_links") == 1.0
                 && value(s, "meshd_raft_voters") >= 1.0
                 && value(s, "meshd_raft_term") >= 1.0
                 && lane_value(s, "meshd_lane_received_frames_total", "2", "control") > 0.0
+                && lane_value(s, "meshd_lane_received_frames_total", "2", "priority") > 0.0
         },
     )
     .await?;
     // Each lane of the link: its own connection, its own figures.
-    for lane in ["data", "control"] {
+    for lane in ["data", "control", "priority"] {
         assert!(lane_value(&samples, "meshd_lane_sent_bytes_total", "2", lane) > 0.0);
         assert!(lane_value(&samples, "meshd_lane_rtt_seconds", "2", lane) >= 0.0);
         assert!(lane_value(&samples, "meshd_lane_queued_bytes", "2", lane) >= 0.0);

@@ -230,7 +230,7 @@ pub(crate) async fn submit(
             state.tracker().settle(msg_id, None);
             return Err(status);
         }
-        if let Err(status) = state.hold_if_saturated(dst).await {
+        if let Err(status) = state.hold_if_saturated(dst, class).await {
             state.tracker().settle(msg_id, None);
             return Err(status);
         }
@@ -276,7 +276,7 @@ pub(crate) async fn submit(
             return Err(status);
         }
         let payload = super::wire_payload(&data);
-        let sent = match state.hold_if_saturated(dst).await {
+        let sent = match state.hold_if_saturated(dst, class).await {
             Ok(()) => {
                 state
                     .send_frame(dst, FrameType::Data, class, msg_id, flow, payload)

@@ -374,8 +374,8 @@ impl ApiState {
             ApiEvent::Frame {
                 src,
                 frame_type: FrameType::DeliveryReport,
+                traffic_class,
                 payload,
-                ..
             } => {
                 let Ok(batch) = DeliveryReports::decode(payload) else {
                     tracing::debug!(src, "dropped an undecodable delivery report");
@@ -390,8 +390,12 @@ impl ApiState {
                         known.generations.insert(src, batch.generation);
                     }
                 }
-                self.saturation()
-                    .on_report(src, batch.saturated, Instant::now());
+                // A report frame answers messages of one class (see `ReportBatch::push`).
+                self.saturation().on_report(
+                    super::saturation::held(src, traffic_class),
+                    batch.saturated,
+                    Instant::now(),
+                );
                 let applied = reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
                 if applied.skipped > 0 {
                     tracing::debug!(src, ?applied, "skipped report runs outside what is tracked");

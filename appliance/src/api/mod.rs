@@ -203,14 +203,19 @@ impl ApiState {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Holds a new message to `dst` while `dst` says its subscribers are near full (see
-    /// [`saturation`]), at most `congestion_wait`; past it the send is refused, so a message
-    /// a saturated destination would turn away is never accepted.
-    pub(crate) async fn hold_if_saturated(&self, dst: u64) -> Result<(), Status> {
+    /// Holds a new message of `class` to `dst` while `dst` says its subscribers of that class
+    /// are near full (see [`saturation`]), at most `congestion_wait`; past it the send is
+    /// refused, so a message a saturated destination would turn away is never accepted.
+    pub(crate) async fn hold_if_saturated(
+        &self,
+        dst: u64,
+        class: TrafficClass,
+    ) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now() + self.congestion_wait;
         loop {
             let now = std::time::Instant::now();
-            let Some(until) = self.saturation().held_until(dst, now) else {
+            let held = saturation::held(dst, class);
+            let Some(until) = self.saturation().held_until(held, now) else {
                 return Ok(());
             };
             let wake = tokio::time::Instant::now() + (until - now);
@@ -271,7 +276,9 @@ impl ApiState {
         flow: u128,
         payload: Bytes,
     ) -> Result<(), Status> {
-        if self.congestion.is_congested(dst) {
+        // The congestion gauge counts what the shards park for `dst`, client data above all;
+        // system and DB traffic has its own lane and queue bound, and never waits on it.
+        if traffic_class == TrafficClass::Client && self.congestion.is_congested(dst) {
             let _ =
                 tokio::time::timeout(self.congestion_wait, self.congestion.until_clear(dst)).await;
         }
@@ -444,8 +451,10 @@ pub struct ApiSetup {
     pub congestion_wait: Duration,
     /// Requests to the control thread.
     pub control: Producer<ControlRequest>,
-    /// `Data` frames for this node, from the shards.
+    /// Client `Data` frames for this node, from the shards.
     pub events: Consumer<ApiEvent>,
+    /// System and DB-update `Data` frames for this node, from the shards.
+    pub priority_events: Consumer<ApiEvent>,
     /// Delivery reports, application acks and send failures, from the shards.
     pub verdicts: Consumer<ApiEvent>,
     /// Largest frame payload.
@@ -523,6 +532,35 @@ impl ApiThread {
     }
 }
 
+/// Hands the shards' `Data` frames on one ring to the subscribers, and sends their senders
+/// the verdicts, a drain's worth in one report frame per source.
+async fn delivery_pump(state: Arc<ApiState>, events: Consumer<ApiEvent>, generation: u32) {
+    let mut reports = ReportBatch::default();
+    reports.generation = generation;
+    loop {
+        let event = if reports.is_empty() {
+            events.pop().await
+        } else {
+            // Reports wait for room in a shard's ring: retry soon even if nothing arrives.
+            tokio::select! {
+                event = events.pop() => event,
+                () = tokio::time::sleep(REPORT_RETRY) => {
+                    state.send_reports(&mut reports);
+                    continue;
+                }
+            }
+        };
+        let Some(event) = event else { break };
+        state.handle_event(event, &mut reports).await;
+        // Drain what already waits, so a burst's verdicts go back in one frame per source.
+        for _ in 1..MAX_EVENTS_PER_DRAIN {
+            let Some(event) = events.try_pop() else { break };
+            state.handle_event(event, &mut reports).await;
+        }
+        state.send_reports(&mut reports);
+    }
+}
+
 async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
     let state = Arc::new(ApiState {
         node_id: setup.node_id,
@@ -579,33 +617,14 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
             verdict_state.handle_event(event, &mut unused).await;
         }
     });
-    let pump_state = Arc::clone(&state);
-    let pump = tokio::spawn(async move {
-        let mut reports = ReportBatch::default();
-        reports.generation = setup_generation;
-        loop {
-            let event = if reports.is_empty() {
-                events.pop().await
-            } else {
-                // Reports wait for room in a shard's ring: retry soon even if nothing arrives.
-                tokio::select! {
-                    event = events.pop() => event,
-                    () = tokio::time::sleep(REPORT_RETRY) => {
-                        pump_state.send_reports(&mut reports);
-                        continue;
-                    }
-                }
-            };
-            let Some(event) = event else { break };
-            pump_state.handle_event(event, &mut reports).await;
-            // Drain what already waits, so a burst's verdicts go back in one frame per source.
-            for _ in 1..MAX_EVENTS_PER_DRAIN {
-                let Some(event) = events.try_pop() else { break };
-                pump_state.handle_event(event, &mut reports).await;
-            }
-            pump_state.send_reports(&mut reports);
-        }
-    });
+    // Client data, and system and DB data, each with a pump of its own: a slow subscriber's
+    // budgeted waits hold back only the client pump.
+    let pump = tokio::spawn(delivery_pump(Arc::clone(&state), events, setup_generation));
+    let priority_pump = tokio::spawn(delivery_pump(
+        Arc::clone(&state),
+        setup.priority_events,
+        setup_generation,
+    ));
 
     let listener = match tokio::net::TcpListener::from_std(setup.listener) {
         Ok(listener) => listener,
@@ -727,6 +746,7 @@ async fn serve(setup: ApiSetup, stop: oneshot::Receiver<()>) {
         }
     }
     pump.abort();
+    priority_pump.abort();
     verdict_pump.abort();
 }
 

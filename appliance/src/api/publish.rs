@@ -159,7 +159,9 @@ fn batched_len(state: &ApiState, m: &PublishMessage, run_bytes: usize) -> Option
 /// `DataBatch` frame; returns their ids, which follow on from the first.
 async fn send_run(state: &Arc<ApiState>, run: Vec<PublishMessage>) -> Result<Vec<u64>, Status> {
     let (dst, qos_class, corr_id) = (run[0].dst_node, run[0].qos_class, run[0].corr_id);
-    state.hold_if_saturated(dst).await?;
+    state
+        .hold_if_saturated(dst, traffic_class(qos_class))
+        .await?;
     let queued = StatusUpdate {
         status: MessageStatus::Queued,
         detail: "".into(),

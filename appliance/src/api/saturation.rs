@@ -6,13 +6,28 @@
 //! (`DeliveryReports.saturated`). The sender then holds its next sends to that destination
 //! for [`HOLD`], so its callers are slowed to about the subscriber's pace instead of sending
 //! messages that would be turned away. A send held past its patience is refused with
-//! `RESOURCE_EXHAUSTED` ("destination saturated"), never queued to be lost. Pure: the caller
-//! passes the time.
+//! `RESOURCE_EXHAUSTED` ("destination saturated"), never queued to be lost. Client traffic
+//! and system / DB traffic are held apart ([`Held`]): the destination delivers them through
+//! pumps of their own and its report frames carry the class they answer, so a saturated client
+//! subscriber never holds a DB update. Pure: the caller passes the time.
 
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
 };
+
+use meshd_shards::frame::TrafficClass;
+
+/// What is held: a destination's client traffic, or its system and DB traffic (`true`).
+pub(crate) type Held = (u64, bool);
+
+/// The hold a message of `class` to `dst` is under.
+pub(crate) fn held(dst: u64, class: TrafficClass) -> Held {
+    (
+        dst,
+        matches!(class, TrafficClass::System | TrafficClass::DbUpdate),
+    )
+}
 
 /// How long a "saturated" report holds sends to its destination. Each report that still
 /// says so renews it; when it lapses the held callers go, and their verdicts say whether
@@ -26,13 +41,13 @@ pub(crate) const MAX_HELD: usize = 4096;
 /// Destinations held, with the end of their hold.
 #[derive(Debug, Default)]
 pub(crate) struct Saturation {
-    held: HashMap<u64, Instant>,
+    held: HashMap<Held, Instant>,
 }
 
 impl Saturation {
     /// A report frame from `dst` arrived: `saturated` starts or renews its hold, a frame
     /// without it ends the hold at once (the queue has room again).
-    pub(crate) fn on_report(&mut self, dst: u64, saturated: bool, now: Instant) {
+    pub(crate) fn on_report(&mut self, dst: Held, saturated: bool, now: Instant) {
         if !saturated {
             self.held.remove(&dst);
             return;
@@ -47,7 +62,7 @@ impl Saturation {
     }
 
     /// Until when sends to `dst` are held, if they are.
-    pub(crate) fn held_until(&mut self, dst: u64, now: Instant) -> Option<Instant> {
+    pub(crate) fn held_until(&mut self, dst: Held, now: Instant) -> Option<Instant> {
         match self.held.get(&dst) {
             Some(&until) if until > now => Some(until),
             Some(_) => {
@@ -73,19 +88,38 @@ mod tests {
     fn a_saturated_report_holds_its_destination_until_it_lapses_or_room_is_reported() {
         let t0 = Instant::now();
         let mut s = Saturation::default();
-        assert_eq!(s.held_until(7, t0), None);
-        s.on_report(7, true, t0);
-        assert_eq!(s.held_until(7, t0), Some(t0 + HOLD));
-        assert_eq!(s.held_until(8, t0), None, "only the reporting destination");
+        assert_eq!(s.held_until((7, false), t0), None);
+        s.on_report((7, false), true, t0);
+        assert_eq!(s.held_until((7, false), t0), Some(t0 + HOLD));
+        assert_eq!(
+            s.held_until((8, false), t0),
+            None,
+            "only the reporting destination"
+        );
         // Renewed by the next saturated report, lapses without one.
-        s.on_report(7, true, t0 + HOLD / 2);
-        assert_eq!(s.held_until(7, t0 + HOLD), Some(t0 + HOLD / 2 + HOLD));
-        assert_eq!(s.held_until(7, t0 + 2 * HOLD), None);
+        s.on_report((7, false), true, t0 + HOLD / 2);
+        assert_eq!(
+            s.held_until((7, false), t0 + HOLD),
+            Some(t0 + HOLD / 2 + HOLD)
+        );
+        assert_eq!(s.held_until((7, false), t0 + 2 * HOLD), None);
         // A report without the flag ends the hold at once.
-        s.on_report(7, true, t0);
-        s.on_report(7, false, t0);
-        assert_eq!(s.held_until(7, t0), None);
+        s.on_report((7, false), true, t0);
+        s.on_report((7, false), false, t0);
+        assert_eq!(s.held_until((7, false), t0), None);
         assert_eq!(s.held(t0), 0);
+    }
+
+    #[test]
+    fn a_saturated_client_subscriber_never_holds_system_or_db_traffic() {
+        let t0 = Instant::now();
+        let mut s = Saturation::default();
+        s.on_report(held(7, TrafficClass::Client), true, t0);
+        assert!(s.held_until(held(7, TrafficClass::Client), t0).is_some());
+        assert_eq!(s.held_until(held(7, TrafficClass::DbUpdate), t0), None);
+        assert_eq!(s.held_until(held(7, TrafficClass::System), t0), None);
+        s.on_report(held(7, TrafficClass::DbUpdate), true, t0);
+        assert!(s.held_until(held(7, TrafficClass::System), t0).is_some());
     }
 
     #[test]
@@ -93,14 +127,18 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Saturation::default();
         for dst in 0..MAX_HELD as u64 {
-            s.on_report(dst, true, t0);
+            s.on_report((dst, false), true, t0);
         }
-        s.on_report(u64::MAX, true, t0);
-        assert_eq!(s.held_until(u64::MAX, t0), None, "full: not remembered");
+        s.on_report((u64::MAX, false), true, t0);
+        assert_eq!(
+            s.held_until((u64::MAX, false), t0),
+            None,
+            "full: not remembered"
+        );
         assert_eq!(s.held(t0), MAX_HELD);
         let later = t0 + HOLD;
-        s.on_report(u64::MAX, true, later);
-        assert_eq!(s.held_until(u64::MAX, later), Some(later + HOLD));
+        s.on_report((u64::MAX, false), true, later);
+        assert_eq!(s.held_until((u64::MAX, false), later), Some(later + HOLD));
         assert_eq!(s.held(later), 1);
     }
 }

@@ -229,17 +229,23 @@ pub(super) async fn establish(
     if shard.stopping.get() {
         return;
     }
-    if peer.lane == Lane::Control as u32 {
-        // A control lane the peer dialed for a link it dialed before: bound to it, or refused.
+    let side = match Lane::from_hello(peer.lane) {
+        Some(Lane::Data) => None,
+        Some(side) => Some(Ok(side)),
+        None => Some(Err(format!("lane {} is not a lane", peer.lane))),
+    };
+    if let Some(side) = side {
+        // A side lane the peer dialed for a link it dialed before: bound to it, or refused.
         if dial_id.is_none() {
-            return accept_control_lane(shard, socket, peer, remote_addr).await;
+            return accept_side_lane(shard, socket, peer, side, remote_addr).await;
         }
         tracing::info!(
             peer = peer.node_id,
-            "a dialed peer answered as a control lane"
+            lane = peer.lane,
+            "a dialed peer answered as a side lane"
         );
         if let Some(dial_id) = dial_id {
-            let error = DialError::Refused("the peer answered as a control lane".into());
+            let error = DialError::Refused("the peer answered as a side lane".into());
             dial_failed(&shard, dial_id, remote_addr, error).await;
         }
         return;
@@ -317,14 +323,19 @@ pub(super) async fn establish(
         })
         .await;
 
-    if role == Role::Dialer && !peer.guest && shard.config.local.lanes >= 2 && peer.lanes >= 2 {
-        glommio::spawn_local(keep_control_lane(
-            Rc::clone(&shard),
-            peer.clone(),
-            conn_id,
-            remote_addr,
-        ))
-        .detach();
+    if role == Role::Dialer && !peer.guest {
+        for side in [Lane::Control, Lane::Priority] {
+            if side.runs(shard.config.local.lanes, peer.lanes) {
+                glommio::spawn_local(keep_side_lane(
+                    Rc::clone(&shard),
+                    peer.clone(),
+                    side,
+                    conn_id,
+                    remote_addr,
+                ))
+                .detach();
+            }
+        }
     }
 
     let end = link::run(
@@ -407,7 +418,7 @@ fn register(
             dialer,
             outbox,
             stats,
-            control: None,
+            side: Default::default(),
         },
     );
     true
@@ -423,32 +434,43 @@ fn link_outbox(shard: &Shard, peer: u64, conn_id: u64) -> Option<Rc<Outbox>> {
         .map(|l| Rc::clone(&l.outbox))
 }
 
-/// The dialing side of a split link: dials its control lane to the address the link was
-/// dialed at, runs it, and dials again (with backoff) whenever it ends, for as long as the
-/// link lives. While no control lane is attached the link runs collapsed: its data
-/// connection carries everything, served first.
-async fn keep_control_lane(shard: Rc<Shard>, peer: PeerInfo, conn_id: u64, addr: SocketAddr) {
+/// The dialing side of a split link: dials a side lane (control or priority) to the address
+/// the link was dialed at, runs it, and dials again (with backoff) whenever it ends, for as
+/// long as the link lives. While the lane is not attached its traffic rides the data
+/// connection, ahead of data.
+async fn keep_side_lane(
+    shard: Rc<Shard>,
+    peer: PeerInfo,
+    side: Lane,
+    conn_id: u64,
+    addr: SocketAddr,
+) {
     let min_backoff = shard.config.heartbeat_interval;
     let max_backoff = Duration::from_secs(5);
     let mut backoff = min_backoff;
     while link_outbox(&shard, peer.node_id, conn_id).is_some() && !shard.stopping.get() {
-        match dial_lane(&shard, addr, peer.node_id).await {
+        match dial_lane(&shard, addr, peer.node_id, side).await {
             Ok((socket, lane_peer)) => {
                 let same_life = lane_peer.node_id == peer.node_id
                     && lane_peer.boot_id == peer.boot_id
                     && lane_peer.public_key == peer.public_key;
                 if same_life {
-                    let lived = run_control_lane(&shard, socket, conn_id, addr, Role::Dialer).await;
+                    let lived =
+                        run_side_lane(&shard, socket, side, conn_id, addr, Role::Dialer).await;
                     if lived > Duration::from_secs(10) {
                         backoff = min_backoff;
                     }
                 } else {
                     // The peer restarted: this link is about to be replaced.
-                    tracing::debug!(peer = peer.node_id, "control lane reached another life");
+                    tracing::debug!(
+                        peer = peer.node_id,
+                        lane = side.name(),
+                        "side lane reached another life"
+                    );
                 }
             }
             Err(error) => {
-                tracing::debug!(peer = peer.node_id, %addr, %error, "control lane dial failed");
+                tracing::debug!(peer = peer.node_id, lane = side.name(), %addr, %error, "side lane dial failed");
             }
         }
         glommio::timer::sleep(backoff).await;
@@ -456,11 +478,12 @@ async fn keep_control_lane(shard: Rc<Shard>, peer: PeerInfo, conn_id: u64, addr:
     }
 }
 
-/// TCP, preamble, TLS, WebSocket and the handshake of a control lane to `peer` at `addr`.
+/// TCP, preamble, TLS, WebSocket and the handshake of a side lane to `peer` at `addr`.
 async fn dial_lane(
     shard: &Rc<Shard>,
     addr: SocketAddr,
     peer: u64,
+    side: Lane,
 ) -> Result<(link::LinkSocket, PeerInfo), DialError> {
     let limit = shard.config.handshake_timeout;
     let slot = HandshakeSlot::take(shard);
@@ -475,63 +498,84 @@ async fn dial_lane(
                 "node {hint} answered at {addr}, not node {peer}"
             )));
         }
-        link::set_up(shard, stream, Role::Dialer, peer, Lane::Control).await
+        link::set_up(shard, stream, Role::Dialer, peer, side).await
     })
     .await;
     drop(slot);
     set_up.unwrap_or(Err(DialError::Timeout))
 }
 
-/// The accepting side: binds a control lane to the link the same peer dialed in this same
-/// life (proven id, key and boot id), or refuses it with a goodbye that says why.
-async fn accept_control_lane(
-    shard: Rc<Shard>,
-    mut socket: link::LinkSocket,
-    peer: PeerInfo,
-    remote_addr: SocketAddr,
-) {
-    let refusal = match shard.links.borrow().get(&peer.node_id) {
-        _ if peer.guest => Some("a guest has no control lane"),
-        _ if shard.config.local.lanes < 2 => Some("this node runs collapsed links"),
-        None => Some("no link to bind the control lane to"),
-        Some(l) if l.outbox.is_closing() => Some("the link is closing"),
-        Some(l)
+/// Why a side lane `side` from `peer` may not bind to its link, if it may not.
+fn side_lane_refusal(
+    shard: &Shard,
+    peer: &PeerInfo,
+    side: Result<&Lane, &String>,
+) -> Option<String> {
+    let links = shard.links.borrow();
+    match (side, links.get(&peer.node_id)) {
+        (Err(why), _) => Some(why.clone()),
+        _ if peer.guest => Some("a guest has no side lane".into()),
+        (Ok(side), _) if !side.runs(shard.config.local.lanes, u32::MAX) => {
+            Some(format!("this node runs no {} lane", side.name()))
+        }
+        (_, None) => Some("no link to bind the lane to".into()),
+        (_, Some(l)) if l.outbox.is_closing() => Some("the link is closing".into()),
+        (_, Some(l))
             if l.peer.boot_id != peer.boot_id
                 || l.peer.public_key != peer.public_key
                 || l.dialer != peer.node_id =>
         {
-            Some("the link was not dialed by this life of the peer")
+            Some("the link was not dialed by this life of the peer".into())
         }
-        Some(l) if l.control.is_some() => Some("the link has a control lane"),
-        Some(_) => None,
-    };
-    if let Some(why) = refusal {
-        tracing::info!(peer = peer.node_id, %remote_addr, why, "control lane refused");
-        shard.count_drop("control_lane_refused");
-        let (header, payload) = link::goodbye(shard.config.local.node_id, peer.node_id, why);
-        let mut frame = Vec::new();
-        if crate::frame::encode_into(&mut frame, &header, &payload, usize::MAX).is_ok() {
-            let send = socket.send(async_tungstenite::tungstenite::Message::Binary(
-                frame.into(),
-            ));
-            let _ = link::timeout(Duration::from_millis(200), send).await;
+        (Ok(side), Some(l)) if l.side[*side as usize].is_some() => {
+            Some(format!("the link has a {} lane", side.name()))
         }
-        let _ = link::timeout(Duration::from_millis(200), socket.close(None)).await;
-        return;
+        (Ok(_), Some(_)) => None,
     }
+}
+
+/// The accepting side: binds a side lane to the link the same peer dialed in this same life
+/// (proven id, key and boot id), or refuses it with a goodbye that says why.
+async fn accept_side_lane(
+    shard: Rc<Shard>,
+    mut socket: link::LinkSocket,
+    peer: PeerInfo,
+    side: Result<Lane, String>,
+    remote_addr: SocketAddr,
+) {
+    let refusal = side_lane_refusal(&shard, &peer, side.as_ref());
+    let side = match (refusal, side) {
+        (None, Ok(side)) => side,
+        (why, _) => {
+            let why = why.unwrap_or_default();
+            tracing::info!(peer = peer.node_id, %remote_addr, %why, "side lane refused");
+            shard.count_drop("side_lane_refused");
+            let (header, payload) = link::goodbye(shard.config.local.node_id, peer.node_id, &why);
+            let mut frame = Vec::new();
+            if crate::frame::encode_into(&mut frame, &header, &payload, usize::MAX).is_ok() {
+                let send = socket.send(async_tungstenite::tungstenite::Message::Binary(
+                    frame.into(),
+                ));
+                let _ = link::timeout(Duration::from_millis(200), send).await;
+            }
+            let _ = link::timeout(Duration::from_millis(200), socket.close(None)).await;
+            return;
+        }
+    };
     let conn_id = shard
         .links
         .borrow()
         .get(&peer.node_id)
         .map_or(0, |l| l.conn_id);
-    run_control_lane(&shard, socket, conn_id, remote_addr, Role::Acceptor).await;
+    run_side_lane(&shard, socket, side, conn_id, remote_addr, Role::Acceptor).await;
 }
 
-/// Attaches a control lane to the link `conn_id`, runs it until it (or the link) ends, and
+/// Attaches a side lane to the link `conn_id`, runs it until it (or the link) ends, and
 /// detaches it; returns how long it ran.
-async fn run_control_lane(
+async fn run_side_lane(
     shard: &Rc<Shard>,
     socket: link::LinkSocket,
+    side: Lane,
     conn_id: u64,
     remote_addr: SocketAddr,
     role: Role,
@@ -541,18 +585,20 @@ async fn run_control_lane(
         let mut links = shard.links.borrow_mut();
         links
             .values_mut()
-            .find(|l| l.conn_id == conn_id && !l.outbox.is_closing() && l.control.is_none())
+            .find(|l| {
+                l.conn_id == conn_id && !l.outbox.is_closing() && l.side[side as usize].is_none()
+            })
             .map(|l| {
                 let stats = Rc::new(LinkStats::new(remote_addr, role, started));
-                l.control = Some(Rc::clone(&stats));
+                l.side[side as usize] = Some(Rc::clone(&stats));
                 (l.peer.node_id, Rc::clone(&l.outbox), stats)
             })
     };
     let Some((peer, outbox, stats)) = attached else {
         return Duration::ZERO;
     };
-    outbox.set_control_lane(true);
-    tracing::info!(peer, %remote_addr, ?role, "control lane up");
+    outbox.set_attached(side, true);
+    tracing::info!(peer, %remote_addr, ?role, lane = side.name(), "side lane up");
     let lane = link::run(
         Rc::clone(shard),
         socket,
@@ -560,22 +606,26 @@ async fn run_control_lane(
         false,
         Rc::clone(&outbox),
         stats,
-        Lane::Control,
+        side,
     );
-    // In the control task queue: picked before the data lanes' tasks whenever the executor
-    // picks a queue, however busy they keep the shard.
-    let end = match glommio::spawn_local_into(lane, shard.control_queue) {
-        Ok(task) => task.await,
-        Err(error) => link::LinkEnd::Closed(format!("no control task queue: {error}")),
+    let end = if side == Lane::Control {
+        // In the control task queue: picked before the data lanes' tasks whenever the
+        // executor picks a queue, however busy they keep the shard.
+        match glommio::spawn_local_into(lane, shard.control_queue) {
+            Ok(task) => task.await,
+            Err(error) => link::LinkEnd::Closed(format!("no control task queue: {error}")),
+        }
+    } else {
+        lane.await
     };
-    outbox.set_control_lane(false);
+    outbox.set_attached(side, false);
     if let Some(l) = shard.links.borrow_mut().get_mut(&peer)
         && l.conn_id == conn_id
     {
-        l.control = None;
+        l.side[side as usize] = None;
     }
     if !outbox.is_closing() {
-        tracing::info!(peer, reason = %end.describe(), "control lane down; the link runs collapsed until it is back");
+        tracing::info!(peer, lane = side.name(), reason = %end.describe(), "side lane down; the data connection carries its traffic until it is back");
     }
     started.elapsed()
 }

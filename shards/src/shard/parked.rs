@@ -4,7 +4,9 @@
 //! parked in its destination's queue, and a drainer task for that destination waits for room
 //! (at most until the frame's deadline) while the send task goes on with frames for everyone
 //! else. Frames for a destination that has a queue join it, so each destination's frames still
-//! leave in the order they came. The send task releases each frame's bytes from the node-wide
+//! leave in the order they came. System and DB traffic parks apart from client data (a lot
+//! is a destination and a class group, [`Lot`]): it has a lane and an outbox bound of its own,
+//! so it never waits behind client data parked for the same peer. The send task releases each frame's bytes from the node-wide
 //! [`Congestion`](crate::congestion::Congestion) gauge once it left (or failed), where the api
 //! holds back the callers of a destination with too much in flight; the shard's own bound
 //! ([`MAX_PARKED_BYTES`]) makes a task wait only when everything it parked together is that
@@ -22,16 +24,25 @@ use event_listener::{Event, listener};
 use super::{RouteError, Shard, Wait, handle_misrouted, report_send_failure, send_header};
 use crate::{
     command::{Forwarded, Outgoing, ShardInput},
+    frame::TrafficClass,
     ring::Consumer,
 };
 
 /// Bytes parked on one shard, all destinations together, before the send task waits.
 pub(crate) const MAX_PARKED_BYTES: usize = 16 << 20;
 
+/// A queue of parked frames: a destination (send task) or a next hop (fwd task), and whether
+/// the frames are system or DB traffic (`true`) or client data.
+pub(crate) type Lot = (u64, bool);
+
+fn is_priority(class: TrafficClass) -> bool {
+    matches!(class, TrafficClass::System | TrafficClass::DbUpdate)
+}
+
 /// What a parking lot holds: frames keyed by the queue they wait in.
 pub(crate) trait Parkable {
-    /// The queue: the destination (send task) or the next hop (fwd task).
-    fn key(&self) -> u64;
+    /// The queue it waits in.
+    fn key(&self) -> Lot;
     /// Payload bytes.
     fn weight(&self) -> usize;
 }
@@ -41,8 +52,8 @@ pub(crate) trait Parkable {
 const PARKED_OVERHEAD: usize = 128;
 
 impl Parkable for Outgoing {
-    fn key(&self) -> u64 {
-        self.dst
+    fn key(&self) -> Lot {
+        (self.dst, is_priority(self.traffic_class))
     }
     fn weight(&self) -> usize {
         self.payload.len() + PARKED_OVERHEAD
@@ -50,8 +61,8 @@ impl Parkable for Outgoing {
 }
 
 impl Parkable for Forwarded {
-    fn key(&self) -> u64 {
-        self.next_hop
+    fn key(&self) -> Lot {
+        (self.next_hop, is_priority(self.header.traffic_class))
     }
     fn weight(&self) -> usize {
         self.payload.len() + PARKED_OVERHEAD
@@ -60,7 +71,7 @@ impl Parkable for Forwarded {
 
 /// The parked frames of one of a shard's tasks.
 pub(crate) struct Parked<T> {
-    queues: RefCell<HashMap<u64, VecDeque<(T, Instant)>>>,
+    queues: RefCell<HashMap<Lot, VecDeque<(T, Instant)>>>,
     bytes: Cell<usize>,
     room: Event,
 }
@@ -75,7 +86,7 @@ impl<T: Parkable> Parked<T> {
     }
 
     /// Whether `key` has a queue (possibly empty while its drainer sends the last frame).
-    fn holds(&self, key: u64) -> bool {
+    fn holds(&self, key: Lot) -> bool {
         self.queues.borrow().contains_key(&key)
     }
 
@@ -90,7 +101,7 @@ impl<T: Parkable> Parked<T> {
     }
 
     /// The queue's next frame; `None` (and the queue is gone) once it is empty.
-    fn next(&self, key: u64) -> Option<(T, Instant)> {
+    fn next(&self, key: Lot) -> Option<(T, Instant)> {
         let mut queues = self.queues.borrow_mut();
         let queue = queues.get_mut(&key)?;
         let next = queue.pop_front();
@@ -130,7 +141,7 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
             handle_misrouted(&shard, input);
             continue;
         };
-        if shard.parked_sends.holds(outgoing.dst) {
+        if shard.parked_sends.holds(outgoing.key()) {
             shard.parked_sends.park(outgoing, Instant::now() + patience);
         } else {
             let header = send_header(&shard, &outgoing);
@@ -141,9 +152,9 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
             {
                 Ok(()) => shard.congestion.release(dst, bytes),
                 Err(RouteError::Congested) => {
-                    let dst = outgoing.dst;
+                    let lot = outgoing.key();
                     if shard.parked_sends.park(outgoing, Instant::now() + patience) {
-                        glommio::spawn_local(drain_sends(Rc::clone(&shard), dst)).detach();
+                        glommio::spawn_local(drain_sends(Rc::clone(&shard), lot)).detach();
                     }
                 }
                 Err(error) => {
@@ -159,8 +170,9 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
 }
 
 /// Sends one destination's parked frames in order, each waiting for room until its deadline.
-async fn drain_sends(shard: Rc<Shard>, dst: u64) {
-    while let Some((mut outgoing, deadline)) = shard.parked_sends.next(dst) {
+async fn drain_sends(shard: Rc<Shard>, lot: Lot) {
+    let dst = lot.0;
+    while let Some((mut outgoing, deadline)) = shard.parked_sends.next(lot) {
         let weight = outgoing.weight();
         let limit = deadline
             .saturating_duration_since(Instant::now())
@@ -186,12 +198,13 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
             handle_misrouted(&shard, input);
             continue;
         };
-        if shard.parked_forwards.holds(forwarded.next_hop) {
+        if shard.parked_forwards.holds(forwarded.key()) {
             shard
                 .parked_forwards
                 .park(forwarded, Instant::now() + patience);
         } else {
-            let (next_hop, bytes) = (forwarded.next_hop, forwarded.payload.len());
+            let (lot, bytes) = (forwarded.key(), forwarded.payload.len());
+            let next_hop = lot.0;
             match shard.forward_now(forwarded) {
                 Ok(()) => shard.forwards.release(next_hop, bytes),
                 Err(Some(forwarded)) => {
@@ -199,7 +212,7 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
                         .parked_forwards
                         .park(forwarded, Instant::now() + patience)
                     {
-                        glommio::spawn_local(drain_forwards(Rc::clone(&shard), next_hop)).detach();
+                        glommio::spawn_local(drain_forwards(Rc::clone(&shard), lot)).detach();
                     }
                 }
                 Err(None) => shard.forwards.release(next_hop, bytes),
@@ -210,8 +223,9 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
     }
 }
 
-async fn drain_forwards(shard: Rc<Shard>, next_hop: u64) {
-    while let Some((forwarded, deadline)) = shard.parked_forwards.next(next_hop) {
+async fn drain_forwards(shard: Rc<Shard>, lot: Lot) {
+    let next_hop = lot.0;
+    while let Some((forwarded, deadline)) = shard.parked_forwards.next(lot) {
         let weight = forwarded.weight();
         let limit = deadline
             .saturating_duration_since(Instant::now())
@@ -228,7 +242,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::frame::{FrameType, TrafficClass};
+    use crate::frame::FrameType;
 
     fn frame(dst: u64, msg_id: u64, bytes: usize) -> Outgoing {
         Outgoing {
@@ -240,6 +254,24 @@ mod tests {
             flow: 0,
             payload: Bytes::from(vec![0; bytes]),
         }
+    }
+
+    #[test]
+    fn db_updates_never_park_behind_client_data_for_the_same_destination() {
+        let parked = Parked::new();
+        let at = Instant::now();
+        assert!(parked.park(frame(1, 10, 100), at));
+        let db = Outgoing {
+            traffic_class: TrafficClass::DbUpdate,
+            ..frame(1, 11, 100)
+        };
+        assert!(
+            !parked.holds(db.key()),
+            "client data parked; the DB lot is free"
+        );
+        assert!(parked.park(db, at), "a lot, and a drainer, of its own");
+        assert_eq!(parked.next((1, true)).unwrap().0.msg_id, 11);
+        assert_eq!(parked.next((1, false)).unwrap().0.msg_id, 10);
     }
 
     #[test]
@@ -257,18 +289,18 @@ mod tests {
         );
         assert_eq!(parked.bytes.get(), 3 * (100 + PARKED_OVERHEAD));
 
-        assert_eq!(parked.next(1).unwrap().0.msg_id, 10);
+        assert_eq!(parked.next((1, false)).unwrap().0.msg_id, 10);
         // While the drainer sends its last frame the queue stays, so newcomers join it.
-        assert_eq!(parked.next(1).unwrap().0.msg_id, 11);
-        assert!(parked.holds(1));
+        assert_eq!(parked.next((1, false)).unwrap().0.msg_id, 11);
+        assert!(parked.holds((1, false)));
         assert!(!parked.park(frame(1, 12, 100), at));
-        assert_eq!(parked.next(1).unwrap().0.msg_id, 12);
-        assert!(parked.next(1).is_none());
+        assert_eq!(parked.next((1, false)).unwrap().0.msg_id, 12);
+        assert!(parked.next((1, false)).is_none());
         assert!(
-            !parked.holds(1),
+            !parked.holds((1, false)),
             "an empty queue is gone once its drainer saw it empty"
         );
-        assert!(parked.holds(2));
+        assert!(parked.holds((2, false)));
     }
 
     #[test]
@@ -283,7 +315,7 @@ mod tests {
         }
         let waiting = futures_lite::future::poll_once(parked.until_room());
         assert!(futures_lite::future::block_on(waiting).is_none());
-        let (frame, _) = parked.next(7).unwrap();
+        let (frame, _) = parked.next((7, false)).unwrap();
         parked.release(frame.weight());
         futures_lite::future::block_on(parked.until_room());
     }
