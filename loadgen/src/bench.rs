@@ -126,6 +126,10 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Local mesh only: every link collapsed onto one connection (`network.lanes =
+    /// "collapsed"`) instead of data, control and priority lanes.
+    #[arg(long)]
+    pub(crate) collapsed: bool,
     /// Print nothing (the caller prints).
     #[arg(skip)]
     pub(crate) silent: bool,
@@ -154,6 +158,7 @@ impl BenchArgs {
             batch: 64,
             compare: Some(compare),
             json: false,
+            collapsed: false,
             silent: false,
         }
     }
@@ -224,14 +229,16 @@ pub(crate) fn topology_specs(args: &BenchArgs) -> anyhow::Result<Vec<NodeSpec>> 
             }
         }
     }
+    let lanes = if args.collapsed { "collapsed" } else { "split" };
     Ok((0..n)
         .map(|i| {
             let id = i as u64 + 1;
-            if nat[i] {
+            let spec = if nat[i] {
                 NodeSpec::behind_nat(id, dials[i].clone())
             } else {
                 NodeSpec::listener(id).dialing(dials[i].clone())
-            }
+            };
+            spec.with_env("MESHD_NETWORK__LANES", lanes)
         })
         .collect())
 }

@@ -103,6 +103,15 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
             let nats = compare::nats_side(args, false).await?;
             let nats_tls = compare::nats_side(args, true).await?;
             rows.push(row("meshd", load, &meshd));
+            if args.hops == 1 && args.rate == 0 {
+                // The price or gain of the side lanes, like for like.
+                let collapsed = BenchArgs {
+                    collapsed: true,
+                    ..args.clone()
+                };
+                let collapsed = compare::meshd_side(&collapsed).await?;
+                rows.push(row("meshd, links collapsed", load, &collapsed));
+            }
             rows.push(row("NATS", load, &nats));
             rows.push(row("NATS, TLS routes", load, &nats_tls));
         } else {
@@ -156,7 +165,7 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     let scale = scale::measure(50, 10, 1).await?;
     let mut text = String::new();
     text.push_str(BEGIN);
-    text.push_str(&format!("\n\nMachine: {}. Like for like: 1 hop is a 2-node meshd chain against a 2-server NATS cluster; 2 hops a 3-node meshd chain (one relay) against NATS leaf → hub → leaf. Fire-and-forget through meshd's `Publish` and core NATS `publish` + `flush`, the same batches in flight on both sides (closed loop: that many publishing lanes; open loop: at most in-flight / batch batches outstanding), subscribers bounded alike (4096 messages). meshd's links are always TLS 1.3 (both ends authenticated); the NATS rows have plaintext routes and leaf connections, the \"NATS, TLS routes\" rows TLS 1.3 between servers with both ends verified (clients plaintext on both sides, as meshd's api on loopback). Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when each message was due to its arrival at the subscriber.\n\n", machine()));
+    text.push_str(&format!("\n\nMachine: {}. Like for like: 1 hop is a 2-node meshd chain against a 2-server NATS cluster; 2 hops a 3-node meshd chain (one relay) against NATS leaf → hub → leaf. Fire-and-forget through meshd's `Publish` and core NATS `publish` + `flush`, the same batches in flight on both sides (closed loop: that many publishing lanes; open loop: at most in-flight / batch batches outstanding), subscribers bounded alike (4096 messages). meshd's links are always TLS 1.3 (both ends authenticated); the NATS rows have plaintext routes and leaf connections, the \"NATS, TLS routes\" rows TLS 1.3 between servers with both ends verified (clients plaintext on both sides, as meshd's api on loopback). meshd links run their data, control and priority lanes (three connections per link) unless a row says \"links collapsed\" (one connection). Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when each message was due to its arrival at the subscriber.\n\n", machine()));
     text.push_str("| system | load | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | max µs | lost / dup |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for r in &rows {
         text.push_str(r);
