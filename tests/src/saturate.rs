@@ -335,22 +335,20 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
     // B's subscriber: slow until the drain, noting distinct messages by A's message id.
     let slow = Arc::new(AtomicBool::new(args.slow_ms > 0));
     let received = Arc::new(Mutex::new(HashSet::<u64>::new()));
-    let mut b_data = cluster.node(1).data().await?;
-    let mut inbox = b_data
-        .subscribe(SubscribeRequest {
-            qos_class: 1,
-            ..SubscribeRequest::default()
-        })
-        .await?
-        .into_inner();
+    let b_data = cluster.node(1).data().await?;
+    let subscribe = |qos_class| {
+        let mut client = b_data.clone();
+        async move {
+            let request = SubscribeRequest {
+                qos_class,
+                ..SubscribeRequest::default()
+            };
+            anyhow::Ok(client.subscribe(request).await?.into_inner())
+        }
+    };
+    let mut inbox = subscribe(1).await?;
     // B's DB-update subscriber, fast.
-    let mut db_inbox = b_data
-        .subscribe(SubscribeRequest {
-            qos_class: 2,
-            ..SubscribeRequest::default()
-        })
-        .await?
-        .into_inner();
+    let mut db_inbox = subscribe(2).await?;
     let db_subscriber =
         tokio::spawn(async move { while let Some(Ok(_)) = db_inbox.next().await {} });
     let subscriber = {

@@ -19,7 +19,7 @@ use meshd_shards::{
     command::{ApiEvent, Outgoing, ShardInput},
     frame::{FrameType, TrafficClass},
     ownership::owner_shard,
-    ring::PushError,
+    ring::{Consumer, PushError},
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -547,6 +547,39 @@ impl ApiState {
                  oldest (waiting senders retransmit and get the remembered verdict)"
             );
         }
+    }
+}
+
+/// Hands the shards' `Data` frames on one ring to the subscribers, and sends their senders
+/// the verdicts, a drain's worth in one report frame per source.
+pub(super) async fn delivery_pump(
+    state: Arc<ApiState>,
+    events: Consumer<ApiEvent>,
+    generation: u32,
+) {
+    let mut reports = ReportBatch::default();
+    reports.generation = generation;
+    loop {
+        let event = if reports.is_empty() {
+            events.pop().await
+        } else {
+            // Reports wait for room in a shard's ring: retry soon even if nothing arrives.
+            tokio::select! {
+                event = events.pop() => event,
+                () = tokio::time::sleep(REPORT_RETRY) => {
+                    state.send_reports(&mut reports);
+                    continue;
+                }
+            }
+        };
+        let Some(event) = event else { break };
+        state.handle_event(event, &mut reports).await;
+        // Drain what already waits, so a burst's verdicts go back in one frame per source.
+        for _ in 1..MAX_EVENTS_PER_DRAIN {
+            let Some(event) = events.try_pop() else { break };
+            state.handle_event(event, &mut reports).await;
+        }
+        state.send_reports(&mut reports);
     }
 }
 
