@@ -351,3 +351,48 @@ pub struct ShardFigures {
     /// Frames whose next hop went down between routing and sending, routed again.
     pub reroutes: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::ring;
+
+    fn frame(frame_type: FrameType, traffic_class: TrafficClass) -> ApiEvent {
+        ApiEvent::Frame {
+            src: 1,
+            frame_type,
+            traffic_class,
+            payload: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn system_and_db_data_take_a_ring_of_their_own_to_the_api() {
+        let lanes = ApiLanes {
+            data: ring(4).0,
+            priority: ring(4).0,
+            verdicts: ring(4).0,
+            streams: Arc::from(Vec::new()),
+        };
+        let is = |a: &crate::ring::Producer<ApiEvent>, b: &crate::ring::Producer<ApiEvent>| {
+            std::ptr::eq(a, b)
+        };
+        for frame_type in [FrameType::Data, FrameType::DataBatch] {
+            let client = frame(frame_type, TrafficClass::Client);
+            assert!(is(lanes.lane(&client), &lanes.data));
+            for class in [TrafficClass::System, TrafficClass::DbUpdate] {
+                assert!(is(lanes.lane(&frame(frame_type, class)), &lanes.priority));
+            }
+        }
+        // A verdict never waits behind data of either kind, whatever class it answers.
+        let report = frame(FrameType::DeliveryReport, TrafficClass::DbUpdate);
+        assert!(is(lanes.lane(&report), &lanes.verdicts));
+        let failed = ApiEvent::SendFailed {
+            msg_id: 1,
+            count: 1,
+            dst: 2,
+            known: true,
+        };
+        assert!(is(lanes.lane(&failed), &lanes.verdicts));
+    }
+}
