@@ -564,7 +564,8 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
     String::from_utf8(out).map_err(|e| Status::internal(e.to_string()))
 }
 
-/// Each connection (lane) of each link: a link runs a data lane and, split, a control lane.
+/// Each connection (lane) of each link: a link runs a data lane and, split, a control lane
+/// and a priority lane.
 fn lane_metrics(scrape: &Scrape, sessions: &[meshd_shards::stats::SessionSnapshot]) {
     const LABELS: &[&str] = &["peer", "lane"];
     let lanes = (
