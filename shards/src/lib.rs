@@ -21,6 +21,7 @@ pub mod priority;
 mod read_budget;
 pub mod ring;
 pub mod shard;
+mod slice;
 pub mod stats;
 pub mod streams;
 pub mod tls;

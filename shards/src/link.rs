@@ -38,6 +38,7 @@ use crate::{
     handshake::{Expectation, Handshake, Outcome, PeerInfo, Role},
     read_budget::ReadBudget,
     shard::{Shard, Wait},
+    slice::Slice,
     stats::LinkStats,
     tls,
 };
@@ -691,6 +692,7 @@ pub(crate) async fn run(
     let mut join_frames_seen = 0u32;
 
     let reader = async {
+        let mut slice = Slice::new();
         loop {
             let message = match stream.next().await {
                 Some(Ok(Message::Binary(message))) => message,
@@ -702,9 +704,9 @@ pub(crate) async fn run(
             };
             stats.on_received(message.len(), Instant::now());
             if lane != Lane::Control {
-                // A flood keeps this loop busy without ever waiting; give the control lanes'
-                // task queue its turn when the executor asks.
-                glommio::yield_if_needed().await;
+                // A flood keeps this loop busy without ever waiting: let the executor reap
+                // the control lanes' I/O now and then.
+                slice.check().await;
             }
             for decoded in FrameReader::new(&message, max_payload) {
                 let frame = match decoded {
@@ -907,7 +909,11 @@ pub(crate) async fn run(
     // armed per write.
     let writing_since: Cell<Option<Instant>> = Cell::new(None);
     let writer = async {
+        let mut slice = Slice::new();
         loop {
+            if lane != Lane::Control {
+                slice.check().await;
+            }
             match outbox.take(lane).await {
                 Take::Batch(batch, frames) => {
                     let len = batch.len();

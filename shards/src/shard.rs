@@ -681,7 +681,8 @@ async fn shard_main(
             // now and then (a shard that never started, one that answered nothing for a
             // minute; CI and here, 2026-12-07); glommio has reported hangs on that path
             // (DataDog/glommio#434, #459, #494). The share still puts control first whenever
-            // the executor picks a queue. `watchdog` reports a wedge if one comes back.
+            // the executor picks a queue, and the data loops' time slices (`slice`) make it
+            // pick often. `watchdog` reports a wedge if one comes back.
             glommio::Latency::NotImportant,
             "control-lanes",
         ),

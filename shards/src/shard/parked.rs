@@ -26,6 +26,7 @@ use crate::{
     command::{Forwarded, Outgoing, ShardInput},
     frame::TrafficClass,
     ring::Consumer,
+    slice::Slice,
 };
 
 /// Bytes parked on one shard, all destinations together, before the send task waits.
@@ -136,6 +137,7 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
     // behind a peer that stopped reading is freed by that link's closing (and re-routed or
     // reported), not dropped just before it.
     let patience = shard.config.write_timeout + shard.config.heartbeat_interval * 2;
+    let mut slice = Slice::new();
     while let Some(input) = send.pop().await {
         let ShardInput::Send(outgoing) = input else {
             handle_misrouted(&shard, input);
@@ -164,8 +166,9 @@ pub(crate) async fn send_task(shard: Rc<Shard>, send: Consumer<ShardInput>) {
             }
         }
         shard.parked_sends.until_room().await;
-        // A full send ring never makes `pop` wait: let the control lanes in when asked.
-        glommio::yield_if_needed().await;
+        // A full send ring never makes `pop` wait: let the executor reap the control lanes'
+        // I/O now and then.
+        slice.check().await;
     }
 }
 
@@ -193,6 +196,7 @@ async fn drain_sends(shard: Rc<Shard>, lot: Lot) {
 /// the next hop, each frame waiting at most the relay wait.
 pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
     let patience = shard.config.relay_wait();
+    let mut slice = Slice::new();
     while let Some(input) = fwd.pop().await {
         let ShardInput::Forward(forwarded) = input else {
             handle_misrouted(&shard, input);
@@ -219,7 +223,7 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
             }
         }
         shard.parked_forwards.until_room().await;
-        glommio::yield_if_needed().await;
+        slice.check().await;
     }
 }
 
