@@ -70,7 +70,7 @@ fn name(id: u64) -> &'static str {
 }
 
 /// The table's head.
-pub(crate) const HEAD: &str = "| subscriber | phase | seen SUSPECT (observer→member) | seen DEAD | C touched | links re-made | worst link RTT p99 | commit p50 / p99 | writes ok / refused | DB updates A→B: delivered (failed), p50 / p99 | polls unanswered | flood: accepted / delivered / turned away (PENDING_CLIENT) / lost silently |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
+pub(crate) const HEAD: &str = "| subscriber | phase | seen SUSPECT (observer→member) | seen DEAD | C touched | links re-made | worst link RTT p99 | commit p50 / p99 | writes ok / refused | DB updates A→B: delivered (failed), p50 / p99 | polls unanswered | flood: accepted / delivered / turned away or dropped, said to A (PENDING_CLIENT, PENDING_NODE) / lost silently |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
 
 /// One table row per phase.
 pub(crate) fn rows(args: &SaturateArgs, report: &SaturateReport) -> Vec<String> {
@@ -89,17 +89,12 @@ pub(crate) fn rows(args: &SaturateArgs, report: &SaturateReport) -> Vec<String> 
         let c_touched = phase.c_touched();
         let refused: u64 = phase.writes_refused.values().sum();
         let flood = if phase.name == "flood" {
-            let turned_away = f
-                .undelivered
-                .get("MESSAGE_STATUS_PENDING_CLIENT")
-                .copied()
-                .unwrap_or(0);
-            let not_delivered = f.accepted.saturating_sub(f.delivered);
             format!(
-                "{} / {} / {turned_away} / {}",
+                "{} / {} / {} / {}",
                 f.accepted,
                 f.delivered,
-                not_delivered.saturating_sub(turned_away)
+                f.reported_undelivered(),
+                f.lost_silently()
             )
         } else {
             "-".into()
@@ -139,7 +134,7 @@ pub(crate) fn print(args: &SaturateArgs, report: &SaturateReport) {
     }
     let f = &report.flood;
     println!(
-        "\nflood A → B: answers {:?}, refused calls {:?}; accepted {}, delivered {}, not delivered {} (their status at A: {:?}; PENDING_CLIENT = turned away by B's full queue, said to A)",
+        "\nflood A → B: answers {:?}, refused calls {:?}; accepted {}, delivered {}, not delivered {} (their status at A: {:?}; PENDING_CLIENT = turned away by B's full queue, PENDING_NODE = dropped at a congested next hop, each said to A)",
         f.answers,
         f.refused,
         f.accepted,

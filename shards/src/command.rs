@@ -147,6 +147,27 @@ pub struct Forwarded {
     pub reroutes_left: u8,
 }
 
+impl Forwarded {
+    /// The key of this frame's slot in the node-wide gauge of bytes crossing to next hops'
+    /// shards ([`Shard::forwards`](crate::shard)): the next hop for client data, the next hop
+    /// mixed with a constant for system and internal-DB traffic, so a client flood relayed
+    /// to a next hop (its gauge full) never holds back a DB update to the same hop.
+    pub fn gauge_key(&self) -> u64 {
+        forward_gauge_key(self.next_hop, self.header.traffic_class)
+    }
+}
+
+/// See [`Forwarded::gauge_key`].
+pub fn forward_gauge_key(next_hop: u64, class: TrafficClass) -> u64 {
+    match class {
+        TrafficClass::System | TrafficClass::DbUpdate => next_hop.rotate_left(32) ^ PRIORITY_GAUGE,
+        _ => next_hop,
+    }
+}
+
+/// Mixed into a next hop's id to give its system and DB traffic a gauge slot of its own.
+const PRIORITY_GAUGE: u64 = 0x5bd1_e995_1f12_3bb5;
+
 /// Link life-cycle news for the control thread.
 #[derive(Debug)]
 pub enum ControlEvent {
@@ -260,7 +281,8 @@ pub enum ApiEvent {
         /// The payload, sharing the received WebSocket message's buffer.
         payload: Bytes,
     },
-    /// A `Data` (or `DataBatch`) frame could not be sent: no route to its destination.
+    /// A `Data` (or `DataBatch`) frame could not be sent: no route to its destination, or
+    /// its next hop stayed congested past the wait.
     SendFailed {
         /// The message (the first of a batch).
         msg_id: u64,
@@ -270,6 +292,8 @@ pub enum ApiEvent {
         dst: u64,
         /// Whether `dst` has ever been part of the mesh, as far as this node knows.
         known: bool,
+        /// The next hop had no room within the wait (else there was no route).
+        congested: bool,
     },
     /// A stream frame (`StreamData`, `StreamReport`, `StreamOpen`) addressed to this node,
     /// its origin checked, for the stream worker that owns `header.stream_id`.
@@ -357,6 +381,21 @@ mod tests {
     use super::*;
     use crate::ring::ring;
 
+    #[test]
+    fn a_db_update_crossing_shards_has_a_gauge_apart_from_client_data_to_the_same_hop() {
+        let gauge = crate::congestion::Congestion::default();
+        let client = forward_gauge_key(7, TrafficClass::Client);
+        let db = forward_gauge_key(7, TrafficClass::DbUpdate);
+        assert_eq!(client, 7);
+        assert_eq!(db, forward_gauge_key(7, TrafficClass::System));
+        gauge.add(client, crate::congestion::PER_DESTINATION_BYTES);
+        assert!(gauge.is_congested(client));
+        assert!(
+            !gauge.is_congested(db),
+            "a client flood must not hold a DB update"
+        );
+    }
+
     fn frame(frame_type: FrameType, traffic_class: TrafficClass) -> ApiEvent {
         ApiEvent::Frame {
             src: 1,
@@ -388,6 +427,7 @@ mod tests {
         let report = frame(FrameType::DeliveryReport, TrafficClass::DbUpdate);
         assert!(is(lanes.lane(&report), &lanes.verdicts));
         let failed = ApiEvent::SendFailed {
+            congested: false,
             msg_id: 1,
             count: 1,
             dst: 2,

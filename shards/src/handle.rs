@@ -164,9 +164,11 @@ impl ShardHandle {
             (Lane::Send, ShardInput::Send(outgoing)) => {
                 (&*self.sends, outgoing.dst, outgoing.payload.len())
             }
-            (Lane::Fwd, ShardInput::Forward(forwarded)) => {
-                (&*self.forwards, forwarded.next_hop, forwarded.payload.len())
-            }
+            (Lane::Fwd, ShardInput::Forward(forwarded)) => (
+                &*self.forwards,
+                forwarded.gauge_key(),
+                forwarded.payload.len(),
+            ),
             _ => return None,
         };
         counted.0.add(counted.1, counted.2);

@@ -836,7 +836,7 @@ pub(crate) async fn run(
                                 ))
                                 .await;
                             if let Err(error) = routed {
-                                shard.count_drop(error.kind());
+                                shard.relay_failed(&relayed, &error).await;
                             }
                             continue;
                         }

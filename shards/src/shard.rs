@@ -377,6 +377,53 @@ pub(crate) enum Wait {
     Upto(Duration),
 }
 
+/// The notice a relay sends the source of a data frame it had to drop, so the source's
+/// fire-and-forget messages end PENDING_NODE instead of QUEUED for good: a `DeliveryReport`
+/// frame from this node to the frame's source whose one run covers the frame's messages,
+/// with `relay_for` naming their destination. `None` for anything but relayed `Data` /
+/// `DataBatch` (stream frames are sent again by their protocol, control-plane frames
+/// tolerate loss), so a dropped notice never begets another.
+pub(crate) fn relay_drop_notice(
+    local: u64,
+    dropped: &Header,
+    error: &RouteError,
+) -> Option<(Header, Vec<u8>)> {
+    use meshd_proto::{
+        link::{DeliveryReport, DeliveryReports},
+        mesh::MessageStatus,
+    };
+    use prost::Message;
+    let relayed = dropped.src != local && dropped.src != 0 && dropped.dst != 0;
+    if !relayed || !matches!(dropped.frame_type, FrameType::Data | FrameType::DataBatch) {
+        return None;
+    }
+    let count = match dropped.frame_type {
+        FrameType::DataBatch => u32::from(dropped.chunk_count),
+        _ => 1,
+    };
+    let detail = match error {
+        RouteError::Congested => "its next hop stayed congested past the relay wait",
+        RouteError::NoRoute | RouteError::LinkClosed => "no route was left",
+    };
+    let notice = DeliveryReports {
+        reports: vec![DeliveryReport {
+            msg_id: dropped.seq,
+            status: MessageStatus::PendingNode as i32,
+            detail: detail.to_owned(),
+            count,
+        }],
+        relay_for: dropped.dst,
+        ..DeliveryReports::default()
+    };
+    let header = Header::new(
+        FrameType::DeliveryReport,
+        dropped.traffic_class,
+        local,
+        dropped.src,
+    );
+    Some((header, notice.encode_to_vec()))
+}
+
 fn outbox_error(error: OutboxError) -> RouteError {
     match error {
         OutboxError::Full => RouteError::Congested,
@@ -391,6 +438,47 @@ impl Shard {
 
     pub(crate) fn count_drop(&self, kind: &'static str) {
         *self.drops.borrow_mut().entry(kind).or_insert(0) += 1;
+    }
+
+    /// A frame that came from another shard or a link and could not be handed on: counted,
+    /// and for data, its source is told: this node's api when the frame is its own (it
+    /// crossed from the shard of its destination to the shard of its next hop), else the
+    /// source node ([`relay_drop_notice`]). The notice never waits: it takes the control
+    /// allowance, and is counted lost when even that is full.
+    pub(crate) async fn relay_failed(&self, dropped: &Header, error: &RouteError) {
+        let local = self.config.local.node_id;
+        if dropped.src == local {
+            let count = match dropped.frame_type {
+                FrameType::DataBatch => dropped.chunk_count,
+                _ => 1,
+            };
+            report_data_failure(
+                self,
+                dropped.frame_type,
+                dropped.dst,
+                dropped.seq,
+                count,
+                error,
+            );
+            return;
+        }
+        self.count_drop(error.kind());
+        let Some((header, body)) = relay_drop_notice(local, dropped, error) else {
+            return;
+        };
+        let sealed = self
+            .keys
+            .borrow_mut()
+            .get(&self.config.key_book)
+            .seal(&header, &body);
+        let Some(sealed) = sealed else {
+            self.count_drop("relay_drop_notice_unsealed");
+            return;
+        };
+        let routed = Box::pin(self.route(header, Bytes::from(sealed), 1, Wait::Control)).await;
+        if routed.is_err() {
+            self.count_drop("relay_drop_notice_lost");
+        }
     }
 
     /// A routed frame whose source was not proven: counted, and logged at the 1st, 2nd, 4th …
@@ -485,6 +573,7 @@ impl Shard {
             .ok_or(RouteError::NoRoute)?;
         let owner = self.owner(next);
         if owner != self.shard_id {
+            let gauge = crate::command::forward_gauge_key(next, header.traffic_class);
             let forwarded = ShardInput::Forward(Forwarded {
                 next_hop: next,
                 header,
@@ -504,7 +593,7 @@ impl Shard {
                 // waited out their 5 s deadline.
                 Wait::Control => ring.try_push_ctl(forwarded).map_err(refused),
                 Wait::Never => {
-                    if self.forwards.is_congested(next) {
+                    if self.forwards.is_congested(gauge) {
                         return Err(RouteError::Congested);
                     }
                     ring.try_push(forwarded).map_err(refused)
@@ -513,10 +602,11 @@ impl Shard {
                 // arming one per frame costs more than the hand-over itself.
                 Wait::Upto(limit) => {
                     let deadline = Instant::now() + limit;
-                    if self.forwards.is_congested(next) {
-                        // Hop-by-hop backpressure per next hop: this waits for that hop's own
-                        // frames to leave its shard, never behind another hop's.
-                        let clear = self.forwards.until_clear(next);
+                    if self.forwards.is_congested(gauge) {
+                        // Hop-by-hop backpressure per next hop and class group: this waits
+                        // for that hop's own frames of its kind to leave its shard, never
+                        // behind another hop's, nor a DB update behind client data.
+                        let clear = self.forwards.until_clear(gauge);
                         if link::timeout(limit, clear).await.is_none() {
                             return Err(RouteError::Congested);
                         }
@@ -549,19 +639,17 @@ impl Shard {
     }
 
     /// A frame another shard routed to a peer of this shard, without waiting. Hands it back
-    /// when the next hop's outbox is full (the fwd task parks it); a failure is counted.
-    fn forward_now(&self, forwarded: Forwarded) -> Result<(), Option<Forwarded>> {
+    /// when the next hop's outbox is full or gone (the fwd task parks it); says why it failed
+    /// otherwise (the caller counts it and tells the source, [`Shard::relay_failed`]).
+    fn forward_now(&self, forwarded: Forwarded) -> Result<(), Result<Forwarded, RouteError>> {
         let outbox = self.open_outbox(forwarded.next_hop);
         let Some(outbox) = outbox else {
-            return Err(Some(forwarded));
+            return Err(Ok(forwarded));
         };
         match outbox.try_push(&forwarded.header, &forwarded.payload) {
             Ok(()) => Ok(()),
-            Err(OutboxError::Full) => Err(Some(forwarded)),
-            Err(error) => {
-                self.count_drop(outbox_error(error).kind());
-                Err(None)
-            }
+            Err(OutboxError::Full) => Err(Ok(forwarded)),
+            Err(error) => Err(Err(outbox_error(error))),
         }
     }
 
@@ -576,6 +664,7 @@ impl Shard {
     /// A frame another shard routed to a peer of this shard (the fwd task's drainer). Waits at
     /// most `limit` for room; a re-route never waits, so two fwd tasks never wait on each other.
     async fn forward(&self, forwarded: Forwarded, limit: Duration) {
+        let header = forwarded.header;
         let outbox = self.open_outbox(forwarded.next_hop);
         let result = match outbox {
             Some(outbox) => outbox
@@ -596,7 +685,7 @@ impl Shard {
             None => Err(RouteError::NoRoute),
         };
         if let Err(error) = result {
-            self.count_drop(error.kind());
+            self.relay_failed(&header, &error).await;
         }
     }
 
@@ -942,19 +1031,39 @@ fn send_header(shard: &Shard, outgoing: &Outgoing) -> Header {
 
 /// Counts a frame this node could not send, and tells the api of a lost `Data` frame.
 fn report_send_failure(shard: &Shard, outgoing: &Outgoing, error: &RouteError) {
+    report_data_failure(
+        shard,
+        outgoing.frame_type,
+        outgoing.dst,
+        outgoing.msg_id,
+        outgoing.chunk.1,
+        error,
+    );
+}
+
+/// Counts a frame of this node's own that could not be sent; for `Data` / `DataBatch`
+/// (`count` messages from `msg_id` on) the api is told.
+fn report_data_failure(
+    shard: &Shard,
+    frame_type: FrameType,
+    dst: u64,
+    msg_id: u64,
+    count: u16,
+    error: &RouteError,
+) {
     shard.count_drop(error.kind());
-    if matches!(outgoing.frame_type, FrameType::Data | FrameType::DataBatch) {
-        let dst = outgoing.dst;
+    if matches!(frame_type, FrameType::Data | FrameType::DataBatch) {
         let known = shard.known.borrow().contains(&dst) || shard.fib.borrow().is_known(dst);
-        let count = match outgoing.frame_type {
-            FrameType::DataBatch => u32::from(outgoing.chunk.1),
+        let count = match frame_type {
+            FrameType::DataBatch => u32::from(count),
             _ => 1,
         };
         let event = ApiEvent::SendFailed {
-            msg_id: outgoing.msg_id,
+            msg_id,
             count,
             dst,
             known,
+            congested: *error == RouteError::Congested,
         };
         // Never waits on the api thread (which may be waiting on this shard's send ring). The
         // verdicts ring is drained by a task that never waits, so it is full only under a
@@ -972,5 +1081,48 @@ async fn send_control_frame(shard: &Rc<Shard>, mut outgoing: Outgoing) {
     let payload = std::mem::take(&mut outgoing.payload);
     if let Err(error) = shard.route(header, payload, 1, Wait::Control).await {
         report_send_failure(shard, &outgoing, &error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use meshd_proto::{link::DeliveryReports, mesh::MessageStatus};
+    use prost::Message;
+
+    use super::*;
+    use crate::frame::TrafficClass;
+
+    #[test]
+    fn a_relay_tells_the_source_of_a_dropped_data_frame_and_of_nothing_else() {
+        let mut batch = Header::new(FrameType::DataBatch, TrafficClass::Client, 1, 2);
+        batch.seq = 500;
+        batch.chunk_count = 64;
+        let (header, body) = relay_drop_notice(3, &batch, &RouteError::Congested).unwrap();
+        assert_eq!(
+            (header.frame_type, header.src, header.dst),
+            (FrameType::DeliveryReport, 3, 1)
+        );
+        assert_eq!(header.traffic_class, TrafficClass::Client);
+        let notice = DeliveryReports::decode(body.as_slice()).unwrap();
+        assert_eq!(notice.relay_for, 2);
+        let run = &notice.reports[0];
+        assert_eq!((run.msg_id, run.count), (500, 64));
+        assert_eq!(run.status, MessageStatus::PendingNode as i32);
+
+        let mut data = Header::new(FrameType::Data, TrafficClass::DbUpdate, 1, 2);
+        data.seq = 9;
+        let (_, body) = relay_drop_notice(3, &data, &RouteError::NoRoute).unwrap();
+        let notice = DeliveryReports::decode(body.as_slice()).unwrap();
+        assert_eq!((notice.reports[0].msg_id, notice.reports[0].count), (9, 1));
+
+        // Its own frames, stream frames (sent again), control-plane frames (a lost report
+        // must not beget another) and broadcasts without a destination: no notice.
+        let own = Header::new(FrameType::Data, TrafficClass::Client, 3, 2);
+        let stream = Header::new(FrameType::StreamData, TrafficClass::Client, 1, 2);
+        let report = Header::new(FrameType::DeliveryReport, TrafficClass::Client, 1, 2);
+        let nowhere = Header::new(FrameType::Data, TrafficClass::Client, 1, 0);
+        for header in [own, stream, report, nowhere] {
+            assert!(relay_drop_notice(3, &header, &RouteError::Congested).is_none());
+        }
     }
 }

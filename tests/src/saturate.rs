@@ -126,7 +126,9 @@ pub struct Flood {
     /// A's message ids of the accepted sends.
     pub ids: Vec<u64>,
     /// Accepted sends not delivered, by their status at A in the end: `PENDING_CLIENT` is B
-    /// saying it turned them away (a full subscriber queue); anything else was lost silently.
+    /// saying it turned them away (a full subscriber queue), `PENDING_NODE` a relay (or A's
+    /// own shard) saying it dropped them at a congested next hop; anything else was lost
+    /// silently.
     pub undelivered: BTreeMap<String, u64>,
     /// Sends answered by status name.
     pub answers: BTreeMap<String, u64>,
@@ -136,6 +138,27 @@ pub struct Flood {
     pub accepted: u64,
     /// Distinct messages B's subscriber received.
     pub delivered: u64,
+}
+
+impl Flood {
+    /// Accepted sends not delivered whose status at A says so: turned away by B
+    /// (`PENDING_CLIENT`) or dropped on the way (`PENDING_NODE`).
+    pub fn reported_undelivered(&self) -> u64 {
+        [
+            "MESSAGE_STATUS_PENDING_CLIENT",
+            "MESSAGE_STATUS_PENDING_NODE",
+        ]
+        .iter()
+        .filter_map(|status| self.undelivered.get(*status))
+        .sum()
+    }
+
+    /// Accepted sends neither delivered nor reported undelivered.
+    pub fn lost_silently(&self) -> u64 {
+        self.accepted
+            .saturating_sub(self.delivered)
+            .saturating_sub(self.reported_undelivered())
+    }
 }
 
 /// The whole run.

@@ -205,6 +205,7 @@ async fn a_member_cannot_speak_for_another_node() -> anyhow::Result<()> {
         }],
         generation: 0,
         saturated: false,
+        relay_for: 0,
     }
     .encode_to_vec();
     let waiting = tokio::spawn(async move {

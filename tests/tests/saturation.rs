@@ -10,9 +10,10 @@
 //!
 //! Asserted: no member is ever seen SUSPECT or DEAD, no link is re-made, C is untouched, no
 //! control-group write is refused, every status poll is answered, and every accepted message
-//! that did not arrive has A's status PENDING_CLIENT (B turned it away and said so), and every
-//! internal DB update A sends B meanwhile (`qos_class = 2`, to B's other subscriber, on the
-//! priority lane) is delivered. Printed with generous bounds: the control lanes' RTT p99, the
+//! that did not arrive has A's status PENDING_CLIENT (B turned it away and said so) or
+//! PENDING_NODE (a relay, or A's own shard, dropped it at a congested next hop and said so),
+//! and every internal DB update A sends B meanwhile (`qos_class = 2`, to B's other
+//! subscriber, on the priority lane) is delivered. Printed with generous bounds: the control lanes' RTT p99, the
 //! commit p99 against the idle ones, and the DB updates' delivery p99.
 
 use meshd_tests::{
@@ -117,15 +118,10 @@ fn assert_live(phase: &Phase, idle: &Phase) {
 fn assert_nothing_lost_silently(report: &SaturateReport) {
     let f = &report.flood;
     assert!(f.accepted > 100, "the flood hardly ran: {f:?}");
-    let not_delivered = f.accepted - f.delivered.min(f.accepted);
-    let turned_away = f
-        .undelivered
-        .get("MESSAGE_STATUS_PENDING_CLIENT")
-        .copied()
-        .unwrap_or(0);
     assert_eq!(
-        not_delivered, turned_away,
-        "accepted messages that neither arrived nor were reported turned away: {:?}",
+        f.lost_silently(),
+        0,
+        "accepted messages that neither arrived nor were reported turned away or dropped: {:?}",
         f.undelivered
     );
 }

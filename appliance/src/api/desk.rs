@@ -381,6 +381,13 @@ impl ApiState {
                     tracing::debug!(src, "dropped an undecodable delivery report");
                     return;
                 };
+                if batch.relay_for != 0 {
+                    // A relay's notice, not the destination's word: no generation, no hold.
+                    let applied =
+                        reports::apply_relay_drops(&mut self.tracker(), src, batch, now_ms());
+                    tracing::debug!(src, ?applied, "a relay dropped messages of ours");
+                    return;
+                }
                 if batch.generation != 0 {
                     // The destination's own word on its current life: later waiting sends'
                     // first copies are addressed to it (see `recent.rs`). Only for nodes this
@@ -443,8 +450,14 @@ impl ApiState {
                 count,
                 dst,
                 known,
+                congested,
             } => {
-                let (status, detail) = if known {
+                let (status, detail) = if congested {
+                    (
+                        MessageStatus::PendingNode,
+                        format!("the next hop towards node {dst} stayed congested past the wait"),
+                    )
+                } else if known {
                     (
                         MessageStatus::PendingNode,
                         format!("node {dst} is known but not linked"),

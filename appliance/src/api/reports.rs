@@ -339,6 +339,47 @@ pub(crate) fn apply_reports(
     applied
 }
 
+/// Applies a relay's `DeliveryReports` frame (`relay_for` set): `relay` dropped these
+/// messages on their way to `frame.relay_for`. Whatever status a run claims, it is read as
+/// PENDING_NODE with a detail naming the relay (a relay cannot say a message was delivered),
+/// and only fire-and-forget messages to that node still QUEUED take it
+/// ([`MessageTracker::relay_dropped`]). Bounded like [`apply_reports`]: runs are clipped to
+/// the tracked ids and the frame may walk each tracked id once.
+pub(crate) fn apply_relay_drops(
+    tracker: &mut MessageTracker,
+    relay: u64,
+    frame: DeliveryReports,
+    timestamp_ms: u64,
+) -> Applied {
+    let tracked = tracker.tracked_ids();
+    let mut budget = tracked.end - tracked.start;
+    let mut applied = Applied::default();
+    for report in frame.reports {
+        let ids = run_ids(&report)
+            .map(|ids| ids.start.max(tracked.start)..ids.end.min(tracked.end))
+            .filter(|ids| !ids.is_empty());
+        let Some(ids) = ids else {
+            applied.skipped += 1;
+            continue;
+        };
+        let walk = ids.end - ids.start;
+        if walk > budget {
+            applied.skipped += 1;
+            continue;
+        }
+        budget -= walk;
+        applied.walked += walk;
+        let reason = cap_detail(report.detail);
+        let update = StatusUpdate {
+            status: MessageStatus::PendingNode,
+            detail: format!("dropped at relay {relay}: {reason}").into(),
+            timestamp_ms,
+        };
+        applied.changed += tracker.relay_dropped(ids, frame.relay_for, &update);
+    }
+    applied
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,6 +642,92 @@ mod tests {
         };
         assert_eq!(apply_reports(&mut tracker, 8, frame, 1).changed, 0);
         assert_eq!(tracker.get(1000).unwrap().0.status, MessageStatus::Queued);
+    }
+
+    #[test]
+    fn a_relays_drop_notice_ends_queued_fire_and_forget_messages_pending_node_and_no_more() {
+        let queued = || StatusUpdate {
+            status: MessageStatus::Queued,
+            detail: "".into(),
+            timestamp_ms: 0,
+        };
+        // Ten fire-and-forget messages to 7, ids 1000..1010.
+        let mut tracker = MessageTracker::new(100, 1000);
+        for _ in 0..10 {
+            tracker.insert(7, false, queued());
+        }
+        // A waiting send (sent again on its own) and a message to another node among them.
+        let waiting = tracker.insert(7, false, queued());
+        tracker.begin_waiting(waiting);
+        let elsewhere = tracker.insert(8, false, queued());
+        // Message 1001 was already delivered.
+        let delivered = DeliveryReports {
+            reports: vec![DeliveryReport {
+                msg_id: 1001,
+                status: DELIVERED,
+                detail: String::new(),
+                count: 1,
+            }],
+            ..DeliveryReports::default()
+        };
+        assert_eq!(apply_reports(&mut tracker, 7, delivered, 1).changed, 1);
+        // Relay 3 says it dropped 1000..1012 on their way to 7, and claims "delivered".
+        let notice = DeliveryReports {
+            reports: vec![DeliveryReport {
+                msg_id: 1000,
+                status: DELIVERED,
+                detail: "its next hop stayed congested".into(),
+                count: 12,
+            }],
+            relay_for: 7,
+            ..DeliveryReports::default()
+        };
+        let applied = apply_relay_drops(&mut tracker, 3, notice, 2);
+        assert_eq!(applied.changed, 9, "the ten to 7 but the delivered one");
+        let (dropped, _) = tracker.get(1000).unwrap();
+        assert_eq!(dropped.status, MessageStatus::PendingNode);
+        assert_eq!(
+            &*dropped.detail,
+            "dropped at relay 3: its next hop stayed congested"
+        );
+        assert_eq!(
+            tracker.get(1001).unwrap().0.status,
+            MessageStatus::Delivered
+        );
+        assert_eq!(
+            tracker.get(waiting).unwrap().0.status,
+            MessageStatus::Queued
+        );
+        assert_eq!(
+            tracker.get(elsewhere).unwrap().0.status,
+            MessageStatus::Queued
+        );
+        // A relay that lied is overruled by the destination's own word.
+        let late = DeliveryReports {
+            reports: vec![DeliveryReport {
+                msg_id: 1002,
+                status: DELIVERED,
+                detail: String::new(),
+                count: 1,
+            }],
+            ..DeliveryReports::default()
+        };
+        assert_eq!(apply_reports(&mut tracker, 7, late, 3).changed, 1);
+        assert_eq!(
+            tracker.get(1002).unwrap().0.status,
+            MessageStatus::Delivered
+        );
+        // Bounded like the destination's reports: a run of 4 billion ids walks what is held.
+        let hostile = DeliveryReports {
+            reports: (0..1000)
+                .map(|_| peer_report(0, u32::MAX, String::new()))
+                .collect(),
+            relay_for: 7,
+            ..DeliveryReports::default()
+        };
+        let applied = apply_relay_drops(&mut tracker, 3, hostile, 4);
+        assert_eq!(applied.walked, 12);
+        assert_eq!(applied.skipped, 999);
     }
 
     #[test]

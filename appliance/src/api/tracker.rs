@@ -359,6 +359,30 @@ impl MessageTracker {
         }
     }
 
+    /// A relay's word that it dropped `ids` on their way to `dst`: each of them that is a
+    /// fire-and-forget message to `dst` still QUEUED takes `update` (PENDING_NODE, saying
+    /// which relay). Waiting sends are left alone (they are sent again), and so is anything
+    /// already answered; a later report of the destination still moves the message on, so a
+    /// relay that lies about a message it never dropped misleads only until the destination
+    /// answers. Ids outside what is remembered are not walked. Returns how many changed.
+    pub fn relay_dropped(&mut self, ids: Range<u64>, dst: u64, update: &StatusUpdate) -> usize {
+        let start = ids.start.max(self.first_id);
+        let end = ids.end.min(self.next_id());
+        let mut changed = 0;
+        for id in start..end {
+            let dropped = self.entry_mut(id).is_some_and(|entry| {
+                entry.dst == dst
+                    && dst != 0
+                    && entry.waiting.is_none()
+                    && entry.current.status == MessageStatus::Queued
+            });
+            if dropped && self.apply(id, None, update) {
+                changed += 1;
+            }
+        }
+        changed
+    }
+
     /// Applies one status to every tracked message of `ids` (a report run); ids outside what
     /// is remembered are skipped without being walked, so even a run of 2^64 ids costs at
     /// most one step per remembered message. Returns how many changed.

@@ -208,10 +208,11 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
                 .park(forwarded, Instant::now() + patience);
         } else {
             let (lot, bytes) = (forwarded.key(), forwarded.payload.len());
-            let next_hop = lot.0;
+            let gauge = forwarded.gauge_key();
+            let header = forwarded.header;
             match shard.forward_now(forwarded) {
-                Ok(()) => shard.forwards.release(next_hop, bytes),
-                Err(Some(forwarded)) => {
+                Ok(()) => shard.forwards.release(gauge, bytes),
+                Err(Ok(forwarded)) => {
                     if shard
                         .parked_forwards
                         .park(forwarded, Instant::now() + patience)
@@ -219,7 +220,10 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
                         glommio::spawn_local(drain_forwards(Rc::clone(&shard), lot)).detach();
                     }
                 }
-                Err(None) => shard.forwards.release(next_hop, bytes),
+                Err(Err(error)) => {
+                    shard.forwards.release(gauge, bytes);
+                    shard.relay_failed(&header, &error).await;
+                }
             }
         }
         shard.parked_forwards.until_room().await;
@@ -228,16 +232,16 @@ pub(crate) async fn fwd_task(shard: Rc<Shard>, fwd: Consumer<ShardInput>) {
 }
 
 async fn drain_forwards(shard: Rc<Shard>, lot: Lot) {
-    let next_hop = lot.0;
     while let Some((forwarded, deadline)) = shard.parked_forwards.next(lot) {
         let weight = forwarded.weight();
+        let gauge = forwarded.gauge_key();
         let limit = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         let bytes = forwarded.payload.len();
         shard.forward(forwarded, limit).await;
         shard.parked_forwards.release(weight);
-        shard.forwards.release(next_hop, bytes);
+        shard.forwards.release(gauge, bytes);
     }
 }
 
