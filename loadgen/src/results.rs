@@ -55,6 +55,27 @@ fn row(name: &str, load: &str, r: &BenchReport) -> String {
     )
 }
 
+/// Runs of each system per load.
+const RUNS: usize = 3;
+
+/// The median of a load's runs: by throughput in a closed loop, by p99 latency in an open one
+/// (the offered rate is met either way). Its lost and duplicated counts are every run's
+/// together, so a loss in any run shows.
+fn median(mut runs: Vec<BenchReport>, closed_loop: bool) -> Option<BenchReport> {
+    let lost = runs.iter().map(|r| r.lost).sum();
+    let duplicated = runs.iter().map(|r| r.duplicated).sum();
+    if closed_loop {
+        runs.sort_by(|a, b| a.msgs_per_s.total_cmp(&b.msgs_per_s));
+    } else {
+        runs.sort_by_key(|r| r.p99_us);
+    }
+    let middle = runs.len().checked_sub(1)? / 2;
+    let mut median = runs.swap_remove(middle);
+    median.lost = lost;
+    median.duplicated = duplicated;
+    Some(median)
+}
+
 fn args(size: usize, rate: u64, batch: usize, in_flight: usize, hops: u8) -> BenchArgs {
     BenchArgs {
         size,
@@ -99,21 +120,33 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     let nats_available = crate::nats::find_server().is_ok();
     for (load, args) in &loads {
         if nats_available {
-            let meshd = compare::meshd_side(args).await?;
-            let nats = compare::nats_side(args, false).await?;
-            let nats_tls = compare::nats_side(args, true).await?;
-            rows.push(row("meshd", load, &meshd));
-            if args.hops == 1 && args.rate == 0 {
-                // The price or gain of the side lanes, like for like.
-                let collapsed = BenchArgs {
-                    collapsed: true,
-                    ..args.clone()
-                };
-                let collapsed = compare::meshd_side(&collapsed).await?;
-                rows.push(row("meshd, links collapsed", load, &collapsed));
+            // The price or gain of the side lanes, like for like.
+            let collapsed = (args.hops == 1 && args.rate == 0).then(|| BenchArgs {
+                collapsed: true,
+                ..args.clone()
+            });
+            // Runs on this host vary by ±10-15 % from one to the next: each system runs
+            // RUNS times, interleaved with the others, and the median run is shown.
+            let mut runs: [Vec<BenchReport>; 4] = Default::default();
+            for _ in 0..RUNS {
+                runs[0].push(compare::meshd_side(args).await?);
+                if let Some(collapsed) = &collapsed {
+                    runs[1].push(compare::meshd_side(collapsed).await?);
+                }
+                runs[2].push(compare::nats_side(args, false).await?);
+                runs[3].push(compare::nats_side(args, true).await?);
             }
-            rows.push(row("NATS", load, &nats));
-            rows.push(row("NATS, TLS routes", load, &nats_tls));
+            let names = [
+                "meshd",
+                "meshd, links collapsed",
+                "NATS",
+                "NATS, TLS routes",
+            ];
+            for (name, runs) in names.iter().zip(runs) {
+                if let Some(median) = median(runs, args.rate == 0) {
+                    rows.push(row(name, load, &median));
+                }
+            }
         } else {
             let quiet = BenchArgs {
                 compare: None,
@@ -165,7 +198,7 @@ pub(crate) async fn run(out: &Path) -> anyhow::Result<()> {
     let scale = scale::measure(50, 10, 1).await?;
     let mut text = String::new();
     text.push_str(BEGIN);
-    text.push_str(&format!("\n\nMachine: {}. Like for like: 1 hop is a 2-node meshd chain against a 2-server NATS cluster; 2 hops a 3-node meshd chain (one relay) against NATS leaf → hub → leaf. Fire-and-forget through meshd's `Publish` and core NATS `publish` + `flush`, the same batches in flight on both sides (closed loop: that many publishing lanes; open loop: at most in-flight / batch batches outstanding), subscribers bounded alike (4096 messages). meshd's links are always TLS 1.3 (both ends authenticated); the NATS rows have plaintext routes and leaf connections, the \"NATS, TLS routes\" rows TLS 1.3 between servers with both ends verified (clients plaintext on both sides, as meshd's api on loopback). meshd links run their data, control and priority lanes (three connections per link) unless a row says \"links collapsed\" (one connection). Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when each message was due to its arrival at the subscriber.\n\n", machine()));
+    text.push_str(&format!("\n\nMachine: {}. Like for like: 1 hop is a 2-node meshd chain against a 2-server NATS cluster; 2 hops a 3-node meshd chain (one relay) against NATS leaf → hub → leaf. Fire-and-forget through meshd's `Publish` and core NATS `publish` + `flush`, the same batches in flight on both sides (closed loop: that many publishing lanes; open loop: at most in-flight / batch batches outstanding), subscribers bounded alike (4096 messages). meshd's links are always TLS 1.3 (both ends authenticated); the NATS rows have plaintext routes and leaf connections, the \"NATS, TLS routes\" rows TLS 1.3 between servers with both ends verified (clients plaintext on both sides, as meshd's api on loopback). meshd links run their data, control and priority lanes (three connections per link) unless a row says \"links collapsed\" (one connection). Everything on the same host; 1 s warm-up, 5 s measured; latency in µs from when each message was due to its arrival at the subscriber. Each system ran each load {RUNS} times, interleaved; the row is the median run (by msgs/s in a closed loop, by p99 in an open one), and lost / dup count all {RUNS} runs.\n\n", machine()));
     text.push_str("| system | load | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | max µs | lost / dup |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n");
     for r in &rows {
         text.push_str(r);

@@ -29,8 +29,11 @@ use crate::{
 };
 
 /// The link protocol version this build speaks. 2: DeliveryReport frames carry batched runs
-/// (`meshd.v1.DeliveryReports`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// (`meshd.v1.DeliveryReports`). 3: the origin tag covers the body before the header fields
+/// (`origin::tag`), and a relay may send a `DeliveryReports` notice (`relay_for`): a node of
+/// version 2 would drop every routed frame of a version-3 node as forged, so the handshake
+/// refuses the pair with a clear reason instead.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest handshake payload accepted; Hellos are a few hundred bytes.
 pub const MAX_HANDSHAKE_PAYLOAD: usize = 4096;
