@@ -431,20 +431,7 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
 
     // Drain: the subscriber reads at full speed until nothing more arrives for 3 s.
     slow.store(false, Ordering::Relaxed);
-    let mut last = 0;
-    let mut quiet_since = Instant::now();
-    let drain_limit = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < drain_limit && quiet_since.elapsed() < Duration::from_secs(3) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = received
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len();
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
+    let last = until_quiet(&received, Duration::from_secs(3), Duration::from_secs(120)).await;
     flood.delivered = last as u64;
     subscriber.abort();
     db_subscriber.abort();
@@ -459,8 +446,49 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
             .filter(|id| !received.contains(id))
             .collect()
     };
-    let mut client = cluster.node(0).data().await?;
-    for chunk in missing.chunks(10_000) {
+    for s in statuses(cluster.node(0), &missing).await? {
+        *flood
+            .undelivered
+            .entry(s.status().as_str_name().to_owned())
+            .or_default() += 1;
+    }
+    Ok(SaturateReport { phases, flood })
+}
+
+/// Waits until `received` has not grown for `quiet`, or `limit` passed; returns its size.
+pub async fn until_quiet(
+    received: &Mutex<HashSet<u64>>,
+    quiet: Duration,
+    limit: Duration,
+) -> usize {
+    let size = || {
+        received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    };
+    let deadline = Instant::now() + limit;
+    let mut last = size();
+    let mut quiet_since = Instant::now();
+    while Instant::now() < deadline && quiet_since.elapsed() < quiet {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = size();
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    last
+}
+
+/// The statuses at `node` of messages `ids` (in chunks the api accepts).
+pub async fn statuses(
+    node: &crate::Node,
+    ids: &[u64],
+) -> anyhow::Result<Vec<meshd_proto::mesh::MessageStatusInfo>> {
+    let mut client = node.data().await?;
+    let mut all = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(10_000) {
         let statuses = client
             .query_message_status(QueryMessageStatusRequest {
                 msg_ids: chunk.to_vec(),
@@ -468,14 +496,9 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
             .await?
             .into_inner()
             .message_statuses;
-        for s in statuses {
-            *flood
-                .undelivered
-                .entry(s.status().as_str_name().to_owned())
-                .or_default() += 1;
-        }
+        all.extend(statuses);
     }
-    Ok(SaturateReport { phases, flood })
+    Ok(all)
 }
 
 /// A's senders, for `args.duration`.

@@ -22,8 +22,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use meshd_proto::mesh::{MessageStatus, QueryMessageStatusRequest, SendMode, SendRequest};
-use meshd_tests::{Cluster, NodeSpec, exclusive};
+use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest};
+use meshd_tests::{
+    Cluster, NodeSpec, exclusive,
+    saturate::{statuses, until_quiet},
+};
 use tokio_stream::StreamExt;
 
 const SETTLE: Duration = Duration::from_secs(20);
@@ -112,20 +115,7 @@ async fn a_message_a_relay_drops_ends_pending_node_naming_the_relay() -> anyhow:
     }
 
     // Drain: until nothing more arrives for 3 s (every wait bounded).
-    let drain_limit = Instant::now() + Duration::from_secs(60);
-    let mut last = usize::MAX;
-    let mut quiet_since = Instant::now();
-    while Instant::now() < drain_limit && quiet_since.elapsed() < Duration::from_secs(3) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = received
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len();
-        if now != last {
-            last = now;
-            quiet_since = Instant::now();
-        }
-    }
+    until_quiet(&received, Duration::from_secs(3), Duration::from_secs(60)).await;
     subscriber.abort();
 
     let accepted = accepted
@@ -144,28 +134,16 @@ async fn a_message_a_relay_drops_ends_pending_node_naming_the_relay() -> anyhow:
     };
     let mut by_status = BTreeMap::<String, u64>::new();
     let mut silent = Vec::new();
-    let mut data = a.data().await?;
-    for chunk in missing.chunks(10_000) {
-        let statuses = data
-            .query_message_status(QueryMessageStatusRequest {
-                msg_ids: chunk.to_vec(),
-            })
-            .await?
-            .into_inner()
-            .message_statuses;
-        for s in statuses {
-            let key = match s.status() {
-                MessageStatus::PendingNode
-                    if s.status_message.starts_with("dropped at relay 3") =>
-                {
-                    "PENDING_NODE, dropped at relay 3".to_owned()
-                }
-                other => format!("{} {}", other.as_str_name(), s.status_message),
-            };
-            *by_status.entry(key).or_default() += 1;
-            if s.status() == MessageStatus::Queued {
-                silent.push(s.msg_id);
+    for s in statuses(a, &missing).await? {
+        let key = match s.status() {
+            MessageStatus::PendingNode if s.status_message.starts_with("dropped at relay 3") => {
+                "PENDING_NODE, dropped at relay 3".to_owned()
             }
+            other => format!("{} {}", other.as_str_name(), s.status_message),
+        };
+        *by_status.entry(key).or_default() += 1;
+        if s.status() == MessageStatus::Queued {
+            silent.push(s.msg_id);
         }
     }
     println!(

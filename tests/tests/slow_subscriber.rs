@@ -419,20 +419,10 @@ impl Flood {
         let offered = self.publisher.await??;
         let (ids, refused) = self.acks.await??;
         let mut by_status = BTreeMap::<String, u64>::new();
-        let mut client = b.data().await?;
         // Reports of the last messages may still be on their way.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        for chunk in ids.chunks(10_000) {
-            let statuses = client
-                .query_message_status(QueryMessageStatusRequest {
-                    msg_ids: chunk.to_vec(),
-                })
-                .await?
-                .into_inner()
-                .message_statuses;
-            for s in statuses {
-                *by_status.entry(format!("{:?}", s.status())).or_default() += 1;
-            }
+        for s in meshd_tests::saturate::statuses(b, &ids).await? {
+            *by_status.entry(format!("{:?}", s.status())).or_default() += 1;
         }
         println!(
             "flood over: B offered {offered} messages, accepted {}, refused {refused} \

@@ -283,6 +283,29 @@ pub(crate) struct Applied {
     pub(crate) skipped: usize,
 }
 
+impl Applied {
+    /// The part of a run (`None`: its ids overflow) inside the `tracked` ids, if the frame's
+    /// `budget` still covers it (taken off it); else the run is counted skipped.
+    fn walk(
+        &mut self,
+        run: Option<Range<u64>>,
+        tracked: &Range<u64>,
+        budget: &mut u64,
+    ) -> Option<Range<u64>> {
+        let ids = run
+            .map(|ids| ids.start.max(tracked.start)..ids.end.min(tracked.end))
+            .filter(|ids| !ids.is_empty() && ids.end - ids.start <= *budget);
+        match &ids {
+            Some(ids) => {
+                *budget -= ids.end - ids.start;
+                self.walked += ids.end - ids.start;
+            }
+            None => self.skipped += 1,
+        }
+        ids
+    }
+}
+
 /// Applies a `DeliveryReports` frame from `from` to `tracker`.
 ///
 /// The frame is the peer's word and may be hostile: a run is clipped to the tracked ids before
@@ -315,20 +338,9 @@ pub(crate) fn apply_reports(
             };
             applied.changed += tracker.update_pinned(raw, Some(from), &update, &mut budget);
         }
-        let ids = raw
-            .map(|ids| ids.start.max(tracked.start)..ids.end.min(tracked.end))
-            .filter(|ids| !ids.is_empty());
-        let Some(ids) = ids else {
-            applied.skipped += 1;
+        let Some(ids) = applied.walk(raw, &tracked, &mut budget) else {
             continue;
         };
-        let walk = ids.end - ids.start;
-        if walk > budget {
-            applied.skipped += 1;
-            continue;
-        }
-        budget -= walk;
-        applied.walked += walk;
         let update = StatusUpdate {
             status: MessageStatus::try_from(report.status).unwrap_or(MessageStatus::Unspecified),
             detail: cap_detail(report.detail),
@@ -355,20 +367,9 @@ pub(crate) fn apply_relay_drops(
     let mut budget = tracked.end - tracked.start;
     let mut applied = Applied::default();
     for report in frame.reports {
-        let ids = run_ids(&report)
-            .map(|ids| ids.start.max(tracked.start)..ids.end.min(tracked.end))
-            .filter(|ids| !ids.is_empty());
-        let Some(ids) = ids else {
-            applied.skipped += 1;
+        let Some(ids) = applied.walk(run_ids(&report), &tracked, &mut budget) else {
             continue;
         };
-        let walk = ids.end - ids.start;
-        if walk > budget {
-            applied.skipped += 1;
-            continue;
-        }
-        budget -= walk;
-        applied.walked += walk;
         let reason = cap_detail(report.detail);
         let update = StatusUpdate {
             status: MessageStatus::PendingNode,
