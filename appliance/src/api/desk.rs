@@ -26,9 +26,9 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::{
-    ApiState,
+    ApiState, peer_reports,
     recent::{Arrival, Decision, Verdict},
-    reports::{self, ReportBatch, ReportSink},
+    reports::{ReportBatch, ReportSink},
     tenant,
     tracker::StatusUpdate,
 };
@@ -384,7 +384,7 @@ impl ApiState {
                 if batch.relay_for != 0 {
                     // A relay's notice, not the destination's word: no generation, no hold.
                     let applied =
-                        reports::apply_relay_drops(&mut self.tracker(), src, batch, now_ms());
+                        peer_reports::apply_relay_drops(&mut self.tracker(), src, batch, now_ms());
                     tracing::debug!(src, ?applied, "a relay dropped messages of ours");
                     return;
                 }
@@ -403,7 +403,8 @@ impl ApiState {
                     batch.saturated,
                     Instant::now(),
                 );
-                let applied = reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
+                let applied =
+                    peer_reports::apply_reports(&mut self.tracker(), src, batch, now_ms());
                 if applied.skipped > 0 {
                     tracing::debug!(src, ?applied, "skipped report runs outside what is tracked");
                 }
@@ -427,7 +428,7 @@ impl ApiState {
                     Some(src),
                     StatusUpdate {
                         status,
-                        detail: reports::cap_detail(ack.message),
+                        detail: peer_reports::cap_detail(ack.message),
                         timestamp_ms: now_ms(),
                     },
                 );

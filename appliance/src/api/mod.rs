@@ -15,6 +15,7 @@ mod desk;
 mod known;
 mod mesh;
 mod metrics;
+mod peer_reports;
 pub mod platform;
 mod publish;
 mod recent;
