@@ -117,6 +117,13 @@ pub struct NetworkConfig {
     /// Bytes queued per link before senders wait (backpressure). Size it to one RTT of
     /// bandwidth: 1 MiB covers 10 Gbit/s at 0.8 ms.
     pub link_queue_bytes: usize,
+    /// Bytes each connection of a link may have written that its peer has not yet confirmed
+    /// reading (`LaneAck`). They are kept until confirmed, so when a link breaks every
+    /// fire-and-forget message on it is either confirmed or reported (PENDING_NODE, "may
+    /// have been lost"), never silently gone with the kernel's buffers; past the window the
+    /// writer waits for confirmation. One lane carries at most a window per round trip: size
+    /// it to bandwidth × RTT (4 MiB: 3.2 Gbit/s at 10 ms).
+    pub lane_window_bytes: usize,
     /// Connections in set-up on the whole node; more are closed at once (a flood guard).
     pub max_pending_handshakes: usize,
     /// `split` (default): each link gets a control lane, a second connection for heartbeats,
@@ -541,6 +548,7 @@ impl Default for NetworkConfig {
             write_timeout_ms: 3_000,
             max_payload_bytes: 4 << 20,
             link_queue_bytes: 1 << 20,
+            lane_window_bytes: 4 << 20,
             max_pending_handshakes: 256,
             lanes: Lanes::Split,
         }

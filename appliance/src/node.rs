@@ -131,6 +131,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         heartbeat_misses: config.network.heartbeat_misses,
         max_payload_bytes: config.network.max_payload_bytes,
         link_queue_bytes: config.network.link_queue_bytes,
+        lane_window_bytes: config.network.lane_window_bytes,
         handshake_timeout: Duration::from_millis(config.network.handshake_timeout_ms),
         write_timeout: Duration::from_millis(config.network.write_timeout_ms),
         max_pending_handshakes: config.network.max_pending_handshakes,

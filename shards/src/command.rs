@@ -292,8 +292,8 @@ pub enum ApiEvent {
         dst: u64,
         /// Whether `dst` has ever been part of the mesh, as far as this node knows.
         known: bool,
-        /// The next hop had no room within the wait (else there was no route).
-        congested: bool,
+        /// Why.
+        why: SendFailure,
     },
     /// A stream frame (`StreamData`, `StreamReport`, `StreamOpen`) addressed to this node,
     /// its origin checked, for the stream worker that owns `header.stream_id`.
@@ -303,6 +303,18 @@ pub enum ApiEvent {
         /// The payload without its origin tag.
         payload: Bytes,
     },
+}
+
+/// Why a `Data` frame of this node's did not go on (`ApiEvent::SendFailed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendFailure {
+    /// No live next hop towards the destination.
+    NoRoute,
+    /// The next hop had no room within the wait.
+    Congested,
+    /// It was written to a link that broke before the next hop confirmed reading it: it may
+    /// or may not have arrived.
+    Unconfirmed,
 }
 
 impl ApiEvent {
@@ -427,7 +439,7 @@ mod tests {
         let report = frame(FrameType::DeliveryReport, TrafficClass::DbUpdate);
         assert!(is(lanes.lane(&report), &lanes.verdicts));
         let failed = ApiEvent::SendFailed {
-            congested: false,
+            why: SendFailure::NoRoute,
             msg_id: 1,
             count: 1,
             dst: 2,

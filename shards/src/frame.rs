@@ -64,6 +64,10 @@ pub enum FrameType {
     Heartbeat = 4,
     /// Answer to a heartbeat, echoing its `seq`; no payload.
     HeartbeatAck = 5,
+    /// How many WebSocket messages this connection (lane) has read and handed on so far, in
+    /// `seq`; no payload. Lets the peer's writer forget what it keeps until confirmed, and
+    /// gives it credit for more (`link::Unconfirmed`).
+    LaneAck = 12,
     /// The peer is leaving; payload is `meshd.v1.Goodbye`.
     Goodbye = 6,
     /// Control-plane message between neighbouring control cores (link-state flooding); payload
@@ -109,12 +113,13 @@ pub const MAX_DATA_BATCH: usize = 1024;
 
 impl FrameType {
     /// Every frame type, handy for pre-registering per-type metrics.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::Hello,
         Self::Auth,
         Self::Refuse,
         Self::Heartbeat,
         Self::HeartbeatAck,
+        Self::LaneAck,
         Self::Goodbye,
         Self::Routing,
         Self::Gossip,
@@ -144,6 +149,7 @@ impl FrameType {
             9 => Some(Self::Join),
             10 => Some(Self::JoinAnswer),
             11 => Some(Self::Raft),
+            12 => Some(Self::LaneAck),
             16 => Some(Self::Data),
             17 => Some(Self::DeliveryReport),
             18 => Some(Self::AppAck),
@@ -165,6 +171,7 @@ impl FrameType {
             self,
             Self::Heartbeat
                 | Self::HeartbeatAck
+                | Self::LaneAck
                 | Self::Routing
                 | Self::Gossip
                 | Self::Raft
@@ -183,6 +190,7 @@ impl FrameType {
                 | Self::Refuse
                 | Self::Heartbeat
                 | Self::HeartbeatAck
+                | Self::LaneAck
                 | Self::Goodbye
                 | Self::Routing
                 | Self::Join

@@ -32,8 +32,10 @@ use crate::{
 /// (`meshd.v1.DeliveryReports`). 3: the origin tag covers the body before the header fields
 /// (`origin::tag`), and a relay may send a `DeliveryReports` notice (`relay_for`): a node of
 /// version 2 would drop every routed frame of a version-3 node as forged, so the handshake
-/// refuses the pair with a clear reason instead.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// refuses the pair with a clear reason instead. 4: every lane confirms what it read
+/// (`LaneAck`), and a writer stops at `network.lane_window_bytes` unconfirmed: a version-3
+/// peer never confirms, so its links would stall.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest handshake payload accepted; Hellos are a few hundred bytes.
 pub const MAX_HANDSHAKE_PAYLOAD: usize = 4096;

@@ -11,9 +11,10 @@
 //! written, and on which lane, is `outbox`.
 
 mod outbox;
+mod unconfirmed;
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     future::Future,
     net::SocketAddr,
     rc::Rc,
@@ -45,9 +46,18 @@ use crate::{
 
 use outbox::Take;
 pub(crate) use outbox::{Lane, MAX_BATCH_BYTES, Outbox, OutboxError};
+use unconfirmed::{Confirming, Unconfirmed};
 
 /// The WebSocket of an established link.
 pub(crate) type LinkSocket = WebSocketStream<ReadBudget<TlsStream<TcpStream>>>;
+
+/// How one connection of a link ended, and what it leaves behind.
+pub(crate) struct Ended {
+    pub(crate) end: LinkEnd,
+    /// WebSocket messages it wrote that the peer never confirmed reading: they may or may not
+    /// have arrived (`Shard::salvage`).
+    pub(crate) unconfirmed: Vec<Bytes>,
+}
 
 /// Why a link ended.
 #[derive(Debug)]
@@ -285,7 +295,7 @@ pub(crate) async fn run(
     outbox: Rc<Outbox>,
     stats: Rc<LinkStats>,
     lane: Lane,
-) -> LinkEnd {
+) -> Ended {
     let (mut sink, mut stream) = socket.split();
     let config = &shard.config;
     let local = config.local.node_id;
@@ -297,6 +307,18 @@ pub(crate) async fn run(
         resumed: Cell::new(Instant::now()),
     };
     let mut join_frames_seen = 0u32;
+    let sent = RefCell::new(Unconfirmed::new(config.lane_window_bytes));
+    // Four confirmations per window: the writer never waits a round trip for credit while
+    // the peer keeps reading.
+    let confirming = RefCell::new(Confirming::new(config.lane_window_bytes / 4));
+    let confirm = |read: u64| {
+        let mut ack = Header::new(FrameType::LaneAck, TrafficClass::Control, local, peer);
+        ack.seq = read;
+        if outbox.push_beat(lane, &ack) == Err(OutboxError::Full) {
+            // Cumulative: the next one says it all.
+            shard.count_drop("lane_ack_outbox_full");
+        }
+    };
 
     let reader = async {
         let mut slice = Slice::new();
@@ -358,6 +380,11 @@ pub(crate) async fn run(
                         let now_us = epoch.elapsed().as_micros() as u64;
                         if header.seq <= now_us {
                             stats.on_rtt_sample(now_us - header.seq);
+                        }
+                    }
+                    FrameType::LaneAck => {
+                        if sent.borrow_mut().confirm(header.seq, Instant::now()) {
+                            outbox.wake(lane);
                         }
                     }
                     FrameType::Goodbye => {
@@ -506,6 +533,11 @@ pub(crate) async fn run(
                     }
                 }
             }
+            // Every frame of it handed on (or dropped and counted): confirmed.
+            let due = confirming.borrow_mut().on_read(message.len());
+            if let Some(read) = due {
+                confirm(read);
+            }
         }
     };
 
@@ -521,21 +553,25 @@ pub(crate) async fn run(
             if lane != Lane::Control {
                 slice.check().await;
             }
-            match outbox.take(lane).await {
-                Take::Batch(batch, frames) => {
-                    let len = batch.len();
-                    writing_since.set(Some(Instant::now()));
-                    let sent = sink.send(Message::Binary(Bytes::from(batch))).await;
-                    writing_since.set(None);
-                    match sent {
-                        Ok(()) => stats.on_sent(len, frames),
-                        Err(e) => return LinkEnd::Broken(e.to_string()),
-                    }
-                }
+            let taken = outbox.take(lane, || sent.borrow().has_credit()).await;
+            let (batch, frames, keep) = match taken {
+                Take::Batch(batch, frames) => (Bytes::from(batch), frames, true),
+                Take::Beats(batch, frames) => (Bytes::from(batch), frames, false),
                 Take::Closed(reason) => {
                     let _ = timeout(Duration::from_millis(200), sink.close(None)).await;
                     return LinkEnd::Closed(reason);
                 }
+            };
+            let len = batch.len();
+            let now = Instant::now();
+            // Kept before the write: a write cut short may still have reached the peer.
+            sent.borrow_mut().on_write(keep.then(|| batch.clone()), now);
+            writing_since.set(Some(now));
+            let written = sink.send(Message::Binary(batch)).await;
+            writing_since.set(None);
+            match written {
+                Ok(()) => stats.on_sent(len, frames),
+                Err(e) => return LinkEnd::Broken(e.to_string()),
             }
         }
     };
@@ -545,11 +581,19 @@ pub(crate) async fn run(
         let silence_limit = interval * config.heartbeat_misses;
         loop {
             glommio::timer::sleep(interval).await;
-            if writing_since
-                .get()
-                .is_some_and(|since| since.elapsed() > write_timeout)
+            let waiting_for_credit = sent.borrow().stalled(write_timeout, Instant::now());
+            if waiting_for_credit
+                || writing_since
+                    .get()
+                    .is_some_and(|since| since.elapsed() > write_timeout)
             {
                 return LinkEnd::Stalled(write_timeout);
+            }
+            // Whatever was read since the last confirmation: an idle link keeps nothing for
+            // longer than a heartbeat interval.
+            let due = confirming.borrow_mut().due();
+            if let Some(read) = due {
+                confirm(read);
             }
             if let Some(silent_for) = gate.silent_for(&stats)
                 && silent_for > silence_limit
@@ -578,11 +622,13 @@ pub(crate) async fn run(
         LinkEnd::Closed("guest link lifetime over".into())
     };
 
-    futures_lite::future::or(
+    let end = futures_lite::future::or(
         reader,
         futures_lite::future::or(writer, futures_lite::future::or(heartbeat, lifetime)),
     )
-    .await
+    .await;
+    let unconfirmed = sent.borrow_mut().take_all();
+    Ended { end, unconfirmed }
 }
 
 /// Encodes a goodbye for `peer`.

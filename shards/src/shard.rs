@@ -18,6 +18,7 @@
 mod connect;
 mod parked;
 mod relay;
+mod salvage;
 
 use std::{
     cell::{Cell, RefCell},
@@ -40,7 +41,7 @@ use rustls::{ClientConfig, ServerConfig};
 use bytes::Bytes;
 
 use crate::{
-    command::{ApiEvent, ApiLanes, ControlEvent, Forwarded, Outgoing, ShardInput},
+    command::{ApiEvent, ApiLanes, ControlEvent, Forwarded, Outgoing, SendFailure, ShardInput},
     congestion::Congestion,
     fib::{Fib, Spread, flow_key},
     frame::{FrameType, Header},
@@ -81,6 +82,8 @@ pub struct ShardConfig {
     pub max_payload_bytes: usize,
     /// Bytes queued per link before data senders wait.
     pub link_queue_bytes: usize,
+    /// Bytes a connection may have written unconfirmed by its peer (`link::Unconfirmed`).
+    pub lane_window_bytes: usize,
     /// Limit on TCP connect plus TLS, WebSocket and link handshakes.
     pub handshake_timeout: Duration,
     /// Longest a write to a link may make no progress before the link is closed.
@@ -354,6 +357,9 @@ pub(crate) enum RouteError {
     LinkClosed,
     /// The next hop had no room within the allowed wait.
     Congested,
+    /// Written to a link that broke before its peer confirmed reading it (`Shard::salvage`):
+    /// it may or may not have arrived.
+    Unconfirmed,
 }
 
 impl RouteError {
@@ -362,6 +368,7 @@ impl RouteError {
         match self {
             Self::NoRoute | Self::LinkClosed => "no_route",
             Self::Congested => "next_hop_congested",
+            Self::Unconfirmed => "unconfirmed_at_link_loss",
         }
     }
 }
@@ -976,7 +983,11 @@ fn report_data_failure(
             count,
             dst,
             known,
-            congested: *error == RouteError::Congested,
+            why: match error {
+                RouteError::NoRoute | RouteError::LinkClosed => SendFailure::NoRoute,
+                RouteError::Congested => SendFailure::Congested,
+                RouteError::Unconfirmed => SendFailure::Unconfirmed,
+            },
         };
         // Never waits on the api thread (which may be waiting on this shard's send ring). The
         // verdicts ring is drained by a task that never waits, so it is full only under a

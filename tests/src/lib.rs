@@ -871,3 +871,33 @@ pub async fn wait_for_mesh(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// One HTTP GET of a node's metrics port (test-side client): the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream =
+        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+            .await??;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: meshd\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status code")?
+        .parse()?;
+    Ok((code, body.to_owned()))
+}
+
+/// A node's Prometheus text (`GET /metrics`).
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let (code, body) = http_get(addr, "/metrics").await?;
+    anyhow::ensure!(code == 200, "GET /metrics answered {code}");
+    Ok(body)
+}

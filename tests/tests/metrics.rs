@@ -10,37 +10,14 @@ use std::{
 
 use anyhow::{Context, bail};
 use meshd_tests::{
-    Cluster, NodeSpec, exclusive,
+    Cluster, NodeSpec, exclusive, http_get,
     streams_support::{SETTLE, Seen, open, publish_all, serving, subscriber, wait_complete},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn with_metrics(mut spec: NodeSpec) -> NodeSpec {
     spec.extra
         .push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
     spec
-}
-
-/// One HTTP GET (test-side client: the status line and the body).
-async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream =
-        tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-            .await??;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: meshd\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw)).await??;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status code")?
-        .parse()?;
-    Ok((code, body.to_owned()))
 }
 
 /// The samples of a scrape: `name{labels}` → value. Every line that is not a comment must
@@ -63,7 +40,7 @@ fn samples(body: &str) -> BTreeMap<String, f64> {
 }
 
 async fn scrape(addr: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
-    let (code, body) = get(addr, "/metrics").await?;
+    let (code, body) = http_get(addr, "/metrics").await?;
     anyhow::ensure!(code == 200, "scrape answered {code}: {body}");
     Ok(samples(&body))
 }
@@ -221,7 +198,7 @@ async fn a_scrape_shows_members_links_raft_and_streams_and_follows_a_link_going_
     .await?;
 
     // Anything but /metrics is not there.
-    let (code, _) = get(m1, "/nope").await?;
+    let (code, _) = http_get(m1, "/nope").await?;
     assert_eq!(code, 404);
     Ok(())
 }

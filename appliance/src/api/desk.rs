@@ -16,7 +16,7 @@ use meshd_proto::{
     mesh::{MessageStatus, Received},
 };
 use meshd_shards::{
-    command::{ApiEvent, Outgoing, ShardInput},
+    command::{ApiEvent, Outgoing, SendFailure, ShardInput},
     frame::{FrameType, TrafficClass},
     ownership::owner_shard,
     ring::{Consumer, PushError},
@@ -451,12 +451,20 @@ impl ApiState {
                 count,
                 dst,
                 known,
-                congested,
+                why,
             } => {
-                let (status, detail) = if congested {
+                let (status, detail) = if why == SendFailure::Congested {
                     (
                         MessageStatus::PendingNode,
                         format!("the next hop towards node {dst} stayed congested past the wait"),
+                    )
+                } else if why == SendFailure::Unconfirmed {
+                    (
+                        MessageStatus::PendingNode,
+                        format!(
+                            "the link towards node {dst} broke before its next hop confirmed \
+                             reading it; it may have been lost"
+                        ),
                     )
                 } else if known {
                     (
@@ -478,7 +486,14 @@ impl ApiState {
                 // A batch's ids follow on from its first; the shard says how many (bounded by
                 // the batch bound, since this node made the frame).
                 let count = u64::from(count.clamp(1, meshd_shards::frame::MAX_DATA_BATCH as u32));
-                for id in msg_id..msg_id.saturating_add(count) {
+                let ids = msg_id..msg_id.saturating_add(count);
+                if why == SendFailure::Unconfirmed {
+                    // It may have arrived: only what no report has answered yet takes the
+                    // doubt, and waiting sends are sent again anyway.
+                    tracker.relay_dropped(ids, dst, &update);
+                    return;
+                }
+                for id in ids {
                     if tracker.note_failure(id) {
                         // An open waiting send: tried again until its time is up (another
                         // next hop may come up); its final status is decided then.

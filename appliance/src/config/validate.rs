@@ -99,6 +99,13 @@ impl Config {
                 "use 1048576 (the default)",
             ));
         }
+        if !(64 << 10..=1 << 30).contains(&net.lane_window_bytes) {
+            return Err(invalid(
+                "network.lane_window_bytes",
+                format!("{} is outside 64 KiB..=1 GiB", net.lane_window_bytes),
+                "use 4194304 (the default)",
+            ));
+        }
         if net.max_pending_handshakes == 0 {
             return Err(invalid(
                 "network.max_pending_handshakes",

@@ -420,7 +420,10 @@ fn frame_type_and_traffic_class_bytes_round_trip_and_nothing_else_decodes() {
     for v in 0..=u8::MAX {
         if let Some(t) = FrameType::from_u8(v) {
             assert_eq!(t as u8, v);
-            assert_eq!(t.is_control(), (1..=7).contains(&v) || v == 9 || v == 10);
+            assert_eq!(
+                t.is_control(),
+                (1..=7).contains(&v) || v == 9 || v == 10 || v == 12
+            );
         }
         if let Some(c) = TrafficClass::from_u8(v) {
             assert_eq!(c as u8, v);

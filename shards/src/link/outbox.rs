@@ -92,7 +92,10 @@ impl Lane {
         self == Self::Data
             || matches!(
                 header.frame_type,
-                FrameType::Goodbye | FrameType::Heartbeat | FrameType::HeartbeatAck
+                FrameType::Goodbye
+                    | FrameType::Heartbeat
+                    | FrameType::HeartbeatAck
+                    | FrameType::LaneAck
             )
             || Self::of(header, payload_len) == self
     }
@@ -197,7 +200,10 @@ impl Queue {
 
 /// What the writer takes from the outbox.
 pub(super) enum Take {
+    /// Frames of the shared queues: kept until the peer confirms reading them.
     Batch(Vec<u8>, u64),
+    /// The lane's own heartbeats and acks: written even without credit, never kept.
+    Beats(Vec<u8>, u64),
     Closed(String),
 }
 
@@ -363,16 +369,16 @@ impl Outbox {
         self.inner.borrow().closing.is_some()
     }
 
-    fn try_take(&self, lane: Lane) -> Option<Take> {
+    fn try_take(&self, lane: Lane, credit: bool) -> Option<Take> {
         let mut inner = self.inner.borrow_mut();
         if let Some((batch, frames)) = inner.beats[lane as usize].take() {
-            return Some(Take::Batch(batch, frames));
+            return Some(Take::Beats(batch, frames));
         }
         // Served first, then system and DB traffic, then data: the order the data lane takes
         // what it stands in for.
         let mut taken = None;
         for queue in [Lane::Control, Lane::Priority, Lane::Data] {
-            if inner.writer_of(queue) == lane {
+            if credit && inner.writer_of(queue) == lane {
                 taken = inner.queues[queue as usize].take();
                 if taken.is_some() {
                     break;
@@ -385,23 +391,55 @@ impl Outbox {
             self.room.notify(usize::MAX);
             return Some(Take::Batch(batch, frames));
         }
+        let waiting_for_credit = Lane::ALL
+            .iter()
+            .any(|&queue| inner.writer_of(queue) == lane && inner.queues[queue as usize].bytes > 0);
+        if waiting_for_credit {
+            // Closing still flushes what is queued first, once the peer gives credit (or the
+            // link is declared stalled).
+            return None;
+        }
         inner
             .closing
             .as_ref()
             .map(|reason| Take::Closed(reason.clone()))
     }
 
-    pub(super) async fn take(&self, lane: Lane) -> Take {
+    /// What `lane`'s writer writes next: its own beats whenever there are some, shared
+    /// batches only while `credit()` says the peer has confirmed enough (then [`Outbox::wake`]
+    /// when it changes), the close once everything it may take is written.
+    pub(super) async fn take(&self, lane: Lane, credit: impl Fn() -> bool) -> Take {
         loop {
-            if let Some(take) = self.try_take(lane) {
+            if let Some(take) = self.try_take(lane, credit()) {
                 return take;
             }
             listener!(self.ready[lane as usize] => ready);
-            if let Some(take) = self.try_take(lane) {
+            if let Some(take) = self.try_take(lane, credit()) {
                 return take;
             }
             ready.await;
         }
+    }
+
+    /// Wakes `lane`'s writer (its credit changed).
+    pub(super) fn wake(&self, lane: Lane) {
+        self.ready[lane as usize].notify(usize::MAX);
+    }
+
+    /// Everything still queued for the shared queues, in batches never written: for a link
+    /// that ended, to send another way or report. Call after [`Outbox::close`].
+    pub(crate) fn drain(&self) -> Vec<Vec<u8>> {
+        let mut inner = self.inner.borrow_mut();
+        let mut batches = Vec::new();
+        for queue in &mut inner.queues {
+            while let Some((batch, _)) = queue.take() {
+                batches.push(batch);
+            }
+        }
+        inner.queued = 0;
+        drop(inner);
+        self.room.notify(usize::MAX);
+        batches
     }
 }
 
@@ -421,7 +459,9 @@ mod tests {
 
     /// What `lane`'s writer would send next.
     fn next_on(outbox: &Outbox, lane: Lane) -> Vec<FrameType> {
-        let Some(Take::Batch(batch, frames)) = outbox.try_take(lane) else {
+        let Some(Take::Batch(batch, frames) | Take::Beats(batch, frames)) =
+            outbox.try_take(lane, true)
+        else {
             return Vec::new();
         };
         let mut types = Vec::new();
@@ -520,10 +560,13 @@ mod tests {
         assert_eq!(next_on(&outbox, Lane::Data), [Goodbye]);
         assert_eq!(next_on(&outbox, Lane::Control), [Raft]);
         assert!(matches!(
-            outbox.try_take(Lane::Control),
+            outbox.try_take(Lane::Control, true),
             Some(Take::Closed(_))
         ));
-        assert!(matches!(outbox.try_take(Lane::Data), Some(Take::Closed(_))));
+        assert!(matches!(
+            outbox.try_take(Lane::Data, true),
+            Some(Take::Closed(_))
+        ));
     }
 
     #[test]
@@ -554,7 +597,7 @@ mod tests {
         assert_eq!(next_on(&outbox, Lane::Priority), [DataBatch, Raft]);
         assert!(next_on(&outbox, Lane::Priority).is_empty());
         // Client data never leaves on the priority lane.
-        while let Some(Take::Batch(..)) = outbox.try_take(Lane::Data) {}
+        while let Some(Take::Batch(..) | Take::Beats(..)) = outbox.try_take(Lane::Data, true) {}
         outbox.try_push(&header(Data), b"client").unwrap();
         assert!(next_on(&outbox, Lane::Priority).is_empty());
         assert_eq!(next_on(&outbox, Lane::Data), [Data]);
@@ -605,5 +648,58 @@ mod tests {
             assert!(queued < 1000, "beats grew unbounded");
         }
         assert!(queued * frame::HEADER_LEN >= BEATS_BOUND_BYTES);
+    }
+
+    #[test]
+    fn without_credit_a_writer_writes_only_its_beats_and_a_closing_outbox_waits_for_credit() {
+        use FrameType::{Data, Heartbeat};
+        let outbox = Outbox::new(1 << 20, 4 << 20);
+        outbox.try_push(&header(Data), b"one").unwrap();
+        outbox.push_beat(Lane::Data, &header(Heartbeat)).unwrap();
+        outbox.close("shutdown".into());
+        assert!(matches!(
+            outbox.try_take(Lane::Data, false),
+            Some(Take::Beats(_, 1))
+        ));
+        // Data is queued: no credit means wait, not "closed" (that would drop it).
+        assert!(outbox.try_take(Lane::Data, false).is_none());
+        assert!(matches!(
+            outbox.try_take(Lane::Data, true),
+            Some(Take::Batch(_, 1))
+        ));
+        assert!(matches!(
+            outbox.try_take(Lane::Data, false),
+            Some(Take::Closed(_))
+        ));
+    }
+
+    #[test]
+    fn a_drained_outbox_hands_over_every_queued_frame_once_and_frees_its_room() {
+        use FrameType::{Data, DeliveryReport, Heartbeat};
+        let outbox = Outbox::new(64 * 1024, 4 << 20);
+        let db = Header::new(Data, TrafficClass::DbUpdate, 1, 2);
+        while outbox.try_push(&header(Data), &[0; 4096]).is_ok() {}
+        outbox.try_push(&db, b"db").unwrap();
+        outbox.try_push(&header(DeliveryReport), b"run").unwrap();
+        outbox.push_beat(Lane::Data, &header(Heartbeat)).unwrap();
+        let written = next_message(&outbox);
+        assert_eq!(written, [Heartbeat]);
+        outbox.close("broken".into());
+        let drained = outbox.drain();
+        let mut types = Vec::new();
+        for batch in &drained {
+            for frame in frame::FrameReader::new(batch, 4 << 20) {
+                types.push(frame.expect("a frame the outbox encoded").header.frame_type);
+            }
+        }
+        let data = types.iter().filter(|&&t| t == Data).count();
+        assert_eq!(data, 64 * 1024 / (4096 + frame::HEADER_LEN) + 1 + 1);
+        assert!(types.contains(&DeliveryReport));
+        assert_eq!(outbox.queued_for(Lane::Data), 0);
+        assert!(outbox.drain().is_empty());
+        assert!(matches!(
+            outbox.try_take(Lane::Data, true),
+            Some(Take::Closed(_))
+        ));
     }
 }

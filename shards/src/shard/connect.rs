@@ -338,12 +338,12 @@ pub(super) async fn establish(
         }
     }
 
-    let end = link::run(
+    let link::Ended { end, unconfirmed } = link::run(
         Rc::clone(&shard),
         socket,
         peer.node_id,
         peer.guest,
-        outbox,
+        Rc::clone(&outbox),
         stats,
         Lane::Data,
     )
@@ -370,6 +370,11 @@ pub(super) async fn establish(
             })
             .await;
     }
+    // Nothing more lands in it; what it still holds goes another way or is reported.
+    outbox.close(end.describe());
+    shard
+        .salvage(peer.node_id, outbox.drain(), unconfirmed)
+        .await;
 }
 
 /// Records a new link, applying the one-link-per-peer rule; returns whether the new link stays.
@@ -608,17 +613,23 @@ async fn run_side_lane(
         stats,
         side,
     );
-    let end = if side == Lane::Control {
+    let link::Ended { end, unconfirmed } = if side == Lane::Control {
         // In the control task queue: picked before the data lanes' tasks whenever the
         // executor picks a queue, however busy they keep the shard.
         match glommio::spawn_local_into(lane, shard.control_queue) {
             Ok(task) => task.await,
-            Err(error) => link::LinkEnd::Closed(format!("no control task queue: {error}")),
+            Err(error) => link::Ended {
+                end: link::LinkEnd::Closed(format!("no control task queue: {error}")),
+                unconfirmed: Vec::new(),
+            },
         }
     } else {
         lane.await
     };
     outbox.set_attached(side, false);
+    // What it wrote and the peer never confirmed: reports and acks go again (by the data
+    // connection now), data is reported.
+    shard.salvage(peer, Vec::new(), unconfirmed).await;
     if let Some(l) = shard.links.borrow_mut().get_mut(&peer)
         && l.conn_id == conn_id
     {

@@ -34,6 +34,10 @@ pub(crate) fn relay_drop_notice(
     let detail = match error {
         RouteError::Congested => "its next hop stayed congested past the relay wait",
         RouteError::NoRoute | RouteError::LinkClosed => "no route was left",
+        RouteError::Unconfirmed => {
+            "the link to its next hop broke before that hop confirmed reading it; it may have \
+             been lost"
+        }
     };
     let notice = DeliveryReports {
         reports: vec![DeliveryReport {
