@@ -2,7 +2,8 @@
 //! mesh) that tries to speak for other nodes. Four meshd processes in a chain D – A – B – C;
 //! the rogue R links to A. Each forgery is refused, the refusal is counted in A's or C's log, and
 //! honest traffic keeps flowing. R's own frames, tagged with its real pair key, are accepted:
-//! the refusals are about the forged source, not about malformed frames.
+//! the refusals are about the forged source, not about malformed frames. And R, speaking as
+//! itself, cannot crash a node or use up its terms with Raft requests.
 
 use std::time::Duration;
 
@@ -324,5 +325,116 @@ async fn a_member_cannot_speak_for_another_node() -> anyhow::Result<()> {
         "C counted no forged source:\n{}",
         cluster.node(2).log_tail(40)
     );
+    Ok(())
+}
+
+/// A Raft request of the mesh control group from the rogue to A, honestly tagged.
+fn raft_request(kind: u32, body: Vec<u8>, key: &[u8; 32]) -> (Header, Vec<u8>) {
+    let envelope = meshd_proto::link::RaftEnvelope {
+        req_id: 1,
+        kind,
+        answer: false,
+        body: body.into(),
+        group: 0,
+    }
+    .encode_to_vec();
+    let header = Header::new(FrameType::Raft, TrafficClass::System, ROGUE, A);
+    let mut payload = envelope.clone();
+    payload.extend_from_slice(&origin::tag(key, &header, &envelope));
+    (header, payload)
+}
+
+/// A's control-group term and whether its process still answers.
+async fn term_of(node: &meshd_tests::Node) -> anyhow::Result<u64> {
+    let metrics = node.metrics.expect("metrics configured");
+    let text = meshd_tests::scrape(metrics).await?;
+    let term = text
+        .lines()
+        .find_map(|l| l.strip_prefix("meshd_raft_term "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no meshd_raft_term in A's metrics"))?;
+    Ok(term)
+}
+
+#[meshd_tests::test]
+async fn a_member_cannot_crash_a_node_or_use_up_its_terms_with_raft_requests() -> anyhow::Result<()>
+{
+    use meshd::control::raft::TypeConfig;
+    use openraft::{
+        SnapshotMeta, Vote,
+        raft::{InstallSnapshotRequest, VoteRequest},
+    };
+    let _serial = exclusive().await;
+    let with_metrics = |mut spec: NodeSpec| {
+        spec.extra
+            .push_str("\n[metrics]\nlisten = \"127.0.0.1:0\"\n");
+        spec
+    };
+    let cluster = Cluster::start(vec![
+        with_metrics(NodeSpec::listener(A)),
+        NodeSpec::behind_nat(B, vec![0]),
+    ])?;
+    let a_addr = cluster.node(0).listen.expect("A listens");
+    cluster.node(0).wait_for_routes(&[B], SETTLE).await?;
+    let secret = cluster.mesh_secret();
+    let rogue = tokio::task::spawn_blocking(move || {
+        RogueLink::connect(a_addr, &RogueOptions::member(ROGUE, "default", secret))
+    })
+    .await??;
+    let key = rogue.pair_key_with_peer()?;
+    let rogue = Driver::start(rogue);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = term_of(cluster.node(0)).await?;
+
+    // 1. A snapshot whose second chunk lands 1 TiB in: openraft seeks there and writes, and
+    //    the allocation aborted the process. The first chunk (offset 0) is fine.
+    let chunk = |offset: u64| {
+        let request: InstallSnapshotRequest<TypeConfig> = InstallSnapshotRequest {
+            vote: Vote::new(before + 1, ROGUE),
+            meta: SnapshotMeta {
+                snapshot_id: "rogue".into(),
+                ..SnapshotMeta::default()
+            },
+            offset,
+            data: vec![0x5a; 16],
+            done: false,
+        };
+        postcard::to_allocvec(&request).expect("encodes")
+    };
+    // 2. A vote request at the top of the term space: no election could follow it.
+    let vote: VoteRequest<u64> = VoteRequest::new(Vote::new(u64::MAX - 1, ROGUE), None);
+    let vote = postcard::to_allocvec(&vote).expect("encodes");
+    rogue
+        .send(vec![
+            raft_request(3, chunk(0), &key),
+            raft_request(3, chunk(1 << 40), &key),
+            raft_request(2, vote, &key),
+        ])
+        .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A lives, its term did not jump, and it counted the refusals; honest traffic flows.
+    let after = term_of(cluster.node(0)).await?;
+    assert!(
+        after < before + 1000,
+        "A's term jumped from {before} to {after}"
+    );
+    let text = meshd_tests::scrape(cluster.node(0).metrics.expect("metrics")).await?;
+    let refused: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("meshd_raft_requests_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(refused >= 2, "A refused {refused} Raft requests, not 2");
+    let reply = cluster
+        .node(1)
+        .data()
+        .await?
+        .send(send(A, b"still here", SendMode::WaitForDelivery, 5))
+        .await?
+        .into_inner();
+    // A has no subscriber: its answer is PENDING_CLIENT, which only a live A gives.
+    assert_eq!(reply.status(), MessageStatus::PendingClient, "{reply:?}");
+    rogue.send(Vec::new()).await?;
     Ok(())
 }

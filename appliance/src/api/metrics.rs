@@ -431,6 +431,12 @@ async fn gather(state: &ApiState) -> Result<String, Status> {
         "1 if a write from this node would be accepted now (a leader with a quorum).",
         i64::from(group.can_accept_writes),
     );
+    scrape.count(
+        "meshd_raft_requests_refused_total",
+        "Raft requests (control and stream groups) dropped before openraft saw them: a term \
+         jump or a snapshot chunk out of bounds (control::raft::guard).",
+        crate::control::raft::guard::refused(),
+    );
     if let Some(lag) = scrape.ints(
         "meshd_raft_follower_lag_entries",
         "Entries each follower is behind the leader (on the leader only).",

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     MeshCommand, MeshReply, TypeConfig,
+    guard::{Refusal, check_term, note},
     network::{KIND_APPEND, KIND_SNAPSHOT, KIND_VOTE, KIND_WRITE, MeshNetwork, RaftCall},
     policy::Change,
     store::{LogStore, StateMachine},
@@ -137,7 +138,13 @@ pub struct Consensus {
     applied: watch::Receiver<u64>,
     db: Arc<redb::Database>,
     critical: Arc<std::sync::atomic::AtomicBool>,
+    /// The snapshot being received, chunk by chunk (`guard::SnapshotGate`).
+    snapshot_gate: Arc<std::sync::Mutex<super::guard::SnapshotGate>>,
 }
+
+/// Largest control-group snapshot this node takes in: openraft receives it into memory, so
+/// past this a peer could make the node allocate what it likes.
+pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 
 /// The running `consensus` thread.
 pub struct ConsensusThread {
@@ -211,6 +218,9 @@ impl ConsensusThread {
                 applied,
                 db,
                 critical: Arc::default(),
+                snapshot_gate: Arc::new(std::sync::Mutex::new(super::guard::SnapshotGate::new(
+                    MAX_SNAPSHOT_BYTES,
+                ))),
             },
             stop: Some(stop_tx),
             thread: Some(thread),
@@ -500,6 +510,15 @@ impl Consensus {
         }
     }
 
+    fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// `Some` when the check passed; else the refusal is counted and logged (`guard::note`).
+    fn guard(&self, from: u64, checked: Result<(), Refusal>) -> Option<()> {
+        checked.map_err(|refusal| note(&refusal, from, 0)).ok()
+    }
+
     /// Answers one inbound RPC from `from` (already proven by its origin tag); None when the
     /// request is malformed or claims to come from another node (dropped; the caller times
     /// out).
@@ -512,6 +531,7 @@ impl Consensus {
                 if rpc.vote.leader_id().voted_for() != Some(from) {
                     return None;
                 }
+                self.guard(from, check_term(rpc.vote.leader_id().term, self.term()))?;
                 postcard::to_allocvec(&self.raft.append_entries(rpc).await)
             }
             KIND_VOTE => {
@@ -519,6 +539,7 @@ impl Consensus {
                 if rpc.vote.leader_id().voted_for() != Some(from) {
                     return None;
                 }
+                self.guard(from, check_term(rpc.vote.leader_id().term, self.term()))?;
                 postcard::to_allocvec(&self.raft.vote(rpc).await)
             }
             KIND_SNAPSHOT => {
@@ -527,6 +548,13 @@ impl Consensus {
                 if rpc.vote.leader_id().voted_for() != Some(from) {
                     return None;
                 }
+                self.guard(from, check_term(rpc.vote.leader_id().term, self.term()))?;
+                let admitted = self
+                    .snapshot_gate
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .admit(&rpc.meta.snapshot_id, rpc.offset, rpc.data.len(), rpc.done);
+                self.guard(from, admitted)?;
                 postcard::to_allocvec(&self.raft.install_snapshot(rpc).await)
             }
             KIND_WRITE => {

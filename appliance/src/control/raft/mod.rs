@@ -9,6 +9,7 @@
 #![allow(clippy::result_large_err)] // openraft's `StorageError` is large by design.
 
 pub mod group;
+pub(crate) mod guard;
 pub mod network;
 pub mod policy;
 pub mod store;

@@ -27,8 +27,9 @@ use super::{
     GroupCommand, GroupState, GroupTypes, MAX_OPS, Op, StreamEntry, group_id, participant_set,
     store::{self, Applied, LogStore, StateMachine},
 };
-use crate::control::raft::network::{
-    KIND_APPEND, KIND_SNAPSHOT, KIND_VOTE, KIND_WRITE, MeshNetwork,
+use crate::control::raft::{
+    guard::{Refusal, SnapshotGate, check_term, note},
+    network::{KIND_APPEND, KIND_SNAPSHOT, KIND_VOTE, KIND_WRITE, MeshNetwork},
 };
 
 /// Facts one group keeps queued at most; past it new metadata facts are dropped and counted
@@ -107,7 +108,13 @@ struct Slot {
     offsets: BTreeMap<u128, u64>,
     write_retries: u64,
     dropped_ops: u64,
+    /// The snapshot being received, chunk by chunk.
+    snapshot_gate: SnapshotGate,
 }
+
+/// Largest snapshot of one stream group this node takes in (its streams' metadata and
+/// offsets: kilobytes in practice); openraft receives it into memory.
+const MAX_GROUP_SNAPSHOT_BYTES: u64 = 64 << 20;
 
 /// What `status` copies out of a slot under the lock.
 struct Peek {
@@ -284,6 +291,7 @@ impl StreamGroups {
                     offsets: BTreeMap::new(),
                     write_retries: 0,
                     dropped_ops: 0,
+                    snapshot_gate: SnapshotGate::new(MAX_GROUP_SNAPSHOT_BYTES),
                 },
             );
         }
@@ -567,6 +575,11 @@ impl StreamGroups {
                 if rpc.vote.leader_id().voted_for() != Some(from) {
                     return None;
                 }
+                guard(
+                    from,
+                    group,
+                    check_term(rpc.vote.leader_id().term, term(&raft)),
+                )?;
                 postcard::to_allocvec(&raft.append_entries(rpc).await)
             }
             KIND_VOTE => {
@@ -574,6 +587,11 @@ impl StreamGroups {
                 if rpc.vote.leader_id().voted_for() != Some(from) {
                     return None;
                 }
+                guard(
+                    from,
+                    group,
+                    check_term(rpc.vote.leader_id().term, term(&raft)),
+                )?;
                 postcard::to_allocvec(&raft.vote(rpc).await)
             }
             KIND_SNAPSHOT => {
@@ -582,6 +600,22 @@ impl StreamGroups {
                 if rpc.vote.leader_id().voted_for() != Some(from) {
                     return None;
                 }
+                guard(
+                    from,
+                    group,
+                    check_term(rpc.vote.leader_id().term, term(&raft)),
+                )?;
+                let admitted = {
+                    let mut slots = self.inner.lock();
+                    let slot = slots.get_mut(&group)?;
+                    slot.snapshot_gate.admit(
+                        &rpc.meta.snapshot_id,
+                        rpc.offset,
+                        rpc.data.len(),
+                        rpc.done,
+                    )
+                };
+                guard(from, group, admitted)?;
                 postcard::to_allocvec(&raft.install_snapshot(rpc).await)
             }
             KIND_WRITE => {
@@ -616,6 +650,15 @@ async fn write_here(
         Ok(Err(RaftError::APIError(e))) => Err(e.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
     }
+}
+
+fn term(raft: &Raft<GroupTypes>) -> u64 {
+    raft.metrics().borrow().current_term
+}
+
+/// `Some` when the check passed; else the refusal is counted and logged.
+fn guard(from: u64, group: u64, checked: Result<(), Refusal>) -> Option<()> {
+    checked.map_err(|refusal| note(&refusal, from, group)).ok()
 }
 
 fn role_name(state: ServerState) -> &'static str {
