@@ -122,7 +122,9 @@ pub struct NetworkConfig {
     /// fire-and-forget message on it is either confirmed or reported (PENDING_NODE, "may
     /// have been lost"), never silently gone with the kernel's buffers; past the window the
     /// writer waits for confirmation. One lane carries at most a window per round trip: size
-    /// it to bandwidth × RTT (4 MiB: 3.2 Gbit/s at 10 ms).
+    /// it to bandwidth × RTT (16 MiB: 13 Gbit/s at 10 ms). It also bounds what a relay can
+    /// absorb while its next hop is slow: with 4 MiB (a fraction of what the kernel's socket
+    /// buffers held before) a relay under a two-shard flood dropped frames past its relay wait.
     pub lane_window_bytes: usize,
     /// Connections in set-up on the whole node; more are closed at once (a flood guard).
     pub max_pending_handshakes: usize,
@@ -548,7 +550,7 @@ impl Default for NetworkConfig {
             write_timeout_ms: 3_000,
             max_payload_bytes: 4 << 20,
             link_queue_bytes: 1 << 20,
-            lane_window_bytes: 4 << 20,
+            lane_window_bytes: 16 << 20,
             max_pending_handshakes: 256,
             lanes: Lanes::Split,
         }

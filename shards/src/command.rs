@@ -100,6 +100,9 @@ pub struct AdoptedSocket {
     pub remote_addr: SocketAddr,
     /// Set when this socket answers a [`ShardInput::Dial`].
     pub dial_id: Option<u64>,
+    /// When its set-up must be done: one deadline from accept (or dial) to authenticated,
+    /// whatever stage it stalls in.
+    pub deadline: std::time::Instant,
 }
 
 /// One frame this node originates.

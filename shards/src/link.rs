@@ -160,8 +160,12 @@ pub(crate) async fn set_up(
         }
     };
     let established = handshake(shard, socket, role, peer_hint, exporter, lane).await?;
-    // Proven: from here on the WebSocket's own (data) limit applies.
-    budget.set(None);
+    // Proven: from here on the WebSocket's own (data) limit applies. Not for a guest (no
+    // credential, only a join to make): it keeps what is left of the handshake budget for
+    // the link's life, so a guest cannot make this node buffer a data-sized message.
+    if !established.1.guest {
+        budget.set(None);
+    }
     Ok(established)
 }
 

@@ -776,6 +776,7 @@ async fn shard_main(
                             adopted.peer_hint,
                             adopted.remote_addr,
                             adopted.dial_id,
+                            adopted.deadline,
                         ))
                         .detach();
                     }

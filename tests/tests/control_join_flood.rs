@@ -2,7 +2,9 @@
 //! member's key exchange with junk. The member holds at most `MAX_PENDING_EXCHANGES` exchanges
 //! open, refuses the excess with a "busy, retry" answer at once and every wrong proof with
 //! "wrong join key", and its control loop keeps serving gossip, routing and the api
-//! meanwhile: no member is ever suspected, and a right key gets in right after.
+//! meanwhile: no member is ever suspected, and a right key gets in right after. And an
+//! outsider is bounded: one set-up deadline from accept to authenticated, whatever stage it
+//! stalls in, and a guest link keeps the handshake's read budget for its life.
 
 use std::{
     net::SocketAddr,
@@ -354,5 +356,95 @@ async fn a_member_flooded_with_bad_joins_keeps_its_mesh_healthy_and_refuses_the_
         s.online_members == 4 && s.health() == MeshHealth::Healthy
     })
     .await?;
+    Ok(())
+}
+
+/// Whether the node closes `ws` within `limit` while the guest `node_id` keeps it alive with
+/// heartbeats (else the member would end it after three silent intervals anyway).
+fn closed_while_beating(ws: &mut Ws, node_id: u64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let beat = frame_bytes(node_id, FrameType::Heartbeat, &[]);
+        if ws.send(Message::Binary(beat.into())).is_err() {
+            return true;
+        }
+        // Up to the socket's read timeout (100 ms) per round.
+        match ws.read() {
+            Ok(Message::Close(_)) => return true,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[meshd_tests::test]
+async fn an_outsider_gets_one_set_up_deadline_and_a_guest_link_no_data_sized_buffer()
+-> anyhow::Result<()> {
+    use meshd_shards::ownership::{PREAMBLE_LEN, encode_preamble};
+    use std::io::{Read, Write};
+    let _serial = exclusive().await;
+    // handshake_timeout_ms: 5 s (the default), also a guest link's lifetime.
+    let cluster = Cluster::start(vec![meshless(NodeSpec::listener(1))])?;
+    cluster
+        .node(0)
+        .mesh()
+        .await?
+        .seed_mesh(SeedMeshRequest {
+            name: "outsiders".into(),
+            description: String::new(),
+            join_policy: JoinPolicy::KeyRequired as i32,
+            join_key: KEY.into(),
+        })
+        .await?;
+    let entry = cluster.node(0).listen.context("listens")?;
+
+    // 1. The preamble just before its stage's timeout, then nothing: the deadline does not
+    //    start again for TLS (each stage had its own, so such a peer lived ~10 s).
+    let stalled = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+        let accepted = Instant::now();
+        let mut tcp = std::net::TcpStream::connect_timeout(&entry, Duration::from_secs(3))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(15)))?;
+        std::thread::sleep(Duration::from_millis(4_500));
+        tcp.write_all(&encode_preamble(4242))?;
+        let mut theirs = [0u8; PREAMBLE_LEN];
+        tcp.read_exact(&mut theirs)?;
+        let mut rest = [0u8; 64];
+        // Blocks until the node closes (0 or an error) or the read timeout.
+        let _ = tcp.read(&mut rest);
+        Ok(accepted.elapsed())
+    })
+    .await??;
+    println!("a set-up stalled after its preamble lived {stalled:?}");
+    assert!(
+        stalled < Duration::from_millis(6_500),
+        "a connection that never authenticated lived {stalled:?}, past the 5 s set-up deadline"
+    );
+
+    // 2. A guest (no credential: a joiner) sends a 1 MiB message: the member stops reading
+    //    at the handshake's budget (64 KiB) and closes the link at once, instead of
+    //    buffering it (with the data limit, 4 MiB per guest link).
+    let closed = tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, Duration)> {
+        let mut ws = guest_link(entry, 4343)?;
+        let sent = Instant::now();
+        let _ = ws.send(Message::Binary(vec![0x5a; 1 << 20].into()));
+        let closed = closed_while_beating(&mut ws, 4343, Duration::from_millis(2_500));
+        Ok((closed, sent.elapsed()))
+    })
+    .await??;
+    println!("the guest's 1 MiB message: link closed {closed:?}");
+    assert!(
+        closed.0,
+        "the member kept a guest link that sent a 1 MiB message for 2.5 s (its lifetime is 5 s)"
+    );
+
+    // The member is fine and still alone in its mesh.
+    let status = mesh_status(cluster.node(0)).await?;
+    assert_eq!(status.online_members, 1, "{status:?}");
     Ok(())
 }

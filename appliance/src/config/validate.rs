@@ -103,7 +103,7 @@ impl Config {
             return Err(invalid(
                 "network.lane_window_bytes",
                 format!("{} is outside 64 KiB..=1 GiB", net.lane_window_bytes),
-                "use 4194304 (the default)",
+                "use 16777216 (the default)",
             ));
         }
         if net.max_pending_handshakes == 0 {

@@ -76,6 +76,7 @@ async fn exchange_preamble(
     shard: &Shard,
     stream: &mut TcpStream,
     role: Role,
+    deadline: Instant,
 ) -> Result<u64, DialError> {
     let ours = encode_preamble(shard.config.local.node_id);
     let mut theirs = [0u8; PREAMBLE_LEN];
@@ -89,7 +90,7 @@ async fn exchange_preamble(
         }
         Ok::<_, std::io::Error>(())
     };
-    match link::timeout(shard.config.handshake_timeout, io).await {
+    match link::timeout(left(deadline), io).await {
         None => return Err(DialError::Timeout),
         Some(Err(e)) => return Err(DialError::Setup(format!("preamble: {e}"))),
         Some(Ok(())) => {}
@@ -98,15 +99,29 @@ async fn exchange_preamble(
         .ok_or_else(|| DialError::Refused("peer did not send a meshd preamble".into()))
 }
 
+/// Time left until `deadline`.
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
 async fn accepted(shard: Rc<Shard>, mut stream: TcpStream) {
+    // One deadline from accept to authenticated: a peer that stalls just short of each
+    // stage's own timeout must not live several of them.
+    let deadline = Instant::now() + shard.config.handshake_timeout;
     let _ = stream.set_nodelay(true);
     let remote_addr = link::peer_addr(&stream);
     let slot = HandshakeSlot::take(&shard);
-    let hint = exchange_preamble(&shard, &mut stream, Role::Acceptor).await;
+    let hint = exchange_preamble(&shard, &mut stream, Role::Acceptor, deadline).await;
     drop(slot);
     match hint {
         Ok(peer_hint) => {
-            route_socket(shard, stream, Role::Acceptor, peer_hint, remote_addr, None).await
+            let target = Target {
+                peer_hint,
+                remote_addr,
+                dial_id: None,
+                deadline,
+            };
+            route_socket(shard, stream, Role::Acceptor, target).await
         }
         Err(error) => {
             shard.count_drop("bad_preamble");
@@ -116,8 +131,8 @@ async fn accepted(shard: Rc<Shard>, mut stream: TcpStream) {
 }
 
 pub(super) async fn dial(shard: Rc<Shard>, addr: SocketAddr, dial_id: u64) {
-    let timeout = shard.config.handshake_timeout;
-    let connected = link::timeout(timeout, TcpStream::connect(addr)).await;
+    let deadline = Instant::now() + shard.config.handshake_timeout;
+    let connected = link::timeout(left(deadline), TcpStream::connect(addr)).await;
     let mut stream = match connected {
         Some(Ok(stream)) => stream,
         Some(Err(e)) => {
@@ -126,9 +141,15 @@ pub(super) async fn dial(shard: Rc<Shard>, addr: SocketAddr, dial_id: u64) {
         None => return dial_failed(&shard, dial_id, addr, DialError::Timeout).await,
     };
     let _ = stream.set_nodelay(true);
-    match exchange_preamble(&shard, &mut stream, Role::Dialer).await {
+    match exchange_preamble(&shard, &mut stream, Role::Dialer, deadline).await {
         Ok(peer_hint) => {
-            route_socket(shard, stream, Role::Dialer, peer_hint, addr, Some(dial_id)).await
+            let target = Target {
+                peer_hint,
+                remote_addr: addr,
+                dial_id: Some(dial_id),
+                deadline,
+            };
+            route_socket(shard, stream, Role::Dialer, target).await
         }
         Err(error) => dial_failed(&shard, dial_id, addr, error).await,
     }
@@ -145,18 +166,34 @@ async fn dial_failed(shard: &Shard, dial_id: u64, addr: SocketAddr, error: DialE
         .await;
 }
 
-/// Continues set-up here, or hands the socket to the shard that owns the peer.
-async fn route_socket(
-    shard: Rc<Shard>,
-    stream: TcpStream,
-    role: Role,
+/// Who a socket past its preamble claims to reach, and by when it must be set up.
+struct Target {
     peer_hint: u64,
     remote_addr: SocketAddr,
     dial_id: Option<u64>,
-) {
+    deadline: Instant,
+}
+
+/// Continues set-up here, or hands the socket to the shard that owns the peer.
+async fn route_socket(shard: Rc<Shard>, stream: TcpStream, role: Role, target: Target) {
+    let Target {
+        peer_hint,
+        remote_addr,
+        dial_id,
+        deadline,
+    } = target;
     let owner = shard.owner(peer_hint);
     if owner == shard.shard_id {
-        return establish(shard, stream, role, peer_hint, remote_addr, dial_id).await;
+        return establish(
+            shard,
+            stream,
+            role,
+            peer_hint,
+            remote_addr,
+            dial_id,
+            deadline,
+        )
+        .await;
     }
     // SAFETY: the descriptor is valid for as long as `stream` lives; we only borrow it to dup.
     let duplicated = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned();
@@ -182,6 +219,7 @@ async fn route_socket(
         peer_hint,
         remote_addr,
         dial_id,
+        deadline,
     };
     if shard.peers[owner]
         .push(ShardInput::Adopt(adopted))
@@ -199,13 +237,14 @@ pub(super) async fn establish(
     peer_hint: u64,
     remote_addr: SocketAddr,
     dial_id: Option<u64>,
+    deadline: Instant,
 ) {
     // The hello carries the mesh id of this moment; a SetMesh during the handshake makes the
     // result stale (a guest link that outlives the join would carry nothing, ever).
     let mesh_at_start = shard.mesh_id.borrow().clone();
     let slot = HandshakeSlot::take(&shard);
     let set_up = link::timeout(
-        shard.config.handshake_timeout,
+        left(deadline),
         link::set_up(&shard, stream, role, peer_hint, Lane::Data),
     )
     .await;
@@ -491,13 +530,14 @@ async fn dial_lane(
     side: Lane,
 ) -> Result<(link::LinkSocket, PeerInfo), DialError> {
     let limit = shard.config.handshake_timeout;
+    let deadline = Instant::now() + limit;
     let slot = HandshakeSlot::take(shard);
     let set_up = link::timeout(limit, async {
         let mut stream = TcpStream::connect(addr)
             .await
             .map_err(|e| DialError::Connect(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let hint = exchange_preamble(shard, &mut stream, Role::Dialer).await?;
+        let hint = exchange_preamble(shard, &mut stream, Role::Dialer, deadline).await?;
         if hint != peer {
             return Err(DialError::Refused(format!(
                 "node {hint} answered at {addr}, not node {peer}"
