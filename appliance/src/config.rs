@@ -117,22 +117,16 @@ pub struct NetworkConfig {
     /// Bytes queued per link before senders wait (backpressure). Size it to one RTT of
     /// bandwidth: 1 MiB covers 10 Gbit/s at 0.8 ms.
     pub link_queue_bytes: usize,
-    /// Bytes each connection of a link may have written that its peer has not yet confirmed
-    /// reading (`LaneAck`). They are kept until confirmed, so when a link breaks every
-    /// fire-and-forget message on it is either confirmed or reported (PENDING_NODE, "may
-    /// have been lost"), never silently gone with the kernel's buffers; past the window the
-    /// writer waits for confirmation. One lane carries at most a window per round trip: size
-    /// it to bandwidth × RTT (16 MiB: 13 Gbit/s at 10 ms). It also bounds what a relay can
-    /// absorb while its next hop is slow: with 4 MiB (a fraction of what the kernel's socket
-    /// buffers held before) a relay under a two-shard flood dropped frames past its relay wait.
+    /// Bytes each connection may have written and its peer not yet confirmed reading: kept
+    /// until confirmed (so a broken link reports what may be lost) and the connection's credit.
+    /// Size it to bandwidth × RTT (16 MiB: 13 Gbit/s at 10 ms); it is also what a relay absorbs
+    /// while its next hop is slow (4 MiB dropped frames past the relay wait under a flood).
     pub lane_window_bytes: usize,
     /// Connections in set-up on the whole node; more are closed at once (a flood guard).
     pub max_pending_handshakes: usize,
-    /// `split` (default): each link gets a control lane, a second connection for heartbeats,
-    /// routing, gossip, Raft, delivery reports and acks, and a priority lane, a third for
-    /// system and internal-DB traffic, so neither queues behind client data. `collapsed`: one
-    /// connection carries everything (constrained peers, tests). A link runs a lane only when
-    /// both ends run it.
+    /// `split` (default): each link gets a control lane (heartbeats, routing, gossip, Raft,
+    /// reports, acks) and a priority lane (system and internal-DB traffic) beside its data
+    /// connection. `collapsed`: one connection (constrained peers, tests). Both ends must agree.
     pub lanes: Lanes,
 }
 

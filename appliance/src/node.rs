@@ -54,6 +54,7 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
     check_io_uring()?;
     raise_memlock_limit();
     keep_large_buffers_in_the_heap();
+    crate::storage::private_dir(&config.data_dir)?;
     let db = ControlDb::open(&config.data_dir)?;
     let (identity, created) = db.load_or_create_identity(config.node_id)?;
     if created {
@@ -378,6 +379,11 @@ pub fn run(config: Config, resolved: Resolved) -> anyhow::Result<()> {
         identity.node_id, api.local_addr, listen, resolved.n_shards, mesh_id, metrics_addr
     );
     let _ = std::io::stdout().flush();
+    // Every database is open by now: each file in the data directory only for this user,
+    // whatever the umask was.
+    if let Err(e) = crate::storage::private_files(&config.data_dir) {
+        tracing::warn!(error = %e, "could not make the data directory's files private");
+    }
     tracing::info!(node_id = identity.node_id, grpc = %api.local_addr, %listen, "meshd running");
 
     let watchdog = signals.wait()?;

@@ -246,6 +246,32 @@ pub struct ControlDb {
     commits: AtomicU64,
 }
 
+/// Creates `dir` if needed and makes it this user's alone (0700), whatever the umask: it
+/// holds the node's signing key, the pair keys' inputs and every message at rest.
+pub fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("data_dir {}: cannot create: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+        anyhow::anyhow!(
+            "data_dir {}: cannot make it private (0700): {e}; fix: run meshd as the directory's owner",
+            dir.display()
+        )
+    })
+}
+
+/// Makes every regular file directly in `dir` this user's alone (0600).
+pub fn private_files(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 impl ControlDb {
     /// Opens (creating if needed) `<data_dir>/control.redb`.
     pub fn open(data_dir: &Path) -> Result<Self, StorageError> {

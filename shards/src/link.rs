@@ -341,6 +341,8 @@ pub(crate) async fn run(
                 // the control lanes' I/O now and then.
                 slice.check().await;
             }
+            // Whether the peer keeps this message until confirmed: anything but its beats.
+            let mut kept_by_peer = false;
             for decoded in FrameReader::new(&message, max_payload) {
                 let frame = match decoded {
                     Ok(frame) => frame,
@@ -348,11 +350,16 @@ pub(crate) async fn run(
                         stats.on_frame_dropped();
                         shard.count_drop(error.kind());
                         tracing::debug!(peer, %error, "dropped a malformed frame");
+                        kept_by_peer = true;
                         continue;
                     }
                 };
                 stats.on_frame_received();
                 let header = frame.header;
+                kept_by_peer |= !matches!(
+                    header.frame_type,
+                    FrameType::Heartbeat | FrameType::HeartbeatAck | FrameType::LaneAck
+                );
                 if !lane.accepts(&header, frame.payload.len()) {
                     stats.on_frame_dropped();
                     shard.count_drop(match lane {
@@ -538,7 +545,7 @@ pub(crate) async fn run(
                 }
             }
             // Every frame of it handed on (or dropped and counted): confirmed.
-            let due = confirming.borrow_mut().on_read(message.len());
+            let due = confirming.borrow_mut().on_read(message.len(), kept_by_peer);
             if let Some(read) = due {
                 confirm(read);
             }

@@ -229,6 +229,10 @@ impl ApiSecret {
         std::fs::write(&secret.cert_path, &secret.cert_pem)?;
         std::fs::write(&secret.key_path, certified.signing_key.serialize_pem())?;
         std::fs::write(&secret.token_path, token)?;
+        for private in [&secret.key_path, &secret.token_path] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(private, std::fs::Permissions::from_mode(0o600))?;
+        }
         Ok(secret)
     }
 }

@@ -369,25 +369,16 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
             anyhow::Ok(client.subscribe(request).await?.into_inner())
         }
     };
-    let mut inbox = subscribe(1).await?;
+    let inbox = subscribe(1).await?;
     // B's DB-update subscriber, fast.
     let mut db_inbox = subscribe(2).await?;
     let db_subscriber =
         tokio::spawn(async move { while let Some(Ok(_)) = db_inbox.next().await {} });
     let subscriber = {
         let slow = Arc::clone(&slow);
-        let received = Arc::clone(&received);
         let pause = Duration::from_millis(args.slow_ms);
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = inbox.next().await {
-                received
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(message.msg_id);
-                if slow.load(Ordering::Relaxed) {
-                    tokio::time::sleep(pause).await;
-                }
-            }
+        record_ids(inbox, Arc::clone(&received), move || {
+            slow.load(Ordering::Relaxed).then_some(pause)
         })
     };
 
@@ -453,6 +444,26 @@ pub async fn run(args: &Scenario) -> anyhow::Result<SaturateReport> {
             .or_default() += 1;
     }
     Ok(SaturateReport { phases, flood })
+}
+
+/// Reads `inbox` to its end on a task, noting each message id in `received`; after each
+/// message it sleeps for `pause()` (a slow subscriber), or reads on at once (`None`).
+pub fn record_ids(
+    mut inbox: tonic::Streaming<meshd_proto::mesh::Received>,
+    received: Arc<Mutex<HashSet<u64>>>,
+    pause: impl Fn() -> Option<Duration> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = inbox.next().await {
+            received
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(message.msg_id);
+            if let Some(pause) = pause() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    })
 }
 
 /// Waits until `received` has not grown for `quiet`, or `limit` passed; returns its size.

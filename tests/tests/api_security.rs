@@ -37,13 +37,29 @@ async fn an_api_reachable_from_other_hosts_needs_tls_and_a_token() -> anyhow::Re
     let (cert, key) = (dir.path().join("api.pem"), dir.path().join("api.key"));
     std::fs::write(&cert, &cert_pem)?;
     std::fs::write(&key, certified.signing_key.serialize_pem())?;
-    let cluster = Cluster::start(vec![
+    let spec = || {
         NodeSpec::listener(1)
             .with_env("MESHD_GRPC__LISTEN", "0.0.0.0:0")
             .with_env("MESHD_GRPC__TLS_CERT_FILE", &cert.display().to_string())
             .with_env("MESHD_GRPC__TLS_KEY_FILE", &key.display().to_string())
-            .with_env("MESHD_GRPC__TOKEN", TOKEN),
-    ])?;
+            .with_env("MESHD_GRPC__TOKEN", TOKEN)
+    };
+    // A key every user of the host can read (the umask's 0644): refused, with the fix.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))?;
+        let refused = Cluster::start(vec![spec()]);
+        let error = format!(
+            "{:#}",
+            refused.err().expect("a world-readable key was used")
+        );
+        assert!(
+            error.contains("grpc.tls_key_file") && error.contains("chmod 600"),
+            "{error}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let cluster = Cluster::start(vec![spec()])?;
     let port = cluster.node(0).grpc.port();
 
     // Plaintext to a TLS port: no answer.
@@ -106,5 +122,32 @@ async fn an_api_reachable_from_other_hosts_needs_tls_and_a_token() -> anyhow::Re
         .await?
         .into_inner();
     println!("with the token: {} sessions", sessions.sessions.len());
+    Ok(())
+}
+
+#[meshd_tests::test]
+async fn the_data_directory_is_private_whatever_the_umask() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = exclusive().await;
+    // The harness runs with the usual umask (022): files and directories it creates are
+    // world-readable unless meshd says otherwise.
+    let cluster = Cluster::start(vec![NodeSpec::listener(1)])?;
+    let dir = &cluster.node(0).data_dir;
+    let mode = |p: &std::path::Path| -> anyhow::Result<u32> {
+        Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+    };
+    assert_eq!(mode(dir)?, 0o700, "data dir {}", dir.display());
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            files += 1;
+            assert_eq!(mode(&entry.path())?, 0o600, "{}", entry.path().display());
+        }
+    }
+    assert!(
+        files >= 3,
+        "control, raft and stream databases: {files} files"
+    );
     Ok(())
 }

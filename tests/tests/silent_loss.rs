@@ -28,9 +28,8 @@ use std::{
 use meshd_proto::mesh::{MessageStatus, SendMode, SendRequest};
 use meshd_tests::{
     Cluster, Node, NodeSpec, exclusive,
-    saturate::{statuses, until_quiet},
+    saturate::{record_ids, statuses, until_quiet},
 };
-use tokio_stream::StreamExt;
 
 const SETTLE: Duration = Duration::from_secs(20);
 
@@ -76,18 +75,7 @@ async fn flood_through_a_freeze(
     gist: impl Fn(MessageStatus, &str) -> Option<String>,
 ) -> anyhow::Result<Outcome> {
     let received = Arc::new(Mutex::new(HashSet::<u64>::new()));
-    let mut inbox = dst_node.inbox().await?;
-    let subscriber = {
-        let received = Arc::clone(&received);
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = inbox.next().await {
-                received
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(message.msg_id);
-            }
-        })
-    };
+    let subscriber = record_ids(dst_node.inbox().await?, Arc::clone(&received), || None);
 
     let client = src.data().await?;
     let accepted = Arc::new(Mutex::new(Vec::<u64>::new()));

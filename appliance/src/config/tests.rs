@@ -134,6 +134,15 @@ fn a_mesh_secret_is_64_hex_digits_from_one_place_and_never_echoed() {
     std::fs::write(&file, format!("{}\n", "cd".repeat(32))).unwrap();
     let mut config = base();
     config.mesh_secret_file = Some(file.clone());
+    // Written with the umask (0644 here): every user could read the secret.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let error = config.validate().unwrap_err().to_string();
+    assert!(
+        error.contains("readable by every user") && error.contains("chmod 600"),
+        "{error}"
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(config.validate().unwrap().mesh_secret, Some([0xcd; 32]));
     config.mesh_secret = Some(SecretText("ab".repeat(32)));
     let error = config.validate().unwrap_err().to_string();

@@ -458,11 +458,16 @@ impl Config {
                 )
             })
         };
+        // What proves this node (its api's TLS key, the token clients must show).
+        let read_secret = |key: &'static str, path: &Path| {
+            not_world_readable(key, path)?;
+            read(key, path)
+        };
         let grpc = &self.grpc;
         let tls = match (&grpc.tls_cert_file, &grpc.tls_key_file) {
             (Some(cert), Some(key)) => Some((
                 read("grpc.tls_cert_file", cert)?,
-                read("grpc.tls_key_file", key)?,
+                read_secret("grpc.tls_key_file", key)?,
             )),
             (None, None) => None,
             _ => {
@@ -484,7 +489,7 @@ impl Config {
             }
             (Some(token), None) => Some(token),
             (None, Some(path)) => Some(
-                String::from_utf8_lossy(&read("grpc.token_file", path)?)
+                String::from_utf8_lossy(&read_secret("grpc.token_file", path)?)
                     .trim()
                     .to_owned(),
             ),
@@ -530,6 +535,7 @@ impl Config {
                 .map(Some)
                 .ok_or_else(|| invalid("mesh_secret", "is not 64 hex digits", FIX)),
             (None, Some(path)) => {
+                not_world_readable("mesh_secret_file", path)?;
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     invalid(
                         "mesh_secret_file",
@@ -592,4 +598,30 @@ fn parse_addr(key: &'static str, text: &str) -> Result<SocketAddr, ConfigError> 
                 "write IP:port, for example 127.0.0.1:7400",
             )
         })
+}
+
+/// Refuses a secret file every user of the host may read: the key, token or mesh secret in
+/// it would be anyone's. Group-readable is allowed (a `meshd` group).
+fn not_world_readable(key: &'static str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        // Missing or unreadable: the read that follows says so.
+        return Ok(());
+    };
+    let mode = meta.permissions().mode();
+    if mode & 0o004 != 0 {
+        return Err(invalid(
+            key,
+            format!(
+                "{} is readable by every user of this host (mode {:o})",
+                path.display(),
+                mode & 0o777
+            ),
+            format!(
+                "chmod 600 {} (or 640 and a group for meshd)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -103,6 +103,8 @@ impl Unconfirmed {
 pub(crate) struct Confirming {
     read: u64,
     told: u64,
+    /// Read since the last confirmation: a message the peer keeps until confirmed.
+    owed: bool,
     bytes_since: usize,
     every: usize,
 }
@@ -114,26 +116,35 @@ impl Confirming {
         Self {
             read: 0,
             told: 0,
+            owed: false,
             bytes_since: 0,
             every: every.max(1),
         }
     }
 
-    /// One message of `len` bytes read and handed on; the count to confirm now, if it is
-    /// time.
-    pub(crate) fn on_read(&mut self, len: usize) -> Option<u64> {
+    /// One message of `len` bytes read and handed on; `kept` when the peer keeps it until
+    /// confirmed (anything but its beats). The count to confirm now, if it is time. Every
+    /// message counts (the peer numbers them all), but only kept ones make a confirmation
+    /// due: an idle link would otherwise answer every heartbeat, and every confirmation, with
+    /// one more message each way.
+    pub(crate) fn on_read(&mut self, len: usize, kept: bool) -> Option<u64> {
         self.read += 1;
+        if !kept {
+            return None;
+        }
+        self.owed = true;
         self.bytes_since += len;
         (self.bytes_since >= self.every).then(|| self.tell())
     }
 
-    /// The count to confirm if anything was read since the last confirmation.
+    /// The count to confirm if a kept message was read since the last confirmation.
     pub(crate) fn due(&mut self) -> Option<u64> {
-        (self.read > self.told).then(|| self.tell())
+        self.owed.then(|| self.tell())
     }
 
     fn tell(&mut self) -> u64 {
         self.told = self.read;
+        self.owed = false;
         self.bytes_since = 0;
         self.read
     }
@@ -196,11 +207,23 @@ mod tests {
     fn the_reader_confirms_every_so_many_bytes_and_on_the_heartbeat_when_anything_was_read() {
         let mut reading = Confirming::new(100);
         assert_eq!(reading.due(), None);
-        assert_eq!(reading.on_read(60), None);
-        assert_eq!(reading.on_read(60), Some(2));
+        assert_eq!(reading.on_read(60, true), None);
+        assert_eq!(reading.on_read(60, true), Some(2));
         assert_eq!(reading.due(), None);
-        assert_eq!(reading.on_read(10), None);
+        assert_eq!(reading.on_read(10, true), None);
         assert_eq!(reading.due(), Some(3));
         assert_eq!(reading.due(), None);
+    }
+
+    #[test]
+    fn beats_are_counted_but_never_confirmed_on_their_own() {
+        let mut reading = Confirming::new(100);
+        // Heartbeats and confirmations back and forth: nothing owed, nothing sent.
+        assert_eq!(reading.on_read(500, false), None);
+        assert_eq!(reading.on_read(72, false), None);
+        assert_eq!(reading.due(), None);
+        // A kept message after them: the count covers the beats too (the peer numbers all).
+        assert_eq!(reading.on_read(10, true), None);
+        assert_eq!(reading.due(), Some(3));
     }
 }
